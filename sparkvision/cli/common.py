@@ -1,0 +1,83 @@
+"""Options and output shared by every command: --master, --conf, --json, and error handling."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+Master = Annotated[
+    str | None,
+    typer.Option("--master", help="Spark master URL (default $SPARKVISION_MASTER or local[*]).", show_default=False),
+]
+Conf = Annotated[
+    list[str] | None,
+    typer.Option("--conf", help="Spark setting key=value; repeatable, overrides sparkvision's defaults."),
+]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")]
+
+
+def spark_from(master: str | None, conf: list[str] | None):
+    from ..session import get_spark, parse_conf
+
+    return get_spark(master, parse_conf(conf or []))
+
+
+def emit(summary: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], None] | None = None) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+        sys.stdout.flush()
+    elif render is not None:
+        render(summary)
+    else:
+        render_kv(summary)
+
+
+def render_kv(summary: dict[str, Any], title: str | None = None) -> None:
+    t = Table(title=title, show_header=False, box=None)
+    for k, v in summary.items():
+        if isinstance(v, dict) and v:
+            v = ", ".join(f"{kk}: {vv}" for kk, vv in v.items())
+        elif isinstance(v, list):
+            v = ", ".join(map(str, v))
+        t.add_row(f"[bold]{k}[/bold]", str(v))
+    console.print(t)
+
+
+def counts_table(title: str, counts: dict[str, int]) -> Table:
+    t = Table(title=title)
+    t.add_column("name")
+    t.add_column("rows", justify="right")
+    t.add_column("share", justify="right")
+    total = sum(counts.values()) or 1
+    for k, v in counts.items():
+        t.add_row(str(k), f"{v:,}", f"{100 * v / total:.1f}%")
+    return t
+
+
+def fail(message: str, as_json: bool, code: int = 2) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps({"error": message}) + "\n")
+    else:
+        err_console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable[[], dict[str, Any]], as_json: bool) -> dict[str, Any]:
+    """Run a command body, turning our expected errors into a message and exit code 2."""
+    from ..images import RejectError
+
+    try:
+        return fn()
+    except (ValueError, FileNotFoundError, KeyError, RejectError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        fail(str(msg), as_json)
+        raise  # unreachable; fail() raises

@@ -1,0 +1,95 @@
+"""Models by name, timm-style: ``@register_model`` and ``create_model(name, **kw)``.
+
+Every registered model is an :class:`ImageModel`: ``forward_features`` gives a flat ``(B, D)``
+feature vector and ``forward_head`` maps it to class logits, so classifying, embedding and
+self-supervised pretraining share one backbone path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., ImageModel]] = {}
+
+
+class ImageModel(nn.Module):
+    """Base class: a backbone (``forward_features``) and a linear-or-MLP head (``forward_head``)."""
+
+    num_features: int
+    num_classes: int
+    in_channels: int
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D)
+        raise NotImplementedError
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, K)
+        return self.head(features)
+
+    def reset_head(self, num_classes: int) -> None:
+        """Replace the classifier (fine-tuning on a new label set)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def register_model(name: str | Callable | None = None):
+    """Decorator registering a factory ``fn(num_classes, in_channels, **kw) -> ImageModel``."""
+
+    def wrap(fn: Callable[..., ImageModel], key: str) -> Callable[..., ImageModel]:
+        if key in _REGISTRY:
+            raise ValueError(f"model {key!r} is already registered")
+        _REGISTRY[key] = fn
+        return fn
+
+    if callable(name):
+        return wrap(name, name.__name__)
+    return lambda fn: wrap(fn, name or fn.__name__)
+
+
+def unregister_model(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def list_models() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs: Any) -> ImageModel:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+    model = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if not isinstance(model, ImageModel):
+        raise TypeError(f"model factory {name!r} returned {type(model).__name__}, not an ImageModel")
+    return model
+
+
+def _load_builtin() -> None:
+    from . import cnn, resnet  # noqa: F401 - importing registers them
+
+
+def wrap_module(backbone: nn.Module, num_features: int, num_classes: int, in_channels: int) -> ImageModel:
+    """Adapt any ``nn.Module`` that maps images to ``(B, D)`` features into an :class:`ImageModel`."""
+    return _Wrapped(backbone, num_features, num_classes, in_channels)
+
+
+class _Wrapped(ImageModel):
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_features, self.num_classes, self.in_channels = num_features, num_classes, in_channels
+        self.head = nn.Linear(num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.backbone(x), 1)
