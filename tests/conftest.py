@@ -1,0 +1,68 @@
+"""Shared fixtures: one local[2] SparkSession per test session, and tiny synthetic images."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("SPARKVISION_PROGRESS", "0")
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from sparkvision.session import get_spark, stop_spark
+
+    stop_spark()
+    s = get_spark("local[2]", {"spark.sql.shuffle.partitions": "4", "spark.driver.memory": "2g"})
+    yield s
+    stop_spark()
+
+
+def make_image(
+    kind: int, size: int = 16, mode: str = "L", fmt: str = "PNG", seed: int = 0, noise: float = 8.0
+) -> bytes:
+    """A small image whose class is visible: class k draws a bright bar at row/column 2k (mod size)."""
+    rng = np.random.default_rng(seed)
+    arr = rng.normal(40, noise, (size, size)).clip(0, 255)
+    pos = (2 * kind + 2) % size
+    if kind % 2 == 0:
+        arr[pos : pos + 3, :] = 220
+    else:
+        arr[:, pos : pos + 3] = 220
+    img = Image.fromarray(arr.astype(np.uint8), mode="L")
+    if mode != "L":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_image_folder(root, classes: dict[str, int], size: int = 16, fmt: str = "PNG", start_seed: int = 0):
+    """``root/<class>/<i>.png`` with ``classes[name]`` images each; returns the root path."""
+    seed = start_seed
+    for k, (name, n) in enumerate(classes.items()):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        ext = "jpg" if fmt == "JPEG" else fmt.lower()
+        for i in range(n):
+            (d / f"{i}.{ext}").write_bytes(make_image(k, size=size, fmt=fmt, seed=seed))
+            seed += 1
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_table(spark, tmp_path_factory):
+    """A labelled 4-class image table (train 64 + test 32 rows of 16x16 grayscale PNGs)."""
+    from sparkvision.ingest import ingest
+
+    root = tmp_path_factory.mktemp("tiny_images")
+    classes = {"a": 0, "b": 0, "c": 0, "d": 0}
+    for split, n, seed in (("train", 16, 0), ("test", 8, 10_000)):
+        write_image_folder(root / split, {k: n for k in classes}, start_seed=seed)
+    table = str(tmp_path_factory.mktemp("tables") / "tiny")
+    ingest(spark, str(root), table)
+    return table
