@@ -51,5 +51,5 @@ class SmallCNN(ImageModel):
 
 
 @register_model("cnn")
-def cnn(num_classes: int = 10, in_channels: int = 1, **kw) -> SmallCNN:
-    return SmallCNN(num_classes=num_classes, in_channels=in_channels, **kw)
+def cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, **kw) -> SmallCNN:
+    return SmallCNN(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kw)

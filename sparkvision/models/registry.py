@@ -7,6 +7,7 @@ self-supervised pretraining share one backbone path.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -61,7 +62,10 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs: Any) -> ImageModel:
+def create_model(
+    name: str, num_classes: int = 10, in_channels: int = 1, image_size: int | None = None, **kwargs: Any
+) -> ImageModel:
+    """Build a registered model; ``image_size`` is passed to factories that declare it."""
     _load_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}")
@@ -69,7 +73,10 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1, **kwarg
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
-    model = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    factory = _REGISTRY[name]
+    if image_size is not None and "image_size" in inspect.signature(factory).parameters:
+        kwargs["image_size"] = image_size
+    model = factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
     if not isinstance(model, ImageModel):
         raise TypeError(f"model factory {name!r} returned {type(model).__name__}, not an ImageModel")
     return model

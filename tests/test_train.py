@@ -1,0 +1,118 @@
+"""Distributed training: learns, resumes, survives skewed partitions, gives clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from sparkvision.modeldir import load_model_dir
+from sparkvision.table import read_meta, read_table
+from sparkvision.train import AugmentConfig, BatchAugment, TrainConfig, parse_augment, train, train_df
+from sparkvision.train.data import epoch_indices, steps_per_epoch
+from sparkvision.train.optim import lr_factor
+
+FAST = dict(batch_size=16, lr=3e-3, model_kwargs={"widths": [8, 16], "hidden": 32, "dropout": 0.0},
+            augment=AugmentConfig.none())
+
+
+def test_two_ranks_learn_a_separable_set(spark, tiny_table, tmp_path):
+    out = tmp_path / "m"
+    s = train(spark, tiny_table, str(out), TrainConfig(epochs=5, workers=2, **FAST))
+    assert s["workers"] == 2 and s["train_rows"] == 64 and s["eval_rows"] == 32
+    assert s["test_acc"] >= 0.75, s["history"]  # chance is 0.25
+    # The model directory is complete and loads without pickle.
+    lm = load_model_dir(str(out))
+    assert lm.class_names == read_meta(spark, tiny_table).class_names
+    assert lm.preprocess.size == (16, 16) and lm.preprocess.channels == 1
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4, 5]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
+
+
+def test_resume_continues_from_saved_epoch(spark, tiny_table, tmp_path):
+    out = str(tmp_path / "r")
+    first = train(spark, tiny_table, out, TrainConfig(epochs=1, workers=1, **FAST))  # "interrupted" after 1
+    assert os.path.exists(os.path.join(out, "checkpoints", "epoch-1.safetensors"))
+    resumed = train(spark, tiny_table, out, TrainConfig(epochs=3, workers=1, resume=True, **FAST))
+    assert resumed["resumed_from_epoch"] == 1
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["history"][0] == first["history"][0]  # epoch 1 was not re-run
+
+
+def test_resume_without_checkpoint_is_a_clear_error(spark, tiny_table, tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train(spark, tiny_table, str(tmp_path / "none"), TrainConfig(epochs=1, resume=True, **FAST))
+
+
+def test_unequal_partitions_do_not_hang(spark, tiny_table, tmp_path):
+    from pyspark.sql import functions as F
+
+    df = read_table(spark, tiny_table).where("split in ('train', 'test')")
+    # ~1/8 of the rows in one partition, the rest in the other (a range shuffle, as real skew would be).
+    # Two key values that Spark's hash partitioner sends to different partitions.
+    part = {v: spark.range(1).select(F.pmod(F.hash(F.lit(v)), F.lit(2))).first()[0] for v in range(8)}
+    a = next(v for v in part if part[v] == 0)
+    b = next(v for v in part if part[v] == 1)
+    small = (F.abs(F.hash("content_id")) % 6 == 0) & (F.col("split") == "train")
+    skewed = df.withColumn("_k", F.when(small, a).otherwise(b)).repartition(2, "_k").drop("_k")
+    sizes = skewed.rdd.glom().map(len).collect()
+    assert len(sizes) == 2 and min(sizes) > 0 and max(sizes) > 4 * min(sizes), sizes
+    s = train_df(spark, skewed, read_meta(spark, tiny_table).class_names, str(tmp_path / "s"),
+                 TrainConfig(epochs=1, workers=2, **FAST), repartition=False)
+    assert s["epochs"] == 1
+
+
+def test_more_workers_than_slots_is_a_clear_error(spark, tiny_table, tmp_path):
+    with pytest.raises(ValueError, match="workers 8 is more than the 2 task slots"):
+        train(spark, tiny_table, str(tmp_path / "x"), TrainConfig(epochs=1, workers=8, batch_size=16))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(batch_size=15, workers=2), "batch_size 15 is not divisible by workers 2"),
+        (dict(optimizer="lamb"), "optimizer 'lamb'"),
+        (dict(schedule="step"), "schedule 'step'"),
+        (dict(epochs=0), "epochs must be >= 1"),
+    ],
+)
+def test_bad_config_names_the_parameter(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs).validate()
+
+
+def test_steps_are_equal_and_epochs_reshuffle():
+    assert steps_per_epoch(100, 16) == 7
+    a = epoch_indices(10, 7, 8, seed=0, epoch=0, rank=0)
+    b = epoch_indices(10, 7, 8, seed=0, epoch=1, rank=0)
+    assert a.shape == (7, 8) and int(a.max()) < 10
+    assert not torch.equal(a, b)
+    assert torch.equal(a, epoch_indices(10, 7, 8, seed=0, epoch=0, rank=0))
+    # every local row is used before any repeats
+    assert sorted(a.flatten()[:10].tolist()) == list(range(10))
+
+
+def test_lr_schedules_shape():
+    assert lr_factor(0, 100, "onecycle") == pytest.approx(1 / 25)
+    assert lr_factor(25, 100, "onecycle") == pytest.approx(1.0)
+    assert lr_factor(100, 100, "onecycle") < 1e-3
+    assert lr_factor(0, 100, "cosine", warmup_steps=10) == pytest.approx(1 / 25)
+    assert lr_factor(10, 100, "cosine", warmup_steps=10) == pytest.approx(1.0)
+    assert lr_factor(100, 100, "cosine") == pytest.approx(0.0)
+
+
+def test_batch_augment_is_per_sample_and_keeps_shape():
+    x = torch.rand(64, 3, 16, 16)
+    aug = BatchAugment(parse_augment("hflip=0.5,crop_padding=2,brightness=0.3,grayscale=0.5"))
+    y = aug(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and 0 <= float(y.min()) and float(y.max()) <= 1
+    changed = [(not torch.allclose(x[i], y[i])) for i in range(64)]
+    assert 0 < sum(changed)
+    # Different samples get different draws (v2 on a batch would give all the same).
+    flipped = [torch.allclose(y[i], x[i].flip(-1)) for i in range(64)]
+    assert not all(flipped)
+    with pytest.raises(ValueError, match="--augment item"):
+        parse_augment("wobble=1")
