@@ -1,0 +1,117 @@
+"""Evaluate a model on a table split: accuracy, per-class precision/recall/F1, confusion matrix.
+
+Predictions run distributed (the same path as ``predict``); only the K x K confusion counts come
+back to the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from .infer import predict_df
+from .progress import Timer, spark_progress
+from .table import read_meta, read_table
+
+
+def metrics_from_confusion(cm: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Accuracy and per-class precision / recall / F1 from a confusion matrix (rows = truth)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    total = cm.sum()
+    per_class = {
+        name: {"precision": round(float(p), 5), "recall": round(float(r), 5), "f1": round(float(f), 5),
+               "support": int(s)}
+        for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
+    }
+    return {
+        "accuracy": round(float(tp.sum() / total), 5) if total else None,
+        "macro_f1": round(float(f1[support > 0].mean()), 5) if (support > 0).any() else None,
+        "rows": int(total),
+        "per_class": per_class,
+    }
+
+
+def plot_confusion(cm: np.ndarray, class_names: list[str], path: str, title: str = "Confusion matrix") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k), dpi=110)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    for i in range(k):
+        for j in range(k):
+            if cm[i, j]:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def evaluate(
+    spark: SparkSession,
+    model_dir: str,
+    table: str,
+    split: str | None = "test",
+    out: str | None = None,
+    batch_size: int = 512,
+) -> dict[str, Any]:
+    """Write ``evaluation.json`` and ``confusion_matrix.png`` into ``out`` (default the model dir)."""
+    timer = Timer()
+    meta = read_meta(spark, table)
+    with open(os.path.join(model_dir, "classes.json")) as f:
+        model_classes = json.load(f)
+    df = read_table(spark, table, split).where(F.col("label").isNotNull())
+    preds = predict_df(spark, model_dir, df.select("image", "content_id", "path", "split", "label", "label_name"),
+                       top_k=1, batch_size=batch_size)
+    # Map the table's label names onto the model's class indices (tables may order classes differently).
+    index = {n: i for i, n in enumerate(model_classes)}
+    unknown = sorted(set(meta.class_names) - set(index))
+    true_idx = F.create_map(*[x for n, i in index.items() for x in (F.lit(n), F.lit(i))])[F.col("label_name")]
+    with spark_progress(spark, "evaluate"):
+        counts = (
+            preds.where("error is null")
+            .select(true_idx.alias("t"), F.col("pred_label").alias("p"))
+            .where("t is not null")
+            .groupBy("t", "p")
+            .count()
+            .collect()
+        )
+        errors = preds.where("error is not null").count()
+    k = len(model_classes)
+    cm = np.zeros((k, k), dtype=np.int64)
+    for r in counts:
+        cm[int(r.t), int(r.p)] += r["count"]
+    result = metrics_from_confusion(cm, model_classes)
+    result.update({"split": split, "table": table, "model_dir": model_dir, "undecodable_rows": errors,
+                   "classes_not_in_model": unknown, "confusion_matrix": cm.tolist(), "class_names": model_classes,
+                   "elapsed_s": round(timer.elapsed, 3)})
+    out = out or model_dir
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "evaluation.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot_confusion(cm, model_classes, os.path.join(out, "confusion_matrix.png"),
+                   f"{os.path.basename(model_dir.rstrip('/'))} on {split or 'all'}: acc {result['accuracy']}")
+    result["confusion_matrix_png"] = os.path.join(out, "confusion_matrix.png")
+    result["evaluation_json"] = os.path.join(out, "evaluation.json")
+    return result
