@@ -1,0 +1,93 @@
+"""Batch classification, embedding and evaluation on the executors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from sparkvision.evaluate import evaluate, metrics_from_confusion
+from sparkvision.infer import embed_table, predict_table
+from sparkvision.schema import IMAGE_SCHEMA
+from sparkvision.table import TableMeta, read_meta, read_table, write_meta
+from sparkvision.train import AugmentConfig, TrainConfig, train
+
+FAST = dict(batch_size=16, lr=3e-3, model_kwargs={"widths": [8, 16], "hidden": 32, "dropout": 0.0},
+            augment=AugmentConfig.none())
+
+
+@pytest.fixture(scope="module")
+def model_dir(spark, tiny_table, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("model") / "m")
+    train(spark, tiny_table, out, TrainConfig(epochs=5, workers=1, **FAST))
+    return out
+
+
+@pytest.fixture(scope="module")
+def table_with_corrupt_row(spark, tiny_table, tmp_path_factory):
+    """The tiny test split plus one row whose bytes are not an image (as an old table might hold)."""
+    path = str(tmp_path_factory.mktemp("corrupt") / "t")
+    good = read_table(spark, tiny_table, "test")
+    bad = spark.createDataFrame(
+        [("deadbeef", "file:/broken.png", b"\x89PNG\r\n\x1a\n garbage", "PNG", 16, 16, 1, 0, "a", "test")],
+        IMAGE_SCHEMA,
+    )
+    good.unionByName(bad).write.parquet(path)
+    write_meta(spark, path, TableMeta(class_names=read_meta(spark, tiny_table).class_names))
+    return path
+
+
+def test_predict_writes_rows_and_an_error_for_the_corrupt_one(spark, model_dir, table_with_corrupt_row, tmp_path):
+    out = str(tmp_path / "pred")
+    s = predict_table(spark, model_dir, table_with_corrupt_row, out, top_k=2)
+    assert s["rows"] == 33 and s["errors"] == 1
+    df = spark.read.parquet(out)
+    bad = df.where("path = 'file:/broken.png'").first()
+    assert bad.error.startswith("truncated") or bad.error.startswith("not_an_image")
+    assert bad.pred_label is None
+    good = df.where("error is null")
+    row = good.first()
+    assert len(row.topk_probs) == 2 and row.topk_probs[0] >= row.topk_probs[1]
+    assert row.pred_name in read_meta(spark, table_with_corrupt_row).class_names
+    assert s["accuracy_on_labelled_rows"] >= 0.7  # chance is 0.25
+
+
+def test_evaluate_writes_json_and_png(spark, model_dir, table_with_corrupt_row, tmp_path):
+    r = evaluate(spark, model_dir, table_with_corrupt_row, "test", out=str(tmp_path))
+    assert r["rows"] == 32 and r["undecodable_rows"] == 1
+    assert r["accuracy"] >= 0.7
+    assert os.path.getsize(tmp_path / "confusion_matrix.png") > 1000
+    saved = json.loads((tmp_path / "evaluation.json").read_text())
+    assert sum(map(sum, saved["confusion_matrix"])) == 32
+    assert set(saved["per_class"]) == set(read_meta(spark, table_with_corrupt_row).class_names)
+
+
+def test_embed_is_l2_normalised(spark, model_dir, tiny_table, tmp_path):
+    s = embed_table(spark, model_dir, tiny_table, str(tmp_path / "emb"), split="test")
+    assert s["rows"] == 32 and s["dim"] == 32 and s["errors"] == 0
+    import numpy as np
+
+    v = np.array(spark.read.parquet(str(tmp_path / "emb")).first().embedding)
+    assert abs(np.linalg.norm(v) - 1) < 1e-4
+
+
+def test_metrics_from_confusion_matches_sklearn():
+    import numpy as np
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 3, 200), rng.integers(0, 3, 200)
+    m = metrics_from_confusion(confusion_matrix(y, p), ["a", "b", "c"])
+    pr, rc, f1, _ = precision_recall_fscore_support(y, p)
+    assert m["per_class"]["b"]["precision"] == pytest.approx(pr[1], abs=1e-5)
+    assert m["per_class"]["c"]["recall"] == pytest.approx(rc[2], abs=1e-5)
+    assert m["per_class"]["a"]["f1"] == pytest.approx(f1[0], abs=1e-5)
+    assert m["accuracy"] == pytest.approx((y == p).mean())
+
+
+def test_predict_bad_parameters(spark, model_dir, tiny_table, tmp_path):
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        predict_table(spark, model_dir, tiny_table, str(tmp_path / "p"), top_k=0)
+    with pytest.raises(FileNotFoundError, match="not a sparkvision model directory"):
+        predict_table(spark, str(tmp_path), tiny_table, str(tmp_path / "p"))
