@@ -1,0 +1,55 @@
+"""Model registry: built-ins, user models, one interface (features then head)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparkvision.models import ImageModel, create_model, list_models, register_model, unregister_model, wrap_module
+
+
+@pytest.mark.parametrize("name, dim", [("cnn", 256), ("resnet18", 512)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_builtin_models_share_one_interface(name, dim, channels):
+    m = create_model(name, num_classes=7, in_channels=channels, image_size=28).eval()
+    x = torch.randn(2, channels, 28, 28)
+    f = m.forward_features(x)
+    assert f.shape == (2, dim) and m.num_features == dim
+    assert m.forward_head(f).shape == (2, 7)
+    assert torch.allclose(m(x), m.forward_head(f))
+
+
+def test_cnn_is_the_papers_two_conv_network():
+    m = create_model("cnn")
+    convs = [mod for mod in m.modules() if isinstance(mod, nn.Conv2d)]
+    pools = [mod for mod in m.modules() if isinstance(mod, nn.MaxPool2d)]
+    assert [c.kernel_size for c in convs] == [(5, 5), (5, 5)]
+    assert len(pools) == 2 and all(p.stride == 2 for p in pools)
+
+
+def test_resnet18_has_a_small_image_stem():
+    m = create_model("resnet18", in_channels=1)
+    assert m.backbone.conv1.kernel_size == (3, 3) and m.backbone.conv1.stride == (1, 1)
+    assert isinstance(m.backbone.maxpool, nn.Identity)
+
+
+def test_users_register_their_own_module():
+    @register_model("tiny-mlp")
+    def tiny_mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> ImageModel:
+        body = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, 16), nn.ReLU())
+        return wrap_module(body, 16, num_classes, in_channels)
+
+    try:
+        assert "tiny-mlp" in list_models()
+        m = create_model("tiny-mlp", num_classes=3, in_channels=1, image_size=16)
+        assert m(torch.randn(4, 1, 16, 16)).shape == (4, 3)
+        with pytest.raises(ValueError, match="already registered"):
+            register_model("tiny-mlp")(tiny_mlp)
+    finally:
+        unregister_model("tiny-mlp")
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(ValueError, match="unknown model 'vgg'.*cnn.*resnet18"):
+        create_model("vgg")
