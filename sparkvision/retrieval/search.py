@@ -1,0 +1,298 @@
+"""Searching an index: from the Python API, for image files, or for every row of a table on the executors.
+
+Image files and image tables are embedded with the same model (recorded in ``index.json`` by
+``sparkvision index``, or given explicitly), the same preprocessing and the same TorchScript path
+as ``sparkvision embed`` (:mod:`sparkvision.infer`), so a query lands where its copy in the
+table would. A binary index encodes the query features with the hasher saved beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
+
+from .codes import Hasher
+from .index import HASHER_DIR, IDS_FILE, INDEX_FILE, META_FILE, local_path, set_search_params
+
+RESULT_SCHEMA = (
+    "query_content_id string, query_path string, rank int, content_id string, path string, "
+    "label_name string, score float, error string"
+)
+
+
+@dataclass
+class Neighbours:
+    """``scores`` and ``rows`` are ``(Q, k)``; row -1 means fewer than k results."""
+
+    scores: np.ndarray
+    rows: np.ndarray
+
+
+class SearchIndex:
+    """A loaded index: FAISS index, id mapping and (for codes) the hasher.
+
+    Scores are cosine similarities for float indexes and ``1 - hamming / bits`` for binary ones,
+    so higher is closer for both.
+    """
+
+    def __init__(self, directory: str, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        import faiss
+
+        directory = local_path(directory)
+        meta_path = os.path.join(directory, META_FILE)
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{directory} is not an index directory ({META_FILE} is missing); build one with `sparkvision index`")
+        with open(meta_path) as f:
+            self.meta: dict[str, Any] = json.load(f)
+        self.directory = directory
+        self.binary = self.meta["metric"] == "hamming"
+        path = os.path.join(directory, INDEX_FILE)
+        self.index = faiss.read_index_binary(path) if self.binary else faiss.read_index(path)
+        params = dict(self.meta["choice"].get("params", {}))
+        if nprobe is not None:
+            params["nprobe"] = nprobe
+        if ef_search is not None:
+            params["efSearch"] = ef_search
+        set_search_params(self.index, {k: v for k, v in params.items() if k in ("nprobe", "efSearch")})
+        self.ids = pq.read_table(os.path.join(directory, IDS_FILE))
+        self._content_id = self.ids.column("content_id").to_pylist() if "content_id" in self.ids.column_names else None
+        self._path = self.ids.column("path").to_pylist() if "path" in self.ids.column_names else None
+        self._label = self.ids.column("label_name").to_pylist() if "label_name" in self.ids.column_names else None
+        self.hasher = None
+        if self.binary and self.meta.get("hasher"):
+            self.hasher = Hasher.load(os.path.join(directory, HASHER_DIR))
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def model_dir(self) -> str | None:
+        return self.meta.get("model_dir")
+
+    def search(self, queries: np.ndarray, k: int = 10) -> Neighbours:
+        """``queries``: float features ``(Q, D)`` (encoded with the hasher for a binary index) or
+        packed codes ``(Q, bits/8)`` uint8 for a binary index."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = np.asarray(queries)
+        if self.binary:
+            if q.dtype != np.uint8:
+                if self.hasher is None:
+                    raise ValueError("this binary index has no hasher; pass packed uint8 codes")
+                q = self.hasher.encode(q)
+            dist, rows = self.index.search(np.ascontiguousarray(q), k)
+            scores = 1.0 - dist.astype(np.float32) / self.meta["dim"]
+        else:
+            q = np.ascontiguousarray(q, dtype=np.float32)
+            if q.ndim != 2 or q.shape[1] != self.meta["dim"]:
+                raise ValueError(f"queries have shape {q.shape}; the index expects (Q, {self.meta['dim']})")
+            scores, rows = self.index.search(q, k)
+        return Neighbours(np.where(rows >= 0, scores, np.nan).astype(np.float32), rows)
+
+    def describe(self, row: int) -> dict[str, Any]:
+        return {
+            "row": int(row),
+            "content_id": self._content_id[row] if self._content_id else None,
+            "path": self._path[row] if self._path else None,
+            "label_name": self._label[row] if self._label else None,
+        }
+
+    def results(self, nb: Neighbours) -> list[list[dict[str, Any]]]:
+        """Neighbours as plain dicts (rank, score, content_id, path, label_name) per query."""
+        out = []
+        for srow, rrow in zip(nb.scores, nb.rows):
+            hits = []
+            for rank, (s, r) in enumerate(zip(srow, rrow)):
+                if r < 0:
+                    continue
+                hits.append({"rank": rank + 1, "score": round(float(s), 5), **self.describe(int(r))})
+            out.append(hits)
+        return out
+
+
+def embed_images(model_dir: str, images: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
+    """L2-normalised features of encoded images with the model's own preprocessing (driver side)."""
+    import torch
+
+    from ..infer import get_model, preprocess_batch, read_blob
+
+    fn, pre = get_model(read_blob(model_dir), "features")
+    x, errors = preprocess_batch(images, pre)
+    with torch.inference_mode():
+        feats = fn(x).float().numpy()
+    return feats, errors
+
+
+def search_images(
+    index_dir: str, paths: list[str], k: int = 10, model_dir: str | None = None, nprobe: int | None = None
+) -> list[dict[str, Any]]:
+    """Nearest neighbours of image files; one entry per file with its hits or its error."""
+    idx = SearchIndex(index_dir, nprobe=nprobe)
+    model_dir = model_dir or idx.model_dir
+    if not model_dir:
+        raise ValueError("the index does not record which model made its features; pass --model MODEL_DIR")
+    images = []
+    for p in paths:
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"query image {p} does not exist")
+        with open(p, "rb") as f:
+            images.append(f.read())
+    feats, errors = embed_images(model_dir, images)
+    hits = idx.results(idx.search(feats, k))
+    return [
+        {"query": p, "error": e, "neighbours": [] if e else h} for p, e, h in zip(paths, errors, hits)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch mode on the executors
+# ---------------------------------------------------------------------------------------------
+
+# One loaded index per Python worker process, reused by every task that worker runs.
+_INDEXES: dict[tuple[str, int, int | None], SearchIndex] = {}
+
+
+def _worker_index(directory: str, nprobe: int | None) -> SearchIndex:
+    import faiss
+
+    key = (directory, os.stat(os.path.join(directory, INDEX_FILE)).st_mtime_ns, nprobe)
+    hit = _INDEXES.get(key)
+    if hit is None:
+        faiss.omp_set_num_threads(int(os.environ.get("SPARKVISION_INFER_THREADS", "1")))
+        _INDEXES.clear()
+        hit = _INDEXES[key] = SearchIndex(directory, nprobe=nprobe)
+    return hit
+
+
+def search_batches(index_dir: str, k: int, nprobe: int | None, exclude_self: bool):
+    """mapInArrow body: (content_id, path, embedding, error) -> one row per (query, neighbour)."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from .index import vectors_of
+
+        idx = _worker_index(index_dir, nprobe)
+        kk = k + 1 if exclude_self else k
+        for batch in batches:
+            t = pa.Table.from_batches([batch])
+            cids, paths = t.column("content_id").to_pylist(), t.column("path").to_pylist()
+            errs = t.column("error").to_pylist() if "error" in t.column_names else [None] * t.num_rows
+            valid = pa.compute.is_valid(t.column("embedding")).to_numpy(zero_copy_only=False)
+            cols: dict[str, list[Any]] = {c: [] for c in ("query_content_id", "query_path", "rank", "content_id", "path", "label_name", "score", "error")}
+
+            def add(qi: int, rank: int | None, hit: dict[str, Any] | None, err: str | None) -> None:
+                cols["query_content_id"].append(cids[qi])
+                cols["query_path"].append(paths[qi])
+                cols["rank"].append(rank)
+                cols["content_id"].append(hit and hit["content_id"])
+                cols["path"].append(hit and hit["path"])
+                cols["label_name"].append(hit and hit["label_name"])
+                cols["score"].append(hit and hit["score"])
+                cols["error"].append(err)
+
+            good = np.flatnonzero(valid)
+            for qi in np.flatnonzero(~valid):
+                add(int(qi), None, None, errs[qi] or "no embedding")
+            if len(good):
+                feats = vectors_of(t.take(pa.array(good)), "embedding")
+                for qi, hits in zip(good, idx.results(idx.search(feats, kk))):
+                    if exclude_self:
+                        hits = [h for h in hits if h["content_id"] != cids[qi]][:k]
+                    for rank, h in enumerate(hits, 1):
+                        add(int(qi), rank, h, None)
+            yield pa.RecordBatch.from_pydict(
+                cols,
+                schema=pa.schema(
+                    [("query_content_id", pa.string()), ("query_path", pa.string()), ("rank", pa.int32()),
+                     ("content_id", pa.string()), ("path", pa.string()), ("label_name", pa.string()),
+                     ("score", pa.float32()), ("error", pa.string())]
+                ),
+            )
+
+    return run
+
+
+def search_df(
+    spark: SparkSession,
+    index_dir: str,
+    queries: DataFrame,
+    k: int = 10,
+    nprobe: int | None = None,
+    exclude_self: bool = False,
+) -> DataFrame:
+    """Lazy: every row of a features DataFrame (content_id, path, embedding[, error]) searched on
+    the executors. ``index_dir`` must be readable at the same path on every executor (local mode,
+    or a shared/NFS mount on a cluster)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    index_dir = os.path.abspath(local_path(index_dir))
+    SearchIndex(index_dir)  # fail on the driver, with a clear message, before any task starts
+    cols = [c for c in ("content_id", "path", "embedding", "error") if c in queries.columns]
+    return queries.select(*cols).mapInArrow(search_batches(index_dir, k, nprobe, exclude_self), RESULT_SCHEMA)
+
+
+def search_table(
+    spark: SparkSession,
+    index_dir: str,
+    table: str,
+    out: str,
+    *,
+    k: int = 10,
+    model_dir: str | None = None,
+    split: str | None = None,
+    nprobe: int | None = None,
+    exclude_self: bool = False,
+    batch_size: int = 512,
+) -> dict[str, Any]:
+    """Search every row of ``table`` and write one Parquet row per (query, neighbour).
+
+    ``table`` is either a features table from ``sparkvision embed`` (searched as is) or an image
+    table, embedded on the fly with ``model_dir`` (default: the model that built the index).
+    """
+    from pyspark.sql import functions as F
+
+    from .. import storage
+    from ..infer import embed_df
+    from ..progress import Timer, spark_progress
+    from ..table import is_image_table, read_table
+
+    timer = Timer()
+    if is_image_table(spark, table):
+        model_dir = model_dir or SearchIndex(index_dir).model_dir
+        if not model_dir:
+            raise ValueError("the index does not record its model; pass --model MODEL_DIR to embed the table")
+        src = read_table(spark, table, split).select("image", "content_id", "path", "split", "label", "label_name")
+        queries = embed_df(spark, model_dir, src, batch_size)
+    else:
+        queries = spark.read.parquet(storage.qualify(table))
+        if "embedding" not in queries.columns:
+            raise ValueError(f"{table} is neither an image table nor a features table with an 'embedding' column")
+        if split is not None and "split" in queries.columns:
+            queries = queries.where(F.col("split") == split)
+    res = search_df(spark, index_dir, queries, k, nprobe, exclude_self)
+    out_q = storage.qualify(out)
+    with spark_progress(spark, "search"):
+        res.write.mode("overwrite").parquet(out_q)
+    agg = spark.read.parquet(out_q).agg(
+        F.countDistinct("query_content_id").alias("queries"),
+        F.count("content_id").alias("hits"),
+        F.sum(F.col("error").isNotNull().cast("int")).alias("errors"),
+    ).first()
+    elapsed = timer.elapsed
+    return {
+        "output": out,
+        "queries": int(agg.queries),
+        "hits": int(agg.hits),
+        "errors": int(agg.errors or 0),
+        "k": k,
+        "elapsed_s": round(elapsed, 3),
+        "queries_per_s": round(agg.queries / max(elapsed, 1e-9), 1),
+    }
