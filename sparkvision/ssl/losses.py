@@ -1,0 +1,97 @@
+"""Self-supervised losses: SimSiam's negative cosine similarity and SimCLR's NT-Xent.
+
+Both follow lightly's modules: small ``nn.Module``s whose defaults are the papers' values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed as D
+
+
+class NegativeCosineSimilarity(nn.Module):
+    """Symmetric negative cosine similarity with a stop-gradient on the target branch.
+
+    SimSiam (Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021,
+    https://arxiv.org/abs/2011.10566), eq. 1-2::
+
+        D(p, z) = - <p / ||p||, stopgrad(z) / ||stopgrad(z)||>
+        L = 1/2 D(p1, z2) + 1/2 D(p2, z1)
+
+    ``p`` is a predictor output, ``z`` a projector output of the *other* view. The value is -1
+    when each prediction points exactly along its target. Used by SimSiam and by the paper's
+    improved SimCLR (same loss, different predictor).
+    """
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def pair(self, p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``D(p, z)`` averaged over the batch; gradients flow into ``p`` only."""
+        if p.shape != z.shape or p.ndim != 2:
+            raise ValueError(f"expected two (B, D) tensors of the same shape, got {tuple(p.shape)} and {tuple(z.shape)}")
+        return -F.cosine_similarity(p, z.detach(), dim=1, eps=self.eps).mean()
+
+    def forward(self, p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.pair(p1, z2) + 0.5 * self.pair(p2, z1)
+
+
+class GatherLayer(torch.autograd.Function):
+    """``all_gather`` that keeps the gradient for this rank's slice (the others are constants
+    produced by other ranks; their gradients are summed back to their owners)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        out = [torch.zeros_like(x) for _ in range(D.world_size())]
+        torch.distributed.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = torch.stack(grads)
+        torch.distributed.all_reduce(g)
+        return g[D.rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``(B, D)`` on each rank -> ``(world * B, D)``; the identity in a single process."""
+    if D.world_size() == 1:
+        return x
+    return torch.cat(GatherLayer.apply(x), dim=0)
+
+
+class NTXentLoss(nn.Module):
+    """Normalised temperature-scaled cross entropy over the 2N views of a batch.
+
+    SimCLR (Chen, Kornblith, Norouzi & Hinton, "A Simple Framework for Contrastive Learning of
+    Visual Representations", ICML 2020, https://arxiv.org/abs/2002.05709), eq. 1::
+
+        l(i, j) = -log exp(sim(z_i, z_j) / t) / sum_{k != i} exp(sim(z_i, z_k) / t)
+
+    averaged over all 2N anchors, with ``sim`` the cosine similarity. Negatives are the other
+    2N - 2 views of the *global* batch: embeddings are gathered from every rank (keeping the
+    gradient of the local slice) so the loss equals the single-process loss on the whole batch.
+    The default temperature 0.5 is the paper's CIFAR-10 value (0.1 for ImageNet).
+    """
+
+    def __init__(self, temperature: float = 0.5) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        if z1.shape != z2.shape or z1.ndim != 2:
+            raise ValueError(f"expected two (B, D) tensors of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        z1 = F.normalize(gather_with_grad(z1), dim=1)  # (N, D), N = global batch
+        z2 = F.normalize(gather_with_grad(z2), dim=1)
+        n = z1.shape[0]
+        z = torch.cat([z1, z2], dim=0)  # (2N, D)
+        sim = z @ z.t() / self.temperature  # (2N, 2N)
+        sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+        target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)  # the positive of i
+        return F.cross_entropy(sim, target)

@@ -1,0 +1,123 @@
+"""Two random views of every image in a batch: the augmentation of Siamese pretraining.
+
+The recipe (horizontal flip, colour jitter, grayscale, random resized crop) is the paper's, and
+every part of it is a field of :class:`ViewConfig`. Like the supervised ``BatchAugment`` it draws
+the random parameters *per sample* and applies them to the whole batch in a few tensor ops
+(torchvision.transforms.v2 called on a batch would draw one set for all images): the crop, zoom
+and flip are one ``affine_grid``/``grid_sample``, the photometric ops per-sample broadcasts.
+The operations are those of v2's RandomResizedCrop(scale, ratio), RandomHorizontalFlip,
+RandomApply(ColorJitter(b, c, s), p) and RandomGrayscale(p); hue jitter is not implemented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ViewConfig:
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # area fraction of RandomResizedCrop (SimSiam's 0.2)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range
+    hflip: float = 0.5
+    jitter_p: float = 0.8  # probability of applying colour jitter (SimCLR)
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4  # RGB only
+    grayscale: float = 0.2  # probability (RGB only; a grayscale image is already gray)
+
+    def validate(self) -> None:
+        for name in ("hflip", "jitter_p", "grayscale"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"views {name} must be a probability in [0, 1], got {v}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"views crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"views crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"views {name} must be >= 0, got {getattr(self, name)}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["crop_scale"], d["crop_ratio"] = list(self.crop_scale), list(self.crop_ratio)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ViewConfig:
+        d = dict(d)
+        for k in ("crop_scale", "crop_ratio"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+class RandomView(nn.Module):
+    """One random view of a float batch ``(B, C, H, W)`` in [0, 1]; each sample its own draw."""
+
+    def __init__(self, cfg: ViewConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or ViewConfig()
+        self.cfg.validate()
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        b, c, h, w = x.shape
+        dev = x.device
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.rand(*shape, generator=generator).to(dev)
+
+        # Random resized crop (+ flip) as one affine map from output to input coordinates.
+        lo, hi = cfg.crop_scale
+        area = lo + rand(b) * (hi - lo)
+        log_r = torch.log(torch.tensor(cfg.crop_ratio))
+        ratio = torch.exp(log_r[0] + rand(b) * (log_r[1] - log_r[0]))
+        sw = torch.sqrt(area * ratio).clamp(max=1.0)  # crop width / image width
+        sh = torch.sqrt(area / ratio).clamp(max=1.0)
+        cx = (rand(b) * 2 - 1) * (1 - sw)  # crop centre in [-1, 1], crop stays inside the image
+        cy = (rand(b) * 2 - 1) * (1 - sh)
+        flip = torch.where(rand(b) < cfg.hflip, -1.0, 1.0)
+        zero = torch.zeros_like(sw)
+        theta = torch.stack(
+            [torch.stack([sw * flip, zero, cx], 1), torch.stack([zero, sh, cy], 1)], 1
+        ).to(x.dtype)  # (B, 2, 3)
+        grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+        # Colour jitter, applied to a sample with probability jitter_p (factor 1 otherwise).
+        on = (rand(b) < cfg.jitter_p).to(x.dtype)[:, None, None, None]
+        if cfg.brightness > 0:
+            f = 1 + (rand(b) * 2 - 1)[:, None, None, None] * cfg.brightness * on
+            x = (x * f).clamp(0, 1)
+        if cfg.contrast > 0:
+            f = 1 + (rand(b) * 2 - 1)[:, None, None, None] * cfg.contrast * on
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = ((x - mean) * f + mean).clamp(0, 1)
+        if c == 3:
+            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+            if cfg.saturation > 0:
+                f = 1 + (rand(b) * 2 - 1)[:, None, None, None] * cfg.saturation * on
+                x = ((x - gray) * f + gray).clamp(0, 1)
+                gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+            if cfg.grayscale > 0:
+                g = rand(b) < cfg.grayscale
+                x = torch.where(g[:, None, None, None], gray, x)
+        return x
+
+
+class TwoViews(nn.Module):
+    """``x -> (view1, view2)``: two independent draws of the same recipe."""
+
+    def __init__(self, cfg: ViewConfig | None = None) -> None:
+        super().__init__()
+        self.view = RandomView(cfg)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.view(x, generator), self.view(x, generator)
