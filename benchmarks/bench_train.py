@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--throughput-rounds", type=int, default=2)
+    ap.add_argument("--model-kwargs", default="{}", help="JSON, e.g. '{\"hidden\": 512}'")
+    ap.add_argument("--label-smoothing", type=float, default=0.1)
     ap.add_argument("--results", default=os.path.join(HERE, "results", "train.json"))
     args = ap.parse_args()
     os.environ.setdefault("SPARKVISION_PROGRESS", "0")
@@ -95,7 +97,8 @@ def main() -> None:
         with open(args.results) as f:
             results = {**json.load(f), **results}
 
-    cfg = TrainConfig(epochs=args.epochs, workers=args.workers, label_smoothing=0.1)
+    cfg = TrainConfig(epochs=args.epochs, workers=args.workers, label_smoothing=args.label_smoothing,
+                      model_kwargs=json.loads(args.model_kwargs))
     if not args.skip_accuracy:
         t0 = time.perf_counter()
         summary = train(spark, args.table, args.out, cfg)
