@@ -15,6 +15,7 @@ import datetime as _dt
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 from pyspark import StorageLevel
@@ -37,8 +38,10 @@ from .schema import IMAGE_SCHEMA, SPLITS
 from .table import TableMeta, is_image_table, merge_class_names, read_meta, read_table, write_meta
 
 # Decoded rows before label indices are assigned: the image columns plus why a row was rejected.
+# Every column is nullable: a rejected row has no content id, bytes or geometry, and Spark trusts
+# a declared non-null column (a null there fails the task with a NullPointerException).
 DECODED_SCHEMA = StructType(
-    [f for f in IMAGE_SCHEMA.fields if f.name != "label"]
+    [StructField(f.name, f.dataType, True) for f in IMAGE_SCHEMA.fields if f.name != "label"]
     + [
         StructField("reason", StringType(), True),
         StructField("detail", StringType(), True),
@@ -326,9 +329,11 @@ def ingest(
 
 def _decode_folder(spark, source, split, labeled, max_pixels, glob, on_listed):
     root = qualified_root(spark, source)
-    listing = _binary_reader(spark, glob).load(root).select("path", "length")
-    listing = _layout_columns(listing, root, split, labeled).persist(StorageLevel.MEMORY_AND_DISK)
+    files = _binary_reader(spark, glob).load(root)
+    listing = _layout_columns(files.select("path", "length"), root, split, labeled)
+    listing = listing.persist(StorageLevel.MEMORY_AND_DISK)
     names = [r.label_name for r in listing.select("label_name").distinct().collect() if r.label_name is not None]
+    empty = _zero_byte_files(spark, files, listing)
     if on_listed is not None:
         on_listed()
     content = _binary_reader(spark, glob).load(root).select("path", "content")
@@ -342,7 +347,34 @@ def _decode_folder(spark, source, split, labeled, max_pixels, glob, on_listed):
         F.lit("listed but could not be read (permissions, removed, or I/O error)").alias("detail"),
         F.col("length").alias("size_bytes"),
     )
+    if empty is not None:
+        unreadable = unreadable.unionByName(empty)
     return decoded, unreadable, sorted(names)
+
+
+def _spark_path(uri: str) -> str:
+    """``inputFiles()`` spells ``file:///x%20y``; the ``path`` column spells ``file:/x y``."""
+    if uri.startswith("file:///"):
+        uri = "file:/" + uri[len("file:///") :]
+    return unquote(uri)
+
+
+def _zero_byte_files(spark: SparkSession, files: DataFrame, listing: DataFrame) -> DataFrame | None:
+    """Rejects for the zero-byte files, which Spark's file scans silently skip.
+
+    The file index (already on the driver) still names them, so when it holds more files than the
+    scan returned, the difference is the empty files. Usually the counts match and nothing else runs.
+    """
+    indexed = files.inputFiles()
+    if len(indexed) == listing.count():
+        return None
+    scanned = {r.path for r in listing.select("path").collect()}
+    empty = sorted({_spark_path(p) for p in indexed} - scanned)
+    if not empty:
+        return None
+    return spark.createDataFrame(
+        [(p, "empty_file", "0 bytes", 0) for p in empty], "path string, reason string, detail string, size_bytes long"
+    )
 
 
 def _decode_idx(spark, source, split, class_names):
@@ -432,8 +464,9 @@ def _finish(
     rows = keep.select(
         *[label_col.cast("int").alias("label") if c == "label" else F.col(c) for c in IMAGE_SCHEMA.fieldNames()]
     )
-    rows.write.mode(mode).parquet(summary.table)
 
+    # Rejects are written before the rows: writing the table makes Spark re-cache every plan that
+    # reads it, and the "already in the table" drops would then count this ingest's own rows.
     reject_parts = [decoded.where(F.col("reason").isNotNull()).select("path", "reason", "detail", "size_bytes")]
     reject_parts.append(drops.select("path", "reason", "detail", "size_bytes"))
     if unreadable is not None:
@@ -447,6 +480,7 @@ def _finish(
     reject_counts = {r.reason: r["count"] for r in rejects.groupBy("reason").count().collect()}
     if reject_counts or not storage.exists(spark, summary.rejects_table):
         rejects.coalesce(1).write.mode("append").parquet(summary.rejects_table)
+    rows.write.mode(mode).parquet(summary.table)
     rejects.unpersist()
     drops.unpersist()
     decoded.unpersist()

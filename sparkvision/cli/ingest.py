@@ -6,6 +6,9 @@ from typing import Annotated, Any
 
 import typer
 
+from ..images import DEFAULT_MAX_PIXELS
+from ..ingest import SOURCE_KINDS
+from ..schema import SPLITS
 from .common import Conf, JsonOut, Master, console, counts_table, emit, guarded, render_kv, spark_from
 
 datasets_app = typer.Typer(help="Ingest well-known data sets from a local copy.", no_args_is_help=True)
@@ -30,15 +33,29 @@ def render_ingest(s: dict[str, Any]) -> None:
     )
 
 
+def _one_of(values: tuple[str, ...]):
+    """A typer callback: reject a value outside ``values`` with click's usage error (exit code 2)."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in values:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(values)}")
+        return value
+
+    return check
+
+
 def ingest(
     source: Annotated[str, typer.Argument(help="Image folder, IDX file/folder or image table (any Spark URI).")],
     table: Annotated[str, typer.Argument(help="Output image table (Parquet directory, any Spark URI).")],
-    kind: Annotated[str, typer.Option(help="auto | folder | idx | table")] = "auto",
+    kind: Annotated[str, typer.Option(help="auto | folder | idx | table", callback=_one_of(SOURCE_KINDS))] = "auto",
     split: Annotated[
-        str | None, typer.Option(help="Force every row into this split (train/test/val/unlabeled).")
+        str | None,
+        typer.Option(help="Force every row into this split (train/test/val/unlabeled).", callback=_one_of(SPLITS)),
     ] = None,
     unlabeled: Annotated[bool, typer.Option("--unlabeled", help="Ignore class folders.")] = False,
-    max_pixels: Annotated[int, typer.Option(help="Reject images with more pixels (decompression bombs).")] = 64_000_000,
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="Reject images with more pixels (decompression bombs).")
+    ] = DEFAULT_MAX_PIXELS,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the table instead of appending.")] = False,
     rejects: Annotated[str | None, typer.Option(help="Rejects table (default TABLE_rejects).")] = None,
     glob: Annotated[str | None, typer.Option(help="Only files whose name matches, e.g. '*.jpg'.")] = None,
@@ -82,9 +99,10 @@ def fashion_mnist(
     json_out: JsonOut = False,
 ) -> None:
     """Fashion-MNIST (Debian package dataset-fashion-mnist) as an image table: 60k train, 10k test."""
-    from ..datasets import ingest_fashion_mnist
+    from ..datasets import fashion_mnist_dir, ingest_fashion_mnist
 
     def body() -> dict[str, Any]:
-        return ingest_fashion_mnist(spark_from(master, conf), dest, source).to_json()
+        files = fashion_mnist_dir(source)  # says how to get the data before a JVM starts
+        return ingest_fashion_mnist(spark_from(master, conf), dest, files).to_json()
 
     emit(guarded(body, json_out), json_out, render_ingest)

@@ -1,0 +1,121 @@
+"""The pure decode-and-validate rules in sparkvision.images: no Spark, a few bytes each."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from conftest import make_image
+from PIL import Image
+
+from sparkvision.images import (
+    RejectError,
+    content_id,
+    decode_to_array,
+    encode_png,
+    inspect_image,
+)
+from sparkvision.schema import REJECT_REASONS
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _reason(data: bytes, **kw) -> str:
+    with pytest.raises(RejectError) as e:
+        inspect_image(data, **kw)
+    assert e.value.reason in REJECT_REASONS
+    return e.value.reason
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "channels"),
+    [("L", "PNG", 1), ("RGB", "PNG", 3), ("RGBA", "PNG", 4), ("LA", "PNG", 2), ("P", "PNG", 3), ("1", "PNG", 1),
+     ("L", "JPEG", 1), ("RGB", "JPEG", 3), ("RGB", "WEBP", 3), ("RGB", "BMP", 3), ("RGB", "GIF", 3)],
+)
+def test_good_images_report_their_geometry(mode, fmt, channels):
+    data = make_image(1, size=20, mode=mode, fmt=fmt)
+    info = inspect_image(data)
+    assert (info.height, info.width, info.channels) == (20, 20, channels)
+    assert info.format == fmt
+
+
+def test_non_square_geometry_is_height_then_width():
+    data = _save(Image.new("RGB", (30, 10)), "PNG")
+    info = inspect_image(data)
+    assert (info.height, info.width) == (10, 30)
+
+
+def test_zero_bytes_is_empty_file():
+    assert _reason(b"") == "empty_file"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_cut_in_half_is_truncated(fmt):
+    data = make_image(3, size=64, mode="RGB", fmt=fmt, noise=60)  # noise: enough bytes to cut
+    assert _reason(data[: len(data) // 2]) == "truncated"
+
+
+def test_text_named_jpg_is_not_an_image():
+    assert _reason(b"this is a text file, not a JPEG\n" * 4) == "not_an_image"
+
+
+def test_header_only_is_not_an_image():
+    assert _reason(b"\x89PNG\r\n\x1a\n") == "not_an_image"
+
+
+def test_16_bit_png_is_unsupported_mode():
+    img = Image.fromarray(np.full((8, 8), 40_000, dtype=np.uint16))
+    data = _save(img, "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    assert _reason(data) == "unsupported_mode"
+
+
+def test_cmyk_jpeg_is_unsupported_mode():
+    data = _save(Image.new("CMYK", (8, 8), (0, 50, 100, 0)), "JPEG")
+    assert _reason(data) == "unsupported_mode"
+
+
+def test_float_tiff_is_unsupported_mode():
+    data = _save(Image.fromarray(np.zeros((4, 4), dtype=np.float32)), "TIFF")
+    assert _reason(data) == "unsupported_mode"
+
+
+def test_pixel_limit_is_checked_from_the_header():
+    bomb = _save(Image.new("L", (4000, 4000)), "PNG")  # 16 Mpx, a few kB on disk
+    assert len(bomb) < 100_000
+    assert _reason(bomb, max_pixels=1_000_000) == "too_many_pixels"
+    assert inspect_image(bomb, max_pixels=16_000_000).width == 4000  # at the limit it is fine
+
+
+def test_reject_error_carries_reason_and_detail():
+    with pytest.raises(RejectError) as e:
+        inspect_image(_save(Image.new("L", (100, 100)), "PNG"), max_pixels=10)
+    assert e.value.detail.endswith("> max_pixels 10")
+    assert str(e.value).startswith("too_many_pixels: ")
+
+
+def test_content_id_is_sha256_of_the_bytes():
+    data = make_image(0)
+    assert content_id(data) == content_id(bytes(data))
+    assert len(content_id(data)) == 64
+    assert content_id(data) != content_id(make_image(0, seed=1))
+
+
+def test_encode_png_is_lossless():
+    arr = np.random.default_rng(0).integers(0, 256, (5, 7), dtype=np.uint8)
+    png = encode_png(arr)
+    assert inspect_image(png).channels == 1
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), arr)
+
+
+def test_decode_to_array_converts_channels_and_size():
+    data = make_image(2, size=16, mode="RGB")
+    assert decode_to_array(data, 1).shape == (16, 16, 1)
+    assert decode_to_array(data, 3, size=(8, 12)).shape == (8, 12, 3)
+    with pytest.raises(RejectError):
+        decode_to_array(b"", 3)
