@@ -1,0 +1,54 @@
+"""`sparkvision serve`: the web application, REST API and job tracker under uvicorn."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .common import Conf, Master, err_console, fail
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    data_root: Annotated[list[str] | None, typer.Option(
+        "--data-root", help="Directory clients may name paths in (tables, models, outputs); repeatable.")] = None,
+    db: Annotated[str, typer.Option(help="Job registry: any SQLAlchemy URL (SQLite or PostgreSQL).")]
+        = "sqlite:///sparkvision-jobs.db",
+    model: Annotated[str | None, typer.Option(help="Model directory for /api/classify.")] = None,
+    index: Annotated[str | None, typer.Option(help="Index directory for /api/search.")] = None,
+    token: Annotated[str | None, typer.Option(
+        help="API token for mutating endpoints (default $SPARKVISION_API_TOKEN).", show_default=False)] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest uploaded file, MiB.")] = 10.0,
+    max_pixels: Annotated[int, typer.Option(help="Largest uploaded image, pixels.")] = 16_777_216,
+    batch_size: Annotated[int, typer.Option(help="Micro-batching: most classify requests per model call.")] = 64,
+    batch_wait_ms: Annotated[float, typer.Option(help="Micro-batching: longest wait for a batch to fill.")] = 5.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    master: Master = None,
+    conf: Conf = None,
+) -> None:
+    """Serve the web pages and the REST API (OpenAPI at /docs) with a background job runner."""
+    import uvicorn
+
+    from ..session import parse_conf
+    from ..web.app import create_app
+    from ..web.security import Settings
+
+    try:
+        settings = Settings(
+            host=host, port=port, data_roots=list(data_root or []), db_url=db, model_dir=model, index_dir=index,
+            token=token, master=master, conf=parse_conf(conf or []), max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+            max_pixels=max_pixels, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
+        )
+        app = create_app(settings)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e), False)
+        return
+    if not settings.data_roots:
+        err_console.print("[yellow]warning:[/yellow] no --data-root: jobs, models and tables are unavailable")
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)

@@ -1,0 +1,136 @@
+"""Server-side micro-batching: concurrent /api/classify requests share model calls.
+
+Each request puts its preprocessed tensor on an asyncio queue and awaits a future. One worker
+task takes the first waiting item, then gathers more until it has ``max_batch`` items or
+``max_wait_ms`` have passed, runs the model once on the stacked batch in a thread (so the event
+loop keeps accepting requests) and resolves every future with its own row. Under load the batch
+fills at once and throughput grows with it; an idle server answers a lone request after at most
+``max_wait_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..images import decode_to_array
+from ..infer import optimize_for_cpu_inference
+from ..modeldir import load_model_dir
+
+
+class Classifier:
+    """A model directory loaded for serving: safetensors weights (no pickle), frozen for CPU."""
+
+    def __init__(self, model_dir: str) -> None:
+        loaded = load_model_dir(model_dir)
+        self.path = model_dir
+        self.name = loaded.spec.model
+        self.class_names = loaded.class_names or [str(i) for i in range(loaded.spec.num_classes)]
+        self.pre = loaded.preprocess
+        example = torch.zeros(8, self.pre.channels, *self.pre.size)
+        self.fn = optimize_for_cpu_inference(loaded.model, example)
+        self.mean = torch.tensor(self.pre.mean).view(-1, 1, 1)
+        self.std = torch.tensor(self.pre.std).view(-1, 1, 1)
+        self.metrics = loaded.metrics
+
+    def preprocess(self, data: bytes) -> torch.Tensor:
+        """Encoded image -> normalised ``(C, H, W)`` float tensor with the model's own transform."""
+        arr = decode_to_array(data, self.pre.channels, self.pre.size)  # (H, W, C) uint8
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)  # (C, H, W)
+        return (x - self.mean) / self.std
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, K)`` softmax probabilities."""
+        with torch.inference_mode():
+            x = batch.contiguous(memory_format=torch.channels_last)
+            return torch.softmax(self.fn(x).float(), dim=1)
+
+
+@dataclass
+class BatchStats:
+    calls: int = 0
+    items: int = 0
+    max_batch_seen: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model_calls": self.calls, "items": self.items, "max_batch_seen": self.max_batch_seen,
+                "mean_batch": round(self.items / self.calls, 2) if self.calls else None}
+
+
+class MicroBatcher:
+    """Gathers up to ``max_batch`` items or ``max_wait_ms`` ms, then calls ``fn`` once in a thread."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], max_batch: int = 64,
+                 max_wait_ms: float = 5.0) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.fn = fn
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.stats = BatchStats()
+        self._queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparkvision-model")
+
+    def _ensure_started(self) -> asyncio.Queue:
+        if self._queue is None or self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._run())
+        return self._queue
+
+    async def submit(self, x: torch.Tensor) -> torch.Tensor:
+        """One ``(C, H, W)`` input -> its row of the model's output."""
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self._ensure_started().put((x, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await queue.get()]
+            deadline = time.perf_counter() + self.max_wait
+            while len(items) < self.max_batch:
+                try:
+                    items.append(queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(queue.get(), left))
+                except TimeoutError:
+                    break
+            live = [(x, f) for x, f in items if not f.cancelled()]
+            if not live:
+                continue
+            try:
+                out = await loop.run_in_executor(self._executor, self.fn, torch.stack([x for x, _ in live]))
+                self.stats.calls += 1
+                self.stats.items += len(live)
+                self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(live))
+                for i, (_, f) in enumerate(live):
+                    if not f.done():
+                        f.set_result(out[i])
+            except Exception as e:  # noqa: BLE001 - hand the error to every waiting request
+                for _, f in live:
+                    if not f.done():
+                        f.set_exception(e)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        self._executor.shutdown(wait=False)

@@ -1,0 +1,177 @@
+"""The job registry: SQLAlchemy 2 models and a small repository over them.
+
+SQLite by default (``sqlite:///path/jobs.db``); any SQLAlchemy URL works, e.g.
+``postgresql+psycopg://user@host/db`` with the ``postgres`` extra installed. All JSON fields use
+SQLAlchemy's portable ``JSON`` type, so the same code runs on both.
+
+States::
+
+    queued -> running -> succeeded | failed | cancelled
+    running --(server restart)--> interrupted --(resume)--> queued
+    queued --(cancel)--> cancelled
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, create_engine, select, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+LOG_TAIL_LINES = 200
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "sparkvision_jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)  # percent, 0..100
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # latest live metrics
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # the library's summary
+    result_location: Mapped[str | None] = mapped_column(Text, nullable=True)  # output path
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    log: Mapped[str] = mapped_column(Text, default="")  # last LOG_TAIL_LINES lines
+    cancel_requested: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+    def to_json(self) -> dict[str, Any]:
+        def iso(t: dt.datetime | None) -> str | None:
+            return None if t is None else t.isoformat(timespec="seconds") + "Z"
+
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "params": self.params,
+            "state": self.state,
+            "progress": round(self.progress or 0.0, 1),
+            "metrics": self.metrics or {},
+            "result": self.result,
+            "result_location": self.result_location,
+            "error": self.error,
+            "log_tail": (self.log or "").splitlines()[-50:],
+            "attempts": self.attempts,
+            "cancel_requested": bool(self.cancel_requested),
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+        }
+
+
+class JobStore:
+    """Every read and write of the job table. Thread-safe: one short session per call."""
+
+    def __init__(self, url: str = "sqlite:///sparkvision-jobs.db") -> None:
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False}
+            if url in ("sqlite://", "sqlite:///:memory:"):
+                kwargs["poolclass"] = StaticPool  # one shared in-memory database
+        self.url = url
+        self.engine = create_engine(url, **kwargs)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self._claim_lock = threading.Lock()  # SQLite has no SELECT ... FOR UPDATE
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def create(self, kind: str, params: dict[str, Any], result_location: str | None = None) -> Job:
+        job = Job(id=uuid.uuid4().hex[:12], kind=kind, params=params, state="queued", progress=0.0, metrics={},
+                  log="", result_location=result_location, created_at=utcnow(), attempts=0, cancel_requested=0)
+        with self._session() as s, s.begin():
+            s.add(job)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._session() as s:
+            return s.get(Job, job_id)
+
+    def list(self, state: str | None = None, kind: str | None = None, limit: int = 50, offset: int = 0) -> list[Job]:
+        q = select(Job).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+        if state:
+            q = q.where(Job.state == state)
+        if kind:
+            q = q.where(Job.kind == kind)
+        with self._session() as s:
+            return list(s.scalars(q))
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        with self._session() as s, s.begin():
+            s.execute(update(Job).where(Job.id == job_id).values(**fields))
+
+    def append_log(self, job_id: str, line: str) -> None:
+        stamp = utcnow().strftime("%H:%M:%S")
+        with self._session() as s, s.begin():
+            job = s.get(Job, job_id)
+            if job is None:
+                return
+            lines = (job.log or "").splitlines() + [f"{stamp} {line}"]
+            job.log = "\n".join(lines[-LOG_TAIL_LINES:])
+
+    def claim_next(self) -> Job | None:
+        """The oldest queued job, atomically moved to running (None if the queue is empty)."""
+        with self._claim_lock, self._session() as s, s.begin():
+            job = s.scalars(
+                select(Job).where(Job.state == "queued").order_by(Job.created_at, Job.id).limit(1)
+            ).first()
+            if job is None:
+                return None
+            res = s.execute(
+                update(Job).where(Job.id == job.id, Job.state == "queued").values(
+                    state="running", started_at=utcnow(), finished_at=None, attempts=Job.attempts + 1, error=None)
+            )
+            if res.rowcount != 1:
+                return None
+        return self.get(job.id)
+
+    def finish(self, job_id: str, state: str, **fields: Any) -> None:
+        assert state in FINAL_STATES or state == "interrupted"
+        self.update(job_id, state=state, finished_at=utcnow(), **fields)
+
+    def request_cancel(self, job_id: str) -> str:
+        """Cancel a queued job at once; flag a running one for the runner. Returns the new state."""
+        with self._session() as s, s.begin():
+            job = s.get(Job, job_id)
+            if job is None:
+                raise KeyError(job_id)
+            if job.state in ("queued", "interrupted"):
+                job.state, job.finished_at = "cancelled", utcnow()
+            elif job.state == "running":
+                job.cancel_requested = 1
+            return job.state
+
+    def requeue(self, job_id: str, params: dict[str, Any] | None = None) -> None:
+        values: dict[str, Any] = {"state": "queued", "cancel_requested": 0, "finished_at": None, "error": None}
+        if params is not None:
+            values["params"] = params
+        self.update(job_id, **values)
+
+    def mark_interrupted(self) -> list[str]:
+        """On startup: jobs a previous server left running can never finish; say so."""
+        with self._session() as s, s.begin():
+            ids = list(s.scalars(select(Job.id).where(Job.state == "running")))
+            if ids:
+                s.execute(update(Job).where(Job.id.in_(ids)).values(
+                    state="interrupted", finished_at=utcnow(), error="the server stopped while this job ran; "
+                    "POST /api/jobs/{id}/resume to run it again"))
+        return ids

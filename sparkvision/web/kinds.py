@@ -1,0 +1,287 @@
+"""The job kinds: each maps a pydantic params model to one library call, the same one the CLI makes.
+
+A kind names which of its params are server-side paths (``inputs`` must exist, ``outputs`` may
+not yet), so the API can confine every one of them to the data roots before a job is queued.
+Kinds whose library module is not in this build are listed with ``available: false`` and a
+reason, and submitting one is a 422.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IngestParams(Params):
+    source: str = Field(description="Folder, IDX files or image table to read (inside a data root).")
+    table: str = Field(description="Image table to write (inside a data root).")
+    kind: Literal["auto", "folder", "idx", "table"] = "auto"
+    split: Literal["train", "test", "val", "unlabeled"] | None = None
+    labeled: bool = True
+    mode: Literal["append", "overwrite"] = "append"
+    max_pixels: int = Field(64_000_000, ge=1)
+
+
+class TrainParams(Params):
+    table: str = Field(description="Image table (its train split).")
+    out: str = Field(description="Model directory to write.")
+    model: str = "cnn"
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=1, le=65_536)
+    workers: int = Field(1, ge=1, le=1024)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(2e-3, gt=0, le=10)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_epochs: float = Field(0.0, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, le=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    augment: str | None = Field(None, description="e.g. 'hflip=0.5,crop_padding=2' or 'none'.")
+    seed: int = 0
+    eval_split: str | None = "test"
+    image_size: int | None = Field(None, ge=4, le=4096)
+    channels: Literal[1, 3] | None = None
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    resume: bool = False
+
+
+class EvaluateParams(Params):
+    model_dir: str
+    table: str
+    split: str | None = "test"
+    batch_size: int = Field(512, ge=1, le=65_536)
+
+
+class PredictParams(Params):
+    model_dir: str
+    table: str
+    out: str
+    top_k: int = Field(3, ge=1, le=1000)
+    batch_size: int = Field(512, ge=1, le=65_536)
+    split: str | None = None
+
+
+class EmbedParams(Params):
+    model_dir: str
+    table: str
+    out: str
+    bits: Literal[32, 64, 128] | None = None
+    code_method: Literal["deepbit", "itq", "lsh"] = "deepbit"
+    sample: int = Field(100_000, ge=1)
+    split: str | None = None
+    batch_size: int = Field(512, ge=1, le=65_536)
+
+
+class IndexParams(Params):
+    features: str = Field(description="Features table from an embed job.")
+    out: str = Field(description="Index directory to write.")
+    kind: Literal["auto", "flat", "ivf", "ivfpq", "hnsw", "binary_flat", "binary_ivf"] = "auto"
+    codes: bool = False
+    nprobe: int | None = Field(None, ge=1)
+    ef_search: int | None = Field(None, ge=1)
+
+
+class DedupParams(Params):
+    table: str
+    out: str
+    model_dir: str | None = None
+    threshold: float | None = Field(None, ge=-1, le=1)
+    keep: Literal["largest", "earliest"] = "largest"
+    k: int = Field(16, ge=2, le=1000)
+    exact_only: bool = False
+    split: str | None = None
+
+
+class SSLParams(Params):
+    """Passed through as keyword arguments: the SSL module defines the rest of its options."""
+
+    model_config = ConfigDict(extra="allow")
+    table: str
+    out: str
+
+
+class FinetuneParams(SSLParams):
+    model_dir: str = Field(description="Pretrained model directory.")
+
+
+@dataclass
+class JobContext:
+    """What a running job can tell the runner: progress, live metrics, log lines; and ask: cancelled?"""
+
+    progress: Callable[[float, str], None]
+    metrics: Callable[[dict[str, Any]], None]
+    log: Callable[[str], None]
+    check_cancelled: Callable[[], None]
+
+
+@dataclass
+class Kind:
+    name: str
+    params: type[Params]
+    run: Callable[[Any, Params, JobContext], dict[str, Any]]  # (spark, params, ctx) -> summary
+    inputs: tuple[str, ...] = ()  # params that name existing server-side paths
+    outputs: tuple[str, ...] = ()  # params that name paths the job writes
+    module: str = "sparkvision"  # the library module it needs
+    description: str = ""
+    result_key: str | None = None  # the output param (where the results are)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def unavailable(self) -> str | None:
+        try:
+            found = importlib.util.find_spec(self.module) is not None
+        except ModuleNotFoundError:
+            found = False
+        return None if found else f"job kind {self.name!r} is not available in this build (no {self.module})"
+
+    def describe(self) -> dict[str, Any]:
+        why = self.unavailable()
+        return {"kind": self.name, "description": self.description, "available": why is None, "reason": why,
+                "inputs": list(self.inputs), "outputs": list(self.outputs),
+                "schema": self.params.model_json_schema()}
+
+
+# ----------------------------------------------------------------------------- the calls
+
+
+def _ingest(spark, p: IngestParams, ctx: JobContext) -> dict[str, Any]:
+    from ..ingest import ingest
+
+    return ingest(spark, p.source, p.table, kind=p.kind, split=p.split, labeled=p.labeled, mode=p.mode,
+                  max_pixels=p.max_pixels).to_json()
+
+
+def _train(spark, p: TrainParams, ctx: JobContext) -> dict[str, Any]:
+    from ..train import TrainConfig, parse_augment
+    from ..train import train as run_train
+
+    cfg = TrainConfig(
+        model=p.model, epochs=p.epochs, batch_size=p.batch_size, workers=p.workers, optimizer=p.optimizer, lr=p.lr,
+        schedule=p.schedule, warmup_epochs=p.warmup_epochs, weight_decay=p.weight_decay, momentum=p.momentum,
+        label_smoothing=p.label_smoothing, augment=parse_augment(p.augment), seed=p.seed,
+        eval_split=None if p.eval_split in (None, "none") else p.eval_split,
+        image_size=(p.image_size, p.image_size) if p.image_size else None, channels=p.channels, resume=p.resume,
+        model_kwargs=dict(p.model_kwargs),
+    )
+    return run_train(spark, p.table, p.out, cfg)
+
+
+def _evaluate(spark, p: EvaluateParams, ctx: JobContext) -> dict[str, Any]:
+    from ..evaluate import evaluate
+
+    return evaluate(spark, p.model_dir, p.table, None if p.split in (None, "all") else p.split, None, p.batch_size)
+
+
+def _predict(spark, p: PredictParams, ctx: JobContext) -> dict[str, Any]:
+    from ..infer import predict_table
+
+    out = predict_table(spark, p.model_dir, p.table, p.out, top_k=p.top_k, batch_size=p.batch_size, split=p.split)
+    write_source_note(p.out, p.table)
+    return {**out, "source_table": p.table}
+
+
+SOURCE_NOTE = "_sparkvision_source.json"  # beside a derived table: which image table it came from
+
+
+def write_source_note(out: str, table: str) -> None:
+    """Lets the table browser find thumbnails for a prediction table (it keeps ids, not bytes)."""
+    import json
+    import os
+
+    local = out.removeprefix("file://").removeprefix("file:")
+    if os.path.isdir(local):
+        with open(os.path.join(local, SOURCE_NOTE), "w") as f:
+            json.dump({"table": table}, f)
+
+
+def _embed(spark, p: EmbedParams, ctx: JobContext) -> dict[str, Any]:
+    from ..retrieval.embed import embed_with_codes
+
+    return embed_with_codes(spark, p.model_dir, p.table, p.out, bits=p.bits, method=p.code_method, sample=p.sample,
+                            split=p.split, batch_size=p.batch_size)
+
+
+def _counting_progress(ctx: JobContext, total: int | None):
+    done = [0]
+
+    def progress(n: int, note: str = "") -> None:
+        ctx.check_cancelled()  # cooperative cancel for work outside Spark (FAISS, driver loops)
+        done[0] += n
+        ctx.progress(100.0 * done[0] / total if total else 0.0, note)
+
+    return progress
+
+
+def _index(spark, p: IndexParams, ctx: JobContext) -> dict[str, Any]:
+    from ..retrieval.index import build_index, count_rows
+
+    params: dict[str, int] = {}
+    if p.nprobe is not None:
+        params["nprobe"] = p.nprobe
+    if p.ef_search is not None:
+        params["efSearch"] = p.ef_search
+    return build_index(p.features, p.out, column="code" if p.codes or p.kind.startswith("binary") else None,
+                       kind=p.kind.removeprefix("binary_") if p.codes else p.kind, params=params,
+                       progress=_counting_progress(ctx, count_rows(p.features)))
+
+
+def _dedup(spark, p: DedupParams, ctx: JobContext) -> dict[str, Any]:
+    from ..retrieval.dedup import dedup_table
+
+    return dedup_table(spark, p.table, p.out, model_dir=p.model_dir, threshold=p.threshold, keep=p.keep, split=p.split,
+                       k=p.k, exact_only=p.exact_only, progress=_counting_progress(ctx, None))
+
+
+def _ssl(module: str, fn_name: str):
+    def run(spark, p: SSLParams, ctx: JobContext) -> dict[str, Any]:
+        mod = importlib.import_module(module)
+        fn = getattr(mod, fn_name)
+        kwargs = p.model_dump()
+        accepted = inspect.signature(fn).parameters
+        unknown = [k for k in kwargs if k not in accepted and not any(
+            v.kind is inspect.Parameter.VAR_KEYWORD for v in accepted.values())]
+        if unknown:
+            raise ValueError(f"{fn_name} does not take {', '.join(unknown)}; it takes {', '.join(accepted)}")
+        result = fn(spark, **kwargs)
+        return result if isinstance(result, dict) else getattr(result, "to_json", lambda: {"result": str(result)})()
+
+    return run
+
+
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind("ingest", IngestParams, _ingest, inputs=("source",), outputs=("table",), module="sparkvision.ingest",
+             description="Ingest a folder / IDX files / table into an image table.", result_key="table"),
+        Kind("train", TrainParams, _train, inputs=("table",), outputs=("out",), module="sparkvision.train.engine",
+             description="Train a classifier data-parallel (DDP on Spark barrier tasks).", result_key="out"),
+        Kind("pretrain", SSLParams, _ssl("sparkvision.ssl.pretrain", "pretrain"), inputs=("table",),
+             outputs=("out",), module="sparkvision.ssl.pretrain",
+             description="Self-supervised pretraining on unlabelled images.", result_key="out"),
+        Kind("finetune", FinetuneParams, _ssl("sparkvision.ssl.finetune", "finetune"),
+             inputs=("table", "model_dir"), outputs=("out",), module="sparkvision.ssl.finetune",
+             description="Fine-tune a pretrained backbone on labelled images.", result_key="out"),
+        Kind("evaluate", EvaluateParams, _evaluate, inputs=("model_dir", "table"), module="sparkvision.evaluate",
+             description="Accuracy, per-class metrics and confusion matrix (written into the model dir).",
+             result_key="model_dir"),
+        Kind("predict", PredictParams, _predict, inputs=("model_dir", "table"), outputs=("out",),
+             module="sparkvision.infer", description="Classify every row of a table.", result_key="out"),
+        Kind("embed", EmbedParams, _embed, inputs=("model_dir", "table"), outputs=("out",),
+             module="sparkvision.retrieval.embed", description="Backbone features (and binary codes) of a table.",
+             result_key="out"),
+        Kind("index", IndexParams, _index, inputs=("features",), outputs=("out",), module="sparkvision.retrieval.index",
+             description="Build a FAISS index from a features table.", result_key="out"),
+        Kind("dedup", DedupParams, _dedup, inputs=("table",), outputs=("out",), module="sparkvision.retrieval.dedup",
+             description="Exact and near-duplicate groups of an image table.", result_key="out"),
+    )
+}
+# model_dir is optional for dedup: checked when given.
+KINDS["dedup"].extra["optional_inputs"] = ("model_dir",)

@@ -1,0 +1,158 @@
+"""The server's security model: settings, the API token, data roots and upload limits.
+
+- Bound to anything but loopback, the server refuses to start without an API token (from
+  ``--token``/settings or ``$SPARKVISION_API_TOKEN``); with a token set, every mutating endpoint
+  (job submit, cancel, resume) requires ``Authorization: Bearer TOKEN`` or ``X-API-Token``.
+- Every server-side path a client names must lie inside a configured data root after resolving
+  symlinks; ``..`` is rejected outright and so are URIs with a scheme other than ``file:``.
+- Uploads are limited in bytes (per file and per request) and in pixels (checked from the header,
+  before decoding).
+- Errors are :class:`ApiError` -> ``{"error": message}`` with a 4xx status; never a stack trace.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+from dataclasses import dataclass, field
+
+from ..images import RejectError, inspect_image
+
+ENV_TOKEN = "SPARKVISION_API_TOKEN"
+
+
+class ApiError(Exception):
+    """An error the client caused or can fix; becomes ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_roots: list[str] = field(default_factory=list)
+    db_url: str = "sqlite:///sparkvision-jobs.db"
+    model_dir: str | None = None  # for /api/classify
+    index_dir: str | None = None  # for /api/search
+    token: str | None = None  # default: $SPARKVISION_API_TOKEN
+    master: str | None = None
+    conf: dict[str, str] = field(default_factory=dict)
+    max_upload_bytes: int = 10 * 1024 * 1024  # per file
+    max_files: int = 64  # per classify request
+    max_pixels: int = 16_777_216  # 4096 x 4096
+    batch_size: int = 64  # micro-batch: most requests per model call
+    batch_wait_ms: float = 5.0  # micro-batch: longest wait for more requests
+    start_runner: bool = True
+
+    def __post_init__(self) -> None:
+        if self.token is None:
+            self.token = os.environ.get(ENV_TOKEN) or None
+        self.data_roots = [os.path.realpath(os.path.expanduser(r)) for r in self.data_roots]
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self.max_upload_bytes * self.max_files + 1024 * 1024
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_startup(settings: Settings) -> None:
+    """Refuse to serve an unsafe configuration; the message says how to fix it."""
+    if not is_loopback(settings.host) and not settings.token:
+        raise ValueError(
+            f"--host {settings.host} is not loopback: set an API token with --token or ${ENV_TOKEN} "
+            "(mutating endpoints then require 'Authorization: Bearer TOKEN'), or bind to 127.0.0.1"
+        )
+    for root in settings.data_roots:
+        if not os.path.isdir(root):
+            raise ValueError(f"--data-root {root} is not a directory")
+    if settings.max_upload_bytes <= 0 or settings.max_pixels <= 0:
+        raise ValueError("upload limits must be positive")
+
+
+def check_token(settings: Settings, authorization: str | None, x_api_token: str | None) -> None:
+    if not settings.token:
+        return  # loopback without a token (check_startup refuses anything else)
+    given = x_api_token
+    if authorization and authorization.lower().startswith("bearer "):
+        given = authorization[7:].strip()
+    if not given:
+        raise ApiError(401, "this endpoint needs the API token: send 'Authorization: Bearer TOKEN'", "token_missing")
+    if not hmac.compare_digest(given.encode(), settings.token.encode()):
+        raise ApiError(403, "the API token is wrong", "token_wrong")
+
+
+def _within(path: str, root: str) -> bool:
+    try:
+        return os.path.commonpath([path, root]) == root
+    except ValueError:
+        return False
+
+
+def safe_path(raw: str, roots: list[str], *, must_exist: bool = False, what: str = "path") -> str:
+    """Resolve a client-given path inside one of ``roots`` or raise a 4xx :class:`ApiError`.
+
+    Relative paths are taken relative to the first root. ``..`` is refused before resolving (so
+    nothing is even looked up), and the resolved path, symlinks followed, must stay in a root.
+    """
+    if not isinstance(raw, str) or not raw.strip():
+        raise ApiError(422, f"{what} is empty", "bad_path")
+    p = raw.strip()
+    if "\x00" in p:
+        raise ApiError(422, f"{what} contains a NUL byte", "bad_path")
+    if p.startswith("file://"):
+        p = p[len("file://"):]
+    elif p.startswith("file:"):
+        p = p[len("file:"):]
+    elif "://" in p:
+        raise ApiError(422, f"{what} {raw!r}: only local paths inside the data roots are accepted", "bad_path")
+    if ".." in p.replace("\\", "/").split("/"):
+        raise ApiError(403, f"{what} {raw!r} contains '..'; give a path inside the data roots", "path_escape")
+    if not roots:
+        raise ApiError(403, "the server has no data roots; start it with --data-root DIR", "no_data_roots")
+    candidates = [p] if os.path.isabs(p) else [os.path.join(r, p) for r in roots]
+    for cand in candidates:
+        resolved = os.path.realpath(cand)
+        root = next((r for r in roots if _within(resolved, r)), None)
+        if root is None:
+            continue
+        if must_exist and not os.path.exists(resolved):
+            continue
+        return resolved
+    if must_exist and any(any(_within(os.path.realpath(c), r) for r in roots) for c in candidates):
+        raise ApiError(404, f"{what} {raw!r} does not exist", "not_found")
+    raise ApiError(403, f"{what} {raw!r} is outside the data roots ({', '.join(roots)})", "path_escape")
+
+
+def relative_name(path: str, roots: list[str]) -> str:
+    """How listings name a path: relative to its data root (prefixed with the root's index if several)."""
+    for i, r in enumerate(roots):
+        if _within(path, r):
+            rel = os.path.relpath(path, r)
+            return rel if i == 0 else os.path.join(r, rel)
+    return path
+
+
+def check_image(data: bytes, settings: Settings, name: str = "upload") -> None:
+    """Size and pixel limits, then a full decode; 413 / 422 with the reason."""
+    if len(data) > settings.max_upload_bytes:
+        raise ApiError(413, f"{name} is {len(data):,} bytes; the limit is {settings.max_upload_bytes:,}",
+                       "too_large")
+    try:
+        inspect_image(data, settings.max_pixels)
+    except RejectError as e:
+        status = 413 if e.reason == "too_many_pixels" else 422
+        raise ApiError(status, f"{name}: {e.reason}" + (f" ({e.detail})" if e.detail else ""), e.reason) from None

@@ -1,0 +1,418 @@
+"""The REST API through FastAPI's TestClient: every endpoint, and every bad input gets a 4xx JSON error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import make_image, write_image_folder
+from fastapi.testclient import TestClient
+
+from sparkvision.images import content_id
+from sparkvision.modeldir import ModelSpec, Preprocess, save_model_dir
+from sparkvision.models import create_model
+from sparkvision.web.app import create_app
+from sparkvision.web.batching import MicroBatcher
+from sparkvision.web.jobs import JobStore
+from sparkvision.web.security import ApiError, Settings, safe_path
+
+CLASSES = ["a", "b", "c", "d"]
+
+
+def write_image_table(path, n_per_class: int = 5) -> list[str]:
+    """A small image table written with pyarrow (same schema as `sparkvision ingest`)."""
+    rows = []
+    for k, name in enumerate(CLASSES):
+        for i in range(n_per_class):
+            data = make_image(k, seed=100 * k + i)
+            rows.append({"content_id": content_id(data), "path": f"file:/x/{name}/{i}.png", "image": data,
+                         "format": "PNG", "height": 16, "width": 16, "channels": 1, "label": k, "label_name": name,
+                         "split": "train" if i < n_per_class - 1 else "test"})
+    os.makedirs(path, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(path, "part-0.parquet"))
+    with open(os.path.join(path, "_sparkvision.json"), "w") as f:
+        json.dump({"class_names": CLASSES, "schema_version": 1, "sources": []}, f)
+    return [r["content_id"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A data root with a model, an image table, a prediction table, an index and an image folder."""
+    root = tmp_path_factory.mktemp("webroot")
+    torch.manual_seed(0)
+    model = create_model("cnn", num_classes=4, in_channels=1, image_size=16)
+    save_model_dir(str(root / "models" / "cnn"), model, ModelSpec("cnn", 4, 1, {"image_size": 16}), CLASSES,
+                   Preprocess(channels=1, size=(16, 16), mean=(0.2,), std=(0.3,)),
+                   {"test_acc": 0.25, "history": [{"epoch": 1, "train_loss": 1.4, "test_acc": 0.25}]})
+    ids = write_image_table(str(root / "tables" / "tiny"))
+    # A prediction table keeps ids, not bytes: thumbnails come from its source image table.
+    preds = [{"content_id": c, "path": "p", "split": "train", "label": 0, "label_name": "a", "pred_label": 1,
+              "pred_name": "b", "confidence": 0.5, "error": None} for c in ids]
+    os.makedirs(root / "tables" / "preds")
+    pq.write_table(pa.Table.from_pylist(preds), str(root / "tables" / "preds" / "part-0.parquet"))
+    # Features and an index, built with the library (no Spark needed for this size).
+    from sparkvision.retrieval.index import build_index
+    from sparkvision.retrieval.search import embed_images
+
+    images = pq.read_table(str(root / "tables" / "tiny")).to_pylist()
+    feats, _ = embed_images(str(root / "models" / "cnn"), [r["image"] for r in images])
+    os.makedirs(root / "features")
+    pq.write_table(pa.table({
+        "content_id": [r["content_id"] for r in images], "path": [r["path"] for r in images],
+        "label_name": [r["label_name"] for r in images],
+        "embedding": pa.array([list(map(float, f)) for f in feats], pa.list_(pa.float32())),
+    }), str(root / "features" / "part-0.parquet"))
+    with open(root / "features" / "_retrieval.json", "w") as f:
+        json.dump({"model_dir": str(root / "models" / "cnn"), "table": str(root / "tables" / "tiny")}, f)
+    build_index(str(root / "features"), str(root / "index"))
+    write_image_folder(root / "folder", {"a": 3, "b": 3})
+    (root / "outside_target").mkdir()
+    return root
+
+
+def settings_for(root, **kw) -> Settings:
+    base = dict(data_roots=[str(root)], db_url="sqlite://", model_dir=str(root / "models" / "cnn"),
+                index_dir=str(root / "index"), start_runner=False)
+    base.update(kw)
+    return Settings(**base)
+
+
+@pytest.fixture(scope="module")
+def client(root):
+    with TestClient(create_app(settings_for(root, max_upload_bytes=200_000, max_pixels=100_000))) as c:
+        yield c
+
+
+def assert_error(r, status: int, fragment: str = ""):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert isinstance(body.get("error"), str) and body["error"], body
+    assert fragment.lower() in body["error"].lower(), body
+    assert "Traceback" not in r.text
+
+
+# ----------------------------------------------------------------------------- server, docs
+
+
+def test_health_openapi_docs_and_page(client):
+    assert client.get("/api/health").json()["ok"] is True
+    spec = client.get("/openapi.json").json()
+    for path in ("/api/classify", "/api/search", "/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/cancel",
+                 "/api/jobs/{job_id}/resume", "/api/models", "/api/tables", "/api/tables/{name}/rows"):
+        assert path in spec["paths"], path
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "sparkvision" in page.text
+    assert client.get("/static/app.js").status_code == 200
+    assert_error(client.get("/api/nope"), 404)
+
+
+# ----------------------------------------------------------------------------- classify
+
+
+def test_classify_many_and_raw(client):
+    files = [("files", (f"{k}.png", make_image(k), "image/png")) for k in range(3)]
+    r = client.post("/api/classify?top_k=2", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["results"]) == 3 and body["latency_ms"] > 0
+    for res in body["results"]:
+        assert res["label"] in CLASSES and len(res["top_k"]) == 2
+        assert res["top_k"][0]["prob"] >= res["top_k"][1]["prob"]
+    raw = client.post("/api/classify", content=make_image(1), headers={"content-type": "image/png"})
+    assert raw.status_code == 200 and len(raw.json()["results"][0]["top_k"]) == 3
+    named = client.post("/api/classify?model=models/cnn", files=files[:1])
+    assert named.status_code == 200
+
+
+def test_classify_bad_inputs(client, root):
+    big = np.random.default_rng(0).integers(0, 255, (300, 300), dtype=np.uint8)  # 90k px, ~90 kB PNG
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="PNG", compress_level=0)
+    assert len(buf.getvalue()) < 200_000
+    pixels = np.zeros((400, 400), np.uint8)  # 160k px > max_pixels 100k, small file
+    pbuf = io.BytesIO()
+    Image.fromarray(pixels).save(pbuf, format="PNG")
+    assert_error(client.post("/api/classify", files=[("files", ("p.png", pbuf.getvalue(), "image/png"))]), 413,
+                 "too_many_pixels")
+    assert_error(client.post("/api/classify", files=[("files", ("big.bin", b"x" * 250_000, "image/png"))]), 413,
+                 "limit")
+    assert_error(client.post("/api/classify", files=[("files", ("bad.png", b"not an image at all", "image/png"))]),
+                 422, "not_an_image")
+    truncated = make_image(0)[:60]
+    assert_error(client.post("/api/classify", files=[("files", ("t.png", truncated, "image/png"))]), 422, "t.png")
+    assert_error(client.post("/api/classify", content=b"", headers={"content-type": "image/png"}), 422, "empty")
+    assert_error(client.post("/api/classify?top_k=0", files=[("files", ("a.png", make_image(0), "image/png"))]),
+                 422, "top_k")
+    assert_error(client.post("/api/classify", content=b"{}", headers={"content-type": "application/json"}), 415)
+    assert_error(client.post("/api/classify", files=[("other", ("a.png", make_image(0), "image/png"))]), 422,
+                 "no image")
+    assert_error(client.post("/api/classify?model=../models/cnn", files=[("files", ("a.png", make_image(0)))]),
+                 403, "..")
+    assert_error(client.post("/api/classify?model=tables/tiny", files=[("files", ("a.png", make_image(0)))]),
+                 404, "not a sparkvision model")
+    # Content-Length over the request limit is refused before the body is read.
+    huge = client.post("/api/classify", content=b"x", headers={"content-type": "image/png",
+                                                                "content-length": str(10**10)})
+    assert_error(huge, 413, "limit")
+
+
+def test_classify_without_model(root):
+    with TestClient(create_app(settings_for(root, model_dir=None, index_dir=None))) as c:
+        assert_error(c.post("/api/classify", files=[("files", ("a.png", make_image(0)))]), 503, "--model")
+        assert_error(c.post("/api/search", files=[("file", ("a.png", make_image(0)))]), 503, "--index")
+
+
+def test_micro_batching_shares_model_calls():
+    calls = []
+
+    def fn(batch):
+        calls.append(len(batch))
+        time.sleep(0.01)
+        return batch * 2
+
+    async def main():
+        b = MicroBatcher(fn, max_batch=8, max_wait_ms=50)
+        outs = await asyncio.gather(*(b.submit(torch.full((1,), float(i))) for i in range(20)))
+        await b.close()
+        return outs, b.stats
+
+    outs, stats = asyncio.run(main())
+    assert [float(o[0]) for o in outs] == [2.0 * i for i in range(20)]  # each request gets its own row
+    assert stats.calls == len(calls) <= 4 and max(calls) == 8 and sum(calls) == 20
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def test_search(client):
+    r = client.post("/api/search?k=5", files=[("file", ("q.png", make_image(2, seed=201), "image/png"))])
+    assert r.status_code == 200, r.text
+    hits = r.json()["neighbours"]
+    assert len(hits) == 5 and hits[0]["rank"] == 1
+    assert all(h["thumb"] and h["thumb"].startswith("data:image/png;base64,") for h in hits)
+    assert hits[0]["score"] > 0.99  # the query is in the index
+    assert_error(client.post("/api/search", files=[("file", ("q.png", b"garbage"))]), 422, "not_an_image")
+    assert_error(client.post("/api/search?k=0", files=[("file", ("q.png", make_image(0)))]), 422, "k")
+
+
+# ----------------------------------------------------------------------------- models and tables
+
+
+def test_models_and_tables(client, root):
+    models = client.get("/api/models").json()["models"]
+    assert [m["name"] for m in models] == ["models/cnn"]
+    assert models[0]["classes"] == CLASSES and models[0]["metrics"]["test_acc"] == 0.25
+    assert client.get("/api/models/models/cnn").json()["config"]["model"] == "cnn"
+    assert_error(client.get("/api/models/models/cnn/confusion.png"), 404, "evaluate")
+    assert_error(client.get("/api/models/tables/tiny"), 404)
+    tables = {t["name"]: t for t in client.get("/api/tables").json()["tables"]}
+    assert tables["tables/tiny"]["kind"] == "image" and tables["tables/tiny"]["rows"] == 20
+    assert tables["tables/preds"]["kind"] == "predictions"
+    assert tables["features"]["kind"] == "features"
+    page = client.get("/api/tables/tables/tiny/rows?offset=15&limit=10").json()
+    assert page["total"] == 20 and len(page["rows"]) == 5
+    assert all(r["thumb"].startswith("data:image/png") for r in page["rows"])
+    preds = client.get("/api/tables/tables/preds/rows?limit=3&source=tables/tiny").json()
+    assert len(preds["rows"]) == 3 and all(r["thumb"] for r in preds["rows"]) and preds["rows"][0]["pred_name"] == "b"
+    assert client.get("/api/tables/tables/tiny").json()["class_names"] == CLASSES
+    assert_error(client.get("/api/tables/tables/tiny/rows?limit=0"), 422, "limit")
+    assert_error(client.get("/api/tables/tables/tiny/rows?offset=-1"), 422, "offset")
+    assert_error(client.get("/api/tables/nope/rows"), 404, "does not exist")
+    assert_error(client.get("/api/tables/models/cnn/rows"), 404, "not a parquet table")
+    assert_error(client.get("/api/tables/%2E%2E/etc/rows"), 403, "..")
+    assert_error(client.get("/api/tables/tables/tiny/rows?source=/etc"), 403, "outside")
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def test_safe_path_rejects_escapes(root, tmp_path):
+    roots = [os.path.realpath(str(root))]
+    assert safe_path("tables/tiny", roots, must_exist=True) == os.path.join(roots[0], "tables", "tiny")
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    link = root / "link_out"
+    if not link.exists():
+        os.symlink(outside, link)
+    for bad, status in (("../x", 403), ("tables/../../x", 403), ("/etc/passwd", 403), (str(link), 403),
+                        ("link_out/y", 403), ("hdfs://nn/x", 422), ("", 422), ("a\x00b", 422)):
+        with pytest.raises(ApiError) as e:
+            safe_path(bad, roots)
+        assert e.value.status == status, bad
+    with pytest.raises(ApiError) as e:
+        safe_path("does/not/exist", roots, must_exist=True)
+    assert e.value.status == 404
+
+
+def test_job_paths_confined_to_roots(client, root, tmp_path):
+    link = root / "link_jobs"
+    if not link.exists():
+        os.symlink(tmp_path, link)
+    cases = [
+        ({"source": "../folder", "table": "tables/x"}, 403, ".."),
+        ({"source": "folder", "table": "tables/../../x"}, 403, ".."),
+        ({"source": "/etc", "table": "tables/x"}, 403, "outside"),
+        ({"source": "link_jobs", "table": "tables/x"}, 403, "outside"),
+        ({"source": "folder", "table": "link_jobs/t"}, 403, "outside"),
+        ({"source": "missing", "table": "tables/x"}, 404, "does not exist"),
+        ({"source": "folder", "table": "."}, 422, "not the root"),
+    ]
+    for params, status, frag in cases:
+        assert_error(client.post("/api/jobs", json={"kind": "ingest", "params": params}), status, frag)
+
+
+# ----------------------------------------------------------------------------- job API (no runner)
+
+
+def test_job_params_validated(client):
+    assert_error(client.post("/api/jobs", json={"kind": "bake", "params": {}}), 422, "unknown job kind")
+    assert_error(client.post("/api/jobs", json={"kind": "train", "params": {"table": "tables/tiny"}}), 422, "out")
+    assert_error(client.post("/api/jobs", json={"kind": "train", "params": {
+        "table": "tables/tiny", "out": "models/new", "epochs": 0}}), 422, "epochs")
+    assert_error(client.post("/api/jobs", json={"kind": "train", "params": {
+        "table": "tables/tiny", "out": "models/new", "optimizer": "adam"}}), 422, "optimizer")
+    assert_error(client.post("/api/jobs", json={"kind": "ingest", "params": {
+        "source": "folder", "table": "t", "unknown_option": 1}}), 422, "unknown_option")
+    assert_error(client.post("/api/jobs", json={"params": {}}), 422, "kind")
+    assert_error(client.post("/api/jobs", content=b"{not json", headers={"content-type": "application/json"}), 422)
+    assert_error(client.get("/api/jobs?state=bogus"), 422, "state")
+    kinds = {k["kind"]: k for k in client.get("/api/jobs/kinds").json()["kinds"]}
+    assert set(kinds) >= {"ingest", "train", "pretrain", "finetune", "evaluate", "predict", "embed", "index", "dedup"}
+    assert kinds["train"]["schema"]["properties"]["epochs"]["minimum"] == 1
+
+
+def test_unavailable_kind(client, monkeypatch):
+    from sparkvision.web.kinds import KINDS
+
+    monkeypatch.setattr(KINDS["finetune"], "module", "sparkvision.not_built_yet")
+    assert_error(client.post("/api/jobs", json={"kind": "finetune", "params": {
+        "table": "tables/tiny", "out": "m", "model_dir": "models/cnn"}}), 422, "not available in this build")
+
+
+def test_unknown_job_id(client):
+    assert_error(client.get("/api/jobs/nope"), 404, "no job")
+    assert_error(client.post("/api/jobs/nope/cancel"), 404, "no job")
+    assert_error(client.post("/api/jobs/nope/resume"), 404, "no job")
+    assert_error(client.get("/api/jobs/nope/metrics"), 404, "no job")
+
+
+def test_queue_cancel_and_conflicts(client):
+    r = client.post("/api/jobs", json={"kind": "ingest", "params": {"source": "folder", "table": "tables/q"}})
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["state"] == "queued" and job["params"]["source"].endswith("/folder")  # resolved, absolute
+    assert job["result_location"].endswith("tables/q")
+    assert any(j["id"] == job["id"] for j in client.get("/api/jobs?state=queued").json()["jobs"])
+    assert client.post(f"/api/jobs/{job['id']}/cancel").json()["state"] == "cancelled"
+    assert_error(client.post(f"/api/jobs/{job['id']}/cancel"), 409, "already cancelled")
+    assert client.post(f"/api/jobs/{job['id']}/resume").json()["state"] == "queued"
+    client.post(f"/api/jobs/{job['id']}/cancel")
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def test_non_loopback_needs_token(root, monkeypatch):
+    monkeypatch.delenv("SPARKVISION_API_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="not loopback"):
+        create_app(settings_for(root, host="0.0.0.0"))
+    monkeypatch.setenv("SPARKVISION_API_TOKEN", "from-env")
+    assert settings_for(root, host="0.0.0.0").token == "from-env"
+    monkeypatch.delenv("SPARKVISION_API_TOKEN")
+    with TestClient(create_app(settings_for(root, host="0.0.0.0", token="s3cret"))) as c:
+        body = {"kind": "ingest", "params": {"source": "folder", "table": "tables/t"}}
+        assert_error(c.post("/api/jobs", json=body), 401, "token")
+        assert_error(c.post("/api/jobs", json=body, headers={"Authorization": "Bearer wrong"}), 403, "wrong")
+        r = c.post("/api/jobs", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 201
+        jid = r.json()["id"]
+        assert_error(c.post(f"/api/jobs/{jid}/cancel"), 401, "token")
+        assert_error(c.post(f"/api/jobs/{jid}/resume"), 401, "token")
+        assert c.post(f"/api/jobs/{jid}/cancel", headers={"X-API-Token": "s3cret"}).status_code == 200
+        assert c.get("/api/jobs").status_code == 200  # reading needs no token
+        assert c.post("/api/classify", files=[("files", ("a.png", make_image(0)))]).status_code == 200
+
+
+# ----------------------------------------------------------------------------- restart, resume
+
+
+def test_restart_marks_running_jobs_interrupted_and_resume_uses_checkpoint(root, tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    store = JobStore(url)
+    out = root / "models" / "resumable"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "epoch-1.safetensors").write_bytes(b"")
+    (out / "checkpoints" / "epoch-1.json").write_text("{}")
+    train = store.create("train", {"table": str(root / "tables" / "tiny"), "out": str(out), "epochs": 3})
+    other = store.create("ingest", {"source": str(root / "folder"), "table": str(root / "tables" / "r")})
+    store.claim_next()
+    store.claim_next()
+    store.close()  # the "server" dies with both running
+    with TestClient(create_app(settings_for(root, db_url=url))) as c:
+        for jid in (train.id, other.id):
+            j = c.get(f"/api/jobs/{jid}").json()
+            assert j["state"] == "interrupted" and "resume" in j["error"]
+        r = c.post(f"/api/jobs/{train.id}/resume").json()
+        assert r["state"] == "queued" and r["params"]["resume"] is True
+        assert c.post(f"/api/jobs/{other.id}/resume").json()["state"] == "queued"
+        assert_error(c.post(f"/api/jobs/{train.id}/resume"), 409, "only interrupted")
+
+
+# ----------------------------------------------------------------------------- the runner, with Spark
+
+
+def wait_for(c, jid, states, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        j = c.get(f"/api/jobs/{jid}").json()
+        if j["state"] in states:
+            return j
+        time.sleep(0.3)
+    raise AssertionError(f"job {jid} did not reach {states}: {j}")
+
+
+def test_runner_ingest_job_and_cancel_running_spark_job(spark, root, tmp_path, monkeypatch):
+    from sparkvision.web.kinds import KINDS, Kind, Params
+
+    class SleepParams(Params):
+        seconds: int = 60
+
+    def run_sleep(spark_, p, ctx):
+        secs = p.seconds
+        spark_.sparkContext.parallelize(range(2), 2).map(lambda x: time.sleep(secs) or x).count()
+        return {"slept": p.seconds}
+
+    monkeypatch.setitem(KINDS, "sleep", Kind("sleep", SleepParams, run_sleep))
+    settings = settings_for(root, db_url=f"sqlite:///{tmp_path / 'r.db'}", start_runner=True)
+    with TestClient(create_app(settings, spark_factory=lambda: spark)) as c:
+        r = c.post("/api/jobs", json={"kind": "ingest", "params": {"source": "folder", "table": "tables/ingested"}})
+        jid = r.json()["id"]
+        sleeper = c.post("/api/jobs", json={"kind": "sleep", "params": {"seconds": 60}}).json()["id"]
+        j = wait_for(c, jid, ("succeeded", "failed"))
+        assert j["state"] == "succeeded", j
+        assert j["progress"] == 100 and j["result"]["rows_written"] == 6 and j["metrics"]["rows_written"] == 6
+        assert any("succeeded" in line for line in j["log_tail"])
+        assert "tables/ingested" in {t["name"] for t in c.get("/api/tables").json()["tables"]}
+        wait_for(c, sleeper, ("running",))
+        time.sleep(1.0)  # let the Spark job start inside its job group
+        t0 = time.time()
+        assert c.post(f"/api/jobs/{sleeper}/cancel").status_code == 200
+        j = wait_for(c, sleeper, ("cancelled", "failed", "succeeded"), timeout=30)
+        assert j["state"] == "cancelled" and time.time() - t0 < 20, j
+        # A failing job: the library's message, no stack trace.
+        bad = c.post("/api/jobs", json={"kind": "train", "params": {"table": "tables/preds", "out": "models/x",
+                                                                    "epochs": 1}}).json()["id"]
+        j = wait_for(c, bad, ("failed", "succeeded"))
+        assert j["state"] == "failed" and "not a sparkvision image table" in j["error"] and "Traceback" not in j["error"]
