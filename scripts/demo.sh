@@ -7,34 +7,20 @@ cd "$(dirname "$0")/.."
 SV=${SV:-.venv/bin/sparkvision}
 DATA=${DATA:-data/fashion-mnist}
 RUN=${RUN:-runs/demo-cnn}
+PRED=${PRED:-runs/demo-predictions}
 
-step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+step() { printf '\n\033[1m==> sparkvision %s\033[0m\n' "$*"; }
 
-# A step whose command is not in this build yet is skipped with a note instead of failing the demo.
-have() {
-    if "$SV" "$1" --help >/dev/null 2>&1; then
-        return 0
-    fi
-    printf '\033[33mnote:\033[0m `sparkvision %s` is not available in this build yet; skipping that step.\n' "$1"
-    return 1
-}
-
-step "sparkvision datasets fashion-mnist $DATA"
+step datasets fashion-mnist "$DATA"
 "$SV" datasets fashion-mnist "$DATA"
 
-if have train; then
-    step "sparkvision train --model cnn --table $DATA --out $RUN --epochs 2"
-    "$SV" train --model cnn --table "$DATA" --out "$RUN" --epochs 2
-fi
+step train --model cnn --table "$DATA" --out "$RUN" --epochs 2
+"$SV" train --model cnn --table "$DATA" --out "$RUN" --epochs 2
 
-if have evaluate; then
-    step "sparkvision evaluate $RUN $DATA"
-    "$SV" evaluate "$RUN" "$DATA"
-fi
+step evaluate "$RUN" "$DATA"
+"$SV" evaluate "$RUN" "$DATA"
 
-if have predict; then
-    step "sparkvision predict $RUN $DATA runs/demo-predictions"
-    "$SV" predict "$RUN" "$DATA" runs/demo-predictions
-fi
+step predict "$RUN" "$DATA" "$PRED"
+"$SV" predict "$RUN" "$DATA" "$PRED"
 
-step "demo finished"
+printf '\n\033[1mdemo finished:\033[0m table %s, model %s, predictions %s\n' "$DATA" "$RUN" "$PRED"
