@@ -321,6 +321,29 @@ def test_queue_cancel_and_conflicts(client):
     client.post(f"/api/jobs/{job['id']}/cancel")
 
 
+def write_training_output(out) -> None:
+    """What a training run leaves in its model dir: metrics.jsonl per epoch, evaluation.json."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        for e in range(1, 6):
+            f.write(json.dumps({"epoch": e, "train_loss": 1.4 / e, "test_acc": 0.5 + 0.08 * e, "test_loss": 1.5 / e,
+                                "images_per_s": 900 + 20 * e, "epoch_time_s": 1.0}) + "\n")
+    with open(os.path.join(out, "evaluation.json"), "w") as f:
+        json.dump({"accuracy": 0.9, "split": "test", "class_names": CLASSES,
+                   "confusion_matrix": [[9, 1, 0, 0], [0, 10, 0, 0], [1, 0, 8, 1], [0, 0, 1, 9]]}, f)
+
+
+def test_training_job_metrics_and_confusion(client, root):
+    out = root / "models" / "trained"
+    write_training_output(str(out))
+    store = client.app.state.sv.store
+    job = store.create("train", {"table": str(root / "tables" / "tiny"), "out": str(out)}, str(out))
+    store.request_cancel(job.id)  # keep the (runner-less) queue empty
+    m = client.get(f"/api/jobs/{job.id}/metrics").json()
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 3, 4, 5]
+    assert m["confusion"]["matrix"][0] == [9, 1, 0, 0] and m["confusion"]["class_names"] == CLASSES
+
+
 # ----------------------------------------------------------------------------- tokens
 
 

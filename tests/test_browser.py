@@ -1,0 +1,132 @@
+"""End to end in a real browser: Playwright drives Debian's Chromium against `sparkvision serve`'s app.
+
+Opens the page, uploads an image and sees a label; submits an ingest job and watches it reach
+succeeded; also searches and browses a table. Screenshots go to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+from conftest import make_image
+from test_web_api import root, settings_for, write_training_output  # noqa: F401 - root is a fixture
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing: apt-get install -y chromium"),
+]
+
+
+server_state: dict = {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(spark, root, tmp_path_factory):  # noqa: F811
+    """uvicorn on a free loopback port, in a thread, with the runner on the test session's Spark."""
+    import uvicorn
+
+    from sparkvision.web.app import create_app
+
+    db = tmp_path_factory.mktemp("browser-db") / "jobs.db"
+    app = create_app(settings_for(root, db_url=f"sqlite:///{db}", start_runner=True), spark_factory=lambda: spark)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    t0 = time.time()
+    while not srv.started:
+        assert time.time() - t0 < 60, "uvicorn did not start"
+        time.sleep(0.05)
+    server_state["app"] = app
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        pg = browser.new_page(viewport={"width": 1200, "height": 900})
+        pg.goto(server)
+        yield pg
+        browser.close()
+
+
+def test_classify_by_upload(page, tmp_path):
+    img = tmp_path / "query.png"
+    img.write_bytes(make_image(2, seed=7))
+    page.click("nav button[data-tab=classify]")
+    page.set_input_files("#classify-files", str(img))
+    label = page.wait_for_selector(".card.result .label", timeout=20_000)
+    assert label.inner_text() in ("a", "b", "c", "d")
+    assert "ms" in page.inner_text(".latency")
+    page.screenshot(path=os.path.join(ARTIFACTS, "classify.png"), full_page=True)
+
+
+def test_search_and_table_browser(page, tmp_path):
+    img = tmp_path / "q.png"
+    img.write_bytes(make_image(1, seed=101))
+    page.click("nav button[data-tab=search]")
+    page.set_input_files("#search-file", str(img))
+    page.wait_for_selector("#search-results .cell img", timeout=20_000)
+    assert page.locator("#search-results .cell").count() == 8
+    page.screenshot(path=os.path.join(ARTIFACTS, "search.png"), full_page=True)
+    page.click("nav button[data-tab=tables]")
+    page.click("#tables-table tr[data-name='tables/tiny']")
+    page.wait_for_selector("#rows-grid .cell img", timeout=20_000)
+    assert "of 20" in page.inner_text("#rows-range")
+    page.click("#rows-next")
+    page.wait_for_function("document.querySelector('#rows-range').innerText.startsWith('21') || "
+                           "document.querySelector('#rows-range').innerText.startsWith('1–20')")
+    page.screenshot(path=os.path.join(ARTIFACTS, "tables.png"), full_page=True)
+
+
+def test_submit_job_and_watch_it_succeed(page):
+    page.click("nav button[data-tab=jobs]")
+    page.wait_for_selector("#job-kind option[value=ingest]", state="attached")
+    page.select_option("#job-kind", "ingest")
+    page.fill("#job-params", json.dumps({"source": "folder", "table": "tables/from_browser"}))
+    page.click("#job-submit")
+    page.wait_for_selector("#jobs-table tbody tr .state", timeout=10_000)
+    page.wait_for_function(
+        "[...document.querySelectorAll('#jobs-table tbody tr')].some(tr => tr.innerText.includes('ingest') && "
+        "tr.querySelector('.state').innerText === 'succeeded')", timeout=120_000)
+    page.wait_for_selector("#jd-state:has-text('succeeded')", timeout=10_000)  # the detail pane follows
+    page.wait_for_selector("#jd-log:has-text('succeeded')")
+    page.screenshot(path=os.path.join(ARTIFACTS, "jobs.png"), full_page=True)
+
+
+def test_training_curves_and_confusion_matrix(page, server, root):  # noqa: F811
+    """A finished training job's row and outputs (the training loop itself is tested in test_train.py)."""
+    out = root / "models" / "curves"
+    write_training_output(str(out))
+    store = server_state["app"].state.sv.store
+    job = store.create("train", {"table": str(root / "tables" / "tiny"), "out": str(out)}, str(out))
+    store.finish(job.id, "succeeded", progress=100.0, metrics={"test_acc": 0.9})
+    page.click("nav button[data-tab=jobs]")
+    page.wait_for_selector(f"#jobs-table tr[data-id='{job.id}']", timeout=10_000)
+    page.click(f"#jobs-table tr[data-id='{job.id}']")
+    page.wait_for_selector("#jd-charts:not([hidden])", timeout=10_000)
+    page.wait_for_selector("#jd-confusion table.cm", timeout=10_000)
+    assert page.locator("#jd-confusion table.cm tr").count() == 5
+    page.screenshot(path=os.path.join(ARTIFACTS, "training.png"), full_page=True)
