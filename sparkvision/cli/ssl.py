@@ -1,0 +1,122 @@
+"""`sparkvision pretrain` and `sparkvision finetune`: self-supervised pretraining and few-label
+fine-tuning / linear evaluation (thin wrappers over :mod:`sparkvision.ssl`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from .common import Conf, JsonOut, Master, console, emit, guarded, render_kv, spark_from
+
+
+def _render_pretrain(s: dict[str, Any]) -> None:
+    t = Table(title=f"pretraining ({s['method']})")
+    for col in ("epoch", "loss", "kNN acc", "std x sqrt(d)", "images/s", "epoch s"):
+        t.add_column(col, justify="right")
+    for h in s["history"]:
+        knn = "-" if h["knn_acc"] is None else f"{h['knn_acc']:.4f}"
+        std = f"{h['output_std_x_sqrt_d']:.3f}" + (" [red]collapse?[/red]" if h.get("collapse_warning") else "")
+        t.add_row(str(h["epoch"]), f"{h['train_loss']:.4f}", knn, std, f"{h['images_per_s']:.0f}",
+                  f"{h['epoch_time_s']:.1f}")
+    console.print(t)
+    render_kv({k: v for k, v in s.items() if k != "history"})
+
+
+def _render_finetune(s: dict[str, Any]) -> None:
+    t = Table(title=f"{s['mode']} ({100 * s['label_fraction']:g}% of the labels, {s['train_rows']:,} rows)")
+    for col in ("epoch", "train loss", "test acc", "epoch s"):
+        t.add_column(col, justify="right")
+    for h in s["history"]:
+        acc = "-" if h["test_acc"] is None else f"{h['test_acc']:.4f}"
+        t.add_row(str(h["epoch"]), f"{h['train_loss']:.4f}", acc, f"{h['epoch_time_s']:.1f}")
+    console.print(t)
+    render_kv({k: v for k, v in s.items() if k != "history"})
+
+
+def pretrain(
+    table: Annotated[str, typer.Option("--table", help="Image table; pretrains on its --pool split.")],
+    out: Annotated[str, typer.Option("--out", help="Encoder model directory to write (checkpoints, logs, weights).")],
+    method: Annotated[str, typer.Option(help="improved-simclr | simsiam | simclr")] = "improved-simclr",
+    preset: Annotated[str, typer.Option(help="paper | cpu-small | cpu-long (see docs/ssl.md)")] = "cpu-small",
+    pool: Annotated[str, typer.Option(help="Split of images to pretrain on (labels ignored), e.g. unlabeled or train.")] = "unlabeled",
+    monitor_split: Annotated[str, typer.Option(help="Labelled split for the kNN monitor ('none' to skip).")] = "val",
+    monitor_bank_split: Annotated[str, typer.Option(help="Labelled split the kNN monitor votes with.")] = "train",
+    model: Annotated[str | None, typer.Option(help="Encoder backbone (default: the preset's).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default: the preset's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global batch size.")] = None,
+    base_lr: Annotated[float | None, typer.Option(help="Base learning rate.")] = None,
+    proj_dim: Annotated[int | None, typer.Option(help="Projector / predictor output dimension.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="NT-Xent temperature (simclr).")] = None,
+    workers: Annotated[int, typer.Option(help="DDP ranks (Spark barrier tasks).")] = 1,
+    threads_per_rank: Annotated[int | None, typer.Option(help="Torch threads per rank.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
+    model_kwargs: Annotated[str | None, typer.Option(help="JSON of extra encoder arguments.")] = None,
+    master: Master = None,
+    conf: Conf = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Self-supervised pretraining of an encoder on unlabelled images (DDP on Spark barrier tasks)."""
+    from ..ssl.pretrain import pretrain as run
+
+    def body() -> dict[str, Any]:
+        return run(spark_from(master, conf), table, out, method=method, preset=preset, pool_split=pool,
+                   monitor_split=None if monitor_split == "none" else monitor_split,
+                   monitor_bank_split=monitor_bank_split, model=model, epochs=epochs, batch_size=batch_size,
+                   base_lr=base_lr, proj_dim=proj_dim, temperature=temperature, workers=workers,
+                   threads_per_rank=threads_per_rank, seed=seed, resume=resume,
+                   model_kwargs=json.loads(model_kwargs) if model_kwargs else None)
+
+    emit(guarded(body, json_out), json_out, _render_pretrain)
+
+
+def finetune(
+    table: Annotated[str, typer.Option("--table", help="Labelled image table.")],
+    out: Annotated[str, typer.Option("--out", help="Classifier model directory to write.")],
+    encoder: Annotated[str | None, typer.Option(help="Encoder model directory from `sparkvision pretrain` "
+                                                     "(omit to train --model from scratch).")] = None,
+    label_fraction: Annotated[float, typer.Option(help="Stratified share of labelled training rows, e.g. 0.05.")] = 1.0,
+    linear: Annotated[bool, typer.Option("--linear", help="Linear evaluation: freeze the encoder, train the head.")] = False,
+    sample_seed: Annotated[int, typer.Option(help="Seed of the label sample.")] = 0,
+    model: Annotated[str, typer.Option(help="Backbone when training from scratch.")] = "cnn",
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 40,
+    batch_size: Annotated[int, typer.Option(help="Global batch size.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the head.")] = 2e-3,
+    encoder_lr_scale: Annotated[float, typer.Option(help="Encoder LR = lr x this when fine-tuning.")] = 0.1,
+    optimizer: Annotated[str, typer.Option(help="adamw | sgd")] = "adamw",
+    schedule: Annotated[str, typer.Option(help="onecycle | cosine | constant")] = "onecycle",
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.1,
+    augment: Annotated[str | None, typer.Option(help="Augmentations as for `train --augment`.")] = None,
+    train_split: Annotated[str, typer.Option(help="Split to sample labelled rows from.")] = "train",
+    eval_split: Annotated[str, typer.Option(help="Split scored each few epochs ('none' to skip).")] = "test",
+    workers: Annotated[int, typer.Option(help="DDP ranks.")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
+    master: Master = None,
+    conf: Conf = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Fine-tune or linearly evaluate a pretrained encoder on a stratified label fraction."""
+    from ..ssl.finetune import FinetuneConfig
+    from ..ssl.finetune import finetune as run
+    from ..train import parse_augment
+
+    def body() -> dict[str, Any]:
+        cfg = FinetuneConfig(label_fraction=label_fraction, sample_seed=sample_seed, linear=linear, model=model,
+                             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                             encoder_lr_scale=encoder_lr_scale, weight_decay=weight_decay, schedule=schedule,
+                             label_smoothing=label_smoothing, augment=parse_augment(augment), seed=seed,
+                             workers=workers, train_split=train_split,
+                             eval_split=None if eval_split == "none" else eval_split, resume=resume)
+        return run(spark_from(master, conf), table, out, encoder, cfg)
+
+    emit(guarded(body, json_out), json_out, _render_finetune)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pretrain")(pretrain)
+    app.command("finetune")(finetune)

@@ -1,0 +1,302 @@
+"""Few-label fine-tuning and linear evaluation of a pretrained encoder (or training from scratch).
+
+The labelled training rows are first cut to ``label_fraction`` by the stratified, seeded sampler
+(in Spark, nothing collected), then a classifier is trained data-parallel through the same
+engine pieces as supervised training (``run_on_barrier``, shard decoding, epoch plan, per-sample
+batch augmentation, checkpoints with resume, TensorBoard, ``metrics.jsonl``):
+
+* ``linear=True``: the encoder is frozen (eval mode, no gradient) and only a new linear head is
+  trained: the standard linear evaluation protocol.
+* fine-tuning: everything trains, the encoder at ``encoder_lr_scale`` times the head's learning
+  rate, so a few hundred labels do not wash out what pretraining learned.
+* ``encoder=None``: the same architecture, augmentations and schedule from random weights, the
+  "scratch" baseline every pretrained number should be compared with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import torch
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from .. import distributed as D
+from ..modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir
+from ..models import create_model
+from ..progress import Timer
+from ..table import read_meta, read_table
+from ..train.augment import AugmentConfig, BatchAugment
+from ..train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ..train.config import TrainConfig
+from ..train.data import decode_shard, epoch_indices, steps_per_epoch
+from ..train.engine import _follow_progress, _model_kwargs, _write_json_atomic, evaluate_shard, infer_image_spec, to_input
+from ..train.optim import build_optimizer, lr_factor, set_lr
+from .pretrain import _split_mask, pixel_stats
+from .sampling import sample_label_fraction
+
+
+@dataclass
+class FinetuneConfig:
+    label_fraction: float = 1.0  # stratified share of the labelled training rows (0.01, 0.05, 0.1, 1.0)
+    sample_seed: int = 0
+    linear: bool = False  # linear evaluation: frozen encoder, train the head only
+    model: str = "cnn"  # scratch only (a pretrained encoder brings its own)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 40
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 2e-3  # the head's peak LR
+    encoder_lr_scale: float = 0.1  # fine-tuning: encoder LR = lr * this (1.0 from scratch)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # flip + 2-pixel shift
+    seed: int = 0
+    workers: int = 1
+    threads_per_rank: int | None = None
+    train_split: str = "train"
+    eval_split: str | None = "test"
+    resume: bool = False
+    keep_checkpoints: int = 1
+
+    def validate(self) -> None:
+        if not 0 < self.label_fraction <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if self.encoder_lr_scale < 0:
+            raise ValueError(f"encoder_lr_scale must be >= 0, got {self.encoder_lr_scale}")
+        TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
+                    schedule=self.schedule, warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing,
+                    workers=self.workers, augment=self.augment).validate()
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["augment"] = self.augment.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FinetuneConfig:
+        d = dict(d)
+        d["augment"] = AugmentConfig.from_json(d.get("augment", {}))
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def finetune_groups(model: torch.nn.Module, weight_decay: float, encoder_lr_scale: float, linear: bool) -> list[dict]:
+    """Head and encoder parameters in separate groups (the encoder's at ``lr_scale``), no weight
+    decay on biases/norms; with ``linear`` the encoder is frozen and left out."""
+    head_ids = {id(p) for p in model.head.parameters()}
+    groups: dict[tuple[bool, bool], list] = {(h, d): [] for h in (True, False) for d in (True, False)}
+    for p in model.parameters():
+        is_head = id(p) in head_ids
+        if linear and not is_head:
+            p.requires_grad_(False)
+            continue
+        groups[(is_head, p.ndim > 1)].append(p)
+    out = []
+    for (is_head, decay), params in groups.items():
+        if params:
+            out.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                        "lr_scale": 1.0 if is_head else encoder_lr_scale})
+    return out
+
+
+def _rank_finetune(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payload: dict[str, Any]) -> bytes | None:
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.utils.tensorboard import SummaryWriter
+
+    cfg = FinetuneConfig.from_json(payload["cfg"])
+    out, ckpt_dir, device = payload["out"], payload["checkpoint_dir"], ctx.device
+    channels, size, num_classes = payload["channels"], tuple(payload["size"]), payload["num_classes"]
+    shard, splits = decode_shard(batches, channels, size)
+    labelled = shard.labels >= 0
+    train = shard.subset(_split_mask(splits, cfg.train_split) & labelled)
+    evals = shard.subset(_split_mask(splits, cfg.eval_split) & labelled)
+    del shard
+    counts = D.all_reduce_sum(torch.tensor([len(train), len(evals)], dtype=torch.float64))
+    least = D.all_reduce_min(torch.tensor([len(train)], dtype=torch.float64))
+    if least[0] == 0:
+        raise ValueError(f"a rank got no training rows: {int(counts[0])} rows is too few for {ctx.world_size} workers; "
+                         "lower --workers or raise --label-fraction")
+    if int(train.labels.max()) >= num_classes:
+        raise ValueError(f"label {int(train.labels.max())} is out of range for {num_classes} classes")
+    if payload["mean"] is None:
+        mean_v, std_v = pixel_stats(train.images, channels)
+    else:
+        mean_v, std_v = torch.tensor(payload["mean"], dtype=torch.float64), torch.tensor(payload["std"], dtype=torch.float64)
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(payload["model"], num_classes, channels, **payload["model_kwargs"])
+    if payload["encoder_weights"] is not None:
+        sd = st_load(payload["encoder_weights"])
+        missing, _ = model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("head.")}, strict=False)
+        if any(not k.startswith("head.") for k in missing):
+            raise ValueError(f"encoder weights do not fit model {payload['model']!r}: missing {missing[:3]}")
+    lr_scale = cfg.encoder_lr_scale if payload["encoder_weights"] is not None else 1.0
+    optimizer = build_optimizer(finetune_groups(model, cfg.weight_decay, lr_scale, cfg.linear), cfg.optimizer,
+                                cfg.lr, cfg.weight_decay, cfg.momentum)
+    start_epoch, history = 0, []
+    if cfg.resume or ctx.attempt > 0:
+        meta = load_checkpoint(ckpt_dir, model, optimizer)
+        if meta is not None:
+            start_epoch, history = int(meta["epoch"]), list(meta.get("history", []))
+    model.to(device)
+    net = DDP(model) if ctx.world_size > 1 else model
+    mean = mean_v.float().view(1, -1, 1, 1).to(device)
+    std = std_v.float().view(1, -1, 1, 1).to(device)
+    local_batch = cfg.batch_size // ctx.world_size
+    steps = steps_per_epoch(int(counts[0]), cfg.batch_size)
+    total_steps, warmup_steps = steps * cfg.epochs, int(cfg.warmup_epochs * steps)
+    augment = BatchAugment(cfg.augment)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    writer = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start_epoch * steps) if ctx.is_main else None
+    gen = torch.Generator()
+    for epoch in range(start_epoch, cfg.epochs):
+        gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + ctx.rank)
+        idx = epoch_indices(len(train), steps, local_batch, cfg.seed, epoch, ctx.rank)
+        net.train(not cfg.linear)  # linear evaluation: BN statistics and dropout of the encoder stay frozen
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        lr = cfg.lr
+        for s in range(steps):
+            b = idx[s]
+            x = to_input(train.images[b], mean, std, device, False, augment, gen)
+            y = train.labels[b].to(device)
+            lr = set_lr(optimizer, cfg.lr, lr_factor(epoch * steps + s, total_steps, cfg.schedule, warmup_steps))
+            loss = loss_fn(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach().double().cpu()
+            if ctx.is_main and (s % 20 == 0 or s == steps - 1):
+                el = time.perf_counter() - t0
+                _write_json_atomic(os.path.join(out, "progress.json"), {
+                    "epoch": epoch + 1, "epochs": cfg.epochs, "step": s + 1, "steps": steps,
+                    "loss": float(loss.detach()), "images_per_s": (s + 1) * cfg.batch_size / max(el, 1e-9)})
+        epoch_time = time.perf_counter() - t0
+        train_loss = float(D.all_reduce_sum(loss_sum.clone()) / (steps * ctx.world_size))
+        last = epoch + 1 == cfg.epochs
+        ev = torch.zeros(3, dtype=torch.float64)
+        if counts[1] > 0 and (last or (epoch + 1) % payload["eval_every"] == 0):
+            c, n, ls = evaluate_shard(model, evals, mean, std, device, False)
+            ev = D.all_reduce_sum(torch.tensor([c, n, ls], dtype=torch.float64))
+        row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5),
+               "test_acc": round(float(ev[0] / ev[1]), 5) if ev[1] > 0 else None,
+               "test_loss": round(float(ev[2] / ev[1]), 5) if ev[1] > 0 else None,
+               "epoch_time_s": round(epoch_time, 3), "lr": lr}
+        history.append(row)
+        if ctx.is_main:
+            assert writer is not None
+            writer.add_scalar("loss/train", train_loss, epoch + 1)
+            if row["test_acc"] is not None:
+                writer.add_scalar("accuracy/test", row["test_acc"], epoch + 1)
+            writer.add_scalar("lr", lr, epoch + 1)
+            writer.flush()
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            save_checkpoint(ckpt_dir, epoch + 1, net, optimizer, {"history": history, "step": (epoch + 1) * steps},
+                            keep=cfg.keep_checkpoints)
+        if D.world_size() > 1:
+            torch.distributed.barrier()
+    if writer is not None:
+        writer.close()
+    if not ctx.is_main:
+        return None
+    for p in model.parameters():
+        p.requires_grad_(True)
+    weights = st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    return D.encode_result({"history": history, "mean": mean_v.tolist(), "std": std_v.tolist(),
+                            "train_rows": int(counts[0]), "eval_rows": int(counts[1]), "start_epoch": start_epoch},
+                           {"weights": weights})
+
+
+def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = None,
+             cfg: FinetuneConfig | None = None, eval_every: int = 5) -> dict[str, Any]:
+    """Fine-tune (or, with ``cfg.linear``, linearly evaluate) the encoder model directory
+    ``encoder`` on ``cfg.label_fraction`` of ``table``'s labelled training rows; ``encoder=None``
+    trains ``cfg.model`` from scratch. Writes a classifier model directory ``out``."""
+    cfg = cfg or FinetuneConfig()
+    cfg.validate()
+    if encoder is None and cfg.linear:
+        raise ValueError("--linear needs --encoder (a linear probe of random weights is not a baseline)")
+    timer = Timer()
+    meta = read_meta(spark, table)
+    class_names = meta.class_names
+    if len(class_names) < 2:
+        raise ValueError(f"table {table} has {len(class_names)} classes; fine-tuning needs at least 2")
+    df = read_table(spark, table)
+    train_rows = sample_label_fraction(df.where(F.col("split") == cfg.train_split), cfg.label_fraction,
+                                       cfg.sample_seed)
+    parts = [train_rows]
+    if cfg.eval_split:
+        parts.append(df.where(F.col("split") == cfg.eval_split))
+    data = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
+
+    out = os.path.abspath(out)
+    ckpt_dir = os.path.join(out, "checkpoints")
+    if not cfg.resume:
+        for stale in ("checkpoints", "tensorboard"):
+            shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
+        for stale in ("metrics.jsonl", "progress.json"):
+            if os.path.exists(os.path.join(out, stale)):
+                os.remove(os.path.join(out, stale))
+    elif not list_checkpoints(ckpt_dir):
+        raise ValueError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
+    os.makedirs(out, exist_ok=True)
+
+    if encoder is not None:
+        lm = load_model_dir(encoder)
+        from safetensors.torch import save as st_save
+
+        model_name, model_kwargs = lm.spec.model, dict(lm.spec.model_kwargs)
+        channels, size = lm.preprocess.channels, lm.preprocess.size
+        mean, std = list(lm.preprocess.mean), list(lm.preprocess.std)
+        enc_weights = st_save({k: v.contiguous() for k, v in lm.model.state_dict().items()})
+    else:
+        tcfg = TrainConfig(model=cfg.model, model_kwargs=cfg.model_kwargs)
+        channels, size = infer_image_spec(data, tcfg)
+        model_name, model_kwargs = cfg.model, _model_kwargs(tcfg, size)
+        mean = std = None
+        enc_weights = None
+    payload = {"cfg": cfg.to_json(), "out": out, "checkpoint_dir": ckpt_dir, "channels": channels, "size": list(size),
+               "num_classes": len(class_names), "model": model_name, "model_kwargs": model_kwargs, "mean": mean,
+               "std": std, "encoder_weights": enc_weights, "eval_every": max(1, eval_every)}
+    with open(os.path.join(out, "finetune_config.json"), "w") as f:
+        json.dump({**cfg.to_json(), "encoder": encoder, "model": model_name}, f, indent=2)
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow_progress, args=(out, stop), daemon=True)
+    follower.start()
+    try:
+        result = D.run_on_barrier(spark, data.select("image", "label", "split"), cfg.workers, _rank_finetune,
+                                  payload, threads_per_rank=cfg.threads_per_rank)
+    finally:
+        stop.set()
+        follower.join(timeout=2)
+    info, blobs = D.decode_result(result)
+    from safetensors.torch import load as st_load
+
+    model = create_model(model_name, len(class_names), channels, **model_kwargs)
+    model.load_state_dict(st_load(blobs["weights"]))
+    history = info["history"]
+    last = history[-1] if history else {}
+    metrics = {"test_acc": last.get("test_acc"), "train_loss": last.get("train_loss"),
+               "mode": "linear" if cfg.linear else ("finetune" if encoder else "scratch"),
+               "label_fraction": cfg.label_fraction, "train_rows": info["train_rows"], "eval_rows": info["eval_rows"],
+               "epochs": len(history), "encoder": encoder, "wall_s": round(timer.elapsed, 3),
+               "train_time_s": round(sum(h["epoch_time_s"] for h in history), 1),
+               "resumed_from_epoch": info["start_epoch"]}
+    save_model_dir(out, model, ModelSpec(model_name, len(class_names), channels, model_kwargs), class_names,
+                   Preprocess(channels=channels, size=size, mean=tuple(info["mean"]), std=tuple(info["std"])),
+                   {**metrics, "history": history})
+    return {"model_dir": out, **metrics, "history": history}
