@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.01,0.05,0.1")
     ap.add_argument("--modes", default="finetune,linear")
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="default: the preset's")
+    ap.add_argument("--warmup-epochs", type=float, default=None, help="default: the preset's")
     ap.add_argument("--encoder-lr-scale", type=float, default=0.1)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--master", default="local[2]")
@@ -108,7 +109,7 @@ def main() -> None:
                 t0 = time.time()
                 resume = bool(list_checkpoints(os.path.join(enc_dir, "checkpoints")))
                 print(f"[{time.strftime('%H:%M:%S')}] pretrain {method} (resume={resume})", flush=True)
-                s = pretrain(spark, args.table, enc_dir, method=method, preset=args.preset, epochs=args.pretrain_epochs,
+                s = pretrain(spark, args.table, enc_dir, method=method, preset=args.preset, epochs=args.pretrain_epochs, warmup_epochs=args.warmup_epochs,
                              pool_split="train", monitor_split="test", monitor_bank_split="train",
                              workers=args.workers, resume=resume)
                 res["pretrain"][method] = {k: s[k] for k in ("epochs", "pretrain_time_s", "knn_acc", "train_loss",

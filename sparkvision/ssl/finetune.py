@@ -38,7 +38,14 @@ from ..train.augment import AugmentConfig, BatchAugment
 from ..train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ..train.config import TrainConfig
 from ..train.data import decode_shard, epoch_indices, steps_per_epoch
-from ..train.engine import _follow_progress, _model_kwargs, _write_json_atomic, evaluate_shard, infer_image_spec, to_input
+from ..train.engine import (
+    _follow_progress,
+    _model_kwargs,
+    _write_json_atomic,
+    evaluate_shard,
+    infer_image_spec,
+    to_input,
+)
 from ..train.optim import build_optimizer, lr_factor, set_lr
 from .pretrain import _split_mask, pixel_stats
 from .sampling import sample_label_fraction
