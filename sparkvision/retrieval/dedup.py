@@ -8,8 +8,8 @@ B~C puts A, B and C together even when A and C are further apart).
 Descriptors are computed on the executors and are mirror-invariant by construction, because a
 horizontal flip is the most common edit that a feature extractor does not undo:
 
-* ``pixels`` (no model needed): the grayscale image at 16x16, zero mean and unit norm (so
-  brightness and contrast changes cancel), averaged with its mirror image;
+* ``pixels`` (no model needed): the grayscale image at 32x32, centred on its intensity centroid,
+  box-blurred, zero mean and unit norm (:func:`pixel_descriptor`), averaged with its mirror image;
 * a model directory: the L2-normalised backbone features of the image plus those of its mirror.
 
 Outputs, under OUT::
@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 
 KEEP_RULES = ("largest", "earliest")
-PIXEL_SIZE = 16
-DEFAULT_THRESHOLD = {"pixels": 0.90, "model": 0.95}
+PIXEL_SIZE = 32
+DEFAULT_THRESHOLD = {"pixels": 0.97, "model": 0.95}  # see docs/retrieval.md: set per data set
 DESCRIPTOR_SCHEMA = "content_id string, path string, height int, width int, descriptor array<float>, error string"
 
 
@@ -83,13 +83,30 @@ def keeper(members: Sequence[dict[str, Any]], rule: str = "largest") -> int:
     raise ValueError(f"keep rule {rule!r} is not one of {', '.join(KEEP_RULES)}")
 
 
-def pixel_descriptor(arr: np.ndarray) -> np.ndarray:
-    """``(H, W[, 1])`` grayscale -> unit vector, invariant to brightness/contrast and mirroring."""
+def pixel_descriptor(arr: np.ndarray, blur: int = 5) -> np.ndarray:
+    """``(H, W[, 1])`` grayscale -> unit vector, invariant to brightness, contrast, mirroring and
+    small shifts.
+
+    The image is shifted (bilinear, sub-pixel) so its intensity centroid sits at the centre, which
+    undoes translations and most of what a small crop does; a ``blur`` x ``blur`` box filter then
+    absorbs small rotations, rescaling and noise; the mean is removed and the result is averaged
+    with its mirror image and L2-normalised.
+    """
+    from scipy import ndimage
+
     x = np.asarray(arr, np.float32).reshape(arr.shape[0], arr.shape[1])
-    x = x + x[:, ::-1]  # mirror-symmetric
-    x = x - x.mean()
-    norm = np.linalg.norm(x)
-    return (x / norm).ravel() if norm > 1e-6 else np.zeros(x.size, np.float32)
+    w = x - x.min()
+    total = w.sum()
+    if total > 1e-6:
+        ys, xs = np.indices(w.shape)
+        cy, cx = (w * ys).sum() / total, (w * xs).sum() / total
+        w = ndimage.shift(w, ((w.shape[0] - 1) / 2 - cy, (w.shape[1] - 1) / 2 - cx), order=1, mode="constant")
+    if blur > 1:
+        w = ndimage.uniform_filter(w, size=blur, mode="constant")
+    w = w + w[:, ::-1]  # mirror-symmetric
+    w = w - w.mean()
+    norm = np.linalg.norm(w)
+    return (w / norm).ravel().astype(np.float32) if norm > 1e-6 else np.zeros(w.size, np.float32)
 
 
 def pairs_above(scores: np.ndarray, rows: np.ndarray, offset: int, threshold: float) -> list[tuple[int, int, float]]:
