@@ -180,7 +180,7 @@ def test_micro_batching_shares_model_calls():
     def fn(batch):
         calls.append(len(batch))
         time.sleep(0.01)
-        return batch * 2
+        return [x * 2 for x in batch]
 
     async def main():
         b = MicroBatcher(fn, max_batch=8, max_wait_ms=50)
@@ -288,6 +288,14 @@ def test_job_params_validated(client):
     assert_error(client.post("/api/jobs", json={"params": {}}), 422, "kind")
     assert_error(client.post("/api/jobs", content=b"{not json", headers={"content-type": "application/json"}), 422)
     assert_error(client.get("/api/jobs?state=bogus"), 422, "state")
+    assert_error(client.post("/api/jobs", json={"kind": "pretrain", "params": {
+        "table": "tables/tiny", "out": "models/enc", "method": "byol"}}), 422, "method")
+    assert_error(client.post("/api/jobs", json={"kind": "finetune", "params": {
+        "table": "tables/tiny", "out": "models/ft", "encoder": "../enc"}}), 403, "..")
+    ft = client.post("/api/jobs", json={"kind": "finetune", "params": {
+        "table": "tables/tiny", "out": "models/ft", "encoder": "models/cnn", "label_fraction": 0.1}})
+    assert ft.status_code == 201 and ft.json()["params"]["encoder"].endswith("models/cnn")
+    client.post(f"/api/jobs/{ft.json()['id']}/cancel")
     kinds = {k["kind"]: k for k in client.get("/api/jobs/kinds").json()["kinds"]}
     assert set(kinds) >= {"ingest", "train", "pretrain", "finetune", "evaluate", "predict", "embed", "index", "dedup"}
     assert kinds["train"]["schema"]["properties"]["epochs"]["minimum"] == 1
@@ -298,7 +306,7 @@ def test_unavailable_kind(client, monkeypatch):
 
     monkeypatch.setattr(KINDS["finetune"], "module", "sparkvision.not_built_yet")
     assert_error(client.post("/api/jobs", json={"kind": "finetune", "params": {
-        "table": "tables/tiny", "out": "m", "model_dir": "models/cnn"}}), 422, "not available in this build")
+        "table": "tables/tiny", "out": "m", "encoder": "models/cnn"}}), 422, "not available in this build")
 
 
 def test_unknown_job_id(client):

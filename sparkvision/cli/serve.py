@@ -24,6 +24,8 @@ def serve(
     max_pixels: Annotated[int, typer.Option(help="Largest uploaded image, pixels.")] = 16_777_216,
     batch_size: Annotated[int, typer.Option(help="Micro-batching: most classify requests per model call.")] = 64,
     batch_wait_ms: Annotated[float, typer.Option(help="Micro-batching: longest wait for a batch to fill.")] = 5.0,
+    torch_threads: Annotated[int, typer.Option(help="Torch intra-op threads for classify/search (0: torch's default).")]
+        = 1,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     master: Master = None,
     conf: Conf = None,
@@ -39,7 +41,7 @@ def serve(
         settings = Settings(
             host=host, port=port, data_roots=list(data_root or []), db_url=db, model_dir=model, index_dir=index,
             token=token, master=master, conf=parse_conf(conf or []), max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-            max_pixels=max_pixels, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
+            max_pixels=max_pixels, batch_size=batch_size, batch_wait_ms=batch_wait_ms, torch_threads=torch_threads,
         )
         app = create_app(settings)
     except (ValueError, FileNotFoundError) as e:
@@ -47,7 +49,8 @@ def serve(
         return
     if not settings.data_roots:
         err_console.print("[yellow]warning:[/yellow] no --data-root: jobs, models and tables are unavailable")
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    # Keep-alive longer than uvicorn's 5 s: a loaded server must not close connections clients are about to reuse.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30, backlog=4096)
 
 
 def register(app: typer.Typer) -> None:

@@ -17,6 +17,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
+import numpy as np
 from fastapi import Body, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -26,16 +27,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..images import RejectError
 from . import browse
 from .batching import Classifier, MicroBatcher
 from .jobs import FINAL_STATES, STATES, JobStore
 from .kinds import KINDS
 from .runner import Runner, read_metrics_history
-from .security import ApiError, Settings, check_image, check_startup, check_token, safe_path
+from .security import ApiError, Settings, check_image, check_startup, check_token, reject_to_api, safe_path
 
 log = logging.getLogger("sparkvision.web")
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 RAW_TYPES = ("image/", "application/octet-stream")
+INLINE_DECODE_BYTES = 64 * 1024
 
 UPLOAD_BODY = {
     "requestBody": {
@@ -50,6 +53,31 @@ UPLOAD_BODY = {
         "required": True,
     }
 }
+
+
+class BodyLimit:
+    """Refuse a request whose Content-Length is over the limit before its body is read (pure ASGI)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for key, value in scope["headers"]:
+                if key == b"content-length":
+                    try:
+                        n = int(value)
+                    except ValueError:
+                        n = -1
+                    if n < 0 or n > self.limit:
+                        msg = ("Content-Length is not a number" if n < 0 else
+                               f"request body is {n:,} bytes; the limit is {self.limit:,}")
+                        await _err(400 if n < 0 else 413, msg, "bad_request" if n < 0 else "too_large")(
+                            scope, receive, send)
+                        return
+                    break
+        await self.app(scope, receive, send)
 
 
 class JobSubmit(BaseModel):
@@ -114,6 +142,10 @@ def create_app(settings: Settings, *, store: JobStore | None = None, spark_facto
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         st = app.state.sv
+        if settings.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)  # batching, not threads, gives throughput
         interrupted = st.store.mark_interrupted()
         for job_id in interrupted:
             st.store.append_log(job_id, "interrupted: the server restarted while this job ran")
@@ -159,18 +191,7 @@ def create_app(settings: Settings, *, store: JobStore | None = None, spark_facto
         log.exception("unhandled error on %s", request.url.path)
         return _err(500, f"internal error ({type(e).__name__}); the server log has the details", "internal")
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None:
-            try:
-                n = int(length)
-            except ValueError:
-                return _err(400, "Content-Length is not a number", "bad_request")
-            if n > settings.max_request_bytes:
-                return _err(413, f"request body is {n:,} bytes; the limit is {settings.max_request_bytes:,}",
-                            "too_large")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
 
     def require_token(authorization: str | None, x_api_token: str | None) -> None:
         check_token(settings, authorization, x_api_token)
@@ -245,20 +266,32 @@ def create_app(settings: Settings, *, store: JobStore | None = None, spark_facto
         else:
             raise ApiError(503, "no model loaded: start the server with --model DIR or pass ?model=", "no_model")
         files = await uploads(request, ("files", "file"), settings.max_files)
-        clf, batcher = await run_in_threadpool(st().classifier, model_dir)
+        if model_dir in st().classifiers:  # loaded: no hop to a worker thread
+            clf, batcher = st().classifiers[model_dir], st().batchers[model_dir]
+        else:
+            clf, batcher = await run_in_threadpool(st().classifier, model_dir)
 
-        def prepare(name: str, data: bytes):
-            check_image(data, settings, name)
-            return clf.preprocess(data)
+        def prepare(items: list[tuple[str, bytes]]) -> list:
+            out = []
+            for name, data in items:
+                check_image(data, settings, name)
+                try:
+                    out.append(clf.preprocess(data))
+                except RejectError as e:
+                    raise reject_to_api(e, name) from None
+            return out
 
-        tensors = [await run_in_threadpool(prepare, n, d) for n, d in files]
-        probs = await asyncio.gather(*(batcher.submit(x) for x in tensors))
+        # Small images decode faster than a hop to a worker thread; big ones must not block the loop.
+        if sum(len(d) for _, d in files) <= INLINE_DECODE_BYTES:
+            inputs = prepare(files)
+        else:
+            inputs = await run_in_threadpool(prepare, files)
+        probs = await asyncio.gather(*(batcher.submit(x) for x in inputs))
         k = min(top_k, len(clf.class_names))
         results = []
         for (name, _), p in zip(files, probs, strict=True):
-            vals, idx = p.topk(k)
-            top = [{"label": clf.class_names[int(i)], "index": int(i), "prob": round(float(v), 6)}
-                   for v, i in zip(vals, idx, strict=True)]
+            idx = np.argsort(-p, kind="stable")[:k]
+            top = [{"label": clf.class_names[int(i)], "index": int(i), "prob": round(float(p[i]), 6)} for i in idx]
             results.append({"filename": name, "label": top[0]["label"], "top_k": top})
         return {"model": os.path.basename(model_dir.rstrip("/")), "results": results,
                 "latency_ms": round(1000 * (time.perf_counter() - t0), 2)}

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..images import decode_to_array
@@ -35,21 +36,24 @@ class Classifier:
         self.pre = loaded.preprocess
         example = torch.zeros(8, self.pre.channels, *self.pre.size)
         self.fn = optimize_for_cpu_inference(loaded.model, example)
-        self.mean = torch.tensor(self.pre.mean).view(-1, 1, 1)
-        self.std = torch.tensor(self.pre.std).view(-1, 1, 1)
+        self.mean = np.asarray(self.pre.mean, np.float32).reshape(-1, 1, 1)
+        self.inv_std = 1.0 / np.asarray(self.pre.std, np.float32).reshape(-1, 1, 1)
         self.metrics = loaded.metrics
 
-    def preprocess(self, data: bytes) -> torch.Tensor:
-        """Encoded image -> normalised ``(C, H, W)`` float tensor with the model's own transform."""
-        arr = decode_to_array(data, self.pre.channels, self.pre.size)  # (H, W, C) uint8
-        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)  # (C, H, W)
-        return (x - self.mean) / self.std
+    def preprocess(self, data: bytes) -> np.ndarray:
+        """Encoded image -> normalised ``(C, H, W)`` float32 with the model's own transform.
 
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` -> ``(B, K)`` softmax probabilities."""
+        Raises :class:`sparkvision.images.RejectError` for bytes that do not decode.
+        """
+        arr = decode_to_array(data, self.pre.channels, self.pre.size)  # (H, W, C) uint8
+        x = arr.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)  # (C, H, W) in [0, 1]
+        return (x - self.mean) * self.inv_std
+
+    def probabilities(self, batch: list[np.ndarray]) -> np.ndarray:
+        """``B`` inputs of ``(C, H, W)`` -> ``(B, K)`` softmax probabilities."""
         with torch.inference_mode():
-            x = batch.contiguous(memory_format=torch.channels_last)
-            return torch.softmax(self.fn(x).float(), dim=1)
+            x = torch.from_numpy(np.stack(batch)).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
+            return torch.softmax(self.fn(x).float(), dim=1).numpy()
 
 
 @dataclass
@@ -66,7 +70,7 @@ class BatchStats:
 class MicroBatcher:
     """Gathers up to ``max_batch`` items or ``max_wait_ms`` ms, then calls ``fn`` once in a thread."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], max_batch: int = 64,
+    def __init__(self, fn: Callable[[list[Any]], Any], max_batch: int = 64,
                  max_wait_ms: float = 5.0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -74,7 +78,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.stats = BatchStats()
-        self._queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] | None = None
+        self._queue: asyncio.Queue[tuple[Any, asyncio.Future]] | None = None
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparkvision-model")
 
@@ -84,8 +88,8 @@ class MicroBatcher:
             self._worker = asyncio.get_running_loop().create_task(self._run())
         return self._queue
 
-    async def submit(self, x: torch.Tensor) -> torch.Tensor:
-        """One ``(C, H, W)`` input -> its row of the model's output."""
+    async def submit(self, x: Any) -> Any:
+        """One input -> its row of ``fn``'s output (``fn`` takes the list of gathered inputs)."""
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         await self._ensure_started().put((x, fut))
         return await fut
@@ -114,7 +118,7 @@ class MicroBatcher:
             if not live:
                 continue
             try:
-                out = await loop.run_in_executor(self._executor, self.fn, torch.stack([x for x, _ in live]))
+                out = await loop.run_in_executor(self._executor, self.fn, [x for x, _ in live])
                 self.stats.calls += 1
                 self.stats.items += len(live)
                 self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(live))

@@ -9,7 +9,6 @@ reason, and submitting one is a 422.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -101,16 +100,36 @@ class DedupParams(Params):
     split: str | None = None
 
 
-class SSLParams(Params):
-    """Passed through as keyword arguments: the SSL module defines the rest of its options."""
+class PretrainParams(Params):
+    table: str = Field(description="Image table (its pool_split rows; labels ignored).")
+    out: str = Field(description="Encoder model directory to write.")
+    method: Literal["improved-simclr", "simsiam", "simclr"] | None = None
+    preset: str = Field("cpu-small", description="sparkvision.ssl.presets name; fields below override it.")
+    epochs: int | None = Field(None, ge=1, le=100_000)
+    batch_size: int | None = Field(None, ge=2, le=65_536)
+    workers: int | None = Field(None, ge=1, le=1024)
+    pool_split: str | None = None
+    monitor_split: str | None = None
+    resume: bool = False
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Other PretrainConfig fields.")
 
-    model_config = ConfigDict(extra="allow")
-    table: str
-    out: str
 
-
-class FinetuneParams(SSLParams):
-    model_dir: str = Field(description="Pretrained model directory.")
+class FinetuneParams(Params):
+    table: str = Field(description="Labelled image table.")
+    out: str = Field(description="Classifier model directory to write.")
+    encoder: str | None = Field(None, description="Pretrained encoder model dir (none: from scratch).")
+    label_fraction: float = Field(1.0, gt=0, le=1)
+    linear: bool = False
+    model: str = "cnn"
+    epochs: int = Field(40, ge=1, le=100_000)
+    batch_size: int = Field(128, ge=1, le=65_536)
+    lr: float = Field(2e-3, gt=0, le=10)
+    encoder_lr_scale: float = Field(0.1, ge=0, le=10)
+    workers: int = Field(1, ge=1, le=1024)
+    eval_split: str | None = "test"
+    eval_every: int = Field(5, ge=1)
+    resume: bool = False
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Other FinetuneConfig fields.")
 
 
 @dataclass
@@ -240,20 +259,20 @@ def _dedup(spark, p: DedupParams, ctx: JobContext) -> dict[str, Any]:
                        k=p.k, exact_only=p.exact_only, progress=_counting_progress(ctx, None))
 
 
-def _ssl(module: str, fn_name: str):
-    def run(spark, p: SSLParams, ctx: JobContext) -> dict[str, Any]:
-        mod = importlib.import_module(module)
-        fn = getattr(mod, fn_name)
-        kwargs = p.model_dump()
-        accepted = inspect.signature(fn).parameters
-        unknown = [k for k in kwargs if k not in accepted and not any(
-            v.kind is inspect.Parameter.VAR_KEYWORD for v in accepted.values())]
-        if unknown:
-            raise ValueError(f"{fn_name} does not take {', '.join(unknown)}; it takes {', '.join(accepted)}")
-        result = fn(spark, **kwargs)
-        return result if isinstance(result, dict) else getattr(result, "to_json", lambda: {"result": str(result)})()
+def _pretrain(spark, p: PretrainParams, ctx: JobContext) -> dict[str, Any]:
+    from ..ssl.pretrain import pretrain
 
-    return run
+    named = {k: v for k, v in p.model_dump(exclude={"table", "out", "method", "preset", "overrides"}).items()
+             if v is not None}
+    return pretrain(spark, p.table, p.out, method=p.method, preset=p.preset, **{**p.overrides, **named})
+
+
+def _finetune(spark, p: FinetuneParams, ctx: JobContext) -> dict[str, Any]:
+    from ..ssl.finetune import FinetuneConfig, finetune
+
+    fields = p.model_dump(exclude={"table", "out", "encoder", "eval_every", "overrides"})
+    cfg = FinetuneConfig(**{**p.overrides, **fields})
+    return finetune(spark, p.table, p.out, encoder=p.encoder, cfg=cfg, eval_every=p.eval_every)
 
 
 KINDS: dict[str, Kind] = {
@@ -263,11 +282,11 @@ KINDS: dict[str, Kind] = {
              description="Ingest a folder / IDX files / table into an image table.", result_key="table"),
         Kind("train", TrainParams, _train, inputs=("table",), outputs=("out",), module="sparkvision.train.engine",
              description="Train a classifier data-parallel (DDP on Spark barrier tasks).", result_key="out"),
-        Kind("pretrain", SSLParams, _ssl("sparkvision.ssl.pretrain", "pretrain"), inputs=("table",),
+        Kind("pretrain", PretrainParams, _pretrain, inputs=("table",),
              outputs=("out",), module="sparkvision.ssl.pretrain",
              description="Self-supervised pretraining on unlabelled images.", result_key="out"),
-        Kind("finetune", FinetuneParams, _ssl("sparkvision.ssl.finetune", "finetune"),
-             inputs=("table", "model_dir"), outputs=("out",), module="sparkvision.ssl.finetune",
+        Kind("finetune", FinetuneParams, _finetune,
+             inputs=("table",), outputs=("out",), module="sparkvision.ssl.finetune",
              description="Fine-tune a pretrained backbone on labelled images.", result_key="out"),
         Kind("evaluate", EvaluateParams, _evaluate, inputs=("model_dir", "table"), module="sparkvision.evaluate",
              description="Accuracy, per-class metrics and confusion matrix (written into the model dir).",
@@ -283,5 +302,6 @@ KINDS: dict[str, Kind] = {
              description="Exact and near-duplicate groups of an image table.", result_key="out"),
     )
 }
-# model_dir is optional for dedup: checked when given.
+# Optional inputs: confined to the data roots when given.
 KINDS["dedup"].extra["optional_inputs"] = ("model_dir",)
+KINDS["finetune"].extra["optional_inputs"] = ("encoder",)

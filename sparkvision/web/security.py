@@ -17,7 +17,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from ..images import RejectError, inspect_image
+from ..images import RejectError
 
 ENV_TOKEN = "SPARKVISION_API_TOKEN"
 
@@ -48,6 +48,7 @@ class Settings:
     max_pixels: int = 16_777_216  # 4096 x 4096
     batch_size: int = 64  # micro-batch: most requests per model call
     batch_wait_ms: float = 5.0  # micro-batch: longest wait for more requests
+    torch_threads: int = 1  # intra-op threads for serving; more only spin on a busy machine
     start_runner: bool = True
 
     def __post_init__(self) -> None:
@@ -147,12 +148,33 @@ def relative_name(path: str, roots: list[str]) -> str:
 
 
 def check_image(data: bytes, settings: Settings, name: str = "upload") -> None:
-    """Size and pixel limits, then a full decode; 413 / 422 with the reason."""
+    """Size and pixel limits, read from the header before any pixel is decoded: 413 / 422.
+
+    A corrupt body past the header is caught by the decoder (:func:`sparkvision.images.decode_to_array`
+    raises :class:`RejectError`), which the endpoints turn into 422 too.
+    """
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
     if len(data) > settings.max_upload_bytes:
         raise ApiError(413, f"{name} is {len(data):,} bytes; the limit is {settings.max_upload_bytes:,}",
                        "too_large")
+    if not data:
+        raise ApiError(422, f"{name}: empty_file (0 bytes)", "empty_file")
     try:
-        inspect_image(data, settings.max_pixels)
-    except RejectError as e:
-        status = 413 if e.reason == "too_many_pixels" else 422
-        raise ApiError(status, f"{name}: {e.reason}" + (f" ({e.detail})" if e.detail else ""), e.reason) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            width, height = Image.open(io.BytesIO(data)).size
+    except UnidentifiedImageError:
+        raise ApiError(422, f"{name}: not_an_image (no decoder recognises the bytes)", "not_an_image") from None
+    except Exception as e:  # noqa: BLE001 - any header failure means "not an image"
+        raise ApiError(422, f"{name}: not_an_image ({type(e).__name__}: {e})"[:300], "not_an_image") from None
+    if width * height > settings.max_pixels:
+        raise ApiError(413, f"{name}: too_many_pixels ({width}x{height} = {width * height:,} > max_pixels "
+                       f"{settings.max_pixels:,})", "too_many_pixels")
+
+
+def reject_to_api(e: RejectError, name: str) -> ApiError:
+    return ApiError(422, f"{name}: {e.reason}" + (f" ({e.detail})" if e.detail else ""), e.reason)
