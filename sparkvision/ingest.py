@@ -12,6 +12,7 @@ reason (see :data:`sparkvision.schema.REJECT_REASONS`).
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -241,8 +242,8 @@ def detect_source_kind(spark: SparkSession, source: str) -> str:
         return "table"
     if looks_like_idx(source):
         return "idx"
-    listing = _binary_reader(spark, None).load(storage.qualify(source)).select("path").limit(1000)
-    names = [r.path for r in listing.collect()]  # a sample of file names, never the data
+    # A sample of file names from Spark's file index: no job runs, no file is opened.
+    names = _binary_reader(spark, None).load(storage.qualify(source)).inputFiles()[:1000]
     if names and all(looks_like_idx(n) for n in names):
         return "idx"
     if names and all(n.endswith(".parquet") for n in names):
@@ -328,28 +329,35 @@ def ingest(
 
 
 def _decode_folder(spark, source, split, labeled, max_pixels, glob, on_listed):
+    """Read and decode every file in one pass; whatever the file index listed but the scan did not
+    return is then looked at one by one on the driver (usually nothing): zero bytes, or unreadable.
+    """
     root = qualified_root(spark, source)
     files = _binary_reader(spark, glob).load(root)
-    listing = _layout_columns(files.select("path", "length"), root, split, labeled)
-    listing = listing.persist(StorageLevel.MEMORY_AND_DISK)
-    names = [r.label_name for r in listing.select("label_name").distinct().collect() if r.label_name is not None]
-    empty = _zero_byte_files(spark, files, listing)
+    indexed = files.inputFiles()  # the listing Spark already holds on the driver: names only
     if on_listed is not None:
         on_listed()
-    content = _binary_reader(spark, glob).load(root).select("path", "content")
+    # Spark plans one task per ~32 small files (each file "costs" openCostInBytes = 4 MB), which
+    # for folders of thumbnails means thousands of tiny tasks; coalescing keeps reads local.
+    slots = spark.sparkContext.defaultParallelism
+    content = files.select("path", "content").coalesce(read_partitions(slots, len(indexed), _size_in_bytes(files)))
     content = _layout_columns(content, root, split, labeled)
     decoded = content.select("path", "content", "split", "label_name").mapInArrow(
         _decode_batches(max_pixels), DECODED_SCHEMA
     )
-    unreadable = listing.join(decoded.select("path"), "path", "left_anti").select(
-        "path",
-        F.lit("unreadable").alias("reason"),
-        F.lit("listed but could not be read (permissions, removed, or I/O error)").alias("detail"),
-        F.col("length").alias("size_bytes"),
-    )
-    if empty is not None:
-        unreadable = unreadable.unionByName(empty)
-    return decoded, unreadable, sorted(names)
+    decoded = decoded.persist(StorageLevel.MEMORY_AND_DISK)
+    counts = decoded.groupBy("label_name").count().collect()  # decodes everything, fills the cache
+    names = sorted(r.label_name for r in counts if r.label_name is not None)
+    missing = _missing_files(spark, indexed, sum(r["count"] for r in counts), decoded)
+    return decoded, missing, names
+
+
+def _size_in_bytes(df: DataFrame) -> int:
+    """Total size of the files behind ``df``, from the file index (no job runs); 0 if unknown."""
+    try:
+        return int(str(df._jdf.queryExecution().optimizedPlan().stats().sizeInBytes().toString()))
+    except Exception:  # noqa: BLE001 - only a partitioning hint
+        return 0
 
 
 def _spark_path(uri: str) -> str:
@@ -359,22 +367,39 @@ def _spark_path(uri: str) -> str:
     return unquote(uri)
 
 
-def _zero_byte_files(spark: SparkSession, files: DataFrame, listing: DataFrame) -> DataFrame | None:
-    """Rejects for the zero-byte files, which Spark's file scans silently skip.
+def read_partitions(slots: int, n_files: int, total_bytes: int) -> int:
+    """Tasks for decoding a folder: at least two per slot, at most ~64 MiB or 4,096 files each."""
+    return max(2 * slots, math.ceil(total_bytes / (64 << 20)), math.ceil(n_files / 4096))
 
-    The file index (already on the driver) still names them, so when it holds more files than the
-    scan returned, the difference is the empty files. Usually the counts match and nothing else runs.
+
+def _missing_files(spark: SparkSession, indexed: list[str], n_read: int, decoded: DataFrame) -> DataFrame | None:
+    """Rejects for files the index listed but the scan did not return.
+
+    Spark's file scans silently skip zero-byte files (``empty_file``) and, with
+    ``ignoreMissingFiles``/``ignoreCorruptFiles``, files that vanished or failed to read
+    (``unreadable``). Usually the counts match and nothing else runs.
     """
-    indexed = files.inputFiles()
-    if len(indexed) == listing.count():
+    if len(indexed) == n_read:
         return None
-    scanned = {r.path for r in listing.select("path").collect()}
-    empty = sorted({_spark_path(p) for p in indexed} - scanned)
-    if not empty:
+    scanned = {r.path for r in decoded.select("path").collect()}
+    rows = []
+    for path in sorted({_spark_path(p) for p in indexed} - scanned):
+        size = _file_size(spark, path)
+        if size == 0:
+            rows.append((path, "empty_file", "0 bytes", 0))
+        else:
+            rows.append((path, "unreadable", "listed but could not be read (permissions, removed, or I/O error)", size))
+    if not rows:
         return None
-    return spark.createDataFrame(
-        [(p, "empty_file", "0 bytes", 0) for p in empty], "path string, reason string, detail string, size_bytes long"
-    )
+    return spark.createDataFrame(rows, "path string, reason string, detail string, size_bytes long")
+
+
+def _file_size(spark: SparkSession, path: str) -> int | None:
+    try:
+        fs, p = storage._fs_and_path(spark, path)
+        return int(fs.getFileStatus(p).getLen())
+    except Exception:  # noqa: BLE001 - gone or unreadable: no size
+        return None
 
 
 def _decode_idx(spark, source, split, class_names):

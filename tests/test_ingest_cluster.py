@@ -27,6 +27,10 @@ DRIVER = textwrap.dedent(
     src, table = sys.argv[1:3]
     spark = get_spark("local-cluster[2,1,1024]", {"spark.sql.shuffle.partitions": "4"})
     sc = spark.sparkContext
+    import time
+    deadline = time.time() + 120
+    while sc._jsc.sc().getExecutorMemoryStatus().size() - 1 < 2 and time.time() < deadline:
+        time.sleep(0.5)  # executors register asynchronously
     executors = sc._jsc.sc().getExecutorMemoryStatus().size() - 1  # minus the driver
     worker_pids = sc.parallelize(range(8), 8).map(lambda _: os.getpid()).distinct().collect()
     summary = ingest(spark, src, table, max_pixels=1_000_000)
