@@ -162,6 +162,10 @@ def test_classify_bad_inputs(client, root):
                  403, "..")
     assert_error(client.post("/api/classify?model=tables/tiny", files=[("files", ("a.png", make_image(0)))]),
                  404, "not a sparkvision model")
+    assert_error(client.post("/api/classify", content=b"--x\r\ngarbage", headers={
+        "content-type": "multipart/form-data; boundary=x"}), 422)
+    too_many = [("files", (f"{i}.png", make_image(0), "image/png")) for i in range(65)]  # max_files 64
+    assert_error(client.post("/api/classify", files=too_many), 400, "too many files")
     # Content-Length over the request limit is refused before the body is read.
     huge = client.post("/api/classify", content=b"x", headers={"content-type": "image/png",
                                                                 "content-length": str(10**10)})

@@ -39,6 +39,7 @@ log = logging.getLogger("sparkvision.web")
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 RAW_TYPES = ("image/", "application/octet-stream")
 INLINE_DECODE_BYTES = 64 * 1024
+MAX_MODELS = 4  # classifiers kept loaded (the --model one plus ?model= ones)
 
 UPLOAD_BODY = {
     "requestBody": {
@@ -118,6 +119,18 @@ class State:
                 self.batchers[model_dir] = MicroBatcher(clf.probabilities, self.settings.batch_size,
                                                         self.settings.batch_wait_ms)
             return self.classifiers[model_dir], self.batchers[model_dir]
+
+    async def evict_models(self, keep: str | None) -> None:
+        """Bound memory: at most MAX_MODELS loaded; the oldest other than ``keep`` goes first."""
+        while len(self.classifiers) >= MAX_MODELS:
+            victim = next((k for k in self.classifiers if k != keep), None)
+            if victim is None:
+                return
+            with self.model_lock:
+                self.classifiers.pop(victim, None)
+                batcher = self.batchers.pop(victim, None)
+            if batcher is not None:
+                await batcher.close()
 
     def search_index(self):
         from ..retrieval.search import SearchIndex
@@ -201,18 +214,20 @@ def create_app(settings: Settings, *, store: JobStore | None = None, spark_facto
         ctype = request.headers.get("content-type", "")
         limit = settings.max_upload_bytes
         if ctype.startswith("multipart/form-data"):
+            out = []
             try:
-                form = await request.form(max_files=max_files, max_fields=max_files + 10)
+                async with request.form(max_files=max_files, max_fields=max_files + 10) as form:
+                    for key, value in form.multi_items():
+                        if key in field_names and isinstance(value, UploadFile):
+                            data = await value.read(limit + 1)
+                            name = value.filename or key
+                            if len(data) > limit:
+                                raise ApiError(413, f"{name} is over the {limit:,}-byte upload limit", "too_large")
+                            out.append((name, data))
+            except ApiError:
+                raise
             except Exception as e:  # noqa: BLE001 - malformed multipart is the client's error
                 raise ApiError(400, f"could not read the multipart body: {e}", "bad_upload") from None
-            out = []
-            for key, value in form.multi_items():
-                if key in field_names and isinstance(value, UploadFile):
-                    data = await value.read(limit + 1)
-                    name = value.filename or key
-                    if len(data) > limit:
-                        raise ApiError(413, f"{name} is over the {limit:,}-byte upload limit", "too_large")
-                    out.append((name, data))
             if not out:
                 raise ApiError(422, f"no image uploaded: send multipart field {' or '.join(field_names)!s}",
                                "no_upload")
@@ -269,6 +284,7 @@ def create_app(settings: Settings, *, store: JobStore | None = None, spark_facto
         if model_dir in st().classifiers:  # loaded: no hop to a worker thread
             clf, batcher = st().classifiers[model_dir], st().batchers[model_dir]
         else:
+            await st().evict_models(keep=settings.model_dir)
             clf, batcher = await run_in_threadpool(st().classifier, model_dir)
 
         def prepare(items: list[tuple[str, bytes]]) -> list:
