@@ -240,7 +240,7 @@ class Runner:
                         if ep > last_epoch:
                             last_epoch = ep
                             self.store.append_log(job_id, "epoch " + json.dumps(metrics["last_epoch"]))
-                if "progress" not in fields:
+                if "progress" not in fields and not out:  # training: only its own steps count
                     pct = self._spark_progress(job_id)
                     if live.get("progress"):
                         pct = live["progress"]
