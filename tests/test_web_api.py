@@ -224,7 +224,7 @@ def test_models_and_tables(client, root):
     tables = {t["name"]: t for t in client.get("/api/tables").json()["tables"]}
     assert tables["tables/tiny"]["kind"] == "image" and tables["tables/tiny"]["rows"] == 20
     assert tables["tables/preds"]["kind"] == "predictions"
-    assert tables["features"]["kind"] == "features"
+    assert tables["features"]["kind"] == "features" and "index" not in tables
     page = client.get("/api/tables/tables/tiny/rows?offset=15&limit=10").json()
     assert page["total"] == 20 and len(page["rows"]) == 5
     assert all(r["thumb"].startswith("data:image/png") for r in page["rows"])

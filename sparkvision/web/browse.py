@@ -128,7 +128,7 @@ def list_tables(roots: list[str]) -> list[dict[str, Any]]:
     out = []
     for dirpath, dirnames, files in _walk(roots):
         if META_FILE in files or "_SUCCESS" in files or any(f.endswith(".parquet") for f in files):
-            if is_model_dir(dirpath):
+            if is_model_dir(dirpath) or "index.faiss" in files:  # a model or a search index, not a table
                 continue
             try:
                 out.append(describe_table(dirpath, roots))
