@@ -72,15 +72,29 @@ def edits(rng: np.random.Generator):
         g = float(rng.uniform(0.75, 0.9))
         return Image.fromarray((255 * (np.asarray(im, np.float32) / 255) ** g).astype(np.uint8))
 
-    return {"rotate": rotate, "blur": blur, "shift": shift, "contrast": contrast, "noise": noise, "rescale": rescale, "gamma": gamma}
+    return {
+        "rotate": rotate,
+        "blur": blur,
+        "shift": shift,
+        "contrast": contrast,
+        "noise": noise,
+        "rescale": rescale,
+        "gamma": gamma,
+    }
 
 
-def make_table(spark, source: str, split: str, n_orig: int | None, n_copies: int, out: str, seed: int) -> dict[str, str]:
+def make_table(
+    spark, source: str, split: str, n_orig: int | None, n_copies: int, out: str, seed: int
+) -> dict[str, str]:
     """An image table of ``split`` originals plus planted copies; returns copy path -> original path."""
     from sparkvision.schema import IMAGE_SCHEMA
     from sparkvision.table import TableMeta, write_meta
 
-    t = pads.dataset(source, format="parquet").to_table(filter=pads.field("split") == split).sort_by("content_id")
+    t = (
+        pads.dataset(source, format="parquet")
+        .to_table(filter=pads.field("split") == split)
+        .sort_by("content_id")
+    )
     rng = np.random.default_rng(seed)
     if n_orig is not None and n_orig < t.num_rows:
         t = t.take(np.sort(rng.choice(t.num_rows, n_orig, replace=False)))
@@ -112,7 +126,9 @@ def score(labels_of: dict[str, int], truth: dict[str, str]) -> dict[str, float]:
     orig_sizes = Counter(g for p, g in labels_of.items() if not p.startswith("planted/"))
     pred = sum(n * (n - 1) // 2 for n in sizes.values())
     among_orig = sum(n * (n - 1) // 2 for n in orig_sizes.values())
-    found = sum(1 for c, o in truth.items() if c in labels_of and o in labels_of and labels_of[c] == labels_of[o])
+    found = sum(
+        1 for c, o in truth.items() if c in labels_of and o in labels_of and labels_of[c] == labels_of[o]
+    )
     # two copies of the same original are a true pair too (transitively), counted as found pairs
     return {
         "predicted_pairs": pred,
@@ -137,7 +153,7 @@ def calibrate(out: str, n_desc: int, truth: dict[str, str], k: int) -> tuple[flo
     sweep = []
     for th in np.round(np.arange(0.90, 0.99951, 0.0005), 4):
         labels = union_find(len(paths), ((a, b) for a, b, s in all_pairs if s >= th))
-        s = score({p: int(lab) for p, lab in zip(paths, labels)}, truth)
+        s = score({p: int(lab) for p, lab in zip(paths, labels, strict=False)}, truth)
         sweep.append({"threshold": float(th), **{k2: round(v, 4) for k2, v in s.items()}})
     ok = [s for s in sweep if s["precision"] >= 0.98]
     best = min(ok, key=lambda s: s["threshold"]) if ok else max(sweep, key=lambda s: s["precision"])
@@ -162,7 +178,9 @@ def main() -> None:
     # 1. calibration on the train split
     cal_table = os.path.join(args.out, "cal_table")
     cal_truth = make_table(spark, source, "train", 5000, 1000, cal_table, seed=1)
-    cal = dedup_table(spark, cal_table, os.path.join(args.out, "cal"), model_dir=model_dir, threshold=0.99, k=args.k)
+    cal = dedup_table(
+        spark, cal_table, os.path.join(args.out, "cal"), model_dir=model_dir, threshold=0.99, k=args.k
+    )
     threshold, sweep = calibrate(os.path.join(args.out, "cal"), cal["rows"], cal_truth, args.k)
     print(f"calibrated threshold {threshold} on train-split copies", flush=True)
 
@@ -170,7 +188,9 @@ def main() -> None:
     test_table = os.path.join(args.out, "test_table")
     truth = make_table(spark, source, "test", None, 2000, test_table, seed=2)
     t0 = time.perf_counter()
-    summary = dedup_table(spark, test_table, os.path.join(args.out, "test"), model_dir=model_dir, threshold=threshold, k=args.k)
+    summary = dedup_table(
+        spark, test_table, os.path.join(args.out, "test"), model_dir=model_dir, threshold=threshold, k=args.k
+    )
     elapsed = time.perf_counter() - t0
     g = pq.read_table(os.path.join(args.out, "test", "groups.parquet")).to_pylist()
     labels_of = {r["path"]: r["group_id"] for r in g}
@@ -187,7 +207,10 @@ def main() -> None:
         "threshold_calibrated_on": "5,000 train-split images + 1,000 copies (lowest threshold with precision >= 0.98)",
         "precision": round(s["precision"], 4),
         "recall": round(s["recall"], 4),
-        **{k: s[k] for k in ("predicted_pairs", "true_pairs", "true_positives", "false_pairs_between_originals")},
+        **{
+            k: s[k]
+            for k in ("predicted_pairs", "true_pairs", "true_positives", "false_pairs_between_originals")
+        },
         "recall_per_edit": {k: round(float(np.mean(v)), 4) for k, v in sorted(per_edit.items())},
         "total_s": round(elapsed, 1),
         "dedup_summary": summary,
@@ -200,19 +223,38 @@ def main() -> None:
     with open(os.path.join(args.results, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
     lines = [
-        f"# {result['benchmark']}", "",
+        f"# {result['benchmark']}",
+        "",
         f"Descriptor: {args.descriptor} ({model_dir or 'grayscale 16x16, mirror-symmetrised'}); threshold {threshold} "
-        f"calibrated on the train split.", "",
+        f"calibrated on the train split.",
+        "",
         f"- precision {result['precision']:.4f} (target 0.98: {'met' if result['target_precision_met'] else 'missed'})",
         f"- recall {result['recall']:.4f} (target 0.95: {'met' if result['target_recall_met'] else 'missed'})",
         f"- predicted pairs {s['predicted_pairs']}, true positives {s['true_positives']} of {s['true_pairs']}, "
         f"false pairs between two originals {s['false_pairs_between_originals']}",
         f"- total time {elapsed:.1f} s for {summary['rows']:,} images (descriptors on Spark, index, kNN, grouping)",
-        "", "| edit | recall |", "|---|---:|",
+        "",
+        "| edit | recall |",
+        "|---|---:|",
     ] + [f"| {k} | {v:.4f} |" for k, v in result["recall_per_edit"].items()]
     with open(os.path.join(args.results, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(json.dumps({k: result[k] for k in ("threshold", "precision", "recall", "recall_per_edit", "total_s", "false_pairs_between_originals")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "threshold",
+                    "precision",
+                    "recall",
+                    "recall_per_edit",
+                    "total_s",
+                    "false_pairs_between_originals",
+                )
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

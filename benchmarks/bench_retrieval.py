@@ -77,7 +77,9 @@ def map_codes(db: np.ndarray, q: np.ndarray, db_y: np.ndarray, q_y: np.ndarray, 
     return _both(db_y[rows] == q_y[:, None])
 
 
-def load_split(features: str, split: str, column: str = "embedding") -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_split(
+    features: str, split: str, column: str = "embedding"
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     t = pads.dataset(features.replace("file://", ""), format="parquet").to_table(
         filter=pads.field("split") == split, columns=["content_id", "label", column]
     )
@@ -88,9 +90,11 @@ def load_split(features: str, split: str, column: str = "embedding") -> tuple[np
 def pixels(table: str, split: str) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
     from sparkvision.images import decode_to_array
 
-    t = pads.dataset(table, format="parquet").to_table(
-        filter=pads.field("split") == split, columns=["content_id", "label", "image"]
-    ).sort_by("content_id")
+    t = (
+        pads.dataset(table, format="parquet")
+        .to_table(filter=pads.field("split") == split, columns=["content_id", "label", "image"])
+        .sort_by("content_id")
+    )
     imgs = t.column("image").to_pylist()
     x = np.stack([decode_to_array(b, 1, None).reshape(-1) for b in imgs]).astype(np.float32) / 255
     return x, t.column("label").to_numpy(), imgs
@@ -153,15 +157,30 @@ def main() -> None:
 
     def record(name: str, features: str, kind: str, m: float, t: float, **extra) -> None:
         strict = STRICT["last"]
-        rows.append({"method": name, "features": features, "kind": kind, "map@100": round(m, 4),
-                     "strict_map@100": round(strict, 4), "seconds": round(t, 1), **extra})
+        rows.append(
+            {
+                "method": name,
+                "features": features,
+                "kind": kind,
+                "map@100": round(m, 4),
+                "strict_map@100": round(strict, 4),
+                "seconds": round(t, 1),
+                **extra,
+            }
+        )
         print(f"{name:32s} {kind:12s} mAP@100 {m:.4f} strict {strict:.4f} ({t:.1f}s)", flush=True)
 
     # --- raw pixels ---------------------------------------------------------------------------
     t0 = time.perf_counter()
     px_db, y_db, _ = pixels(args.table, "train")
     px_q, y_q, _ = pixels(args.table, "test")
-    record("pixels (float, cosine)", "pixels", "float 784-d", map_float(l2n(px_db), l2n(px_q), y_db, y_q), time.perf_counter() - t0)
+    record(
+        "pixels (float, cosine)",
+        "pixels",
+        "float 784-d",
+        map_float(l2n(px_db), l2n(px_q), y_db, y_q),
+        time.perf_counter() - t0,
+    )
     t0 = time.perf_counter()
     h = lsh(px_db.shape[1], bits, mean=px_db.mean(0))
     m_lsh_px = map_codes(h.encode(px_db), h.encode(px_q), y_db, y_q)
@@ -169,7 +188,13 @@ def main() -> None:
     record(f"LSH-{bits} on pixels", "pixels", f"{bits}-bit", m_lsh_px, time.perf_counter() - t0)
     t0 = time.perf_counter()
     h = itq(px_db, bits)
-    record(f"ITQ-{bits} on pixels", "pixels", f"{bits}-bit", map_codes(h.encode(px_db), h.encode(px_q), y_db, y_q), time.perf_counter() - t0)
+    record(
+        f"ITQ-{bits} on pixels",
+        "pixels",
+        f"{bits}-bit",
+        map_codes(h.encode(px_db), h.encode(px_q), y_db, y_q),
+        time.perf_counter() - t0,
+    )
 
     # --- encoders: supervised CNN, and self-supervised if present --------------------------------
     from sparkvision.session import get_spark
@@ -194,7 +219,13 @@ def main() -> None:
         record(f"{label} features (float)", label, f"float {f_db.shape[1]}-d", m_float, t_embed, embed=es)
         t0 = time.perf_counter()
         h = lsh(f_db.shape[1], bits, mean=f_db.mean(0))
-        record(f"LSH-{bits} on {label}", label, f"{bits}-bit", map_codes(h.encode(f_db), h.encode(f_q), fy_db, fy_q), time.perf_counter() - t0)
+        record(
+            f"LSH-{bits} on {label}",
+            label,
+            f"{bits}-bit",
+            map_codes(h.encode(f_db), h.encode(f_q), fy_db, fy_q),
+            time.perf_counter() - t0,
+        )
         t0 = time.perf_counter()
         h = itq(f_db, bits)
         m_itq = map_codes(h.encode(f_db), h.encode(f_q), fy_db, fy_q)
@@ -202,9 +233,11 @@ def main() -> None:
         # DeepBit: rotated views of a 20k subset of the train split (no labels used)
         t0 = time.perf_counter()
         if train_imgs is None:
-            t = pads.dataset(args.table, format="parquet").to_table(
-                filter=pads.field("split") == "train", columns=["content_id", "image"]
-            ).sort_by("content_id")
+            t = (
+                pads.dataset(args.table, format="parquet")
+                .to_table(filter=pads.field("split") == "train", columns=["content_id", "image"])
+                .sort_by("content_id")
+            )
             assert t.column("content_id").to_pylist() == ids_db
             train_imgs = t.column("image").to_pylist()
         sub = np.random.default_rng(0).choice(len(f_db), 20_000, replace=False)
@@ -217,8 +250,13 @@ def main() -> None:
             sm = STRICT["last"]
             bal = np.unpackbits(h.encode(f_db), axis=1).mean(0)
             record(
-                f"DeepBit-{nb} on {label}", label, f"{nb}-bit", m, time.perf_counter() - t0 + t_rot,
-                bit_balance=[round(float(bal.min()), 3), round(float(bal.max()), 3)], final_loss=last,
+                f"DeepBit-{nb} on {label}",
+                label,
+                f"{nb}-bit",
+                m,
+                time.perf_counter() - t0 + t_rot,
+                bit_balance=[round(float(bal.min()), 3), round(float(bal.max()), 3)],
+                final_loss=last,
             )
             if nb == bits:
                 targets[label] = {
@@ -231,8 +269,11 @@ def main() -> None:
                     "target_2x_lsh_pixels_met": m >= 2 * m_lsh_px,
                     "target_90pct_float_met": m >= 0.9 * m_float,
                     "strict": {
-                        "deepbit_map": round(sm, 4), "float_map": round(s_float, 4), "lsh_pixels_map": round(s_lsh_px, 4),
-                        "vs_lsh_pixels": round(sm / s_lsh_px, 3), "vs_float": round(sm / s_float, 3),
+                        "deepbit_map": round(sm, 4),
+                        "float_map": round(s_float, 4),
+                        "lsh_pixels_map": round(s_lsh_px, 4),
+                        "vs_lsh_pixels": round(sm / s_lsh_px, 3),
+                        "vs_float": round(sm / s_float, 3),
                     },
                 }
     result = {
@@ -247,13 +288,24 @@ def main() -> None:
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, "retrieval.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
-    lines = ["# Retrieval mAP@100 on Fashion-MNIST", "", "| method | kind | mAP@100 | strict mAP@100 | time (s) |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['method']} | {r['kind']} | {r['map@100']:.4f} | {r['strict_map@100']:.4f} | {r['seconds']} |" for r in rows]
+    lines = [
+        "# Retrieval mAP@100 on Fashion-MNIST",
+        "",
+        "| method | kind | mAP@100 | strict mAP@100 | time (s) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['method']} | {r['kind']} | {r['map@100']:.4f} | {r['strict_map@100']:.4f} | {r['seconds']} |"
+        for r in rows
+    ]
     for label, tg in targets.items():
-        lines += ["", f"**{label}**: DeepBit-{bits} {tg['deepbit_map']:.4f} = {tg['vs_lsh_pixels']:.2f}x LSH-{bits} on pixels "
-                  f"(target 2x: {'met' if tg['target_2x_lsh_pixels_met'] else 'missed'}), {100 * tg['vs_float']:.1f}% of float "
-                  f"(target 90%: {'met' if tg['target_90pct_float_met'] else 'missed'}). Strict AP: "
-                  f"{tg['strict']['vs_lsh_pixels']:.2f}x LSH on pixels, {100 * tg['strict']['vs_float']:.1f}% of float."]
+        lines += [
+            "",
+            f"**{label}**: DeepBit-{bits} {tg['deepbit_map']:.4f} = {tg['vs_lsh_pixels']:.2f}x LSH-{bits} on pixels "
+            f"(target 2x: {'met' if tg['target_2x_lsh_pixels_met'] else 'missed'}), {100 * tg['vs_float']:.1f}% of float "
+            f"(target 90%: {'met' if tg['target_90pct_float_met'] else 'missed'}). Strict AP: "
+            f"{tg['strict']['vs_lsh_pixels']:.2f}x LSH on pixels, {100 * tg['strict']['vs_float']:.1f}% of float.",
+        ]
     lines += [""] + [f"- {n}" for n in notes]
     with open(os.path.join(args.results, "retrieval.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -55,14 +55,18 @@ def write_shards(root: str, x: np.ndarray, shards: int) -> None:
     d = x.shape[1]
     for s, part in enumerate(np.array_split(np.arange(len(x)), shards)):
         emb = pa.ListArray.from_arrays(
-            pa.array(np.arange(0, (len(part) + 1) * d, d), pa.int32()), pa.array(x[part].ravel(), pa.float32())
+            pa.array(np.arange(0, (len(part) + 1) * d, d), pa.int32()),
+            pa.array(x[part].ravel(), pa.float32()),
         )
         ids = pa.array([f"{i:08d}" for i in part])
-        pq.write_table(pa.table({"content_id": ids, "path": ids, "embedding": emb}), os.path.join(root, f"part-{s:03d}.parquet"))
+        pq.write_table(
+            pa.table({"content_id": ids, "path": ids, "embedding": emb}),
+            os.path.join(root, f"part-{s:03d}.parquet"),
+        )
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
-    return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)]))
+    return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth, strict=False)]))
 
 
 def main() -> None:
@@ -108,7 +112,9 @@ def main() -> None:
         nb = idx.search(q, 10)
         dt = time.perf_counter() - t0
         r = recall_at(nb.rows, truth)
-        rows.append({"nprobe": nprobe, "recall@10": round(r, 4), "queries_per_s": round(args.queries / dt, 1)})
+        rows.append(
+            {"nprobe": nprobe, "recall@10": round(r, 4), "queries_per_s": round(args.queries / dt, 1)}
+        )
         print(f"nprobe {nprobe}: recall@10 {r:.4f}, {args.queries / dt:,.0f} q/s", flush=True)
     ok = [r for r in rows if r["recall@10"] >= 0.95 and r["queries_per_s"] >= 1000]
     best = max(ok, key=lambda r: r["queries_per_s"]) if ok else max(rows, key=lambda r: r["recall@10"])
@@ -128,12 +134,25 @@ def main() -> None:
     name = "search" if args.data == "clustered" else f"search_{args.data}"
     with open(os.path.join(args.results, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=2)
-    lines = [f"# {result['benchmark']}", "", f"Index: `{summary['factory']}`, built in {summary['build_s']} s "
-             f"({summary['explain']}). Exact search: {exact_qps:,.0f} q/s. FAISS threads: {threads}.", "",
-             "| nprobe | recall@10 | queries/s |", "|---:|---:|---:|"]
+    lines = [
+        f"# {result['benchmark']}",
+        "",
+        f"Index: `{summary['factory']}`, built in {summary['build_s']} s "
+        f"({summary['explain']}). Exact search: {exact_qps:,.0f} q/s. FAISS threads: {threads}.",
+        "",
+        "| nprobe | recall@10 | queries/s |",
+        "|---:|---:|---:|",
+    ]
     lines += [f"| {r['nprobe']} | {r['recall@10']:.4f} | {r['queries_per_s']:,.0f} |" for r in rows]
-    lines += ["", f"Target (recall@10 >= 0.95 at >= 1,000 q/s): {'met' if ok else 'missed'}"
-              + (f", best nprobe {best['nprobe']}: recall {best['recall@10']}, {best['queries_per_s']:,.0f} q/s." if ok else ".")]
+    lines += [
+        "",
+        f"Target (recall@10 >= 0.95 at >= 1,000 q/s): {'met' if ok else 'missed'}"
+        + (
+            f", best nprobe {best['nprobe']}: recall {best['recall@10']}, {best['queries_per_s']:,.0f} q/s."
+            if ok
+            else "."
+        ),
+    ]
     with open(os.path.join(args.results, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(json.dumps({k: result[k] for k in ("target_met", "best_meeting_target", "total_s")}))

@@ -37,7 +37,10 @@ def test_keep_rule():
 def test_pairs_above_threshold():
     scores = np.array([[1.0, 0.97, 0.5], [1.0, 0.97, 0.2]], np.float32)
     rows = np.array([[10, 11, 3], [11, 10, -1]])
-    assert pairs_above(scores, rows, 10, 0.95) == [(10, 11, pytest.approx(0.97)), (10, 11, pytest.approx(0.97))]
+    assert pairs_above(scores, rows, 10, 0.95) == [
+        (10, 11, pytest.approx(0.97)),
+        (10, 11, pytest.approx(0.97)),
+    ]
 
 
 def test_pixel_descriptor_invariances():
@@ -83,15 +86,17 @@ COPIES = {
 @pytest.fixture(scope="module")
 def planted_table(spark, tmp_path_factory):
     """30 distinct images, copies of four of them (one per edit), and one exact duplicate row."""
-    from sparkvision.schema import IMAGE_SCHEMA
     from sparkvision.images import content_id
+    from sparkvision.schema import IMAGE_SCHEMA
     from sparkvision.table import TableMeta, write_meta
 
     rows = []
 
     def add(data: bytes, path: str) -> None:
         im = Image.open(io.BytesIO(data))
-        rows.append((content_id(data), path, data, im.format, im.height, im.width, 1, None, None, "unlabeled"))
+        rows.append(
+            (content_id(data), path, data, im.format, im.height, im.width, 1, None, None, "unlabeled")
+        )
 
     originals = [distinct_image(s) for s in range(30)]
     for i, im in enumerate(originals):
@@ -138,3 +143,16 @@ def test_dedup_exact_only_and_bad_options(spark, planted_table, tmp_path):
     with pytest.raises(ValueError, match="threshold"):
         dedup_table(spark, planted_table, str(tmp_path / "x"), threshold=2.0)
     assert not os.path.exists(tmp_path / "x" / "groups.parquet")
+
+
+def test_cli_dedup(planted_table, spark, tmp_path):
+    from typer.testing import CliRunner
+
+    from sparkvision.cli import app
+
+    r = CliRunner().invoke(app, ["dedup", planted_table, str(tmp_path / "d"), "--exact-only", "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output.strip().splitlines()[-1])
+    assert s["exact_groups"] == 1 and s["rows_to_remove"] == 1
+    r = CliRunner().invoke(app, ["dedup", planted_table, str(tmp_path / "e"), "--keep", "newest", "--json"])
+    assert r.exit_code == 2 and "keep" in r.output

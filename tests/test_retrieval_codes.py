@@ -55,7 +55,12 @@ def test_deepbit_loss_matches_its_equations():
     inv = ((z - za) ** 2).sum(1).mean() / 16
     fn = f / f.norm(dim=1, keepdim=True)
     preserve = ((z @ z.T / 16 - fn @ fn.T) ** 2).mean()
-    for name, ref in (("quantisation", quant), ("balance", balance), ("invariance", inv), ("preserve", preserve)):
+    for name, ref in (
+        ("quantisation", quant),
+        ("balance", balance),
+        ("invariance", inv),
+        ("preserve", preserve),
+    ):
         assert torch.allclose(terms[name], ref, atol=1e-6), name
     assert torch.allclose(terms["loss"], quant + 2 * balance + 0.5 * inv + 3 * preserve, atol=1e-6)
     # binary, balanced, identical views: only the preservation term is left

@@ -43,7 +43,9 @@ def _write_shards(root, x: np.ndarray, shards: int) -> None:
             pa.array(np.arange(0, (len(part) + 1) * x.shape[1], x.shape[1]), pa.int32()),
             pa.array(x[part].ravel(), pa.float32()),
         )
-        t = pa.table({"content_id": [f"id{i}" for i in part], "path": [f"/p/{i}.png" for i in part], "embedding": emb})
+        t = pa.table(
+            {"content_id": [f"id{i}" for i in part], "path": [f"/p/{i}.png" for i in part], "embedding": emb}
+        )
         pq.write_table(t, os.path.join(root, f"part-{s:03d}.parquet"))
 
 
@@ -53,7 +55,9 @@ def test_ivf_built_shard_by_shard_finds_itself(tmp_path):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     _write_shards(tmp_path / "feat", x, shards=5)
     seen = []
-    s = build_index(str(tmp_path / "feat"), str(tmp_path / "idx"), kind="ivf", progress=lambda n, note: seen.append(n))
+    s = build_index(
+        str(tmp_path / "feat"), str(tmp_path / "idx"), kind="ivf", progress=lambda n, note: seen.append(n)
+    )
     assert s["kind"] == "ivf" and s["rows"] == 6000 and "lists" in s["explain"]
     assert len(seen) == 5  # one add per Parquet file
     idx = SearchIndex(str(tmp_path / "idx"), nprobe=s["params"]["nlist"])  # all lists: exact
@@ -115,7 +119,7 @@ def test_each_image_is_its_own_nearest_neighbour(spark, features, tmp_path):
     nb = bidx.search(vectors_of(x, "embedding"), 96)  # float queries are encoded by the hasher
     ids = bidx.ids.column("content_id").to_pylist()
     for q, cid in enumerate(x.column("content_id").to_pylist()):
-        own = [s for s, r in zip(nb.scores[q], nb.rows[q]) if ids[r] == cid]
+        own = [s for s, r in zip(nb.scores[q], nb.rows[q], strict=False) if ids[r] == cid]
         assert own == [1.0]
 
 
@@ -161,3 +165,23 @@ def test_cli_index_and_search(features, tiny_table, spark, tmp_path):
     assert len(res["neighbours"]) == 4 and res["neighbours"][0]["content_id"] == row.content_id
     r = runner.invoke(app, ["search", str(tmp_path / "nope"), str(tmp_path / "q.png"), "--json"])
     assert r.exit_code == 2 and "not an index directory" in r.output
+
+
+def test_cli_embed_with_codes(spark, tiny_table, model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from sparkvision.cli import app
+
+    out = str(tmp_path / "f")
+    r = CliRunner().invoke(
+        app, ["embed", model_dir, tiny_table, out, "--bits", "32", "--split", "test", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output.strip().splitlines()[-1])
+    assert s["rows"] == 32 and s["code_method"] == "deepbit" and s["bits"] == 32
+    assert os.path.exists(os.path.join(out, "_hasher", "hasher.safetensors"))
+    r = CliRunner().invoke(app, ["index", out, str(tmp_path / "bi"), "--codes", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["kind"] == "binary_flat"
+    r = CliRunner().invoke(app, ["embed", model_dir, tiny_table, out, "--bits", "48", "--json"])
+    assert r.exit_code == 2 and "32, 64 or 128" in r.output

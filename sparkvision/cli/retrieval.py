@@ -31,7 +31,15 @@ def embed(
     def body() -> dict[str, Any]:
         spark = spark_from(master, conf)
         return embed_with_codes(
-            spark, model, table, out, bits=bits, method=code_method, sample=sample, split=split, batch_size=batch_size
+            spark,
+            model,
+            table,
+            out,
+            bits=bits,
+            method=code_method,
+            sample=sample,
+            split=split,
+            batch_size=batch_size,
         )
 
     emit(guarded(body, json_out), json_out)
@@ -44,7 +52,9 @@ def index(
         str, typer.Option(help="auto | flat | ivf | ivfpq | hnsw | binary_flat | binary_ivf.")
     ] = "auto",
     codes: Annotated[bool, typer.Option("--codes", help="Index the binary `code` column (Hamming).")] = False,
-    nprobe: Annotated[int | None, typer.Option(help="IVF lists searched per query (default: chosen).")] = None,
+    nprobe: Annotated[
+        int | None, typer.Option(help="IVF lists searched per query (default: chosen).")
+    ] = None,
     ef_search: Annotated[int | None, typer.Option(help="HNSW efSearch (default 64).")] = None,
     master: Master = None,
     conf: Conf = None,
@@ -85,22 +95,39 @@ def _render_search(s: dict[str, Any]) -> None:
         for col in ("rank", "score", "path", "label", "content_id"):
             t.add_column(col, justify="right" if col in ("rank", "score") else "left")
         for h in q["neighbours"]:
-            t.add_row(str(h["rank"]), f"{h['score']:.4f}", str(h["path"]), str(h["label_name"] or ""), h["content_id"][:12])
+            t.add_row(
+                str(h["rank"]),
+                f"{h['score']:.4f}",
+                str(h["path"]),
+                str(h["label_name"] or ""),
+                h["content_id"][:12],
+            )
         console.print(t)
 
 
 def search(
-    index_dir: Annotated[str, typer.Argument(metavar="INDEX", help="Index directory from `sparkvision index`.")],
+    index_dir: Annotated[
+        str, typer.Argument(metavar="INDEX", help="Index directory from `sparkvision index`.")
+    ],
     images: Annotated[list[str] | None, typer.Argument(metavar="IMAGE...", help="Query image files.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = 10,
-    model: Annotated[str | None, typer.Option(help="Model directory (default: the one that built the index).")] = None,
-    table: Annotated[
-        str | None, typer.Option(help="Batch mode: search every row of this image or features table on the executors.")
+    model: Annotated[
+        str | None, typer.Option(help="Model directory (default: the one that built the index).")
     ] = None,
-    out: Annotated[str | None, typer.Option(help="Batch mode output (Parquet), one row per (query, neighbour).")] = None,
+    table: Annotated[
+        str | None,
+        typer.Option(help="Batch mode: search every row of this image or features table on the executors."),
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Batch mode output (Parquet), one row per (query, neighbour).")
+    ] = None,
     split: Annotated[str | None, typer.Option(help="Batch mode: only this split.")] = None,
-    nprobe: Annotated[int | None, typer.Option(help="IVF lists searched per query (overrides the index's).")] = None,
-    exclude_self: Annotated[bool, typer.Option("--exclude-self", help="Batch mode: drop a query's own row.")] = False,
+    nprobe: Annotated[
+        int | None, typer.Option(help="IVF lists searched per query (overrides the index's).")
+    ] = None,
+    exclude_self: Annotated[
+        bool, typer.Option("--exclude-self", help="Batch mode: drop a query's own row.")
+    ] = False,
     master: Master = None,
     conf: Conf = None,
     json_out: JsonOut = False,
@@ -114,11 +141,23 @@ def search(
                 raise ValueError("--table needs --out for the results table")
             spark = spark_from(master, conf)
             return search_table(
-                spark, index_dir, table, out, k=k, model_dir=model, split=split, nprobe=nprobe, exclude_self=exclude_self
+                spark,
+                index_dir,
+                table,
+                out,
+                k=k,
+                model_dir=model,
+                split=split,
+                nprobe=nprobe,
+                exclude_self=exclude_self,
             )
         if not images:
             raise ValueError("give one or more IMAGE files, or --table TABLE --out OUT for batch mode")
-        return {"index": index_dir, "k": k, "results": search_images(index_dir, list(images), k, model, nprobe)}
+        return {
+            "index": index_dir,
+            "k": k,
+            "results": search_images(index_dir, list(images), k, model, nprobe),
+        }
 
     emit(guarded(body, json_out), json_out, _render_search)
 
@@ -133,8 +172,12 @@ def dedup(
         float | None, typer.Option(help="Cosine similarity for a near-duplicate (default: per descriptor).")
     ] = None,
     keep: Annotated[str, typer.Option(help="Which member to keep: largest | earliest.")] = "largest",
-    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours linked per image (groups grow transitively).")] = 16,
-    exact_only: Annotated[bool, typer.Option("--exact-only", help="Only identical bytes (content id).")] = False,
+    k: Annotated[
+        int, typer.Option("-k", "--k", help="Neighbours linked per image (groups grow transitively).")
+    ] = 16,
+    exact_only: Annotated[
+        bool, typer.Option("--exact-only", help="Only identical bytes (content id).")
+    ] = False,
     split: Annotated[str | None, typer.Option(help="Only this split.")] = None,
     master: Master = None,
     conf: Conf = None,
@@ -148,8 +191,16 @@ def dedup(
         spark = spark_from(master, conf)
         with step_progress("dedup: search", None) as advance:
             return dedup_table(
-                spark, table, out, model_dir=model, threshold=threshold, keep=keep, split=split, k=k,
-                exact_only=exact_only, progress=lambda n, note: advance(n, note),
+                spark,
+                table,
+                out,
+                model_dir=model,
+                threshold=threshold,
+                keep=keep,
+                split=split,
+                k=k,
+                exact_only=exact_only,
+                progress=lambda n, note: advance(n, note),
             )
 
     emit(guarded(body, json_out), json_out)

@@ -6,7 +6,18 @@ The pieces, in the order a pipeline uses them::
                                                         -> dedup_table
 """
 
-from .codes import DeepBitConfig, DeepBitHead, DeepBitLoss, Hasher, fit_hasher, itq, lsh, pack_bits, train_deepbit, unpack_bits
+from .codes import (
+    DeepBitConfig,
+    DeepBitHead,
+    DeepBitLoss,
+    Hasher,
+    fit_hasher,
+    itq,
+    lsh,
+    pack_bits,
+    train_deepbit,
+    unpack_bits,
+)
 from .dedup import dedup_table, keeper, union_find
 from .embed import add_codes, embed_with_codes
 from .index import IndexChoice, build_index, choose_index

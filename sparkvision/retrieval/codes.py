@@ -50,7 +50,9 @@ class Hasher:
         """``(N, D)`` float features -> ``(N, bits)`` bool."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"features have shape {x.shape}; this {self.method} hasher expects (N, {self.dim})")
+            raise ValueError(
+                f"features have shape {x.shape}; this {self.method} hasher expects (N, {self.dim})"
+            )
         return (x @ self.projection + self.bias) > 0
 
     def encode(self, x: np.ndarray) -> np.ndarray:
@@ -62,11 +64,16 @@ class Hasher:
 
         os.makedirs(directory, exist_ok=True)
         save_file(
-            {"projection": np.ascontiguousarray(self.projection, np.float32), "bias": self.bias.astype(np.float32)},
+            {
+                "projection": np.ascontiguousarray(self.projection, np.float32),
+                "bias": self.bias.astype(np.float32),
+            },
             os.path.join(directory, HASHER_WEIGHTS),
         )
         with open(os.path.join(directory, HASHER_CONFIG), "w") as f:
-            json.dump({"method": self.method, "bits": self.bits, "dim": self.dim, "info": self.info}, f, indent=2)
+            json.dump(
+                {"method": self.method, "bits": self.bits, "dim": self.dim, "info": self.info}, f, indent=2
+            )
         return directory
 
     @classmethod
@@ -226,7 +233,9 @@ class DeepBitLoss(nn.Module):
         self, z: torch.Tensor, features: torch.Tensor, z_aug: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         if z.ndim != 2 or features.ndim != 2 or z.shape[0] != features.shape[0]:
-            raise ValueError(f"z {tuple(z.shape)} and features {tuple(features.shape)} must be (B, bits), (B, D)")
+            raise ValueError(
+                f"z {tuple(z.shape)} and features {tuple(features.shape)} must be (B, bits), (B, D)"
+            )
         bits = z.shape[1]
         quant = ((z.abs() - 1) ** 2).mean()
         balance = (z.mean(0) ** 2).mean()
@@ -236,7 +245,13 @@ class DeepBitLoss(nn.Module):
         preserve = ((sim_z - sim_f) ** 2).mean()
         invariance = z.new_zeros(()) if z_aug is None else ((z - z_aug) ** 2).sum(1).mean() / bits
         total = self.alpha * quant + self.beta * balance + self.gamma * invariance + self.delta * preserve
-        return {"loss": total, "quantisation": quant, "balance": balance, "invariance": invariance, "preserve": preserve}
+        return {
+            "loss": total,
+            "quantisation": quant,
+            "balance": balance,
+            "invariance": invariance,
+            "preserve": preserve,
+        }
 
 
 @dataclass
@@ -265,8 +280,8 @@ def train_deepbit(
     """
     cfg = config or DeepBitConfig()
     crit = loss or DeepBitLoss()
-    x = torch.from_numpy(np.ascontiguousarray(features, np.float32))
-    xa = None if features_aug is None else torch.from_numpy(np.ascontiguousarray(features_aug, np.float32))
+    x = torch.from_numpy(np.array(features, dtype=np.float32))  # a writable copy
+    xa = None if features_aug is None else torch.from_numpy(np.array(features_aug, dtype=np.float32))
     if xa is not None and xa.shape != x.shape:
         raise ValueError(f"features_aug {tuple(xa.shape)} must match features {tuple(x.shape)} row for row")
     g = torch.Generator().manual_seed(cfg.seed)

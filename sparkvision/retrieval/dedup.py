@@ -35,7 +35,9 @@ from pyspark.sql import SparkSession
 KEEP_RULES = ("largest", "earliest")
 PIXEL_SIZE = 32
 DEFAULT_THRESHOLD = {"pixels": 0.97, "model": 0.95}  # see docs/retrieval.md: set per data set
-DESCRIPTOR_SCHEMA = "content_id string, path string, height int, width int, descriptor array<float>, error string"
+DESCRIPTOR_SCHEMA = (
+    "content_id string, path string, height int, width int, descriptor array<float>, error string"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,11 +111,13 @@ def pixel_descriptor(arr: np.ndarray, blur: int = 5) -> np.ndarray:
     return (w / norm).ravel().astype(np.float32) if norm > 1e-6 else np.zeros(w.size, np.float32)
 
 
-def pairs_above(scores: np.ndarray, rows: np.ndarray, offset: int, threshold: float) -> list[tuple[int, int, float]]:
+def pairs_above(
+    scores: np.ndarray, rows: np.ndarray, offset: int, threshold: float
+) -> list[tuple[int, int, float]]:
     """kNN results of queries ``offset..offset+Q`` -> (i, j, score) pairs, i < j, score >= threshold."""
     out = []
     q_idx, k_idx = np.nonzero((scores >= threshold) & (rows >= 0))
-    for qi, ki in zip(q_idx, k_idx):
+    for qi, ki in zip(q_idx, k_idx, strict=False):
         i, j = offset + int(qi), int(rows[qi, ki])
         if i != j:
             out.append((min(i, j), max(i, j), float(scores[qi, ki])))
@@ -281,7 +285,9 @@ def dedup_table(
     for r in grouped:
         groups.setdefault(int(labels[r]), []).append(int(r))
 
-    rows: dict[str, list[Any]] = {c: [] for c in ("group_id", "kind", "content_id", "path", "height", "width", "keep", "best_score")}
+    rows: dict[str, list[Any]] = {
+        c: [] for c in ("group_id", "kind", "content_id", "path", "height", "width", "keep", "best_score")
+    }
     n_exact = n_near = 0
     for gid, (_, members) in enumerate(sorted(groups.items())):
         info = [{"path": paths[r], "height": heights[r], "width": widths[r]} for r in members]
@@ -299,8 +305,16 @@ def dedup_table(
             rows["keep"].append(i == kidx)
             rows["best_score"].append(None if np.isnan(best[r]) else float(best[r]))
     schema = pa.schema(
-        [("group_id", pa.int64()), ("kind", pa.string()), ("content_id", pa.string()), ("path", pa.string()),
-         ("height", pa.int32()), ("width", pa.int32()), ("keep", pa.bool_()), ("best_score", pa.float32())]
+        [
+            ("group_id", pa.int64()),
+            ("kind", pa.string()),
+            ("content_id", pa.string()),
+            ("path", pa.string()),
+            ("height", pa.int32()),
+            ("width", pa.int32()),
+            ("keep", pa.bool_()),
+            ("best_score", pa.float32()),
+        ]
     )
     pq.write_table(pa.Table.from_pydict(rows, schema=schema), os.path.join(out_local, "groups.parquet"))
 

@@ -33,7 +33,7 @@ def code_batches(projection: np.ndarray, bias: np.ndarray):
             good = np.flatnonzero(valid)
             if len(good):
                 packed = hasher.encode(vectors_of(t.take(pa.array(good)), "embedding"))
-                for i, c in zip(good, packed):
+                for i, c in zip(good, packed, strict=False):
                     codes[int(i)] = c.tobytes()
             yield batch.append_column("code", pa.array(codes, pa.binary()))
 
@@ -88,7 +88,12 @@ def embed_with_codes(
     out_q = storage.qualify(out)
     target = out_q if bits is None else out_q.rstrip("/") + "_embed_tmp"
     summary = embed_table(spark, model_dir, table, target, batch_size=batch_size, split=split)
-    meta: dict[str, Any] = {"model_dir": os.path.abspath(model_dir), "table": table, "split": split, "dim": summary.get("dim")}
+    meta: dict[str, Any] = {
+        "model_dir": os.path.abspath(model_dir),
+        "table": table,
+        "split": split,
+        "dim": summary.get("dim"),
+    }
     if bits is not None:
         x = sample_embeddings(spark, target, sample, seed)
         hasher = fit_hasher(method, x, bits, seed=seed)

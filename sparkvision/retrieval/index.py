@@ -81,7 +81,11 @@ def choose_index(n: int, d: int, binary: bool = False, kind: str = "auto") -> In
         if kind in ("flat", "binary_flat") or (kind == "auto" and n <= EXACT_MAX_ROWS_BINARY):
             why = "forced by --kind" if kind != "auto" else f"{n:,} rows <= {EXACT_MAX_ROWS_BINARY:,}"
             return IndexChoice(
-                "binary_flat", "BFlat", True, {}, f"exact Hamming scan ({why}; {n * d // 8 / 1e6:.1f} MB of codes)"
+                "binary_flat",
+                "BFlat",
+                True,
+                {},
+                f"exact Hamming scan ({why}; {n * d // 8 / 1e6:.1f} MB of codes)",
             )
         nlist = _nlist_for(n)
         why = "forced by --kind" if kind != "auto" else f"{n:,} rows > {EXACT_MAX_ROWS_BINARY:,}"
@@ -95,7 +99,9 @@ def choose_index(n: int, d: int, binary: bool = False, kind: str = "auto") -> In
     flat_bytes = n * d * 4
     if kind == "flat" or (kind == "auto" and n <= EXACT_MAX_ROWS):
         why = "forced by --kind" if kind != "auto" else f"{n:,} rows <= {EXACT_MAX_ROWS:,}"
-        return IndexChoice("flat", "Flat", False, {}, f"exact inner-product search ({why}); results are exact")
+        return IndexChoice(
+            "flat", "Flat", False, {}, f"exact inner-product search ({why}); results are exact"
+        )
     if kind == "hnsw":
         return IndexChoice(
             "hnsw",
@@ -108,7 +114,11 @@ def choose_index(n: int, d: int, binary: bool = False, kind: str = "auto") -> In
     nprobe = max(1, nlist // 128)
     if kind == "ivfpq" or (kind == "auto" and flat_bytes > FLAT_MAX_BYTES):
         m = next(m for m in (d // 4, d // 8, d // 16, 1) if m >= 1 and d % m == 0)
-        why = "forced by --kind" if kind != "auto" else f"{flat_bytes / 2**30:.0f} GiB of raw vectors > {FLAT_MAX_BYTES >> 30} GiB"
+        why = (
+            "forced by --kind"
+            if kind != "auto"
+            else f"{flat_bytes / 2**30:.0f} GiB of raw vectors > {FLAT_MAX_BYTES >> 30} GiB"
+        )
         return IndexChoice(
             "ivfpq",
             f"IVF{nlist},PQ{m}",
@@ -140,14 +150,18 @@ def local_path(uri: str) -> str:
     if uri.startswith("file:"):
         return uri[len("file:") :]
     if "://" in uri:
-        raise ValueError(f"{uri}: index build reads Parquet through the local file system; copy it locally first")
+        raise ValueError(
+            f"{uri}: index build reads Parquet through the local file system; copy it locally first"
+        )
     return uri
 
 
 def features_dataset(features: str) -> pads.Dataset:
     path = local_path(features)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"features table {features} does not exist (make it with `sparkvision embed`)")
+        raise FileNotFoundError(
+            f"features table {features} does not exist (make it with `sparkvision embed`)"
+        )
     return pads.dataset(path, format="parquet")
 
 
@@ -169,7 +183,9 @@ def iter_shards(
     """(vectors, id columns) for each Parquet file in turn; rows with a null vector are skipped."""
     ds = features_dataset(features)
     if column not in ds.schema.names:
-        raise KeyError(f"features table {features} has no column {column!r}; columns: {', '.join(ds.schema.names)}")
+        raise KeyError(
+            f"features table {features} has no column {column!r}; columns: {', '.join(ds.schema.names)}"
+        )
     keep = [c for c in columns if c in ds.schema.names]
     for frag in ds.get_fragments():
         t = frag.to_table(columns=[column, *keep])

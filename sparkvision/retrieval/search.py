@@ -27,6 +27,19 @@ RESULT_SCHEMA = (
     "label_name string, score float, error string"
 )
 
+RESULT_ARROW_SCHEMA = pa.schema(
+    [
+        ("query_content_id", pa.string()),
+        ("query_path", pa.string()),
+        ("rank", pa.int32()),
+        ("content_id", pa.string()),
+        ("path", pa.string()),
+        ("label_name", pa.string()),
+        ("score", pa.float32()),
+        ("error", pa.string()),
+    ]
+)
+
 
 @dataclass
 class Neighbours:
@@ -49,7 +62,9 @@ class SearchIndex:
         directory = local_path(directory)
         meta_path = os.path.join(directory, META_FILE)
         if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"{directory} is not an index directory ({META_FILE} is missing); build one with `sparkvision index`")
+            raise FileNotFoundError(
+                f"{directory} is not an index directory ({META_FILE} is missing); build one with `sparkvision index`"
+            )
         with open(meta_path) as f:
             self.meta: dict[str, Any] = json.load(f)
         self.directory = directory
@@ -63,9 +78,13 @@ class SearchIndex:
             params["efSearch"] = ef_search
         set_search_params(self.index, {k: v for k, v in params.items() if k in ("nprobe", "efSearch")})
         self.ids = pq.read_table(os.path.join(directory, IDS_FILE))
-        self._content_id = self.ids.column("content_id").to_pylist() if "content_id" in self.ids.column_names else None
+        self._content_id = (
+            self.ids.column("content_id").to_pylist() if "content_id" in self.ids.column_names else None
+        )
         self._path = self.ids.column("path").to_pylist() if "path" in self.ids.column_names else None
-        self._label = self.ids.column("label_name").to_pylist() if "label_name" in self.ids.column_names else None
+        self._label = (
+            self.ids.column("label_name").to_pylist() if "label_name" in self.ids.column_names else None
+        )
         self.hasher = None
         if self.binary and self.meta.get("hasher"):
             self.hasher = Hasher.load(os.path.join(directory, HASHER_DIR))
@@ -109,9 +128,9 @@ class SearchIndex:
     def results(self, nb: Neighbours) -> list[list[dict[str, Any]]]:
         """Neighbours as plain dicts (rank, score, content_id, path, label_name) per query."""
         out = []
-        for srow, rrow in zip(nb.scores, nb.rows):
+        for srow, rrow in zip(nb.scores, nb.rows, strict=False):
             hits = []
-            for rank, (s, r) in enumerate(zip(srow, rrow)):
+            for rank, (s, r) in enumerate(zip(srow, rrow, strict=False)):
                 if r < 0:
                     continue
                 hits.append({"rank": rank + 1, "score": round(float(s), 5), **self.describe(int(r))})
@@ -149,7 +168,8 @@ def search_images(
     feats, errors = embed_images(model_dir, images)
     hits = idx.results(idx.search(feats, k))
     return [
-        {"query": p, "error": e, "neighbours": [] if e else h} for p, e, h in zip(paths, errors, hits)
+        {"query": p, "error": e, "neighbours": [] if e else h}
+        for p, e, h in zip(paths, errors, hits, strict=False)
     ]
 
 
@@ -186,35 +206,29 @@ def search_batches(index_dir: str, k: int, nprobe: int | None, exclude_self: boo
             cids, paths = t.column("content_id").to_pylist(), t.column("path").to_pylist()
             errs = t.column("error").to_pylist() if "error" in t.column_names else [None] * t.num_rows
             valid = pa.compute.is_valid(t.column("embedding")).to_numpy(zero_copy_only=False)
-            cols: dict[str, list[Any]] = {c: [] for c in ("query_content_id", "query_path", "rank", "content_id", "path", "label_name", "score", "error")}
-
-            def add(qi: int, rank: int | None, hit: dict[str, Any] | None, err: str | None) -> None:
-                cols["query_content_id"].append(cids[qi])
-                cols["query_path"].append(paths[qi])
-                cols["rank"].append(rank)
-                cols["content_id"].append(hit and hit["content_id"])
-                cols["path"].append(hit and hit["path"])
-                cols["label_name"].append(hit and hit["label_name"])
-                cols["score"].append(hit and hit["score"])
-                cols["error"].append(err)
-
+            rows: list[tuple[Any, ...]] = []  # (query row, rank, hit, error)
             good = np.flatnonzero(valid)
             for qi in np.flatnonzero(~valid):
-                add(int(qi), None, None, errs[qi] or "no embedding")
+                rows.append((int(qi), None, None, errs[qi] or "no embedding"))
             if len(good):
                 feats = vectors_of(t.take(pa.array(good)), "embedding")
-                for qi, hits in zip(good, idx.results(idx.search(feats, kk))):
+                for qi, hits in zip(good, idx.results(idx.search(feats, kk)), strict=False):
                     if exclude_self:
                         hits = [h for h in hits if h["content_id"] != cids[qi]][:k]
                     for rank, h in enumerate(hits, 1):
-                        add(int(qi), rank, h, None)
+                        rows.append((int(qi), rank, h, None))
             yield pa.RecordBatch.from_pydict(
-                cols,
-                schema=pa.schema(
-                    [("query_content_id", pa.string()), ("query_path", pa.string()), ("rank", pa.int32()),
-                     ("content_id", pa.string()), ("path", pa.string()), ("label_name", pa.string()),
-                     ("score", pa.float32()), ("error", pa.string())]
-                ),
+                {
+                    "query_content_id": [cids[q] for q, _, _, _ in rows],
+                    "query_path": [paths[q] for q, _, _, _ in rows],
+                    "rank": [r for _, r, _, _ in rows],
+                    "content_id": [h and h["content_id"] for _, _, h, _ in rows],
+                    "path": [h and h["path"] for _, _, h, _ in rows],
+                    "label_name": [h and h["label_name"] for _, _, h, _ in rows],
+                    "score": [h and h["score"] for _, _, h, _ in rows],
+                    "error": [e for _, _, _, e in rows],
+                },
+                schema=RESULT_ARROW_SCHEMA,
             )
 
     return run
@@ -269,23 +283,31 @@ def search_table(
         model_dir = model_dir or SearchIndex(index_dir).model_dir
         if not model_dir:
             raise ValueError("the index does not record its model; pass --model MODEL_DIR to embed the table")
-        src = read_table(spark, table, split).select("image", "content_id", "path", "split", "label", "label_name")
+        src = read_table(spark, table, split).select(
+            "image", "content_id", "path", "split", "label", "label_name"
+        )
         queries = embed_df(spark, model_dir, src, batch_size)
     else:
         queries = spark.read.parquet(storage.qualify(table))
         if "embedding" not in queries.columns:
-            raise ValueError(f"{table} is neither an image table nor a features table with an 'embedding' column")
+            raise ValueError(
+                f"{table} is neither an image table nor a features table with an 'embedding' column"
+            )
         if split is not None and "split" in queries.columns:
             queries = queries.where(F.col("split") == split)
     res = search_df(spark, index_dir, queries, k, nprobe, exclude_self)
     out_q = storage.qualify(out)
     with spark_progress(spark, "search"):
         res.write.mode("overwrite").parquet(out_q)
-    agg = spark.read.parquet(out_q).agg(
-        F.countDistinct("query_content_id").alias("queries"),
-        F.count("content_id").alias("hits"),
-        F.sum(F.col("error").isNotNull().cast("int")).alias("errors"),
-    ).first()
+    agg = (
+        spark.read.parquet(out_q)
+        .agg(
+            F.countDistinct("query_content_id").alias("queries"),
+            F.count("content_id").alias("hits"),
+            F.sum(F.col("error").isNotNull().cast("int")).alias("errors"),
+        )
+        .first()
+    )
     elapsed = timer.elapsed
     return {
         "output": out,
