@@ -292,6 +292,12 @@ def test_job_params_validated(client):
     assert_error(client.post("/api/jobs", json={"params": {}}), 422, "kind")
     assert_error(client.post("/api/jobs", content=b"{not json", headers={"content-type": "application/json"}), 422)
     assert_error(client.get("/api/jobs?state=bogus"), 422, "state")
+    assert_error(client.post("/api/jobs", json={"kind": "train", "params": {  # the library's own check
+        "table": "tables/tiny", "out": "models/new", "batch_size": 10, "workers": 3}}), 422, "not divisible")
+    assert_error(client.post("/api/jobs", json={"kind": "train", "params": {
+        "table": "tables/tiny", "out": "models/new", "model": "vgg99"}}), 422, "not registered")
+    assert_error(client.post("/api/jobs", json={"kind": "pretrain", "params": {
+        "table": "tables/tiny", "out": "models/enc", "epochs": 1}}), 422, "warmup_epochs")
     assert_error(client.post("/api/jobs", json={"kind": "pretrain", "params": {
         "table": "tables/tiny", "out": "models/enc", "method": "byol"}}), 422, "method")
     assert_error(client.post("/api/jobs", json={"kind": "finetune", "params": {

@@ -386,6 +386,12 @@ def create_app(settings: Settings, *, store: JobStore | None = None, spark_facto
             errors = json.loads(json.dumps(e.errors(include_url=False), default=str))
             raise ApiError(422, _validation_message(errors).replace("invalid parameters",
                            f"invalid {body.kind} parameters"), "invalid_params") from None
+        if kind.check is not None:
+            try:
+                kind.check(params)
+            except (ValueError, TypeError, KeyError) as e:
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+                raise ApiError(422, f"invalid {body.kind} parameters: {msg}", "invalid_params") from None
         values = params.model_dump()
         optional = kind.extra.get("optional_inputs", ())
         for fname in (*kind.inputs, *optional):

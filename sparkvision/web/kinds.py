@@ -152,6 +152,7 @@ class Kind:
     module: str = "sparkvision"  # the library module it needs
     description: str = ""
     result_key: str | None = None  # the output param (where the results are)
+    check: Callable[[Any], None] | None = None  # the library's own config validation, run at submit
     extra: dict[str, Any] = field(default_factory=dict)
 
     def unavailable(self) -> str | None:
@@ -178,11 +179,10 @@ def _ingest(spark, p: IngestParams, ctx: JobContext) -> dict[str, Any]:
                   max_pixels=p.max_pixels).to_json()
 
 
-def _train(spark, p: TrainParams, ctx: JobContext) -> dict[str, Any]:
+def _train_config(p: TrainParams):
     from ..train import TrainConfig, parse_augment
-    from ..train import train as run_train
 
-    cfg = TrainConfig(
+    return TrainConfig(
         model=p.model, epochs=p.epochs, batch_size=p.batch_size, workers=p.workers, optimizer=p.optimizer, lr=p.lr,
         schedule=p.schedule, warmup_epochs=p.warmup_epochs, weight_decay=p.weight_decay, momentum=p.momentum,
         label_smoothing=p.label_smoothing, augment=parse_augment(p.augment), seed=p.seed,
@@ -190,7 +190,20 @@ def _train(spark, p: TrainParams, ctx: JobContext) -> dict[str, Any]:
         image_size=(p.image_size, p.image_size) if p.image_size else None, channels=p.channels, resume=p.resume,
         model_kwargs=dict(p.model_kwargs),
     )
-    return run_train(spark, p.table, p.out, cfg)
+
+
+def _check_train(p: TrainParams) -> None:
+    from ..models import list_models
+
+    if p.model not in list_models():
+        raise ValueError(f"model {p.model!r} is not registered; choose from {', '.join(list_models())}")
+    _train_config(p).validate()
+
+
+def _train(spark, p: TrainParams, ctx: JobContext) -> dict[str, Any]:
+    from ..train import train as run_train
+
+    return run_train(spark, p.table, p.out, _train_config(p))
 
 
 def _evaluate(spark, p: EvaluateParams, ctx: JobContext) -> dict[str, Any]:
@@ -259,20 +272,35 @@ def _dedup(spark, p: DedupParams, ctx: JobContext) -> dict[str, Any]:
                        k=p.k, exact_only=p.exact_only, progress=_counting_progress(ctx, None))
 
 
+def _pretrain_overrides(p: PretrainParams) -> dict[str, Any]:
+    named = {k: v for k, v in p.model_dump(exclude={"table", "out", "method", "preset", "overrides"}).items()
+             if v is not None}
+    return {**p.overrides, **named}
+
+
+def _check_pretrain(p: PretrainParams) -> None:
+    from ..ssl.presets import resolve
+
+    resolve(p.preset, method=p.method, **_pretrain_overrides(p)).validate()
+
+
 def _pretrain(spark, p: PretrainParams, ctx: JobContext) -> dict[str, Any]:
     from ..ssl.pretrain import pretrain
 
-    named = {k: v for k, v in p.model_dump(exclude={"table", "out", "method", "preset", "overrides"}).items()
-             if v is not None}
-    return pretrain(spark, p.table, p.out, method=p.method, preset=p.preset, **{**p.overrides, **named})
+    return pretrain(spark, p.table, p.out, method=p.method, preset=p.preset, **_pretrain_overrides(p))
+
+
+def _finetune_config(p: FinetuneParams):
+    from ..ssl.finetune import FinetuneConfig
+
+    fields = p.model_dump(exclude={"table", "out", "encoder", "eval_every", "overrides"})
+    return FinetuneConfig(**{**p.overrides, **fields})
 
 
 def _finetune(spark, p: FinetuneParams, ctx: JobContext) -> dict[str, Any]:
-    from ..ssl.finetune import FinetuneConfig, finetune
+    from ..ssl.finetune import finetune
 
-    fields = p.model_dump(exclude={"table", "out", "encoder", "eval_every", "overrides"})
-    cfg = FinetuneConfig(**{**p.overrides, **fields})
-    return finetune(spark, p.table, p.out, encoder=p.encoder, cfg=cfg, eval_every=p.eval_every)
+    return finetune(spark, p.table, p.out, encoder=p.encoder, cfg=_finetune_config(p), eval_every=p.eval_every)
 
 
 KINDS: dict[str, Kind] = {
@@ -281,13 +309,16 @@ KINDS: dict[str, Kind] = {
         Kind("ingest", IngestParams, _ingest, inputs=("source",), outputs=("table",), module="sparkvision.ingest",
              description="Ingest a folder / IDX files / table into an image table.", result_key="table"),
         Kind("train", TrainParams, _train, inputs=("table",), outputs=("out",), module="sparkvision.train.engine",
-             description="Train a classifier data-parallel (DDP on Spark barrier tasks).", result_key="out"),
+             description="Train a classifier data-parallel (DDP on Spark barrier tasks).", result_key="out",
+             check=_check_train),
         Kind("pretrain", PretrainParams, _pretrain, inputs=("table",),
              outputs=("out",), module="sparkvision.ssl.pretrain",
-             description="Self-supervised pretraining on unlabelled images.", result_key="out"),
+             description="Self-supervised pretraining on unlabelled images.", result_key="out",
+             check=_check_pretrain),
         Kind("finetune", FinetuneParams, _finetune,
              inputs=("table",), outputs=("out",), module="sparkvision.ssl.finetune",
-             description="Fine-tune a pretrained backbone on labelled images.", result_key="out"),
+             description="Fine-tune a pretrained backbone on labelled images.", result_key="out",
+             check=lambda p: _finetune_config(p).validate()),
         Kind("evaluate", EvaluateParams, _evaluate, inputs=("model_dir", "table"), module="sparkvision.evaluate",
              description="Accuracy, per-class metrics and confusion matrix (written into the model dir).",
              result_key="model_dir"),
