@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument("--ssl", default="runs/bench-ssl")
     ap.add_argument("--bits", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--deepbit-bits", default="32,64,128", help="code lengths for the DeepBit rows")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "retrieval"))
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
@@ -243,7 +244,7 @@ def main() -> None:
         sub = np.random.default_rng(0).choice(len(f_db), 20_000, replace=False)
         f_rot = rotated_features(model_dir, [train_imgs[i] for i in sub])
         t_rot = time.perf_counter() - t0
-        for nb in sorted({32, bits, 128}):
+        for nb in sorted({bits, *(int(v) for v in args.deepbit_bits.split(","))}):
             t0 = time.perf_counter()
             h, last = train_deepbit(f_db[sub], f_rot, DeepBitConfig(bits=nb, epochs=args.epochs))
             m = map_codes(h.encode(f_db), h.encode(f_q), fy_db, fy_q)
