@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--throughput-rounds", type=int, default=2)
     ap.add_argument("--model-kwargs", default="{}", help="JSON, e.g. '{\"hidden\": 512}'")
-    ap.add_argument("--label-smoothing", type=float, default=0.1)
+    ap.add_argument("--label-smoothing", type=float, default=0.05)
     ap.add_argument("--results", default=os.path.join(HERE, "results", "train.json"))
     args = ap.parse_args()
     os.environ.setdefault("SPARKVISION_PROGRESS", "0")
@@ -119,7 +119,7 @@ def main() -> None:
         return
     # Throughput: alternate plain / sparkvision rounds in one run; 1 epoch each.
     x, y = load_plain(args.table)
-    tcfg = TrainConfig(epochs=1, workers=args.workers, label_smoothing=0.1)
+    tcfg = TrainConfig(epochs=1, workers=args.workers, label_smoothing=args.label_smoothing)
     rounds = []
     for r in range(args.throughput_rounds):
         plain = plain_epoch(x, y, tcfg, threads=cores)
@@ -128,7 +128,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         sv1 = None
         if args.workers != 1:
-            cfg1 = TrainConfig(epochs=1, workers=1, label_smoothing=0.1)
+            cfg1 = TrainConfig(epochs=1, workers=1, label_smoothing=args.label_smoothing)
             sv1 = train(spark, args.table, os.path.join(args.out + "-throughput"), cfg1)["images_per_s"]
         rounds.append({"plain_images_per_s": round(plain, 1), "sparkvision_images_per_s": sv["images_per_s"],
                        "sparkvision_1worker_images_per_s": sv1,

@@ -9,7 +9,7 @@ from torch import nn
 from sparkvision.models import ImageModel, create_model, list_models, register_model, unregister_model, wrap_module
 
 
-@pytest.mark.parametrize("name, dim", [("cnn", 256), ("resnet18", 512)])
+@pytest.mark.parametrize("name, dim", [("cnn", 512), ("resnet18", 512)])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_builtin_models_share_one_interface(name, dim, channels):
     m = create_model(name, num_classes=7, in_channels=channels, image_size=28).eval()

@@ -36,7 +36,7 @@ def train(
     warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up (cosine/constant).")] = 0.0,
     weight_decay: Annotated[float, typer.Option(help="Weight decay (not on biases/norms).")] = 5e-4,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.1,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.05,
     augment: Annotated[str | None, typer.Option(
         help="Augmentations, e.g. 'hflip=0.5,crop_padding=2,rotation=10,scale=0.9:1.1,brightness=0.2,"
              "contrast=0.2,saturation=0.2,grayscale=0.1', or 'none'. Default hflip=0.5,crop_padding=2.")] = None,

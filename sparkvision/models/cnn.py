@@ -17,8 +17,8 @@ class SmallCNN(ImageModel):
         num_classes: int = 10,
         in_channels: int = 1,
         widths: tuple[int, int] = (32, 64),
-        hidden: int = 256,
-        dropout: float = 0.3,
+        hidden: int = 512,
+        dropout: float = 0.25,
         image_size: int = 28,
     ) -> None:
         super().__init__()

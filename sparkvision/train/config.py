@@ -23,7 +23,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
     warmup_epochs: float = 0.0  # cosine / constant: linear warm-up from lr/25
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.05
     seed: int = 0
     workers: int = 1  # DDP ranks, one Spark barrier task each
     threads_per_rank: int | None = None  # default: cores per task
