@@ -53,3 +53,13 @@ def test_users_register_their_own_module():
 def test_unknown_model_names_the_choices():
     with pytest.raises(ValueError, match="unknown model 'vgg'.*cnn.*resnet18"):
         create_model("vgg")
+
+
+def test_saved_spec_pins_the_architecture(tmp_path):
+    """A model directory must still load after the registry's defaults change."""
+    from sparkvision.modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir
+
+    m = create_model("cnn", 3, 1, hidden=64, widths=(8, 16))
+    save_model_dir(str(tmp_path), m, ModelSpec("cnn", 3, 1, dict(m.arch)), ["a", "b", "c"], Preprocess())
+    loaded = load_model_dir(str(tmp_path))
+    assert loaded.model.num_features == 64

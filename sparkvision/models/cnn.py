@@ -23,6 +23,8 @@ class SmallCNN(ImageModel):
     ) -> None:
         super().__init__()
         self.num_classes, self.in_channels = num_classes, in_channels
+        # Saved in the model directory, so a later change of defaults cannot break loading it.
+        self.arch = {"widths": list(widths), "hidden": hidden, "dropout": dropout, "image_size": image_size}
         c1, c2 = widths
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, c1, 5, padding=2, bias=False),

@@ -23,6 +23,7 @@ class ImageModel(nn.Module):
     num_features: int
     num_classes: int
     in_channels: int
+    arch: dict[str, Any] = {}  # constructor arguments that fix the architecture (saved with the weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D)
         raise NotImplementedError

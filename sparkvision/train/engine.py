@@ -317,6 +317,7 @@ def train_df(
 
     model = create_model(cfg.model, len(class_names), channels, **model_kwargs)
     model.load_state_dict(st_load(blobs["weights"]))
+    model_kwargs = {**model_kwargs, **getattr(model, "arch", {})}
     history = info["history"]
     last = history[-1] if history else {}
     metrics = {
