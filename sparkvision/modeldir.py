@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -92,6 +92,9 @@ def save_model_dir(
     extra: dict[str, Any] | None = None,
 ) -> str:
     os.makedirs(out, exist_ok=True)
+    # A model that reports its full architecture (``arch``) has it pinned in the spec, so a later
+    # change of the factory's defaults cannot break loading this directory.
+    spec = replace(spec, model_kwargs={**spec.model_kwargs, **getattr(model, "arch", {})})
     save_file(state_dict_for_save(model), os.path.join(out, WEIGHTS))
     _write_json(os.path.join(out, "config.json"), {**asdict(spec), **(extra or {})})
     _write_json(os.path.join(out, "classes.json"), list(class_names))

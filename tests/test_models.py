@@ -63,3 +63,29 @@ def test_saved_spec_pins_the_architecture(tmp_path):
     save_model_dir(str(tmp_path), m, ModelSpec("cnn", 3, 1, dict(m.arch)), ["a", "b", "c"], Preprocess())
     loaded = load_model_dir(str(tmp_path))
     assert loaded.model.num_features == 64
+
+
+def test_model_dir_pins_the_architecture_even_when_the_spec_omits_it(tmp_path):
+    """Pretraining and fine-tuning save specs with only the kwargs the user gave; the model's own
+    ``arch`` must still be recorded, or a later change of defaults breaks loading."""
+    from sparkvision.modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir
+
+    m = create_model("cnn", 3, 1, hidden=48)
+    save_model_dir(str(tmp_path), m, ModelSpec("cnn", 3, 1, {"image_size": 28}), ["a", "b", "c"], Preprocess())
+    assert load_model_dir(str(tmp_path)).model.num_features == 48
+
+
+def test_model_kwargs_for_adds_the_size_only_where_the_factory_takes_it():
+    from sparkvision.models import model_kwargs_for
+
+    assert model_kwargs_for("cnn", {"hidden": 32}, 32) == {"hidden": 32, "image_size": 32}
+    assert model_kwargs_for("cnn", {"image_size": 28}, 32) == {"image_size": 28}  # the user's value wins
+
+    @register_model("no-size")
+    def no_size(num_classes: int = 10, in_channels: int = 1) -> ImageModel:
+        return wrap_module(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), in_channels, num_classes, in_channels)
+
+    try:
+        assert model_kwargs_for("no-size", {}, 28) == {}
+    finally:
+        unregister_model("no-size")

@@ -1,5 +1,13 @@
 """Model registry: ``create_model(name)``, ``list_models()``, ``register_model`` for your own."""
 
-from .registry import ImageModel, create_model, list_models, register_model, unregister_model, wrap_module
+from .registry import (
+    ImageModel,
+    create_model,
+    list_models,
+    model_kwargs_for,
+    register_model,
+    unregister_model,
+    wrap_module,
+)
 
-__all__ = ["ImageModel", "create_model", "list_models", "register_model", "unregister_model", "wrap_module"]
+__all__ = ["ImageModel", "create_model", "list_models", "model_kwargs_for", "register_model", "unregister_model", "wrap_module"]

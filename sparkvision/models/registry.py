@@ -75,12 +75,26 @@ def create_model(
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
     factory = _REGISTRY[name]
-    if image_size is not None and "image_size" in inspect.signature(factory).parameters:
+    if image_size is not None and _takes_image_size(factory):
         kwargs["image_size"] = image_size
     model = factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
     if not isinstance(model, ImageModel):
         raise TypeError(f"model factory {name!r} returned {type(model).__name__}, not an ImageModel")
     return model
+
+
+def model_kwargs_for(name: str, kwargs: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """``kwargs`` plus ``image_size`` when ``name``'s factory declares it: what a training run
+    records in its model directory, so the model is rebuilt for the size it was trained at."""
+    _load_builtin()
+    kw = dict(kwargs)
+    if name in _REGISTRY and _takes_image_size(_REGISTRY[name]):
+        kw.setdefault("image_size", image_size)
+    return kw
+
+
+def _takes_image_size(factory: Callable[..., ImageModel]) -> bool:
+    return "image_size" in inspect.signature(factory).parameters
 
 
 def _load_builtin() -> None:

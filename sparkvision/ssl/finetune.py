@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,23 +28,16 @@ from pyspark.sql import functions as F
 
 from .. import distributed as D
 from ..modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir
-from ..models import create_model
+from ..models import create_model, model_kwargs_for
 from ..progress import Timer
 from ..table import read_meta, read_table
 from ..train.augment import AugmentConfig, BatchAugment
-from ..train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ..train.checkpoint import load_checkpoint
 from ..train.config import TrainConfig
-from ..train.data import decode_shard, epoch_indices, steps_per_epoch
-from ..train.engine import (
-    _follow_progress,
-    _model_kwargs,
-    _write_json_atomic,
-    evaluate_shard,
-    infer_image_spec,
-    to_input,
-)
-from ..train.optim import build_optimizer, lr_factor, set_lr
-from .pretrain import _split_mask, pixel_stats
+from ..train.data import decode_shard, epoch_indices, pixel_stats, split_mask, steps_per_epoch
+from ..train.engine import evaluate_shard, infer_image_spec, to_input
+from ..train.loop import RankLog, prepare_out, run_epoch, run_with_progress
+from ..train.optim import build_optimizer
 from .sampling import sample_label_fraction
 
 
@@ -121,15 +111,14 @@ def _rank_finetune(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from torch.utils.tensorboard import SummaryWriter
 
     cfg = FinetuneConfig.from_json(payload["cfg"])
     out, ckpt_dir, device = payload["out"], payload["checkpoint_dir"], ctx.device
     channels, size, num_classes = payload["channels"], tuple(payload["size"]), payload["num_classes"]
     shard, splits = decode_shard(batches, channels, size)
     labelled = shard.labels >= 0
-    train = shard.subset(_split_mask(splits, cfg.train_split) & labelled)
-    evals = shard.subset(_split_mask(splits, cfg.eval_split) & labelled)
+    train = shard.subset(split_mask(splits, cfg.train_split) & labelled)
+    evals = shard.subset(split_mask(splits, cfg.eval_split) & labelled)
     del shard
     counts = D.all_reduce_sum(torch.tensor([len(train), len(evals)], dtype=torch.float64))
     least = D.all_reduce_min(torch.tensor([len(train)], dtype=torch.float64))
@@ -164,35 +153,21 @@ def _rank_finetune(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
     std = std_v.float().view(1, -1, 1, 1).to(device)
     local_batch = cfg.batch_size // ctx.world_size
     steps = steps_per_epoch(int(counts[0]), cfg.batch_size)
-    total_steps, warmup_steps = steps * cfg.epochs, int(cfg.warmup_epochs * steps)
     augment = BatchAugment(cfg.augment)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    writer = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start_epoch * steps) if ctx.is_main else None
+    log = RankLog(ctx, out, ckpt_dir, cfg.epochs, steps, cfg.batch_size, start_epoch, cfg.keep_checkpoints)
     gen = torch.Generator()
+
+    def step_loss(b: torch.Tensor) -> torch.Tensor:
+        x = to_input(train.images[b], mean, std, device, False, augment, gen)
+        return loss_fn(net(x), train.labels[b].to(device))
+
     for epoch in range(start_epoch, cfg.epochs):
         gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + ctx.rank)
         idx = epoch_indices(len(train), steps, local_batch, cfg.seed, epoch, ctx.rank)
         net.train(not cfg.linear)  # linear evaluation: BN statistics and dropout of the encoder stay frozen
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        lr = cfg.lr
-        for s in range(steps):
-            b = idx[s]
-            x = to_input(train.images[b], mean, std, device, False, augment, gen)
-            y = train.labels[b].to(device)
-            lr = set_lr(optimizer, cfg.lr, lr_factor(epoch * steps + s, total_steps, cfg.schedule, warmup_steps))
-            loss = loss_fn(net(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach().double().cpu()
-            if ctx.is_main and (s % 20 == 0 or s == steps - 1):
-                el = time.perf_counter() - t0
-                _write_json_atomic(os.path.join(out, "progress.json"), {
-                    "epoch": epoch + 1, "epochs": cfg.epochs, "step": s + 1, "steps": steps,
-                    "loss": float(loss.detach()), "images_per_s": (s + 1) * cfg.batch_size / max(el, 1e-9)})
-        epoch_time = time.perf_counter() - t0
-        train_loss = float(D.all_reduce_sum(loss_sum.clone()) / (steps * ctx.world_size))
+        train_loss, lr, epoch_time = run_epoch(optimizer, step_loss, idx, epoch, cfg.lr, cfg.schedule,
+                                               steps * cfg.epochs, int(cfg.warmup_epochs * steps), log)
         last = epoch + 1 == cfg.epochs
         ev = torch.zeros(3, dtype=torch.float64)
         if counts[1] > 0 and (last or (epoch + 1) % payload["eval_every"] == 0):
@@ -203,21 +178,9 @@ def _rank_finetune(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
                "test_loss": round(float(ev[2] / ev[1]), 5) if ev[1] > 0 else None,
                "epoch_time_s": round(epoch_time, 3), "lr": lr}
         history.append(row)
-        if ctx.is_main:
-            assert writer is not None
-            writer.add_scalar("loss/train", train_loss, epoch + 1)
-            if row["test_acc"] is not None:
-                writer.add_scalar("accuracy/test", row["test_acc"], epoch + 1)
-            writer.add_scalar("lr", lr, epoch + 1)
-            writer.flush()
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-            save_checkpoint(ckpt_dir, epoch + 1, net, optimizer, {"history": history, "step": (epoch + 1) * steps},
-                            keep=cfg.keep_checkpoints)
-        if D.world_size() > 1:
-            torch.distributed.barrier()
-    if writer is not None:
-        writer.close()
+        log.epoch_end(row, {"loss/train": train_loss, "accuracy/test": row["test_acc"], "lr": lr}, net, optimizer,
+                      {"history": history})
+    log.close()
     if not ctx.is_main:
         return None
     for p in model.parameters():
@@ -250,17 +213,7 @@ def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = No
         parts.append(df.where(F.col("split") == cfg.eval_split))
     data = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
 
-    out = os.path.abspath(out)
-    ckpt_dir = os.path.join(out, "checkpoints")
-    if not cfg.resume:
-        for stale in ("checkpoints", "tensorboard"):
-            shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
-        for stale in ("metrics.jsonl", "progress.json"):
-            if os.path.exists(os.path.join(out, stale)):
-                os.remove(os.path.join(out, stale))
-    elif not list_checkpoints(ckpt_dir):
-        raise ValueError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
-    os.makedirs(out, exist_ok=True)
+    out, ckpt_dir = prepare_out(out, cfg.resume)
 
     if encoder is not None:
         lm = load_model_dir(encoder)
@@ -273,7 +226,7 @@ def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = No
     else:
         tcfg = TrainConfig(model=cfg.model, model_kwargs=cfg.model_kwargs)
         channels, size = infer_image_spec(data, tcfg)
-        model_name, model_kwargs = cfg.model, _model_kwargs(tcfg, size)
+        model_name, model_kwargs = cfg.model, model_kwargs_for(cfg.model, cfg.model_kwargs, size[0])
         mean = std = None
         enc_weights = None
     payload = {"cfg": cfg.to_json(), "out": out, "checkpoint_dir": ckpt_dir, "channels": channels, "size": list(size),
@@ -281,15 +234,8 @@ def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = No
                "std": std, "encoder_weights": enc_weights, "eval_every": max(1, eval_every)}
     with open(os.path.join(out, "finetune_config.json"), "w") as f:
         json.dump({**cfg.to_json(), "encoder": encoder, "model": model_name}, f, indent=2)
-    stop = threading.Event()
-    follower = threading.Thread(target=_follow_progress, args=(out, stop), daemon=True)
-    follower.start()
-    try:
-        result = D.run_on_barrier(spark, data.select("image", "label", "split"), cfg.workers, _rank_finetune,
-                                  payload, threads_per_rank=cfg.threads_per_rank)
-    finally:
-        stop.set()
-        follower.join(timeout=2)
+    result = run_with_progress(spark, data.select("image", "label", "split"), cfg.workers, _rank_finetune, payload,
+                               out, threads_per_rank=cfg.threads_per_rank, label="finetune")
     info, blobs = D.decode_result(result)
     from safetensors.torch import load as st_load
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -27,33 +25,19 @@ from pyspark.sql import functions as F
 
 from .. import distributed as D
 from ..modeldir import ModelSpec, Preprocess, save_model_dir
-from ..models import create_model
+from ..models import create_model, model_kwargs_for
 from ..progress import Timer
 from ..table import read_meta, read_table
-from ..train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ..train.checkpoint import load_checkpoint
 from ..train.config import TrainConfig
-from ..train.data import Shard, decode_shard, epoch_indices, steps_per_epoch
-from ..train.engine import _follow_progress, _model_kwargs, _write_json_atomic, infer_image_spec
-from ..train.optim import build_optimizer, lr_factor, param_groups, set_lr
+from ..train.data import Shard, decode_shard, epoch_indices, pixel_stats, split_mask, steps_per_epoch
+from ..train.engine import infer_image_spec
+from ..train.loop import RankLog, prepare_out, run_epoch, run_with_progress
+from ..train.optim import build_optimizer, param_groups
 from .methods import build_method
 from .monitor import collapse_warning, knn_accuracy, normalized_std
 from .presets import PretrainConfig, resolve
 from .views import TwoViews
-
-
-def pixel_stats(images: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean/std of uint8 ``(N, C, H, W)`` pixels in [0, 1], summed over all ranks."""
-    px = images.to(torch.float64).div_(255)
-    stats = torch.cat([px.sum(dim=(0, 2, 3)), (px * px).sum(dim=(0, 2, 3)), torch.tensor([px[:, 0].numel()])])
-    del px
-    stats = D.all_reduce_sum(stats)
-    mean = stats[:channels] / stats[-1]
-    std = (stats[channels : 2 * channels] / stats[-1] - mean**2).clamp_min(1e-12).sqrt()
-    return mean, std
-
-
-def _split_mask(splits: list[str], name: str | None) -> torch.Tensor:
-    return torch.tensor([s == name for s in splits], dtype=torch.bool)
 
 
 @torch.no_grad()
@@ -69,7 +53,6 @@ def shard_features(encoder: torch.nn.Module, shard: Shard, mean, std, device, ba
 def _rank_pretrain(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payload: dict[str, Any]) -> bytes | None:
     from safetensors.torch import save as st_save
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from torch.utils.tensorboard import SummaryWriter
 
     cfg = PretrainConfig.from_json(payload["cfg"])
     out, ckpt_dir = payload["out"], payload["checkpoint_dir"]
@@ -77,11 +60,11 @@ def _rank_pretrain(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
     device = ctx.device
     t_load = time.perf_counter()
     shard, splits = decode_shard(batches, channels, size)
-    pool = shard.subset(_split_mask(splits, cfg.pool_split))
+    pool = shard.subset(split_mask(splits, cfg.pool_split))
     labelled = shard.labels >= 0
     world = ctx.world_size
-    bank = shard.subset(_split_mask(splits, cfg.monitor_bank_split) & labelled)
-    queries = shard.subset(_split_mask(splits, cfg.monitor_split) & labelled)
+    bank = shard.subset(split_mask(splits, cfg.monitor_bank_split) & labelled)
+    queries = shard.subset(split_mask(splits, cfg.monitor_split) & labelled)
     bank = Shard(bank.images[: cfg.monitor_bank_rows // world], bank.labels[: cfg.monitor_bank_rows // world])
     queries = Shard(queries.images[: cfg.monitor_query_rows // world], queries.labels[: cfg.monitor_query_rows // world])
     del shard
@@ -111,43 +94,28 @@ def _rank_pretrain(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
     std = std_v.float().view(1, -1, 1, 1).to(device)
     local_batch = cfg.batch_size // world
     steps = steps_per_epoch(int(counts[0]), cfg.batch_size)
-    total_steps = steps * cfg.epochs
-    warmup_steps = int(cfg.warmup_epochs * steps)
     views = TwoViews(cfg.views)
-    use_bf16 = cfg.bf16 and device.type == "cuda"
-    writer = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start_epoch * steps) if ctx.is_main else None
+    autocast = device.type if cfg.bf16 and device.type == "cuda" else None
+    log = RankLog(ctx, out, ckpt_dir, cfg.epochs, steps, cfg.batch_size, start_epoch, cfg.keep_checkpoints)
     gen = torch.Generator()
     proj_dim = cfg.proj_dim
+    std_sum = [0.0]  # per-dimension std of the normalised outputs, summed over the epoch's steps
+
+    def step_loss(b: torch.Tensor) -> torch.Tensor:
+        x = pool.images[b].to(device, non_blocking=True).float().div_(255)
+        v1, v2 = views(x, gen)  # (B, C, H, W) each
+        loss, z = net((v1 - mean) / std, (v2 - mean) / std)
+        std_sum[0] += normalized_std(z)
+        return loss
 
     for epoch in range(start_epoch, cfg.epochs):
         gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + ctx.rank)
         idx = epoch_indices(len(pool), steps, local_batch, cfg.seed, epoch, ctx.rank)
         net.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        std_sum = 0.0
-        lr = cfg.lr
-        for s in range(steps):
-            x = pool.images[idx[s]].to(device, non_blocking=True).float().div_(255)
-            v1, v2 = views(x, gen)  # (B, C, H, W) each
-            v1, v2 = (v1 - mean) / std, (v2 - mean) / std
-            lr = set_lr(optimizer, cfg.lr, lr_factor(epoch * steps + s, total_steps, cfg.schedule, warmup_steps))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, z = net(v1, v2)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach().double().cpu()
-            std_sum += normalized_std(z)
-            if ctx.is_main and (s % 20 == 0 or s == steps - 1):
-                el = time.perf_counter() - t0
-                _write_json_atomic(os.path.join(out, "progress.json"), {
-                    "epoch": epoch + 1, "epochs": cfg.epochs, "step": s + 1, "steps": steps,
-                    "loss": float(loss.detach()), "images_per_s": (s + 1) * cfg.batch_size / max(el, 1e-9),
-                })
-        epoch_time = time.perf_counter() - t0
-        red = D.all_reduce_sum(torch.tensor([float(loss_sum), std_sum], dtype=torch.float64))
-        train_loss, out_std = float(red[0]) / (steps * world), float(red[1]) / (steps * world)
+        std_sum[0] = 0.0
+        train_loss, lr, epoch_time = run_epoch(optimizer, step_loss, idx, epoch, cfg.lr, cfg.schedule,
+                                               steps * cfg.epochs, int(cfg.warmup_epochs * steps), log, autocast)
+        out_std = float(D.all_reduce_sum(torch.tensor([std_sum[0]], dtype=torch.float64))[0]) / (steps * world)
         knn = None
         if counts[1] > 0 and counts[2] > 0:
             # Each rank votes its queries against its own slice of the bank; the counts are summed.
@@ -172,28 +140,15 @@ def _rank_pretrain(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
             "lr": lr,
         }
         history.append(row)
-        if ctx.is_main:
-            assert writer is not None
-            if warning:
-                print(f"WARNING epoch {epoch + 1}: {warning}", flush=True)
-            writer.add_scalar("loss/train", train_loss, epoch + 1)
-            if knn is not None:
-                writer.add_scalar("monitor/knn_acc", knn, epoch + 1)
-            writer.add_scalar("monitor/output_std", out_std, epoch + 1)
-            writer.add_scalar("monitor/output_std_x_sqrt_d", out_std * proj_dim**0.5, epoch + 1)
-            writer.add_scalar("throughput/images_per_s", row["images_per_s"], epoch + 1)
-            writer.add_scalar("throughput/epoch_time_s", epoch_time, epoch + 1)
-            writer.add_scalar("lr", lr, epoch + 1)
-            writer.flush()
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-            save_checkpoint(ckpt_dir, epoch + 1, net, optimizer,
-                            {"history": history, "mean": mean_v.tolist(), "std": std_v.tolist(),
-                             "step": (epoch + 1) * steps, "method": cfg.method}, keep=cfg.keep_checkpoints)
-        if D.world_size() > 1:
-            torch.distributed.barrier()  # checkpoint written before anyone moves on
-    if writer is not None:
-        writer.close()
+        if ctx.is_main and warning:
+            print(f"WARNING epoch {epoch + 1}: {warning}", flush=True)
+        log.epoch_end(row, {"loss/train": train_loss, "monitor/knn_acc": knn, "monitor/output_std": out_std,
+                            "monitor/output_std_x_sqrt_d": out_std * proj_dim**0.5,
+                            "throughput/images_per_s": row["images_per_s"], "throughput/epoch_time_s": epoch_time,
+                            "lr": lr},
+                      net, optimizer, {"history": history, "mean": mean_v.tolist(), "std": std_v.tolist(),
+                                       "method": cfg.method})
+    log.close()
     if not ctx.is_main:
         return None
     encoder.reset_head(payload["num_classes"])  # a placeholder classifier: fine-tuning replaces it
@@ -224,36 +179,19 @@ def pretrain_df(spark: SparkSession, df, class_names: list[str], out: str, cfg: 
                 preset: str | None = None) -> dict[str, Any]:
     cfg.validate()
     timer = Timer()
-    out = os.path.abspath(out)
-    ckpt_dir = os.path.join(out, "checkpoints")
-    if not cfg.resume:
-        for stale in ("checkpoints", "tensorboard"):
-            shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
-        for stale in ("metrics.jsonl", "progress.json"):
-            if os.path.exists(os.path.join(out, stale)):
-                os.remove(os.path.join(out, stale))
-    elif not list_checkpoints(ckpt_dir):
-        raise ValueError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
-    os.makedirs(out, exist_ok=True)
-    # The supervised engine's helpers read these TrainConfig fields only.
+    out, ckpt_dir = prepare_out(out, cfg.resume)
+    # infer_image_spec reads these TrainConfig fields only.
     tcfg = TrainConfig(model=cfg.model, model_kwargs=cfg.model_kwargs, image_size=cfg.image_size, channels=cfg.channels)
     channels, size = infer_image_spec(df, tcfg)
-    model_kwargs = _model_kwargs(tcfg, size)
+    model_kwargs = model_kwargs_for(cfg.model, cfg.model_kwargs, size[0])
     num_classes = max(1, len(class_names))
     payload = {"cfg": cfg.to_json(), "out": out, "checkpoint_dir": ckpt_dir, "channels": channels,
                "size": list(size), "num_classes": num_classes, "model_kwargs": model_kwargs}
     resolved = {**cfg.to_json(), "preset": preset, "lr": cfg.lr, "channels": channels, "image_size": list(size)}
     with open(os.path.join(out, "pretrain_config.json"), "w") as f:
         json.dump(resolved, f, indent=2)
-    stop = threading.Event()
-    follower = threading.Thread(target=_follow_progress, args=(out, stop), daemon=True)
-    follower.start()
-    try:
-        result = D.run_on_barrier(spark, df.select("image", "label", "split"), cfg.workers, _rank_pretrain, payload,
-                                  threads_per_rank=cfg.threads_per_rank)
-    finally:
-        stop.set()
-        follower.join(timeout=2)
+    result = run_with_progress(spark, df.select("image", "label", "split"), cfg.workers, _rank_pretrain, payload, out,
+                               threads_per_rank=cfg.threads_per_rank, label="pretrain")
     info, blobs = D.decode_result(result)
     from safetensors.torch import load as st_load
 

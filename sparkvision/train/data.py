@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .. import distributed as D
 from ..images import RejectError, decode_to_array
 
 
@@ -77,3 +78,22 @@ def epoch_indices(n_local: int, steps: int, local_batch: int, seed: int, epoch: 
     reps = math.ceil(need / n_local)
     idx = torch.cat([torch.randperm(n_local, generator=g) for _ in range(reps)])[:need]
     return idx.view(steps, local_batch)
+
+
+def split_mask(splits: list[str], name: str | None) -> torch.Tensor:
+    """Boolean mask of the rows whose split is ``name`` (none when ``name`` is None)."""
+    return torch.tensor([s == name for s in splits], dtype=torch.bool)
+
+
+def pixel_stats(images: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean/std of uint8 ``(N, C, H, W)`` pixels scaled to [0, 1], over all ranks.
+
+    Every rank must call it (an all-reduce); the result is the model's preprocessing spec.
+    """
+    px = images.to(torch.float64).div_(255)
+    stats = torch.cat([px.sum(dim=(0, 2, 3)), (px * px).sum(dim=(0, 2, 3)), torch.tensor([px[:, 0].numel()])])
+    del px
+    stats = D.all_reduce_sum(stats)
+    mean = stats[:channels] / stats[-1]
+    std = (stats[channels : 2 * channels] / stats[-1] - mean**2).clamp_min(1e-12).sqrt()
+    return mean, std

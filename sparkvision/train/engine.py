@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,21 +23,15 @@ from pyspark.sql import functions as F
 
 from .. import distributed as D
 from ..modeldir import ModelSpec, Preprocess, save_model_dir
-from ..models import create_model
-from ..progress import Timer, step_progress
+from ..models import create_model, model_kwargs_for
+from ..progress import Timer
 from ..table import read_meta, read_table
 from .augment import BatchAugment
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint
 from .config import TrainConfig
-from .data import Shard, decode_shard, epoch_indices, steps_per_epoch
-from .optim import build_optimizer, lr_factor, param_groups, set_lr
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+from .data import Shard, decode_shard, epoch_indices, pixel_stats, split_mask, steps_per_epoch
+from .loop import RankLog, prepare_out, run_epoch, run_with_progress
+from .optim import build_optimizer, param_groups
 
 
 def to_input(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device, channels_last: bool,
@@ -74,15 +66,13 @@ def _rank_main(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payload: d
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     cfg = TrainConfig.from_json(payload["cfg"])
-    out, ckpt_dir = payload["out"], payload["checkpoint_dir"]
     channels, size, num_classes = payload["channels"], tuple(payload["size"]), payload["num_classes"]
     device = ctx.device
     t_load = time.perf_counter()
     shard, splits = decode_shard(batches, channels, size)
-    split_t = [s == cfg.train_split for s in splits]
-    train_mask = torch.tensor(split_t, dtype=torch.bool) & (shard.labels >= 0)
-    train = shard.subset(train_mask)
-    evals = shard.subset(torch.tensor([s == cfg.eval_split for s in splits], dtype=torch.bool) & (shard.labels >= 0))
+    labelled = shard.labels >= 0
+    train = shard.subset(split_mask(splits, cfg.train_split) & labelled)
+    evals = shard.subset(split_mask(splits, cfg.eval_split) & labelled)
     del shard
     if len(train) and int(train.labels.max()) >= num_classes:
         raise ValueError(f"label {int(train.labels.max())} is out of range for {num_classes} classes")
@@ -92,14 +82,7 @@ def _rank_main(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payload: d
         raise ValueError(f"no labelled rows in split {cfg.train_split!r} to train on")
     if least[0] == 0:
         raise ValueError(f"a rank got no training rows: {int(counts[0])} rows is too few for {ctx.world_size} workers")
-    # Per-channel mean/std of the training pixels, over all ranks (the preprocessing spec).
-    px = train.images.to(torch.float64).div_(255)
-    stats = torch.cat([px.sum(dim=(0, 2, 3)), (px * px).sum(dim=(0, 2, 3)), torch.tensor([px[:, 0].numel()])])
-    del px
-    stats = D.all_reduce_sum(stats)
-    n_px = stats[-1]
-    mean_v = (stats[:channels] / n_px)
-    std_v = (stats[channels : 2 * channels] / n_px - mean_v**2).clamp_min(1e-12).sqrt()
+    mean_v, std_v = pixel_stats(train.images, channels)  # the preprocessing spec, over all ranks
     load_s = time.perf_counter() - t_load
 
     torch.manual_seed(cfg.seed)
@@ -108,7 +91,7 @@ def _rank_main(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payload: d
                                 cfg.momentum)
     start_epoch, history = 0, []
     if cfg.resume or ctx.attempt > 0:
-        meta = load_checkpoint(ckpt_dir, model, optimizer)
+        meta = load_checkpoint(payload["checkpoint_dir"], model, optimizer)
         if meta is not None:
             start_epoch, history = int(meta["epoch"]), list(meta.get("history", []))
             mean_v, std_v = torch.tensor(meta["mean"], dtype=torch.float64), torch.tensor(meta["std"], dtype=torch.float64)
@@ -121,48 +104,26 @@ def _rank_main(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payload: d
 
     local_batch = cfg.batch_size // ctx.world_size
     steps = steps_per_epoch(int(counts[0]), cfg.batch_size)
-    total_steps = steps * cfg.epochs
-    warmup_steps = int(cfg.warmup_epochs * steps)
     augment = BatchAugment(cfg.augment)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    use_bf16 = cfg.bf16 and device.type == "cuda"
-    writer = None
-    if ctx.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start_epoch * steps)
+    autocast = device.type if cfg.bf16 and device.type == "cuda" else None
+    log = RankLog(ctx, payload["out"], payload["checkpoint_dir"], cfg.epochs, steps, cfg.batch_size, start_epoch,
+                  cfg.keep_checkpoints)
     aug_gen = torch.Generator()
+
+    def step_loss(b: torch.Tensor) -> torch.Tensor:
+        x = to_input(train.images[b], mean, std, device, cfg.channels_last, augment, aug_gen)
+        return loss_fn(net(x), train.labels[b].to(device, non_blocking=True))
 
     for epoch in range(start_epoch, cfg.epochs):
         aug_gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + ctx.rank)
         idx = epoch_indices(len(train), steps, local_batch, cfg.seed, epoch, ctx.rank)
         net.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        lr = cfg.lr
-        for s in range(steps):
-            b = idx[s]
-            x = to_input(train.images[b], mean, std, device, cfg.channels_last, augment, aug_gen)
-            y = train.labels[b].to(device, non_blocking=True)
-            lr = set_lr(optimizer, cfg.lr, lr_factor(epoch * steps + s, total_steps, cfg.schedule, warmup_steps))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = loss_fn(net(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach().double().cpu()
-            if ctx.is_main and (s % 20 == 0 or s == steps - 1):
-                el = time.perf_counter() - t0
-                _write_json_atomic(os.path.join(out, "progress.json"), {
-                    "epoch": epoch + 1, "epochs": cfg.epochs, "step": s + 1, "steps": steps,
-                    "loss": float(loss.detach()), "images_per_s": (s + 1) * cfg.batch_size / max(el, 1e-9),
-                })
-        epoch_time = time.perf_counter() - t0
-        train_loss = float(D.all_reduce_sum(loss_sum.clone()) / (steps * ctx.world_size))
+        train_loss, lr, epoch_time = run_epoch(optimizer, step_loss, idx, epoch, cfg.lr, cfg.schedule,
+                                               steps * cfg.epochs, int(cfg.warmup_epochs * steps), log, autocast)
         ev = torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64)
         if counts[1] > 0:
-            c, n, ls = evaluate_shard(net.module if ctx.world_size > 1 else net, evals, mean, std, device,
-                                      cfg.channels_last)
+            c, n, ls = evaluate_shard(model, evals, mean, std, device, cfg.channels_last)
             ev = D.all_reduce_sum(torch.tensor([c, n, ls], dtype=torch.float64))
         row = {
             "epoch": epoch + 1,
@@ -174,29 +135,14 @@ def _rank_main(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payload: d
             "lr": lr,
         }
         history.append(row)
-        if ctx.is_main:
-            assert writer is not None
-            writer.add_scalar("loss/train", train_loss, epoch + 1)
-            if row["test_acc"] is not None:
-                writer.add_scalar("accuracy/test", row["test_acc"], epoch + 1)
-                writer.add_scalar("loss/test", row["test_loss"], epoch + 1)
-            writer.add_scalar("throughput/images_per_s", row["images_per_s"], epoch + 1)
-            writer.add_scalar("throughput/epoch_time_s", epoch_time, epoch + 1)
-            writer.add_scalar("lr", lr, epoch + 1)
-            writer.flush()
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-            save_checkpoint(ckpt_dir, epoch + 1, net, optimizer,
-                            {"history": history, "mean": mean_v.tolist(), "std": std_v.tolist(), "step": (epoch + 1) * steps},
-                            keep=cfg.keep_checkpoints)
-        if D.world_size() > 1:
-            torch.distributed.barrier()  # checkpoint written before anyone moves on
-    if writer is not None:
-        writer.close()
+        log.epoch_end(row, {"loss/train": train_loss, "accuracy/test": row["test_acc"], "loss/test": row["test_loss"],
+                            "throughput/images_per_s": row["images_per_s"], "throughput/epoch_time_s": epoch_time,
+                            "lr": lr},
+                      net, optimizer, {"history": history, "mean": mean_v.tolist(), "std": std_v.tolist()})
+    log.close()
     if not ctx.is_main:
         return None
-    target = net.module if ctx.world_size > 1 else net
-    weights = st_save({k: v.detach().cpu().contiguous() for k, v in target.state_dict().items()})
+    weights = st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     return D.encode_result(
         {
             "history": history,
@@ -230,34 +176,6 @@ def infer_image_spec(df: DataFrame, cfg: TrainConfig) -> tuple[int, tuple[int, i
     return int(channels), (int(size[0]), int(size[1]))
 
 
-def _model_kwargs(cfg: TrainConfig, size: tuple[int, int]) -> dict[str, Any]:
-    """The model's kwargs plus the input size for factories that declare ``image_size``."""
-    import inspect
-
-    from ..models.registry import _REGISTRY, _load_builtin
-
-    _load_builtin()
-    kw = dict(cfg.model_kwargs)
-    factory = _REGISTRY.get(cfg.model)
-    if factory is not None and "image_size" in inspect.signature(factory).parameters:
-        kw.setdefault("image_size", size[0])
-    return kw
-
-
-def _follow_progress(out: str, stop: threading.Event) -> None:
-    path = os.path.join(out, "progress.json")
-    with step_progress("train", None) as advance:
-        while not stop.wait(0.5):
-            try:
-                with open(path) as f:
-                    p = json.load(f)
-            except (OSError, ValueError):
-                continue
-            done = (p["epoch"] - 1) * p["steps"] + p["step"]
-            advance(completed=done, note=f"epoch {p['epoch']}/{p['epochs']} loss {p['loss']:.3f} "
-                                         f"{p['images_per_s']:.0f} img/s")
-
-
 def train(spark: SparkSession, table: str, out: str, cfg: TrainConfig | None = None) -> dict[str, Any]:
     """Train ``cfg.model`` on ``table`` and write the model directory ``out``."""
     cfg = cfg or TrainConfig()
@@ -277,19 +195,9 @@ def train_df(
     """Train on an image-table DataFrame (columns image, label, split, height, width, channels)."""
     cfg.validate()
     timer = Timer()
-    out = os.path.abspath(out)
-    ckpt_dir = os.path.join(out, "checkpoints")
-    if not cfg.resume:
-        for stale in ("checkpoints", "tensorboard"):
-            shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
-        for stale in ("metrics.jsonl", "progress.json"):
-            if os.path.exists(os.path.join(out, stale)):
-                os.remove(os.path.join(out, stale))
-    elif not list_checkpoints(ckpt_dir):
-        raise ValueError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
-    os.makedirs(out, exist_ok=True)
+    out, ckpt_dir = prepare_out(out, cfg.resume)
     channels, size = infer_image_spec(df, cfg)
-    model_kwargs = _model_kwargs(cfg, size)
+    model_kwargs = model_kwargs_for(cfg.model, cfg.model_kwargs, size[0])
     payload = {
         "model_kwargs": model_kwargs,
         "cfg": cfg.to_json(),
@@ -301,23 +209,13 @@ def train_df(
     }
     with open(os.path.join(out, "train_config.json"), "w") as f:
         json.dump({**cfg.to_json(), "channels": channels, "image_size": list(size)}, f, indent=2)
-    stop = threading.Event()
-    follower = threading.Thread(target=_follow_progress, args=(out, stop), daemon=True)
-    follower.start()
-    try:
-        result = D.run_on_barrier(
-            spark, df.select("image", "label", "split"), cfg.workers, _rank_main, payload,
-            threads_per_rank=cfg.threads_per_rank, repartition=repartition,
-        )
-    finally:
-        stop.set()
-        follower.join(timeout=2)
+    result = run_with_progress(spark, df.select("image", "label", "split"), cfg.workers, _rank_main, payload, out,
+                               threads_per_rank=cfg.threads_per_rank, repartition=repartition)
     info, blobs = D.decode_result(result)
     from safetensors.torch import load as st_load
 
     model = create_model(cfg.model, len(class_names), channels, **model_kwargs)
     model.load_state_dict(st_load(blobs["weights"]))
-    model_kwargs = {**model_kwargs, **getattr(model, "arch", {})}
     history = info["history"]
     last = history[-1] if history else {}
     metrics = {
