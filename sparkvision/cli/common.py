@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -48,7 +49,7 @@ def render_kv(summary: dict[str, Any], title: str | None = None) -> None:
             v = ", ".join(f"{kk}: {vv}" for kk, vv in v.items())
         elif isinstance(v, list):
             v = ", ".join(map(str, v))
-        t.add_row(f"[bold]{k}[/bold]", str(v))
+        t.add_row(f"[bold]{escape(str(k))}[/bold]", escape(str(v)))
     console.print(t)
 
 
@@ -67,7 +68,7 @@ def fail(message: str, as_json: bool, code: int = 2) -> None:
     if as_json:
         sys.stdout.write(json.dumps({"error": message}) + "\n")
     else:
-        err_console.print(f"[red]error:[/red] {message}")
+        err_console.print(f"[red]error:[/red] {escape(message)}")  # paths may hold [..]
     raise typer.Exit(code)
 
 
