@@ -1,17 +1,16 @@
 """Server-side micro-batching: concurrent /api/classify requests share model calls.
 
-Each request puts its preprocessed tensor on an asyncio queue and awaits a future. One worker
-task takes the first waiting item, then gathers more until it has ``max_batch`` items or
-``max_wait_ms`` have passed, runs the model once on the stacked batch in a thread (so the event
-loop keeps accepting requests) and resolves every future with its own row. Under load the batch
-fills at once and throughput grows with it; an idle server answers a lone request after at most
+Each request appends its preprocessed input to a list and awaits a future. One worker task
+waits for the first item, then until it has ``max_batch`` items or the oldest has waited
+``max_wait_ms``, runs the model once on the stacked batch in a thread (so the event loop keeps
+accepting requests) and resolves every future with its own row. Under load the batch fills at
+once and throughput grows with it; an idle server answers a lone request after at most
 ``max_wait_ms``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,7 +67,13 @@ class BatchStats:
 
 
 class MicroBatcher:
-    """Gathers up to ``max_batch`` items or ``max_wait_ms`` ms, then calls ``fn`` once in a thread."""
+    """Gathers up to ``max_batch`` items or ``max_wait_ms`` ms, then calls ``fn`` once in a thread.
+
+    The wait counts from the arrival of the oldest waiting item, so an item that already waited
+    through the previous model call is not made to wait again. Requests go on a plain list and one
+    future wakes the worker (when the first item arrives, when a batch fills, or on a timer at the
+    deadline): no task or queue operation per request.
+    """
 
     def __init__(self, fn: Callable[[list[Any]], Any], max_batch: int = 64,
                  max_wait_ms: float = 5.0) -> None:
@@ -78,43 +83,49 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.stats = BatchStats()
-        self._queue: asyncio.Queue[tuple[Any, asyncio.Future]] | None = None
+        self._pending: list[tuple[Any, asyncio.Future, float]] = []
+        self._wake: asyncio.Future | None = None
+        self._wake_on_first = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparkvision-model")
 
-    def _ensure_started(self) -> asyncio.Queue:
-        if self._queue is None or self._worker is None or self._worker.done():
-            self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._run())
-        return self._queue
-
     async def submit(self, x: Any) -> Any:
         """One input -> its row of ``fn``'s output (``fn`` takes the list of gathered inputs)."""
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self._ensure_started().put((x, fut))
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done() or self._loop is not loop:
+            self._loop, self._pending, self._wake = loop, [], None
+            self._worker = loop.create_task(self._run())
+        fut = loop.create_future()
+        self._pending.append((x, fut, loop.time()))
+        wake = self._wake
+        if wake is not None and not wake.done() and (self._wake_on_first or len(self._pending) >= self.max_batch):
+            wake.set_result(None)
         return await fut
 
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, on_first: bool, timeout: float | None) -> None:
+        """Until an item arrives (``on_first``) or the batch fills, or ``timeout`` seconds pass."""
+        self._wake = wake = loop.create_future()
+        self._wake_on_first = on_first
+        timer = loop.call_later(timeout, lambda: wake.done() or wake.set_result(None)) if timeout else None
+        try:
+            await wake
+        finally:
+            self._wake = None
+            if timer is not None:
+                timer.cancel()
+
     async def _run(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
         loop = asyncio.get_running_loop()
         while True:
-            items = [await queue.get()]
-            deadline = time.perf_counter() + self.max_wait
-            while len(items) < self.max_batch:
-                try:
-                    items.append(queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                try:
-                    items.append(await asyncio.wait_for(queue.get(), left))
-                except TimeoutError:
-                    break
-            live = [(x, f) for x, f in items if not f.cancelled()]
+            if not self._pending:
+                await self._sleep(loop, True, None)
+            left = self._pending[0][2] + self.max_wait - loop.time()
+            if len(self._pending) < self.max_batch and left > 0:
+                await self._sleep(loop, False, left)
+            items = self._pending[:self.max_batch]
+            del self._pending[:self.max_batch]
+            live = [(x, f) for x, f, _ in items if not f.done()]  # done: the request went away
             if not live:
                 continue
             try:
