@@ -21,7 +21,8 @@ from sparkvision.models import create_model
 from sparkvision.web.app import create_app
 from sparkvision.web.batching import MicroBatcher
 from sparkvision.web.jobs import JobStore
-from sparkvision.web.security import ApiError, Settings, safe_path
+from sparkvision.web.security import ApiError, Settings, png_size, safe_path
+from sparkvision.web.uploads import parse_simple_multipart
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -195,6 +196,87 @@ def test_micro_batching_shares_model_calls():
     outs, stats = asyncio.run(main())
     assert [float(o[0]) for o in outs] == [2.0 * i for i in range(20)]  # each request gets its own row
     assert stats.calls == len(calls) <= 4 and max(calls) == 8 and sum(calls) == 20
+
+
+def test_classify_multipart_fast_path_and_fallback(client):
+    """Plain bodies take the fast splitter; anything unusual goes through Starlette's parser, same answers."""
+    img = make_image(1)
+    plain = (b'--bnd\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+             b'--bnd\r\nContent-Disposition: form-data; name="files"; filename="a;b \\"c\\".png"\r\n'
+             b"Content-Type: image/png\r\n\r\n" + img + b"\r\n--bnd--\r\n")
+    parts = parse_simple_multipart(plain[plain.index(b"--bnd"):], b"bnd", 64, 74)
+    assert parts == [("note", None, b"hello"), ("files", 'a;b "c".png', img)]
+    with_epilogue = plain + b"an epilogue"  # legal, rare: the general parser handles it
+    assert parse_simple_multipart(with_epilogue, b"bnd", 64, 74) is None
+    mp = {"content-type": "multipart/form-data; boundary=bnd"}
+    for body in (plain, with_epilogue):
+        r = client.post("/api/classify", content=body, headers=mp)
+        assert r.status_code == 200, r.text
+        assert [x["filename"] for x in r.json()["results"]] == ['a;b "c".png']
+    # A preamble is refused by both parsers (python-multipart does not accept one either).
+    assert parse_simple_multipart(b"preamble\r\n" + plain, b"bnd", 64, 74) is None
+    assert_error(client.post("/api/classify", content=b"preamble\r\n" + plain, headers=mp), 400, "multipart")
+    # Shapes the fast path refuses (None): no name, no Content-Disposition, no close delimiter, an
+    # epilogue, more files than allowed.
+    part = b'Content-Disposition: form-data; name="files"; filename="x.png"\r\n\r\nDATA\r\n'
+    assert parse_simple_multipart(b'--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--', b"b", 4, 4) is None
+    assert parse_simple_multipart(b"--b\r\nContent-Type: image/png\r\n\r\nx\r\n--b--", b"b", 4, 4) is None
+    assert parse_simple_multipart(b"--b\r\n" + part, b"b", 4, 4) is None
+    assert parse_simple_multipart(b"--b\r\n" + part + b"--b--\r\nepilogue", b"b", 4, 4) is None
+    assert parse_simple_multipart(b"--b\r\n" + part + b"--b\r\n" + part + b"--b--", b"b", 1, 4) is None
+    assert parse_simple_multipart(b"--b\r\n" + part + b"--b--", b"b", 1, 4) == [("files", "x.png", b"DATA")]
+
+
+def test_classify_query_and_body_limits(root):
+    app = create_app(settings_for(root, max_upload_bytes=1000, max_files=1))
+    with TestClient(app) as c:
+        assert_error(c.post("/api/classify?top_k=two", content=make_image(0), headers={"content-type": "image/png"}),
+                     422, "top_k")
+        assert_error(c.post("/api/classify?top_k=1001", content=make_image(0),
+                            headers={"content-type": "image/png"}), 422, "top_k")
+        r = c.post("/api/classify?top_k=1", content=make_image(0), headers={"content-type": "image/png"})
+        assert r.status_code == 200 and len(r.json()["results"][0]["top_k"]) == 1
+        assert r.headers["content-type"] == "application/json"
+
+        def chunks(first: bytes = b""):  # chunked: no Content-Length for the middleware to check
+            yield first
+            for _ in range(40):
+                yield b"x" * 65536
+
+        assert_error(c.post("/api/classify", content=chunks(), headers={"content-type": "image/png"}), 413, "limit")
+        start = b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
+        assert_error(c.post("/api/classify", content=chunks(start),
+                            headers={"content-type": "multipart/form-data; boundary=b"}), 413, "limit")
+    spec = app.openapi()["paths"]["/api/classify"]["post"]
+    assert {p["name"] for p in spec["parameters"]} == {"top_k", "model"}
+
+
+def test_png_size_from_header():
+    assert png_size(make_image(0, size=16)) == (16, 16)
+    assert png_size(make_image(0, size=16, fmt="JPEG")) is None
+    assert png_size(b"\x89PNG\r\n\x1a\n") is None
+
+
+def test_micro_batching_deadline_and_errors():
+    """A lone request waits at most max_wait; a failing model call fails every request in its batch."""
+
+    def fail(batch):
+        raise RuntimeError("model broke")
+
+    async def main():
+        b = MicroBatcher(lambda batch: [x + 1 for x in batch], max_batch=64, max_wait_ms=20)
+        t0 = time.perf_counter()
+        assert await b.submit(1) == 2
+        lone = time.perf_counter() - t0
+        await b.close()
+        bad = MicroBatcher(fail, max_batch=4, max_wait_ms=5)
+        outs = await asyncio.gather(*(bad.submit(i) for i in range(6)), return_exceptions=True)
+        await bad.close()
+        return lone, outs, bad.stats
+
+    lone, outs, stats = asyncio.run(main())
+    assert 0.015 <= lone < 1.0
+    assert all(isinstance(o, RuntimeError) and "model broke" in str(o) for o in outs) and stats.calls == 0
 
 
 # ----------------------------------------------------------------------------- search
