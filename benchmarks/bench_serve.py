@@ -332,7 +332,11 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "serve"))
     ap.add_argument("--append", action="store_true", help="Add this run to the current results (else replace "
                     "them; runs marked older are always kept as history).")
+    ap.add_argument("--render", action="store_true", help="Only re-render the .md from the .json.")
     args = ap.parse_args()
+    if args.render:
+        write_results(args.out, None, True)
+        return
 
     work = tempfile.mkdtemp(prefix="bench-serve-")
     model_dir = os.path.join(work, "model")
@@ -424,48 +428,52 @@ def _have(module: str) -> str | None:
     return getattr(mod, "__version__", "yes")
 
 
-def write_results(out: str, run: dict, append: bool) -> None:
+def write_results(out: str, run: dict | None, append: bool) -> None:
+    """Add ``run`` to ``out``.json (replacing the current runs unless ``append``; runs marked older
+    are always kept) and render ``out``.md from it. ``run=None`` only re-renders."""
     runs = []
     if os.path.exists(out + ".json"):
         with open(out + ".json") as f:
-            runs = [r for r in json.load(f).get("runs", []) if append or r.get("older")]
-    runs.append(run)
+            runs = [r for r in json.load(f).get("runs", []) if append or run is None or r.get("older")]
+    if run is not None:
+        runs.append(run)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".json", "w") as f:
         json.dump({"runs": runs}, f, indent=2)
     head = ("| body | client | server http/loop | clients | requests ok | errors | req/s | p50 ms | p90 ms | p99 ms | "
-            "max ms | CPU ms/req server / client | mean batch | target | load avg |")
-    rule = "|" + "---|" * 15
+            "max ms | CPU ms/req server / client | mean batch | target | load avg | note |")
+    rule = "|" + "---|" * 16
 
     def row(r: dict) -> str:
         b = r.get("server_batching") or {}
         srv = r.get("server") or {}
-        server = f"{srv.get('http', 'h11')}/{srv.get('loop', 'asyncio')}" if srv else "h11/asyncio"
+        server = f"{srv.get('http', 'h11')}/{srv.get('loop', 'asyncio')}"
         if srv.get("http") == "auto":
             server = ("httptools" if srv.get("httptools") else "h11") + "/" + \
                      ("uvloop" if srv.get("uvloop") else "asyncio") + " (auto)"
         cpu = r.get("cpu_ms_per_request") or {}
         lat = r["latency_ms"]
         return (f"| {r['body']} | {r.get('client', 'httpx')} | {server} | {r['clients']} | "
-                f"{r['ok']:,} / {r['requests']:,} | {r['errors']} | {r['requests_per_s']} | {lat['p50']} | "
-                f"{lat['p90']} | {lat['p99']} | {lat['max']} | {cpu.get('server')} / {cpu.get('client')} | "
+                f"{r['ok']:,} / {r['requests']:,} | {r['errors']} | {r['requests_per_s']:,.0f} | {lat['p50']} | "
+                f"{lat['p90']} | {lat['p99']} | {lat['max']} | {cpu.get('server', 0):.2f} / {cpu.get('client', 0):.2f} | "
                 f"{b.get('mean_batch')} | {'met' if r['target_met'] else 'missed'} | "
-                f"{r['machine']['load_avg_1m_at_end']} |" + (f" {r['note']}" if r.get("note") else ""))
+                f"{r['machine']['load_avg_1m_at_end']} | {r.get('note', '')} |")
 
     current = [r for r in runs if not r.get("older")]
     older = [r for r in runs if r.get("older")]
     lines = ["# Serving benchmark: POST /api/classify on loopback", "",
              "`.venv/bin/python benchmarks/bench_serve.py` (server: `sparkvision serve`, a separate process, "
              "unless the server column names a parser and loop without `(auto)`; client: `raw` = asyncio "
-             "protocol with pre-built HTTP/1.1 keep-alive requests, `httpx` = httpx.AsyncClient). "
-             "Client and server share the machine's cores; `load avg` is the 1-minute load average at the end "
-             "of the run (2 cores: above 2 means the run was contended). Target: zero errors and p99 < 250 ms.",
+             "protocol with pre-built HTTP/1.1 keep-alive requests, `httpx` = httpx.AsyncClient). 200 clients, "
+             "5,000 requests of one 28x28 PNG each, small CNN. Client and server share the machine's 2 cores; "
+             "`load avg` is the 1-minute load average at the end of the run (above 2 means the run was "
+             "contended). Target: zero errors and p99 < 250 ms.",
              "", "## Current", "", head, rule, *[row(r) for r in current]]
     if older:
         lines += ["", "## Older runs (history)", "",
                   "Earlier server code (uvicorn's pure-Python h11 parser and asyncio loop) measured with the "
-                  "httpx client; kept for comparison, not comparable in load.", "", head, rule,
-                  *[row(r) for r in older]]
+                  "httpx client, whose own CPU cost (6.6-10 ms per request) was most of the bottleneck; kept for "
+                  "comparison.", "", head, rule, *[row(r) for r in older]]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
