@@ -1,4 +1,5 @@
-"""Dedup: union-find and keep rule as pure functions; planted copies found, no false groups."""
+"""Dedup: union-find, keep rule, linking and verification as pure functions; planted copies found
+(with and without verification), no false groups."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
-from sparkvision.retrieval.dedup import keeper, pairs_above, pixel_descriptor, union_find
+from sparkvision.retrieval.dedup import (
+    DEFAULT_STRICT_THRESHOLD,
+    DEFAULT_VERIFY_THRESHOLD,
+    candidate_pairs,
+    keeper,
+    link_pairs,
+    pairs_above,
+    pixel_descriptor,
+    union_find,
+)
 
 
 def test_union_find_is_transitive():
@@ -41,6 +51,29 @@ def test_pairs_above_threshold():
         (10, 11, pytest.approx(0.97)),
         (10, 11, pytest.approx(0.97)),
     ]
+
+
+def test_candidate_pairs_are_unique_and_ordered():
+    scores = np.array([[1.0, 0.97, 0.5], [1.0, 0.96, 0.92]], np.float32)
+    rows = np.array([[10, 11, 3], [11, 10, -1]])
+    a, b, s = candidate_pairs(scores, rows, 10, 0.9)
+    assert a.tolist() == [10] and b.tolist() == [11] and s.tolist() == [pytest.approx(0.97)]
+    a, b, s = candidate_pairs(scores, rows, 10, 0.4)
+    assert list(zip(a.tolist(), b.tolist(), strict=True)) == [(3, 10), (10, 11)]
+
+
+def test_link_rules():
+    # 0-1 are each other's best; 2 matches 1 a little less well (a look-alike); 3-4 are a
+    # near-exact pair; 5-6 score below the threshold.
+    a = np.array([0, 1, 3, 5])
+    b = np.array([1, 2, 4, 6])
+    s = np.array([0.998, 0.996, 0.9995, 0.9], np.float32)
+    assert link_pairs(7, a, b, s, 0.995, "all").tolist() == [True, True, True, False]
+    assert link_pairs(7, a, b, s, 0.995, "mutual", 0.999).tolist() == [True, False, True, False]
+    # a strict threshold below the look-alike's score links it whatever the ranking
+    assert link_pairs(7, a, b, s, 0.995, "mutual", 0.9955).tolist() == [True, True, True, False]
+    with pytest.raises(ValueError, match="link rule"):
+        link_pairs(7, a, b, s, 0.995, "closest")
 
 
 def test_pixel_descriptor_invariances():
@@ -81,6 +114,71 @@ COPIES = {
     "jpeg": lambda im: encode(im, "JPEG", quality=60),
     "brightened": lambda im: encode(ImageEnhance.Brightness(im).enhance(1.3)),
 }
+
+
+def gray32(data: bytes) -> np.ndarray:
+    from sparkvision.images import decode_to_array
+
+    return decode_to_array(data, 1, (32, 32))[..., 0].astype(np.float32) / 255
+
+
+def test_verification_scores_copies_high_and_distinct_scenes_low():
+    from sparkvision.retrieval.verify import verify_pairs
+
+    originals = [distinct_image(s) for s in range(12)]
+    orig = np.stack([gray32(encode(im)) for im in originals])
+    edits = dict(COPIES)
+    edits["rotated_shifted"] = lambda im: encode(
+        im.rotate(6, resample=Image.BILINEAR, translate=(2, -1), fillcolor=int(np.asarray(im)[0, 0]))
+    )
+    edits["flipped_jpeg"] = lambda im: encode(im.transpose(Image.FLIP_LEFT_RIGHT), "JPEG", quality=70)
+    copies = np.stack([gray32(edit(originals[i])) for i, edit in enumerate(edits.values())])
+    scores = verify_pairs(orig[: len(copies)], copies)
+    assert scores.min() >= DEFAULT_VERIFY_THRESHOLD, dict(zip(edits, scores.round(5).tolist(), strict=True))
+    assert np.allclose(scores, verify_pairs(copies, orig[: len(copies)]), atol=2e-3)  # symmetric enough
+    ii, jj = np.triu_indices(len(orig), 1)
+    assert verify_pairs(orig[ii], orig[jj]).max() < 0.97  # distinct scenes are nowhere near
+    assert verify_pairs(orig[:1], orig[:1])[0] > 0.9999
+    blank = np.full((1, 32, 32), 0.5, np.float32)
+    assert verify_pairs(blank, blank)[0] == 0.0  # no content, no evidence
+    with pytest.raises(ValueError, match="expected two"):
+        verify_pairs(orig[:2], orig[:3])
+
+
+def test_alignment_recovers_a_known_warp():
+    import torch
+
+    from sparkvision.retrieval.verify import VerifyConfig, align
+
+    im = distinct_image(3)
+    moved = im.rotate(5, resample=Image.BICUBIC, translate=(2, 1), fillcolor=int(np.asarray(im)[0, 0]))
+    a = torch.from_numpy(gray32(encode(im))[None])
+    b = torch.from_numpy(gray32(encode(moved))[None])
+    p, r = align(a, b, VerifyConfig())
+    scale_cos, sin = 1 + float(p[0, 0]), float(p[0, 1])
+    assert abs(np.degrees(np.arctan2(sin, scale_cos)) + 5) < 1.0  # PIL rotates counter-clockwise
+    assert abs(np.hypot(scale_cos, sin) - 1) < 0.03
+    assert float(r[0]) > 0.99
+
+
+def test_several_copies_of_one_image_form_one_group():
+    """Mutual linking must not split a group of near-exact copies (the strict threshold)."""
+    from sparkvision.retrieval.verify import verify_pairs
+
+    im = distinct_image(7)
+    imgs = [
+        gray32(encode(im)),
+        gray32(COPIES["flipped"](im)),
+        gray32(COPIES["jpeg"](im)),
+        gray32(COPIES["cropped"](im)),
+        gray32(encode(distinct_image(8))),
+    ]
+    ii, jj = np.triu_indices(len(imgs), 1)
+    x = np.stack(imgs)
+    s = verify_pairs(x[ii], x[jj])
+    m = link_pairs(len(imgs), ii, jj, s, DEFAULT_VERIFY_THRESHOLD, "mutual", DEFAULT_STRICT_THRESHOLD)
+    labels = union_find(len(imgs), zip(ii[m].tolist(), jj[m].tolist(), strict=True))
+    assert labels.tolist() == [0, 0, 0, 0, 4]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +228,40 @@ def test_dedup_finds_planted_copies_and_no_false_groups(spark, planted_table, tm
     exact = [g for g in groups if g["kind"] == "exact"]
     assert {g["path"] for g in exact} == {"/orig/10.png", "/dup/10_again.png"}
     with open(tmp_path / "out" / "_dedup.json") as f:
-        assert json.load(f)["rows"] == 35
+        summary = json.load(f)
+    assert summary["rows"] == 35 and summary["verify"] and summary["link"] == "mutual"
+    assert summary["candidate_pairs"] >= 5 and summary["links"] == 5  # 4 copies + the exact duplicate
+    # every candidate pair is kept with its cosine and verification score; copies score high
+    scored = pq.read_table(str(tmp_path / "out" / "_pairs")).to_pylist()
+    assert len(scored) == summary["candidate_pairs"]
+
+    def index_of(
+        path: str,
+    ) -> tuple[str, int]:  # "/orig/03.png" -> ("orig", 3); "/copy/jpeg_02" -> ("copy", 2)
+        kind, name = path.strip("/").split("/")
+        return kind, int(name.removesuffix(".png")[-2:])
+
+    copy_scores = {}
+    for r in scored:
+        if r["path_a"].startswith("/dup/") or r["path_b"].startswith("/dup/"):
+            continue
+        (ka, ia), (kb, ib) = index_of(r["path_a"]), index_of(r["path_b"])
+        if {ka, kb} == {"orig", "copy"} and ia == ib:
+            copy_scores[ia] = r["score"]
+    assert len(copy_scores) == 4 and min(copy_scores.values()) >= summary["threshold"]
+
+
+def test_dedup_without_verification_is_the_cosine_rule(spark, planted_table, tmp_path):
+    import pyarrow.parquet as pq
+
+    from sparkvision.retrieval.dedup import dedup_table
+
+    s = dedup_table(spark, planted_table, str(tmp_path / "nv"), verify=False)
+    assert not s["verify"] and s["threshold"] == 0.97 and s["link"] == "all"
+    assert s["exact_groups"] == 1 and s["near_groups"] == 4
+    assert not os.path.exists(tmp_path / "nv" / "_pairs")
+    groups = pq.read_table(str(tmp_path / "nv" / "groups.parquet")).to_pylist()
+    assert len(groups) == 10
 
 
 def test_dedup_exact_only_and_bad_options(spark, planted_table, tmp_path):
@@ -142,6 +273,10 @@ def test_dedup_exact_only_and_bad_options(spark, planted_table, tmp_path):
         dedup_table(spark, planted_table, str(tmp_path / "x"), keep="biggest")
     with pytest.raises(ValueError, match="threshold"):
         dedup_table(spark, planted_table, str(tmp_path / "x"), threshold=2.0)
+    with pytest.raises(ValueError, match="link"):
+        dedup_table(spark, planted_table, str(tmp_path / "x"), link="closest")
+    with pytest.raises(ValueError, match="candidate-threshold"):
+        dedup_table(spark, planted_table, str(tmp_path / "x"), candidate_threshold=3.0)
     assert not os.path.exists(tmp_path / "x" / "groups.parquet")
 
 
