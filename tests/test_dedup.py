@@ -291,3 +291,28 @@ def test_cli_dedup(planted_table, spark, tmp_path):
     assert s["exact_groups"] == 1 and s["rows_to_remove"] == 1
     r = CliRunner().invoke(app, ["dedup", planted_table, str(tmp_path / "e"), "--keep", "newest", "--json"])
     assert r.exit_code == 2 and "keep" in r.output
+    r = CliRunner().invoke(app, ["dedup", planted_table, str(tmp_path / "f"), "--link", "closest", "--json"])
+    assert r.exit_code == 2 and "link" in r.output
+    r = CliRunner().invoke(
+        app,
+        [
+            "dedup",
+            planted_table,
+            str(tmp_path / "v"),
+            "--link",
+            "all",
+            "--threshold",
+            "0.996",
+            "-k",
+            "8",
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output.strip().splitlines()[-1])
+    assert s["verify"] and s["link"] == "all" and s["threshold"] == 0.996 and s["strict_threshold"] is None
+    assert s["near_groups"] == 4 and s["exact_groups"] == 1
+    r = CliRunner().invoke(app, ["dedup", planted_table, str(tmp_path / "n"), "--no-verify", "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output.strip().splitlines()[-1])
+    assert not s["verify"] and s["near_groups"] == 4

@@ -164,16 +164,53 @@ def search(
 
 def dedup(
     table: Annotated[str, typer.Argument(help="Image table.")],
-    out: Annotated[str, typer.Argument(help="Output directory: groups.parquet and _dedup.json.")],
+    out: Annotated[
+        str, typer.Argument(help="Output directory: groups.parquet, _dedup.json and the scored _pairs.")
+    ],
     model: Annotated[
-        str | None, typer.Option(help="Model directory for near-duplicates (default: pixel descriptor).")
+        str | None,
+        typer.Option(help="Model directory whose embeddings propose candidates (default: pixel descriptor)."),
     ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify/--no-verify",
+            help="Verify each candidate pair by aligning the two images and comparing pixels "
+            "(robust to flips, shifts, small rotations and scaling, blur, tone changes, JPEG). "
+            "--no-verify links on the descriptor's cosine alone.",
+        ),
+    ] = True,
     threshold: Annotated[
-        float | None, typer.Option(help="Cosine similarity for a near-duplicate (default: per descriptor).")
+        float | None,
+        typer.Option(
+            help="Score that makes a near-duplicate: the verification score in [0, 1] (default 0.995), "
+            "or with --no-verify the cosine similarity (default 0.97 pixels, 0.95 model).",
+        ),
     ] = None,
+    link: Annotated[
+        str,
+        typer.Option(
+            help="mutual: a verified pair >= --threshold links only if each image is the other's best "
+            "match (stops look-alikes joining); all: every pair >= --threshold links.",
+        ),
+    ] = "mutual",
+    strict_threshold: Annotated[
+        float | None,
+        typer.Option(help="With --link mutual: pairs scoring at least this always link (default 0.998)."),
+    ] = None,
+    candidate_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="With verification: cosine a neighbour needs to become a candidate (default 0.9 pixels, "
+            "0.8 model); it only bounds the work."
+        ),
+    ] = None,
+    verify_size: Annotated[
+        int, typer.Option(help="Side in pixels of the grayscale thumbnails compared in verification.")
+    ] = 32,
     keep: Annotated[str, typer.Option(help="Which member to keep: largest | earliest.")] = "largest",
     k: Annotated[
-        int, typer.Option("-k", "--k", help="Neighbours linked per image (groups grow transitively).")
+        int, typer.Option("-k", "--k", help="Neighbours compared per image (groups grow transitively).")
     ] = 16,
     exact_only: Annotated[
         bool, typer.Option("--exact-only", help="Only identical bytes (content id).")
@@ -183,7 +220,11 @@ def dedup(
     conf: Conf = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Find exact and near-duplicate images, group them transitively and mark one per group to keep."""
+    """Find exact and near-duplicate images, group them transitively and mark one per group to keep.
+
+    Near-duplicates: kNN candidates by descriptor similarity, then (by default) each candidate pair
+    is aligned and verified on the executors. See docs/retrieval.md for calibrating the thresholds.
+    """
     from ..progress import step_progress
     from ..retrieval.dedup import dedup_table
 
@@ -200,6 +241,11 @@ def dedup(
                 split=split,
                 k=k,
                 exact_only=exact_only,
+                verify=verify,
+                candidate_threshold=candidate_threshold,
+                link=link,
+                strict_threshold=strict_threshold,
+                verify_size=verify_size,
                 progress=lambda n, note: advance(n, note),
             )
 
