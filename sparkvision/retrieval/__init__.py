@@ -3,7 +3,7 @@
 The pieces, in the order a pipeline uses them::
 
     embed (sparkvision.infer.embed_table) -> add_codes -> build_index -> SearchIndex / search_table
-                                                        -> dedup_table
+                                                        -> dedup_table (kNN candidates -> verify_pairs -> link_pairs)
 """
 
 from .codes import (
@@ -18,10 +18,11 @@ from .codes import (
     train_deepbit,
     unpack_bits,
 )
-from .dedup import dedup_table, keeper, union_find
+from .dedup import dedup_table, keeper, link_pairs, union_find
 from .embed import add_codes, embed_with_codes
 from .index import IndexChoice, build_index, choose_index
 from .search import SearchIndex, search_df, search_images, search_table
+from .verify import VerifyConfig, verify_pairs
 
 __all__ = [
     "DeepBitConfig",
@@ -38,6 +39,7 @@ __all__ = [
     "fit_hasher",
     "itq",
     "keeper",
+    "link_pairs",
     "lsh",
     "pack_bits",
     "search_df",
@@ -46,4 +48,6 @@ __all__ = [
     "train_deepbit",
     "union_find",
     "unpack_bits",
+    "verify_pairs",
+    "VerifyConfig",
 ]
