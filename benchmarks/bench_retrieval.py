@@ -14,7 +14,14 @@ relevant position i, divided by the number of relevant items in the top 100 (0 i
 Targets: learned 64-bit codes >= 2x the mAP of LSH on pixels, and >= 90% of their float features.
 
     .venv/bin/python benchmarks/bench_retrieval.py [--table data/fashion-mnist] [--model runs/bench-cnn]
-        [--ssl runs/bench-ssl]
+        [--ssl runs/bench-ssl] [--ssl-label "self-supervised"]
+
+To add rows to an earlier run without recomputing it (the 2-core machine is shared), ``--merge``
+keeps the rows already in ``results/retrieval.json`` and ``--skip pixels,supervised`` leaves those
+parts out, e.g. only the self-supervised rows::
+
+    .venv/bin/python benchmarks/bench_retrieval.py --merge --skip pixels,supervised \
+        --ssl /tmp/ssl-1ep --ssl-label "self-supervised (improved SimCLR, 1 epoch)" --deepbit-bits 64
 """
 
 from __future__ import annotations
@@ -147,14 +154,22 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--deepbit-bits", default="32,64,128", help="code lengths for the DeepBit rows")
+    ap.add_argument("--ssl-label", default="self-supervised", help="name of the SSL rows")
+    ap.add_argument("--skip", default="", help="comma list of parts to leave out: pixels, supervised")
+    ap.add_argument("--merge", action="store_true", help="keep the other rows of results/retrieval.json")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "retrieval"))
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     t_all = time.perf_counter()
     bits = args.bits
+    skip = {p.strip() for p in args.skip.split(",") if p.strip()}
     rows: list[dict] = []
     notes: list[str] = []
+    previous: dict = {}
+    if args.merge and os.path.exists(os.path.join(args.results, "retrieval.json")):
+        with open(os.path.join(args.results, "retrieval.json")) as f:
+            previous = json.load(f)
 
     def record(name: str, features: str, kind: str, m: float, t: float, **extra) -> None:
         strict = STRICT["last"]
@@ -172,9 +187,46 @@ def main() -> None:
         print(f"{name:32s} {kind:12s} mAP@100 {m:.4f} strict {strict:.4f} ({t:.1f}s)", flush=True)
 
     # --- raw pixels ---------------------------------------------------------------------------
+    if "pixels" in skip:
+        prev = {r["method"]: r for r in previous.get("rows", [])}
+        lsh_row = prev.get(f"LSH-{bits} on pixels")
+        if lsh_row is None:
+            raise SystemExit("--skip pixels needs --merge and an earlier LSH-on-pixels row")
+        m_lsh_px, s_lsh_px = lsh_row["map@100"], lsh_row["strict_map@100"]
+    else:
+        m_lsh_px, s_lsh_px = pixel_rows(args.table, bits, record)
+
+    # --- encoders: supervised CNN, and self-supervised if present --------------------------------
+    from sparkvision.session import get_spark
+
+    spark = get_spark()
+    encoders = [] if "supervised" in skip else [("supervised CNN", args.model)]
+    if os.path.exists(os.path.join(args.ssl, "model.safetensors")):
+        encoders.append((args.ssl_label, args.ssl))
+    else:
+        notes.append(f"self-supervised features skipped: no pretrained encoder at {args.ssl}")
+    targets = dict(previous.get("targets", {})) if previous else {}
+    for label, model_dir in encoders:
+        run_encoder(spark, args, label, model_dir, bits, m_lsh_px, s_lsh_px, record, targets)
+    if previous:
+        fresh = {r["method"] for r in rows}
+        rows[:0] = [r for r in previous.get("rows", []) if r["method"] not in fresh]
+        notes = [
+            n
+            for n in previous.get("notes", [])
+            if "self-supervised features skipped" not in n and "added with --merge" not in n
+        ] + notes
+        notes.append(
+            f"rows for {', '.join(label for label, _ in encoders) or 'nothing'} added with --merge to an earlier "
+            f"run ({', '.join(f'{label}: {d}' for label, d in encoders)}); total_s covers this run only"
+        )
+    write_results(args, bits, rows, targets, notes, t_all)
+
+
+def pixel_rows(table: str, bits: int, record) -> tuple[float, float]:
     t0 = time.perf_counter()
-    px_db, y_db, _ = pixels(args.table, "train")
-    px_q, y_q, _ = pixels(args.table, "test")
+    px_db, y_db, _ = pixels(table, "train")
+    px_q, y_q, _ = pixels(table, "test")
     record(
         "pixels (float, cosine)",
         "pixels",
@@ -197,86 +249,81 @@ def main() -> None:
         time.perf_counter() - t0,
     )
 
-    # --- encoders: supervised CNN, and self-supervised if present --------------------------------
-    from sparkvision.session import get_spark
+    return m_lsh_px, s_lsh_px
 
-    spark = get_spark()
-    encoders = [("supervised CNN", args.model)]
-    if os.path.exists(os.path.join(args.ssl, "model.safetensors")):
-        encoders.append(("self-supervised", args.ssl))
-    else:
-        notes.append(f"self-supervised features skipped: no pretrained encoder at {args.ssl}")
-    targets = {}
-    train_imgs: list[bytes] | None = None
-    for label, model_dir in encoders:
+
+def run_encoder(spark, args, label, model_dir, bits, m_lsh_px, s_lsh_px, record, targets) -> None:
+    """Float, LSH, ITQ and DeepBit rows for one encoder's features (embedded on Spark)."""
+    t0 = time.perf_counter()
+    feat_dir = os.path.join(args.out, os.path.basename(model_dir.rstrip("/")) + "-features")
+    es = embed(spark, model_dir, os.path.abspath(args.table), feat_dir)
+    f_db, fy_db, ids_db = load_split(feat_dir, "train")
+    f_q, fy_q, _ = load_split(feat_dir, "test")
+    t_embed = time.perf_counter() - t0
+    m_float = map_float(f_db, f_q, fy_db, fy_q)
+    s_float = STRICT["last"]
+    record(f"{label} features (float)", label, f"float {f_db.shape[1]}-d", m_float, t_embed, embed=es)
+    t0 = time.perf_counter()
+    h = lsh(f_db.shape[1], bits, mean=f_db.mean(0))
+    record(
+        f"LSH-{bits} on {label}",
+        label,
+        f"{bits}-bit",
+        map_codes(h.encode(f_db), h.encode(f_q), fy_db, fy_q),
+        time.perf_counter() - t0,
+    )
+    t0 = time.perf_counter()
+    h = itq(f_db, bits)
+    m_itq = map_codes(h.encode(f_db), h.encode(f_q), fy_db, fy_q)
+    record(f"ITQ-{bits} on {label}", label, f"{bits}-bit", m_itq, time.perf_counter() - t0)
+    # DeepBit: rotated views of a 20k subset of the train split (no labels used)
+    t0 = time.perf_counter()
+    t = (
+        pads.dataset(args.table, format="parquet")
+        .to_table(filter=pads.field("split") == "train", columns=["content_id", "image"])
+        .sort_by("content_id")
+    )
+    assert t.column("content_id").to_pylist() == ids_db
+    train_imgs = t.column("image").to_pylist()
+    sub = np.random.default_rng(0).choice(len(f_db), 20_000, replace=False)
+    f_rot = rotated_features(model_dir, [train_imgs[i] for i in sub])
+    t_rot = time.perf_counter() - t0
+    for nb in sorted({bits, *(int(v) for v in args.deepbit_bits.split(","))}):
         t0 = time.perf_counter()
-        feat_dir = os.path.join(args.out, os.path.basename(model_dir.rstrip("/")) + "-features")
-        es = embed(spark, model_dir, os.path.abspath(args.table), feat_dir)
-        f_db, fy_db, ids_db = load_split(feat_dir, "train")
-        f_q, fy_q, _ = load_split(feat_dir, "test")
-        t_embed = time.perf_counter() - t0
-        m_float = map_float(f_db, f_q, fy_db, fy_q)
-        s_float = STRICT["last"]
-        record(f"{label} features (float)", label, f"float {f_db.shape[1]}-d", m_float, t_embed, embed=es)
-        t0 = time.perf_counter()
-        h = lsh(f_db.shape[1], bits, mean=f_db.mean(0))
+        h, last = train_deepbit(f_db[sub], f_rot, DeepBitConfig(bits=nb, epochs=args.epochs))
+        m = map_codes(h.encode(f_db), h.encode(f_q), fy_db, fy_q)
+        sm = STRICT["last"]
+        bal = np.unpackbits(h.encode(f_db), axis=1).mean(0)
         record(
-            f"LSH-{bits} on {label}",
+            f"DeepBit-{nb} on {label}",
             label,
-            f"{bits}-bit",
-            map_codes(h.encode(f_db), h.encode(f_q), fy_db, fy_q),
-            time.perf_counter() - t0,
+            f"{nb}-bit",
+            m,
+            time.perf_counter() - t0 + t_rot,
+            bit_balance=[round(float(bal.min()), 3), round(float(bal.max()), 3)],
+            final_loss=last,
         )
-        t0 = time.perf_counter()
-        h = itq(f_db, bits)
-        m_itq = map_codes(h.encode(f_db), h.encode(f_q), fy_db, fy_q)
-        record(f"ITQ-{bits} on {label}", label, f"{bits}-bit", m_itq, time.perf_counter() - t0)
-        # DeepBit: rotated views of a 20k subset of the train split (no labels used)
-        t0 = time.perf_counter()
-        if train_imgs is None:
-            t = (
-                pads.dataset(args.table, format="parquet")
-                .to_table(filter=pads.field("split") == "train", columns=["content_id", "image"])
-                .sort_by("content_id")
-            )
-            assert t.column("content_id").to_pylist() == ids_db
-            train_imgs = t.column("image").to_pylist()
-        sub = np.random.default_rng(0).choice(len(f_db), 20_000, replace=False)
-        f_rot = rotated_features(model_dir, [train_imgs[i] for i in sub])
-        t_rot = time.perf_counter() - t0
-        for nb in sorted({bits, *(int(v) for v in args.deepbit_bits.split(","))}):
-            t0 = time.perf_counter()
-            h, last = train_deepbit(f_db[sub], f_rot, DeepBitConfig(bits=nb, epochs=args.epochs))
-            m = map_codes(h.encode(f_db), h.encode(f_q), fy_db, fy_q)
-            sm = STRICT["last"]
-            bal = np.unpackbits(h.encode(f_db), axis=1).mean(0)
-            record(
-                f"DeepBit-{nb} on {label}",
-                label,
-                f"{nb}-bit",
-                m,
-                time.perf_counter() - t0 + t_rot,
-                bit_balance=[round(float(bal.min()), 3), round(float(bal.max()), 3)],
-                final_loss=last,
-            )
-            if nb == bits:
-                targets[label] = {
-                    "deepbit_map": round(m, 4),
-                    "float_map": round(m_float, 4),
-                    "itq_map": round(m_itq, 4),
-                    "lsh_pixels_map": round(m_lsh_px, 4),
-                    "vs_lsh_pixels": round(m / m_lsh_px, 3),
-                    "vs_float": round(m / m_float, 3),
-                    "target_2x_lsh_pixels_met": m >= 2 * m_lsh_px,
-                    "target_90pct_float_met": m >= 0.9 * m_float,
-                    "strict": {
-                        "deepbit_map": round(sm, 4),
-                        "float_map": round(s_float, 4),
-                        "lsh_pixels_map": round(s_lsh_px, 4),
-                        "vs_lsh_pixels": round(sm / s_lsh_px, 3),
-                        "vs_float": round(sm / s_float, 3),
-                    },
-                }
+        if nb == bits:
+            targets[label] = {
+                "deepbit_map": round(m, 4),
+                "float_map": round(m_float, 4),
+                "itq_map": round(m_itq, 4),
+                "lsh_pixels_map": round(m_lsh_px, 4),
+                "vs_lsh_pixels": round(m / m_lsh_px, 3),
+                "vs_float": round(m / m_float, 3),
+                "target_2x_lsh_pixels_met": m >= 2 * m_lsh_px,
+                "target_90pct_float_met": m >= 0.9 * m_float,
+                "strict": {
+                    "deepbit_map": round(sm, 4),
+                    "float_map": round(s_float, 4),
+                    "lsh_pixels_map": round(s_lsh_px, 4),
+                    "vs_lsh_pixels": round(sm / s_lsh_px, 3),
+                    "vs_float": round(sm / s_float, 3),
+                },
+            }
+
+
+def write_results(args, bits, rows, targets, notes, t_all) -> None:
     result = {
         "benchmark": "retrieval mAP@100, Fashion-MNIST (10k test queries vs 60k train database)",
         "bits": bits,
