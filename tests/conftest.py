@@ -66,3 +66,53 @@ def tiny_table(spark, tmp_path_factory):
     table = str(tmp_path_factory.mktemp("tables") / "tiny")
     ingest(spark, str(root), table)
     return table
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+# The job registry must work on PostgreSQL as well as SQLite. ``postgres_server`` starts one
+# throwaway server for the whole session (see tests/pg_server.py); ``postgres_url`` gives each test
+# its own fresh database on it. Without the server binaries or psycopg the PostgreSQL tests skip;
+# set SPARKVISION_TEST_POSTGRES=require (as CI should) to make that a failure instead.
+
+
+def _pg_unavailable(reason: str):
+    if os.environ.get("SPARKVISION_TEST_POSTGRES", "").lower() == "require":
+        pytest.fail(f"SPARKVISION_TEST_POSTGRES=require but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    from pg_server import PgServer, find_pg_bin
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _pg_unavailable("psycopg is not installed (pip install 'psycopg[binary]', the postgres/test extras)")
+    bindir = find_pg_bin()
+    if bindir is None:
+        _pg_unavailable("PostgreSQL server binaries (initdb, postgres) not found: apt-get install "
+                        "postgresql, or set SPARKVISION_PG_BIN")
+    server = PgServer(bindir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A ``postgresql+psycopg://`` URL of a new, empty database, dropped after the test."""
+    name = postgres_server.create_database()
+    try:
+        yield postgres_server.url(name)
+    finally:
+        postgres_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def job_db_url(request, tmp_path):
+    """A job-registry URL on each backend: a SQLite file, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return request.getfixturevalue("postgres_url")
