@@ -1,8 +1,21 @@
 """The job registry: SQLAlchemy 2 models and a small repository over them.
 
 SQLite by default (``sqlite:///path/jobs.db``); any SQLAlchemy URL works, e.g.
-``postgresql+psycopg://user@host/db`` with the ``postgres`` extra installed. All JSON fields use
-SQLAlchemy's portable ``JSON`` type, so the same code runs on both.
+``postgresql+psycopg://user@host/db`` with the ``postgres`` extra installed. Both are tested
+(tests/test_job_store.py runs every registry test on each). What keeps them interchangeable:
+
+- JSON fields use SQLAlchemy's portable ``JSON`` type, serialised by :func:`json_dumps`: NaN and
+  infinities (a diverged loss) become ``null``. PostgreSQL's ``json`` rejects them, and so does the
+  API's JSON encoder, so a NaN would otherwise fail a finished job on PostgreSQL and break
+  ``GET /api/jobs/{id}`` on SQLite.
+- Text can hold no NUL character on PostgreSQL; :class:`SafeText` / :class:`SafeString` replace it
+  (U+FFFD) on every write and in every query, so a NUL in an id or filter matches nothing instead
+  of raising.
+- Timestamps are naive UTC (``timestamp without time zone``) whatever the server's time zone.
+- Read-modify-write updates (log appends, cancel) lock the row (``SELECT ... FOR UPDATE``, a no-op
+  on SQLite) and, within one process, a lock (SQLite has no row locks); claiming the next queued job
+  uses ``FOR UPDATE SKIP LOCKED`` plus a conditional update, so each job is claimed once even by
+  several processes.
 
 States::
 
@@ -14,6 +27,8 @@ States::
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
 import threading
 import uuid
 from typing import Any
@@ -21,6 +36,7 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, create_engine, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.types import TypeDecorator
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -31,6 +47,56 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN / infinity (at any depth) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):  # numpy scalars and arrays
+        return _finite(o.tolist())
+    return str(o)
+
+
+def json_dumps(value: Any) -> str:
+    """Strict JSON for every backend: non-finite floats become null, other objects their str()."""
+    return json.dumps(_finite(value), allow_nan=False, default=_json_default, ensure_ascii=False)
+
+
+def json_loads(text: str) -> Any:
+    return json.loads(text, parse_constant=lambda _: None)  # rows written before NaN was mapped to null
+
+
+def _no_nul(value: str | None) -> str | None:
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) and "\x00" in value else value
+
+
+class SafeText(TypeDecorator):
+    """Text without NUL characters (PostgreSQL refuses them): each is replaced by U+FFFD."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return _no_nul(value)
+
+
+class SafeString(TypeDecorator):
+    """VARCHAR without NUL characters; also applied to query parameters (ids, filters)."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return _no_nul(value)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -38,16 +104,16 @@ class Base(DeclarativeBase):
 class Job(Base):
     __tablename__ = "sparkvision_jobs"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32), index=True)
+    id: Mapped[str] = mapped_column(SafeString(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(SafeString(32), index=True)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    state: Mapped[str] = mapped_column(SafeString(16), index=True, default="queued")
     progress: Mapped[float] = mapped_column(Float, default=0.0)  # percent, 0..100
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # latest live metrics
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # the library's summary
-    result_location: Mapped[str | None] = mapped_column(Text, nullable=True)  # output path
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    log: Mapped[str] = mapped_column(Text, default="")  # last LOG_TAIL_LINES lines
+    result_location: Mapped[str | None] = mapped_column(SafeText, nullable=True)  # output path
+    error: Mapped[str | None] = mapped_column(SafeText, nullable=True)
+    log: Mapped[str] = mapped_column(SafeText, default="")  # last LOG_TAIL_LINES lines
     cancel_requested: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
@@ -81,16 +147,20 @@ class JobStore:
     """Every read and write of the job table. Thread-safe: one short session per call."""
 
     def __init__(self, url: str = "sqlite:///sparkvision-jobs.db") -> None:
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"json_serializer": json_dumps, "json_deserializer": json_loads}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False}
             if url in ("sqlite://", "sqlite:///:memory:"):
                 kwargs["poolclass"] = StaticPool  # one shared in-memory database
+        else:
+            kwargs["pool_pre_ping"] = True  # a database server restart must not break the next request
         self.url = url
         self.engine = create_engine(url, **kwargs)
         Base.metadata.create_all(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
-        self._claim_lock = threading.Lock()  # SQLite has no SELECT ... FOR UPDATE
+        # Read-modify-write within this process: SQLite has no row locks (and pysqlite begins its
+        # transaction only at the first write), so threads would lose each other's updates.
+        self._lock = threading.RLock()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -121,28 +191,36 @@ class JobStore:
 
     def append_log(self, job_id: str, line: str) -> None:
         stamp = utcnow().strftime("%H:%M:%S")
-        with self._session() as s, s.begin():
-            job = s.get(Job, job_id)
+        with self._lock, self._session() as s, s.begin():
+            job = s.get(Job, job_id, with_for_update=True)
             if job is None:
                 return
             lines = (job.log or "").splitlines() + [f"{stamp} {line}"]
             job.log = "\n".join(lines[-LOG_TAIL_LINES:])
 
     def claim_next(self) -> Job | None:
-        """The oldest queued job, atomically moved to running (None if the queue is empty)."""
-        with self._claim_lock, self._session() as s, s.begin():
-            job = s.scalars(
-                select(Job).where(Job.state == "queued").order_by(Job.created_at, Job.id).limit(1)
-            ).first()
-            if job is None:
-                return None
-            res = s.execute(
-                update(Job).where(Job.id == job.id, Job.state == "queued").values(
-                    state="running", started_at=utcnow(), finished_at=None, attempts=Job.attempts + 1, error=None)
-            )
-            if res.rowcount != 1:
-                return None
-        return self.get(job.id)
+        """The oldest queued job, atomically moved to running (None if the queue is empty).
+
+        Safe across processes: on PostgreSQL the candidate row is locked and rows other claimers
+        hold are skipped (``FOR UPDATE SKIP LOCKED``); everywhere the update only applies while the
+        job is still queued, and a lost race tries the next job instead of reporting an empty queue.
+        """
+        for _ in range(20):
+            with self._lock, self._session() as s, s.begin():
+                job_id = s.scalars(
+                    select(Job.id).where(Job.state == "queued").order_by(Job.created_at, Job.id).limit(1)
+                    .with_for_update(skip_locked=True)
+                ).first()
+                if job_id is None:
+                    return None
+                res = s.execute(
+                    update(Job).where(Job.id == job_id, Job.state == "queued").values(
+                        state="running", started_at=utcnow(), finished_at=None, attempts=Job.attempts + 1,
+                        error=None)
+                )
+            if res.rowcount == 1:
+                return self.get(job_id)
+        return None
 
     def finish(self, job_id: str, state: str, **fields: Any) -> None:
         assert state in FINAL_STATES or state == "interrupted"
@@ -150,8 +228,8 @@ class JobStore:
 
     def request_cancel(self, job_id: str) -> str:
         """Cancel a queued job at once; flag a running one for the runner. Returns the new state."""
-        with self._session() as s, s.begin():
-            job = s.get(Job, job_id)
+        with self._lock, self._session() as s, s.begin():
+            job = s.get(Job, job_id, with_for_update=True)
             if job is None:
                 raise KeyError(job_id)
             if job.state in ("queued", "interrupted"):
