@@ -471,11 +471,12 @@ def test_non_loopback_needs_token(root, monkeypatch):
 # ----------------------------------------------------------------------------- restart, resume
 
 
-def test_restart_marks_running_jobs_interrupted_and_resume_uses_checkpoint(root, tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+def test_restart_marks_running_jobs_interrupted_and_resume_uses_checkpoint(root, job_db_url):
+    """On a SQLite file, then on PostgreSQL (``--db postgresql+psycopg://...``)."""
+    url = job_db_url
     store = JobStore(url)
     out = root / "models" / "resumable"
-    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "checkpoints" / "epoch-1.safetensors").write_bytes(b"")
     (out / "checkpoints" / "epoch-1.json").write_text("{}")
     train = store.create("train", {"table": str(root / "tables" / "tiny"), "out": str(out), "epochs": 3})
@@ -491,6 +492,30 @@ def test_restart_marks_running_jobs_interrupted_and_resume_uses_checkpoint(root,
         assert r["state"] == "queued" and r["params"]["resume"] is True
         assert c.post(f"/api/jobs/{other.id}/resume").json()["state"] == "queued"
         assert_error(c.post(f"/api/jobs/{train.id}/resume"), 409, "only interrupted")
+
+
+def test_job_api_on_each_backend(root, job_db_url):
+    """Submit, list, get, cancel, resume through the app with ``--db`` on SQLite, then PostgreSQL."""
+    with TestClient(create_app(settings_for(root, db_url=job_db_url))) as c:
+        r = c.post("/api/jobs", json={"kind": "ingest", "params": {"source": "folder", "table": "tables/pg"}})
+        assert r.status_code == 201, r.text
+        job = r.json()
+        assert job["state"] == "queued" and job["params"]["source"].endswith("/folder")
+        assert job["created_at"].endswith("Z") and job["params"]["labeled"] is True
+        assert [j["id"] for j in c.get("/api/jobs?kind=ingest&state=queued").json()["jobs"]] == [job["id"]]
+        assert c.get(f"/api/jobs/{job['id']}").json()["params"] == job["params"]
+        assert c.post(f"/api/jobs/{job['id']}/cancel").json()["state"] == "cancelled"
+        assert_error(c.post(f"/api/jobs/{job['id']}/cancel"), 409, "already cancelled")
+        assert c.post(f"/api/jobs/{job['id']}/resume").json()["state"] == "queued"
+        # A diverged loss (NaN) in live metrics: stored as null, the job still reads as JSON.
+        c.app.state.sv.store.update(job["id"], metrics={"loss": float("nan"), "step": 3})
+        r = c.get(f"/api/jobs/{job['id']}")
+        assert r.status_code == 200 and r.json()["metrics"] == {"loss": None, "step": 3}
+        # A NUL in an id or a filter is just "not found", not a database error.
+        assert_error(c.get("/api/jobs/a%00b"), 404, "no job")
+        assert_error(c.post("/api/jobs/a%00b/cancel"), 404, "no job")
+        assert c.get("/api/jobs?kind=in%00gest").json()["jobs"] == []
+        c.post(f"/api/jobs/{job['id']}/cancel")
 
 
 # ----------------------------------------------------------------------------- the runner, with Spark
