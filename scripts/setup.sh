@@ -5,7 +5,10 @@
 #   openjdk-17-jre-headless  when `java` is not on PATH   (Spark runs on the JVM)
 #   dataset-fashion-mnist    when /usr/share/datasets/fashion-mnist is absent (the demo's data)
 #   chromium                 when /usr/bin/chromium is missing (the web UI's browser test)
-# Python: a virtual environment in .venv (python3.11) with torch, torchvision and sparkvision[test].
+#   postgresql               when no PostgreSQL server binaries (initdb) are found (the job
+#                            registry's PostgreSQL tests start their own throwaway server from them)
+# Python: a virtual environment in .venv (python3.11) with torch, torchvision and sparkvision[test]
+# (the test extra includes psycopg, the PostgreSQL driver).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -21,6 +24,8 @@ apt_missing=()
 command -v java >/dev/null 2>&1 || apt_missing+=(openjdk-17-jre-headless)
 [ -d /usr/share/datasets/fashion-mnist ] || apt_missing+=(dataset-fashion-mnist)
 [ -x /usr/bin/chromium ] || apt_missing+=(chromium)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1 \
+    || apt_missing+=(postgresql)
 
 if [ ${#apt_missing[@]} -gt 0 ]; then
     SUDO=""
