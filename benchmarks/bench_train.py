@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 from sparkvision.images import decode_to_array  # noqa: E402
 from sparkvision.models import create_model  # noqa: E402
 from sparkvision.session import get_spark  # noqa: E402
-from sparkvision.table import read_table  # noqa: E402
 from sparkvision.train import BatchAugment, TrainConfig, train  # noqa: E402
 from sparkvision.train.data import epoch_indices, steps_per_epoch  # noqa: E402
 from sparkvision.train.optim import build_optimizer, lr_factor, param_groups, set_lr  # noqa: E402
@@ -121,7 +120,7 @@ def main() -> None:
     x, y = load_plain(args.table)
     tcfg = TrainConfig(epochs=1, workers=args.workers, label_smoothing=args.label_smoothing)
     rounds = []
-    for r in range(args.throughput_rounds):
+    for _ in range(args.throughput_rounds):
         plain = plain_epoch(x, y, tcfg, threads=cores)
         t0 = time.perf_counter()
         sv = train(spark, args.table, os.path.join(args.out + "-throughput"), tcfg)

@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from sparkvision.models import ImageModel, create_model, list_models, register_model, unregister_model, wrap_module
+from sparkvision.models import (
+    ImageModel,
+    create_model,
+    list_models,
+    register_model,
+    unregister_model,
+    wrap_module,
+)
 
 
 @pytest.mark.parametrize("name, dim", [("cnn", 512), ("resnet18", 512)])
