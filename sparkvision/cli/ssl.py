@@ -26,7 +26,11 @@ def _render_pretrain(s: dict[str, Any]) -> None:
 
 
 def _render_finetune(s: dict[str, Any]) -> None:
-    t = Table(title=f"{s['mode']} ({100 * s['label_fraction']:g}% of the labels, {s['train_rows']:,} rows)")
+    if s["mode"] == "distill":
+        title = f"distill from {s['teacher']} ({s['train_rows']:,} rows, teacher's soft labels)"
+    else:
+        title = f"{s['mode']} ({100 * s['label_fraction']:g}% of the labels, {s['train_rows']:,} rows)"
+    t = Table(title=title)
     for col in ("epoch", "train loss", "test acc", "epoch s"):
         t.add_column(col, justify="right")
     for h in s["history"]:
@@ -117,6 +121,50 @@ def finetune(
     emit(guarded(body, json_out), json_out, _render_finetune)
 
 
+def distill(
+    teacher: Annotated[str, typer.Option("--teacher", help="Classifier model directory whose soft labels train the student "
+                                                     "(e.g. the output of `sparkvision finetune`).")],
+    table: Annotated[str, typer.Option("--table", help="Image table holding the unlabelled pool.")],
+    out: Annotated[str, typer.Option("--out", help="Student classifier model directory to write.")],
+    encoder: Annotated[str | None, typer.Option(help="Initialise the student from this encoder model directory "
+                                                     "(omit to start --model from random weights).")] = None,
+    unlabeled_split: Annotated[str, typer.Option(help="Split the teacher labels (its own labels are never read).")] = "unlabeled",
+    label_fraction: Annotated[float, typer.Option(help="Share of --train-split rows added to the pool "
+                                                       "(when it is not the --unlabeled-split).")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of teacher and student.")] = 1.0,
+    model: Annotated[str, typer.Option(help="Student backbone without --encoder.")] = "cnn",
+    epochs: Annotated[int, typer.Option(help="Epochs over the pool.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Global batch size.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the head.")] = 2e-3,
+    encoder_lr_scale: Annotated[float, typer.Option(help="Encoder LR = lr x this (with --encoder).")] = 1.0,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
+    augment: Annotated[str | None, typer.Option(help="Augmentations as for `train --augment`.")] = None,
+    train_split: Annotated[str, typer.Option(help="Labelled split (sampled by --label-fraction).")] = "train",
+    eval_split: Annotated[str, typer.Option(help="Split scored each few epochs ('none' to skip).")] = "test",
+    workers: Annotated[int, typer.Option(help="DDP ranks.")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
+    master: Master = None,
+    conf: Conf = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Distil a fine-tuned teacher into a student on unlabelled images (SimCLRv2's third step)."""
+    from ..ssl.finetune import FinetuneConfig
+    from ..ssl.finetune import finetune as run
+    from ..train import parse_augment
+
+    def body() -> dict[str, Any]:
+        cfg = FinetuneConfig(label_fraction=label_fraction, model=model, epochs=epochs, batch_size=batch_size, lr=lr,
+                             encoder_lr_scale=encoder_lr_scale, weight_decay=weight_decay, label_smoothing=0.0,
+                             augment=parse_augment(augment), seed=seed, workers=workers, train_split=train_split,
+                             eval_split=None if eval_split == "none" else eval_split, unlabeled_split=unlabeled_split,
+                             distill_temperature=temperature, resume=resume)
+        return run(spark_from(master, conf), table, out, encoder, cfg, eval_every=1, teacher=teacher)
+
+    emit(guarded(body, json_out), json_out, _render_finetune)
+
+
 def register(app: typer.Typer) -> None:
     app.command("pretrain")(pretrain)
     app.command("finetune")(finetune)
+    app.command("distill")(distill)

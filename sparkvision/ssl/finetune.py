@@ -11,6 +11,11 @@ batch augmentation, checkpoints with resume, TensorBoard, ``metrics.jsonl``):
   rate, so a few hundred labels do not wash out what pretraining learned.
 * ``encoder=None``: the same architecture, augmentations and schedule from random weights, the
   "scratch" baseline every pretrained number should be compared with.
+* ``teacher=``: distillation with unlabelled data, the third step of SimCLRv2 (Chen et al. 2020,
+  "Big Self-Supervised Models are Strong Semi-Supervised Learners", eq. 2): a fine-tuned
+  classifier labels every image of the unlabelled pool with its tempered softmax and the student
+  is trained on those soft labels alone, so the many unlabelled images, not just the few labelled
+  ones, shape the final classifier.
 """
 
 from __future__ import annotations
@@ -38,7 +43,11 @@ from ..train.data import decode_shard, epoch_indices, pixel_stats, split_mask, s
 from ..train.engine import evaluate_shard, infer_image_spec, to_input
 from ..train.loop import RankLog, prepare_out, run_epoch, run_with_progress
 from ..train.optim import build_optimizer
+from .losses import DistillationLoss
 from .sampling import sample_label_fraction
+
+# Split name the driver gives the distillation pool's rows (the table's own names are user data).
+DISTILL_SPLIT = "__sparkvision_distill__"
 
 
 @dataclass
@@ -64,6 +73,8 @@ class FinetuneConfig:
     threads_per_rank: int | None = None
     train_split: str = "train"
     eval_split: str | None = "test"
+    unlabeled_split: str = "unlabeled"  # distillation: the pool the teacher labels (plus the labelled sample)
+    distill_temperature: float = 1.0  # distillation: tau of the teacher's and the student's softmax
     resume: bool = False
     keep_checkpoints: int = 1
 
@@ -72,6 +83,8 @@ class FinetuneConfig:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if self.encoder_lr_scale < 0:
             raise ValueError(f"encoder_lr_scale must be >= 0, got {self.encoder_lr_scale}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
                     schedule=self.schedule, warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing,
                     workers=self.workers, augment=self.augment).validate()
@@ -117,15 +130,23 @@ def _rank_finetune(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
     channels, size, num_classes = payload["channels"], tuple(payload["size"]), payload["num_classes"]
     shard, splits = decode_shard(batches, channels, size)
     labelled = shard.labels >= 0
-    train = shard.subset(split_mask(splits, cfg.train_split) & labelled)
+    teacher_spec = payload.get("teacher")
+    if teacher_spec is not None:  # distillation: every pool row trains, its label (if any) unused
+        train = shard.subset(split_mask(splits, DISTILL_SPLIT))
+    else:
+        train = shard.subset(split_mask(splits, cfg.train_split) & labelled)
     evals = shard.subset(split_mask(splits, cfg.eval_split) & labelled)
     del shard
     counts = D.all_reduce_sum(torch.tensor([len(train), len(evals)], dtype=torch.float64))
     least = D.all_reduce_min(torch.tensor([len(train)], dtype=torch.float64))
     if least[0] == 0:
+        if teacher_spec is not None:
+            raise ValueError(f"a rank got no rows to distill on: {int(counts[0])} rows in split "
+                             f"{cfg.unlabeled_split!r} and the labelled sample for {ctx.world_size} workers; "
+                             "check --unlabeled-split or lower --workers")
         raise ValueError(f"a rank got no training rows: {int(counts[0])} rows is too few for {ctx.world_size} workers; "
                          "lower --workers or raise --label-fraction")
-    if int(train.labels.max()) >= num_classes:
+    if teacher_spec is None and int(train.labels.max()) >= num_classes:
         raise ValueError(f"label {int(train.labels.max())} is out of range for {num_classes} classes")
     if payload["mean"] is None:
         mean_v, std_v = pixel_stats(train.images, channels)
@@ -155,11 +176,25 @@ def _rank_finetune(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
     steps = steps_per_epoch(int(counts[0]), cfg.batch_size)
     augment = BatchAugment(cfg.augment)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    teacher = None
+    if teacher_spec is not None:
+        teacher = create_model(teacher_spec["model"], num_classes, channels, **teacher_spec["model_kwargs"])
+        teacher.load_state_dict(st_load(teacher_spec["weights"]))
+        teacher.to(device).eval().requires_grad_(False)
+        # The student's normalised input re-normalised with the teacher's statistics: both see the same view.
+        t_mean = torch.tensor(teacher_spec["mean"], dtype=torch.float32).view(1, -1, 1, 1).to(device)
+        t_std = torch.tensor(teacher_spec["std"], dtype=torch.float32).view(1, -1, 1, 1).to(device)
+        t_scale, t_shift = std / t_std, (mean - t_mean) / t_std
+        distill_loss = DistillationLoss(cfg.distill_temperature)
     log = RankLog(ctx, out, ckpt_dir, cfg.epochs, steps, cfg.batch_size, start_epoch, cfg.keep_checkpoints)
     gen = torch.Generator()
 
     def step_loss(b: torch.Tensor) -> torch.Tensor:
         x = to_input(train.images[b], mean, std, device, False, augment, gen)
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(x * t_scale + t_shift)
+            return distill_loss(net(x), target)
         return loss_fn(net(x), train.labels[b].to(device))
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -192,22 +227,53 @@ def _rank_finetune(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
 
 
 def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = None,
-             cfg: FinetuneConfig | None = None, eval_every: int = 5) -> dict[str, Any]:
+             cfg: FinetuneConfig | None = None, eval_every: int = 5, teacher: str | None = None) -> dict[str, Any]:
     """Fine-tune (or, with ``cfg.linear``, linearly evaluate) the encoder model directory
     ``encoder`` on ``cfg.label_fraction`` of ``table``'s labelled training rows; ``encoder=None``
-    trains ``cfg.model`` from scratch. Writes a classifier model directory ``out``."""
+    trains ``cfg.model`` from scratch. Writes a classifier model directory ``out``.
+
+    With ``teacher`` (a classifier model directory, typically this function's own output) the
+    student is instead distilled on the teacher's soft labels of every ``cfg.unlabeled_split`` row
+    plus the labelled sample; no label is read, so a pool of any size can be used.
+    """
     cfg = cfg or FinetuneConfig()
     cfg.validate()
     if encoder is None and cfg.linear:
         raise ValueError("--linear needs --encoder (a linear probe of random weights is not a baseline)")
+    if teacher is not None and cfg.linear:
+        raise ValueError("--teacher distils into a whole student; it cannot be combined with --linear")
+    if teacher is not None and cfg.eval_split and cfg.unlabeled_split == cfg.eval_split:
+        raise ValueError(f"unlabeled_split {cfg.unlabeled_split!r} is also the eval split: distilling on the "
+                         "rows that are scored would leak them; pick another --unlabeled-split or --eval-split")
     timer = Timer()
     meta = read_meta(spark, table)
     class_names = meta.class_names
     if len(class_names) < 2:
         raise ValueError(f"table {table} has {len(class_names)} classes; fine-tuning needs at least 2")
+    teacher_spec = None
+    if teacher is not None:
+        tm = load_model_dir(teacher)
+        if tm.spec.num_classes != len(class_names):
+            raise ValueError(f"teacher {teacher} predicts {tm.spec.num_classes} classes but table {table} has "
+                             f"{len(class_names)}")
+        from safetensors.torch import save as st_save
+
+        teacher_spec = {"model": tm.spec.model, "model_kwargs": dict(tm.spec.model_kwargs),
+                        "mean": list(tm.preprocess.mean), "std": list(tm.preprocess.std),
+                        "channels": tm.preprocess.channels, "size": list(tm.preprocess.size),
+                        "weights": st_save({k: v.contiguous() for k, v in tm.model.state_dict().items()})}
     df = read_table(spark, table)
     train_rows = sample_label_fraction(df.where(F.col("split") == cfg.train_split), cfg.label_fraction,
                                        cfg.sample_seed)
+    if teacher is not None:
+        pool = df.where(F.col("split") == cfg.unlabeled_split)
+        if not pool.limit(1).count():  # a typo would otherwise distil on the labelled sample alone
+            have = sorted(r[0] for r in df.select("split").distinct().limit(50).collect())
+            raise ValueError(f"table {table} has no rows in split {cfg.unlabeled_split!r} (--unlabeled-split); "
+                             f"its splits: {', '.join(map(str, have))}")
+        if cfg.unlabeled_split != cfg.train_split:
+            pool = pool.unionByName(train_rows)
+        train_rows = pool.withColumn("split", F.lit(DISTILL_SPLIT))
     parts = [train_rows]
     if cfg.eval_split:
         parts.append(df.where(F.col("split") == cfg.eval_split))
@@ -229,11 +295,14 @@ def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = No
         model_name, model_kwargs = cfg.model, model_kwargs_for(cfg.model, cfg.model_kwargs, size[0])
         mean = std = None
         enc_weights = None
+    if teacher_spec is not None and (teacher_spec["channels"] != channels or tuple(teacher_spec["size"]) != tuple(size)):
+        raise ValueError(f"teacher {teacher} takes {teacher_spec['channels']}x{teacher_spec['size']} images but the "
+                         f"student takes {channels}x{list(size)}")
     payload = {"cfg": cfg.to_json(), "out": out, "checkpoint_dir": ckpt_dir, "channels": channels, "size": list(size),
                "num_classes": len(class_names), "model": model_name, "model_kwargs": model_kwargs, "mean": mean,
-               "std": std, "encoder_weights": enc_weights, "eval_every": max(1, eval_every)}
+               "std": std, "encoder_weights": enc_weights, "eval_every": max(1, eval_every), "teacher": teacher_spec}
     with open(os.path.join(out, "finetune_config.json"), "w") as f:
-        json.dump({**cfg.to_json(), "encoder": encoder, "model": model_name}, f, indent=2)
+        json.dump({**cfg.to_json(), "encoder": encoder, "teacher": teacher, "model": model_name}, f, indent=2)
     result = run_with_progress(spark, data.select("image", "label", "split"), cfg.workers, _rank_finetune, payload,
                                out, threads_per_rank=cfg.threads_per_rank, label="finetune")
     info, blobs = D.decode_result(result)
@@ -244,7 +313,8 @@ def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = No
     history = info["history"]
     last = history[-1] if history else {}
     metrics = {"test_acc": last.get("test_acc"), "train_loss": last.get("train_loss"),
-               "mode": "linear" if cfg.linear else ("finetune" if encoder else "scratch"),
+               "mode": "distill" if teacher else ("linear" if cfg.linear else ("finetune" if encoder else "scratch")),
+               "teacher": teacher,
                "label_fraction": cfg.label_fraction, "train_rows": info["train_rows"], "eval_rows": info["eval_rows"],
                "epochs": len(history), "encoder": encoder, "wall_s": round(timer.elapsed, 3),
                "train_time_s": round(sum(h["epoch_time_s"] for h in history), 1),

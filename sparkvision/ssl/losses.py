@@ -95,3 +95,29 @@ class NTXentLoss(nn.Module):
         sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
         target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)  # the positive of i
         return F.cross_entropy(sim, target)
+
+
+class DistillationLoss(nn.Module):
+    """Cross-entropy of the student's tempered softmax against the teacher's (soft labels).
+
+    SimCLRv2 (Chen et al., "Big Self-Supervised Models are Strong Semi-Supervised Learners",
+    NeurIPS 2020, https://arxiv.org/abs/2006.10029), eq. 2, after Hinton et al. 2015::
+
+        L = - sum_x sum_y P_T(y | x; tau) log P_S(y | x; tau),  P(y | x; tau) = softmax(logits / tau)
+
+    The teacher's logits are detached: only the student learns. No labels are needed, which is
+    what lets the unlabelled pool train the final classifier.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
+            raise ValueError(f"expected two (B, K) logit tensors of the same shape, got "
+                             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+        target = F.softmax(teacher_logits.detach().float() / self.temperature, dim=1)
+        return F.cross_entropy(student_logits.float() / self.temperature, target)
