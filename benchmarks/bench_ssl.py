@@ -64,11 +64,14 @@ def write_md(res: dict) -> None:
     for m in methods:
         pre = res["pretrain"].get(m, {})
         kinds = sorted({(c["mode"], c.get("encoder_lr_scale")) for c in res["cells"].values() if c["method"] == m},
-                       key=lambda k: (("scratch", "linear", "finetune").index(k[0]), k[1] or 0))
+                       key=lambda k: (("scratch", "linear", "finetune", "distill").index(k[0]), k[1] or 0))
         for mode, scale in kinds:
             row = {c["fraction"]: c for c in res["cells"].values()
                    if c["method"] == m and c["mode"] == mode and c.get("encoder_lr_scale") == scale}
             label = f"{mode} (encoder LR {scale:g}x)" if scale is not None else mode
+            if mode == "distill":
+                label = "fine-tune + distill on the unlabelled pool" + (f" (teacher's encoder LR {scale:g}x)"
+                                                                        if scale is not None else " (scratch teacher)")
             accs = [f"{100 * row[f]['test_acc']:.2f}%" if f in row else "not run" for f in (0.01, 0.05, 0.1)]
             lines.append(f"| {m} | {pre.get('epochs', '-')} | "
                          f"{(str(round(pre['pretrain_time_s'] / 60, 1)) + ' min') if pre else '-'} | "
@@ -92,6 +95,10 @@ def main() -> None:
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="default: the preset's")
     ap.add_argument("--warmup-epochs", type=float, default=None, help="default: the preset's")
     ap.add_argument("--encoder-lr-scale", type=float, default=0.1)
+    ap.add_argument("--tag", default="", help="suffix of the pretraining run and its cells (e.g. e40), so runs of "
+                                              "another length or recipe sit beside the default's")
+    ap.add_argument("--distill-epochs", type=int, default=10)
+    ap.add_argument("--distill-temperature", type=float, default=1.0)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "out", "ssl"))
@@ -103,9 +110,10 @@ def main() -> None:
     fractions = [float(f) for f in args.fractions.split(",")]
     for method in args.methods.split(","):
         encoder = None
+        label = f"{method}-{args.tag}" if args.tag and method != "scratch" else method
         if method != "scratch":
-            enc_dir = os.path.join(args.out_dir, f"pretrain-{method}-{args.preset}")
-            have = res["pretrain"].get(method, {})
+            enc_dir = os.path.join(args.out_dir, f"pretrain-{method}-{args.preset}" + (f"-{args.tag}" if args.tag else ""))
+            have = res["pretrain"].get(label, {})
             want = args.pretrain_epochs or have.get("target_epochs")
             if not have or (want and have.get("epochs") != want):
                 t0 = time.time()
@@ -114,35 +122,54 @@ def main() -> None:
                 s = pretrain(spark, args.table, enc_dir, method=method, preset=args.preset, epochs=args.pretrain_epochs, warmup_epochs=args.warmup_epochs,
                              pool_split="train", monitor_split="test", monitor_bank_split="train",
                              workers=args.workers, resume=resume)
-                res["pretrain"][method] = {k: s[k] for k in ("epochs", "pretrain_time_s", "knn_acc", "train_loss",
+                res["pretrain"][label] = {k: s[k] for k in ("epochs", "pretrain_time_s", "knn_acc", "train_loss",
                                                              "output_std", "images_per_s")}
-                res["pretrain"][method].update(preset=args.preset, target_epochs=args.pretrain_epochs or s["epochs"],
+                res["pretrain"][label].update(preset=args.preset, target_epochs=args.pretrain_epochs or s["epochs"],
                                                history=s["history"], wall_s=round(time.time() - t0, 1))
                 save(res)
             encoder = enc_dir
         for frac in fractions:
             epochs, batch = SCHEDULE.get(frac, (30, 128))
-            modes = ["scratch"] if method == "scratch" else args.modes.split(",")
+            asked = args.modes.split(",")
+            if method == "scratch":
+                modes = ["scratch"] + (["distill"] if "distill" in asked else [])
+            else:
+                modes = [m for m in ("finetune", "linear", "distill") if m in asked]
             for mode in modes:
-                scale = args.encoder_lr_scale if mode == "finetune" else None
-                # Fine-tuning cells of a non-default encoder LR are kept beside the default's.
-                key = f"{method}/{mode}/{frac}" + (f"/enc-lr-{scale:g}" if scale not in (None, 0.1) else "")
-                pre_epochs = res["pretrain"].get(method, {}).get("epochs")
+                scale = args.encoder_lr_scale if mode in ("finetune", "distill") and method != "scratch" else None
+                # Cells of a non-default encoder LR are kept beside the default's; a distilled cell's
+                # scale is its teacher's.
+                suffix = f"/enc-lr-{scale:g}" if scale not in (None, 0.1) else ""
+                key = f"{label}/{mode}/{frac}" + suffix
+                pre_epochs = res["pretrain"].get(label, {}).get("epochs")
                 have = res["cells"].get(key, {})
                 if have and have.get("pretrain_epochs") == pre_epochs and have.get("encoder_lr_scale") == scale:
                     continue
-                linear = mode == "linear"
+                linear, teacher = mode == "linear", None
                 cfg = FinetuneConfig(label_fraction=frac, linear=linear, epochs=epochs, batch_size=batch,
                                      lr=1e-2 if linear else 2e-3, encoder_lr_scale=args.encoder_lr_scale,
                                      label_smoothing=0.0 if linear else 0.1, workers=args.workers)
+                if mode == "distill":
+                    # SimCLRv2's third step: the fine-tuned (or scratch) cell of this fraction labels the
+                    # whole train split; the student starts from the same encoder (or random weights).
+                    tkey = f"{label}/{'scratch' if method == 'scratch' else 'finetune'}/{frac}" + suffix
+                    teacher = os.path.join(args.out_dir, tkey.replace("/", "-"))
+                    cfg = FinetuneConfig(label_fraction=frac, epochs=args.distill_epochs, batch_size=256, lr=2e-3,
+                                         encoder_lr_scale=1.0, label_smoothing=0.0, workers=args.workers,
+                                         unlabeled_split="train", distill_temperature=args.distill_temperature)
                 print(f"[{time.strftime('%H:%M:%S')}] {key}", flush=True)
                 out = os.path.join(args.out_dir, key.replace("/", "-"))
-                s = finetune(spark, args.table, out, encoder, cfg, eval_every=10)
-                res["cells"][key] = {"method": method, "mode": mode, "fraction": frac, "test_acc": s["test_acc"],
-                                     "train_rows": s["train_rows"], "epochs": epochs, "batch_size": batch,
+                s = finetune(spark, args.table, out, encoder, cfg, eval_every=10 if mode != "distill" else 2,
+                             teacher=teacher)
+                res["cells"][key] = {"method": label, "mode": mode, "fraction": frac, "test_acc": s["test_acc"],
+                                     "train_rows": s["train_rows"], "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                                      "train_time_s": s["train_time_s"], "pretrain_epochs": pre_epochs,
                                      "encoder_lr_scale": scale,
                                      "history": [h["test_acc"] for h in s["history"] if h["test_acc"] is not None]}
+                if teacher:
+                    res["cells"][key].update(teacher=os.path.relpath(teacher, HERE),
+                                             teacher_acc=res["cells"][tkey]["test_acc"],
+                                             distill_temperature=args.distill_temperature)
                 print(f"    test_acc {s['test_acc']}", flush=True)
                 save(res)
 
