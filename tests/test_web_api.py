@@ -388,8 +388,18 @@ def test_job_params_validated(client):
         "table": "tables/tiny", "out": "models/ft", "encoder": "models/cnn", "label_fraction": 0.1}})
     assert ft.status_code == 201 and ft.json()["params"]["encoder"].endswith("models/cnn")
     client.post(f"/api/jobs/{ft.json()['id']}/cancel")
+    assert_error(client.post("/api/jobs", json={"kind": "distill", "params": {
+        "teacher": "../ft", "table": "tables/tiny", "out": "models/st"}}), 403, "..")
+    assert_error(client.post("/api/jobs", json={"kind": "distill", "params": {
+        "teacher": "models/cnn", "table": "tables/tiny", "out": "models/st", "distill_temperature": 0}}), 422,
+        "distill_temperature")
+    st = client.post("/api/jobs", json={"kind": "distill", "params": {
+        "teacher": "models/cnn", "table": "tables/tiny", "out": "models/st", "unlabeled_split": "train"}})
+    assert st.status_code == 201 and st.json()["params"]["teacher"].endswith("models/cnn")
+    client.post(f"/api/jobs/{st.json()['id']}/cancel")
     kinds = {k["kind"]: k for k in client.get("/api/jobs/kinds").json()["kinds"]}
-    assert set(kinds) >= {"ingest", "train", "pretrain", "finetune", "evaluate", "predict", "embed", "index", "dedup"}
+    assert set(kinds) >= {"ingest", "train", "pretrain", "finetune", "distill", "evaluate", "predict", "embed",
+                          "index", "dedup"}
     assert kinds["train"]["schema"]["properties"]["epochs"]["minimum"] == 1
 
 

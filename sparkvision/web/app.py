@@ -563,7 +563,7 @@ def create_app(settings: Settings, *, store: JobStore | None = None, spark_facto
     async def job_metrics(job_id: str):
         """Per-epoch history (loss, accuracy, throughput) and the confusion matrix, when there are any."""
         job = get_job_or_404(job_id)
-        out = job.params.get("out") if job.kind in ("train", "pretrain", "finetune") else None
+        out = job.params.get("out") if job.kind in ("train", "pretrain", "finetune", "distill") else None
         model_dir = out or job.params.get("model_dir")
         history = read_metrics_history(out) if out else []
         if not history and isinstance(job.result, dict):

@@ -132,6 +132,25 @@ class FinetuneParams(Params):
     overrides: dict[str, Any] = Field(default_factory=dict, description="Other FinetuneConfig fields.")
 
 
+class DistillParams(Params):
+    teacher: str = Field(description="Classifier model dir whose soft labels train the student.")
+    table: str = Field(description="Image table holding the unlabelled pool.")
+    out: str = Field(description="Student classifier model directory to write.")
+    encoder: str | None = Field(None, description="Model dir initialising the student (none: random weights).")
+    unlabeled_split: str = "unlabeled"
+    label_fraction: float = Field(1.0, gt=0, le=1)
+    distill_temperature: float = Field(1.0, gt=0, le=100)
+    model: str = "cnn"
+    epochs: int = Field(10, ge=1, le=100_000)
+    batch_size: int = Field(256, ge=1, le=65_536)
+    lr: float = Field(2e-3, gt=0, le=10)
+    encoder_lr_scale: float = Field(1.0, ge=0, le=10)
+    workers: int = Field(1, ge=1, le=1024)
+    eval_split: str | None = "test"
+    resume: bool = False
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Other FinetuneConfig fields.")
+
+
 @dataclass
 class JobContext:
     """What a running job can tell the runner: progress, live metrics, log lines; and ask: cancelled?"""
@@ -303,6 +322,19 @@ def _finetune(spark, p: FinetuneParams, ctx: JobContext) -> dict[str, Any]:
     return finetune(spark, p.table, p.out, encoder=p.encoder, cfg=_finetune_config(p), eval_every=p.eval_every)
 
 
+def _distill_config(p: DistillParams):
+    from ..ssl.finetune import FinetuneConfig
+
+    fields = p.model_dump(exclude={"teacher", "table", "out", "encoder", "overrides"})
+    return FinetuneConfig(**{"label_smoothing": 0.0, **p.overrides, **fields})
+
+
+def _distill(spark, p: DistillParams, ctx: JobContext) -> dict[str, Any]:
+    from ..ssl.finetune import finetune
+
+    return finetune(spark, p.table, p.out, encoder=p.encoder, cfg=_distill_config(p), eval_every=1, teacher=p.teacher)
+
+
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in (
@@ -319,6 +351,10 @@ KINDS: dict[str, Kind] = {
              inputs=("table",), outputs=("out",), module="sparkvision.ssl.finetune",
              description="Fine-tune a pretrained backbone on labelled images.", result_key="out",
              check=lambda p: _finetune_config(p).validate()),
+        Kind("distill", DistillParams, _distill,
+             inputs=("teacher", "table"), outputs=("out",), module="sparkvision.ssl.finetune",
+             description="Distil a fine-tuned teacher into a student on unlabelled images (SimCLRv2).",
+             result_key="out", check=lambda p: _distill_config(p).validate()),
         Kind("evaluate", EvaluateParams, _evaluate, inputs=("model_dir", "table"), module="sparkvision.evaluate",
              description="Accuracy, per-class metrics and confusion matrix (written into the model dir).",
              result_key="model_dir"),
@@ -336,3 +372,4 @@ KINDS: dict[str, Kind] = {
 # Optional inputs: confined to the data roots when given.
 KINDS["dedup"].extra["optional_inputs"] = ("model_dir",)
 KINDS["finetune"].extra["optional_inputs"] = ("encoder",)
+KINDS["distill"].extra["optional_inputs"] = ("encoder",)
