@@ -116,3 +116,15 @@ def test_batch_augment_is_per_sample_and_keeps_shape():
     assert not all(flipped)
     with pytest.raises(ValueError, match="--augment item"):
         parse_augment("wobble=1")
+
+
+def test_batch_augment_hue_is_per_sample():
+    x = torch.rand(32, 3, 8, 8)
+    y = BatchAugment(parse_augment("hue=0.5"))(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and 0 <= float(y.min()) and float(y.max()) <= 1
+    # The value channel (max over RGB) is what a hue rotation keeps; the colours move, by different amounts.
+    assert torch.allclose(y.amax(1), x.amax(1), atol=1e-5)
+    moved = (y - x).abs().flatten(1).mean(1)
+    assert (moved > 1e-3).sum() > 24 and moved.std() > 1e-3
+    with pytest.raises(ValueError, match="hue"):
+        parse_augment("hue=0.6").validate()

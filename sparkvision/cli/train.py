@@ -39,7 +39,7 @@ def train(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.05,
     augment: Annotated[str | None, typer.Option(
         help="Augmentations, e.g. 'hflip=0.5,crop_padding=2,rotation=10,scale=0.9:1.1,brightness=0.2,"
-             "contrast=0.2,saturation=0.2,grayscale=0.1', or 'none'. Default hflip=0.5,crop_padding=2.")] = None,
+             "contrast=0.2,saturation=0.2,hue=0.05,grayscale=0.1', or 'none'. Default hflip=0.5,crop_padding=2.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     eval_split: Annotated[str, typer.Option(help="Split for per-epoch accuracy ('none' to skip).")] = "test",
     image_size: Annotated[int | None, typer.Option(help="Resize to SIZE x SIZE (default: the table's size).")] = None,

@@ -83,7 +83,8 @@ class PretrainConfig:
 
 # Views for small grayscale images (Fashion-MNIST): milder crops than ImageNet's 0.08-1, since a
 # 28x28 crop of 20% of the area leaves almost nothing of the garment.
-SMALL_GRAY_VIEWS = ViewConfig(crop_scale=(0.3, 1.0), brightness=0.4, contrast=0.4, saturation=0.0, grayscale=0.0)
+SMALL_GRAY_VIEWS = ViewConfig(crop_scale=(0.3, 1.0), brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0,
+                              grayscale=0.0)
 
 PRESETS: dict[str, PretrainConfig] = {
     # The paper's setting: ResNet-18, SGD, base LR 0.01 cosine, momentum 0.9, batch 1024, 100 epochs.

@@ -6,7 +6,7 @@ the random parameters *per sample* and applies them to the whole batch in a few 
 (torchvision.transforms.v2 called on a batch would draw one set for all images): the crop, zoom
 and flip are one ``affine_grid``/``grid_sample``, the photometric ops per-sample broadcasts.
 The operations are those of v2's RandomResizedCrop(scale, ratio), RandomHorizontalFlip,
-RandomApply(ColorJitter(b, c, s), p) and RandomGrayscale(p); hue jitter is not implemented.
+RandomApply(ColorJitter(b, c, s, h), p) and RandomGrayscale(p).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..train.augment import adjust_hue
+
 
 @dataclass
 class ViewConfig:
@@ -28,6 +30,7 @@ class ViewConfig:
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.4  # RGB only
+    hue: float = 0.1  # RGB only: shift in [-hue, hue] turns of the colour circle (SimCLR / SimSiam's 0.1)
     grayscale: float = 0.2  # probability (RGB only; a grayscale image is already gray)
 
     def validate(self) -> None:
@@ -43,6 +46,8 @@ class ViewConfig:
         for name in ("brightness", "contrast", "saturation"):
             if getattr(self, name) < 0:
                 raise ValueError(f"views {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"views hue must be in [0, 0.5], got {self.hue}")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -105,6 +110,9 @@ class RandomView(nn.Module):
             if cfg.saturation > 0:
                 f = 1 + (rand(b) * 2 - 1)[:, None, None, None] * cfg.saturation * on
                 x = ((x - gray) * f + gray).clamp(0, 1)
+                gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+            if cfg.hue > 0:
+                x = adjust_hue(x, (rand(b) * 2 - 1) * cfg.hue * on[:, 0, 0, 0])
                 gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
             if cfg.grayscale > 0:
                 g = rand(b) < cfg.grayscale

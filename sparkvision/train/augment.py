@@ -6,8 +6,9 @@ of a small CNN's training step on 2 cores (the plain-PyTorch way hides that in D
 processes, which have no spare cores here). So the geometric ops are drawn per sample and applied
 with one ``affine_grid``/``grid_sample``; photometric ops are per-sample broadcasts. Flip, crop
 with padding, rotation and scale are the same operations as v2's RandomHorizontalFlip,
-RandomCrop(padding), RandomAffine(degrees, scale); jitter covers brightness, contrast and
-saturation (not hue).
+RandomCrop(padding), RandomAffine(degrees, scale); jitter covers brightness, contrast,
+saturation and hue (v2's ColorJitter; hue through HSV as v2's ``adjust_hue``, but with a shift
+per sample).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class AugmentConfig:
     brightness: float = 0.0  # factor in [1 - b, 1 + b]
     contrast: float = 0.0
     saturation: float = 0.0  # RGB only
+    hue: float = 0.0  # RGB only: hue shifted by a fraction of the colour circle in [-hue, hue], hue <= 0.5
     grayscale: float = 0.0  # probability (RGB only)
 
     def to_json(self) -> dict[str, Any]:
@@ -60,6 +62,45 @@ class AugmentConfig:
         for name in ("rotation", "brightness", "contrast", "saturation"):
             if getattr(self, name) < 0:
                 raise ValueError(f"augment {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"augment hue must be in [0, 0.5], got {self.hue}")
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` RGB in [0, 1] -> HSV, each in [0, 1] (torchvision's formula, batched)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    div = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc), 1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hsv`: channel n of (R, G, B) is ``v - v s clamp(min(k, 4 - k), 0, 1)``
+    with ``k = (n + 6 h) mod 6`` for n = 5, 3, 1."""
+    h, s, v = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    k = torch.remainder(n + h * 6, 6)
+    return v - v * s * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of each RGB image ``x[i]`` (in [0, 1]) by ``shift[i]`` turns.
+
+    Why not ``torchvision.transforms.v2.functional.adjust_hue``: it takes one factor for the whole
+    batch; this is the same HSV round trip with a factor per sample (tests compare the two).
+    """
+    hsv = rgb_to_hsv(x)
+    h = torch.remainder(hsv[:, 0:1] + shift.to(x.dtype).view(-1, 1, 1, 1), 1.0)
+    return hsv_to_rgb(torch.cat([h, hsv[:, 1:]], 1))
 
 
 def parse_augment(spec: str | None) -> AugmentConfig:
@@ -116,11 +157,14 @@ class BatchAugment(nn.Module):
             f = 1 + (rand(b) * 2 - 1) * cfg.contrast
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             x = (x - mean) * f[:, None, None, None] + mean
-        if c == 3 and (cfg.saturation > 0 or cfg.grayscale > 0):
+        if c == 3 and (cfg.saturation > 0 or cfg.grayscale > 0 or cfg.hue > 0):
             gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
             if cfg.saturation > 0:
                 f = 1 + (rand(b) * 2 - 1) * cfg.saturation
                 x = (x - gray) * f[:, None, None, None] + gray
+            if cfg.hue > 0:
+                x = adjust_hue(x.clamp(0, 1), (rand(b) * 2 - 1) * cfg.hue)
+                gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
             if cfg.grayscale > 0:
                 g = rand(b) < cfg.grayscale
                 x = torch.where(g[:, None, None, None], gray, x)
