@@ -47,6 +47,10 @@ RECIPES: dict[str, tuple[bool, dict]] = {
     "ft-1.0-lr-1e-3": (True, {"encoder_lr_scale": 1.0, "lr": 1e-3}),
     "ft-1.0-lr-4e-3": (True, {"encoder_lr_scale": 1.0, "lr": 4e-3}),
     "ft-1.0-ls-0": (True, {"encoder_lr_scale": 1.0, "label_smoothing": 0.0}),
+    # SimCLRv2: fine-tune from the projector's first layer (kept under the head).
+    "ftv2-1.0": (True, {"encoder_lr_scale": 1.0, "projector_layers": 1}),
+    "ftv2-0.1": (True, {"encoder_lr_scale": 0.1, "projector_layers": 1}),
+    "ftv2-0.3": (True, {"encoder_lr_scale": 0.3, "projector_layers": 1}),
 }
 
 

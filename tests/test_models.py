@@ -96,3 +96,22 @@ def test_model_kwargs_for_adds_the_size_only_where_the_factory_takes_it():
         assert model_kwargs_for("no-size", {}, 28) == {}
     finally:
         unregister_model("no-size")
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+def test_neck_sits_between_features_and_head_and_survives_the_model_dir(name, tmp_path):
+    from sparkvision.modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir
+
+    m = create_model(name, num_classes=4, in_channels=1, image_size=16, neck=[24]).eval()
+    x = torch.rand(3, 1, 16, 16)
+    f = m.forward_features(x)
+    assert torch.allclose(m(x), m.forward_head(m.neck(f)))  # features -> FC+BN+ReLU -> head
+    assert m.head.in_features == 24 and isinstance(m.neck[0], nn.Linear) and m.neck[0].in_features == f.shape[1]
+    m.reset_head(2)
+    assert m(x).shape == (3, 2)
+    save_model_dir(str(tmp_path / "m"), m, ModelSpec(name, 2, 1, {"image_size": 16} if name == "cnn" else {}),
+                   ["a", "b"], Preprocess(channels=1, size=(16, 16), mean=(0.5,), std=(0.5,)), {})
+    back = load_model_dir(str(tmp_path / "m")).model.eval()
+    assert torch.allclose(back(x), m(x), atol=1e-6)
+    with pytest.raises(ValueError, match="neck"):
+        create_model(name, neck=[0])

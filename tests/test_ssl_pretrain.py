@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from sparkvision.modeldir import load_model_dir
@@ -40,6 +41,17 @@ def test_simclr_pretraining_lowers_the_loss_and_writes_an_encoder(spark, tiny_ta
     enc = load_model_dir(str(out)).model.state_dict()
     tuned = load_model_dir(str(tmp_path / "lin")).model.state_dict()
     assert all((enc[k] == tuned[k]).all() for k in enc if not k.startswith("head."))  # frozen encoder
+
+    # SimCLRv2-style: the projector's first layer is kept under the head (encoder LR 0: it stays as pretrained).
+    from safetensors.torch import load_file
+
+    proj = load_file(str(out / "projector.safetensors"))
+    v2 = finetune(spark, tiny_table, str(tmp_path / "v2"), str(out),
+                  FinetuneConfig(label_fraction=0.25, epochs=1, batch_size=16, projector_layers=1, encoder_lr_scale=0.0))
+    m = load_model_dir(v2["model_dir"]).model
+    assert m.arch["neck"] == [64] and torch.equal(m.neck[0].weight, proj["net.0.weight"])
+    with pytest.raises(ValueError, match="projector-layers must be below"):
+        finetune(spark, tiny_table, str(tmp_path / "v3"), str(out), FinetuneConfig(projector_layers=5))
 
 
 @pytest.mark.parametrize("method", ["improved-simclr", "simsiam"])

@@ -90,6 +90,8 @@ def finetune(
     batch_size: Annotated[int, typer.Option(help="Global batch size.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the head.")] = 2e-3,
     encoder_lr_scale: Annotated[float, typer.Option(help="Encoder LR = lr x this when fine-tuning.")] = 0.1,
+    projector_layers: Annotated[int, typer.Option(help="Keep this many pretraining projector layers under the "
+                                                       "head (SimCLRv2's fine-tuning from the projector).")] = 0,
     optimizer: Annotated[str, typer.Option(help="adamw | sgd")] = "adamw",
     schedule: Annotated[str, typer.Option(help="onecycle | cosine | constant")] = "onecycle",
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
@@ -112,7 +114,8 @@ def finetune(
     def body() -> dict[str, Any]:
         cfg = FinetuneConfig(label_fraction=label_fraction, sample_seed=sample_seed, linear=linear, model=model,
                              epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-                             encoder_lr_scale=encoder_lr_scale, weight_decay=weight_decay, schedule=schedule,
+                             encoder_lr_scale=encoder_lr_scale, projector_layers=projector_layers,
+                             weight_decay=weight_decay, schedule=schedule,
                              label_smoothing=label_smoothing, augment=parse_augment(augment), seed=seed,
                              workers=workers, train_split=train_split,
                              eval_split=None if eval_split == "none" else eval_split, resume=resume)

@@ -34,10 +34,30 @@ class ImageModel(nn.Module):
     def reset_head(self, num_classes: int) -> None:
         """Replace the classifier (fine-tuning on a new label set)."""
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes)
+        d = self.arch["neck"][-1] if "neck" in self._modules else self.num_features
+        self.head = nn.Linear(d, num_classes)
+
+    def attach_neck(self, dims: list[int]) -> None:
+        """Put FC + BN + ReLU layers of widths ``dims`` between the features and a new head.
+
+        Why: SimCLRv2 (Chen et al. 2020, https://arxiv.org/abs/2006.10029, sec. 2) fine-tunes from
+        a middle layer of the pretraining projector, i.e. keeps its first layer(s) as part of the
+        classifier; this is that layer, built exactly like the projector's (``ssl.heads``), so
+        its pretrained weights load into it. Recorded in ``arch`` so the model dir rebuilds it.
+        """
+        layers: list[nn.Module] = []
+        d = self.num_features
+        for width in dims:
+            layers += [nn.Linear(d, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+            d = width
+        self.neck = nn.Sequential(*layers)
+        self.head = nn.Linear(d, self.num_classes)
+        self.arch = {**self.arch, "neck": list(dims)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        f = self.forward_features(x)
+        neck = self._modules.get("neck")  # optional MLP between the features and the head (attach_neck)
+        return self.forward_head(f if neck is None else neck(f))
 
 
 def register_model(name: str | Callable | None = None):
@@ -77,9 +97,14 @@ def create_model(
     factory = _REGISTRY[name]
     if image_size is not None and _takes_image_size(factory):
         kwargs["image_size"] = image_size
+    neck = kwargs.pop("neck", None)  # any model: see ImageModel.attach_neck
+    if neck is not None and (not isinstance(neck, (list, tuple)) or not all(isinstance(d, int) and d > 0 for d in neck)):
+        raise ValueError(f"neck must be a list of positive layer widths, got {neck!r}")
     model = factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
     if not isinstance(model, ImageModel):
         raise TypeError(f"model factory {name!r} returned {type(model).__name__}, not an ImageModel")
+    if neck:
+        model.attach_neck(list(neck))
     return model
 
 

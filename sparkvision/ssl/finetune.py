@@ -62,6 +62,7 @@ class FinetuneConfig:
     optimizer: str = "adamw"
     lr: float = 2e-3  # the head's peak LR
     encoder_lr_scale: float = 0.1  # fine-tuning: encoder LR = lr * this (1.0 from scratch)
+    projector_layers: int = 0  # SimCLRv2: keep this many pretraining projector layers under the head
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
@@ -83,6 +84,8 @@ class FinetuneConfig:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if self.encoder_lr_scale < 0:
             raise ValueError(f"encoder_lr_scale must be >= 0, got {self.encoder_lr_scale}")
+        if self.projector_layers < 0:
+            raise ValueError(f"projector_layers must be >= 0, got {self.projector_layers}")
         if self.distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
@@ -226,6 +229,34 @@ def _rank_finetune(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
                            {"weights": weights})
 
 
+def projector_neck(encoder_dir: str, layers: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The first ``layers`` FC + BN layers of ``encoder_dir``'s pretraining projector, renamed to
+    the keys of ``ImageModel.attach_neck`` (both are ``ssl.heads._block`` layers: Linear, BN, ReLU),
+    and their widths."""
+    from safetensors.torch import load_file
+
+    from .pretrain import PROJECTOR_FILE
+
+    path = os.path.join(encoder_dir, PROJECTOR_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: --projector-layers needs an encoder written by "
+                                "`sparkvision pretrain` (or sparkvision.ssl.pretrain.export_projector on its dir)")
+    proj = load_file(path)
+    out: dict[str, torch.Tensor] = {}
+    dims = []
+    for i in range(layers):
+        fc, bn = f"net.{3 * i}", f"net.{3 * i + 1}"
+        # A hidden layer is FC, BN, ReLU; the output layer has no ReLU (and is not a useful neck).
+        if f"{fc}.weight" not in proj or f"{bn}.running_mean" not in proj or f"net.{3 * i + 3}.weight" not in proj:
+            raise ValueError(f"the projector in {encoder_dir} has fewer than {layers + 1} FC + BN layers; "
+                             f"--projector-layers must be below its depth")
+        out[f"neck.{3 * i}.weight"] = proj[f"{fc}.weight"]
+        for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            out[f"neck.{3 * i + 1}.{k}"] = proj[f"{bn}.{k}"]
+        dims.append(int(proj[f"{fc}.weight"].shape[0]))
+    return out, dims
+
+
 def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = None,
              cfg: FinetuneConfig | None = None, eval_every: int = 5, teacher: str | None = None) -> dict[str, Any]:
     """Fine-tune (or, with ``cfg.linear``, linearly evaluate) the encoder model directory
@@ -288,8 +319,15 @@ def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = No
         model_name, model_kwargs = lm.spec.model, dict(lm.spec.model_kwargs)
         channels, size = lm.preprocess.channels, lm.preprocess.size
         mean, std = list(lm.preprocess.mean), list(lm.preprocess.std)
-        enc_weights = st_save({k: v.contiguous() for k, v in lm.model.state_dict().items()})
+        enc_sd = {k: v.contiguous() for k, v in lm.model.state_dict().items()}
+        if cfg.projector_layers:
+            neck_sd, dims = projector_neck(encoder, cfg.projector_layers)
+            enc_sd.update(neck_sd)
+            model_kwargs["neck"] = dims
+        enc_weights = st_save(enc_sd)
     else:
+        if cfg.projector_layers:
+            raise ValueError("projector_layers needs --encoder (a pretraining run's projector)")
         tcfg = TrainConfig(model=cfg.model, model_kwargs=cfg.model_kwargs)
         channels, size = infer_image_spec(data, tcfg)
         model_name, model_kwargs = cfg.model, model_kwargs_for(cfg.model, cfg.model_kwargs, size[0])

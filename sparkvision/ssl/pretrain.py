@@ -28,7 +28,7 @@ from ..modeldir import ModelSpec, Preprocess, save_model_dir
 from ..models import create_model, model_kwargs_for
 from ..progress import Timer
 from ..table import read_meta, read_table
-from ..train.checkpoint import load_checkpoint
+from ..train.checkpoint import list_checkpoints, load_checkpoint
 from ..train.config import TrainConfig
 from ..train.data import Shard, decode_shard, epoch_indices, pixel_stats, split_mask, steps_per_epoch
 from ..train.engine import infer_image_spec
@@ -161,6 +161,34 @@ def _rank_pretrain(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
     )
 
 
+PROJECTOR_FILE = "projector.safetensors"
+
+
+def export_projector(model_dir: str) -> str:
+    """Write the pretraining projector's weights (from the last checkpoint) to ``PROJECTOR_FILE``.
+
+    The encoder model directory holds the encoder only; SimCLRv2-style fine-tuning from the
+    projector's first layer(s) (``finetune --projector-layers``) needs these too, and keeping them in
+    their own file leaves the model directory loadable by every other command.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ckpt_dir = os.path.join(model_dir, "checkpoints")
+    epochs = list_checkpoints(ckpt_dir)
+    if not epochs:
+        raise FileNotFoundError(f"no pretraining checkpoint in {ckpt_dir} to take the projector from")
+    prefix = "model/projector."
+    with safe_open(os.path.join(ckpt_dir, f"epoch-{epochs[-1]}.safetensors"), "pt") as f:
+        tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    if not tensors:
+        raise ValueError(f"checkpoint epoch-{epochs[-1]} in {ckpt_dir} has no projector weights")
+    path = os.path.join(model_dir, PROJECTOR_FILE)
+    save_file(tensors, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def pretrain(spark: SparkSession, table: str, out: str, method: str | None = None, preset: str = "cpu-small",
              **overrides: Any) -> dict[str, Any]:
     """Pretrain an encoder with ``method`` on ``table``'s ``pool_split`` rows; write model dir ``out``.
@@ -214,4 +242,5 @@ def pretrain_df(spark: SparkSession, df, class_names: list[str], out: str, cfg: 
     save_model_dir(out, encoder, ModelSpec(cfg.model, num_classes, channels, model_kwargs), class_names,
                    Preprocess(channels=channels, size=size, mean=tuple(info["mean"]), std=tuple(info["std"])),
                    {**metrics, "history": history}, extra={"ssl": resolved, "head": "untrained placeholder"})
+    export_projector(out)
     return {"model_dir": out, **metrics, "history": history}
