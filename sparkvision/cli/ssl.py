@@ -11,6 +11,14 @@ from rich.table import Table
 
 from .common import Conf, JsonOut, Master, console, emit, guarded, render_kv, spark_from
 
+# Options shared by pretrain, finetune and distill.
+Workers = Annotated[int, typer.Option(help="DDP ranks (Spark barrier tasks).")]
+Seed = Annotated[int, typer.Option(help="Random seed.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")]
+EvalSplit = Annotated[str, typer.Option(help="Split scored each few epochs ('none' to skip).")]
+Augment = Annotated[str | None, typer.Option(help="Augmentations as for `train --augment`.")]
+WeightDecay = Annotated[float, typer.Option(help="Weight decay.")]
+
 
 def _render_pretrain(s: dict[str, Any]) -> None:
     t = Table(title=f"pretraining ({s['method']})")
@@ -54,10 +62,10 @@ def pretrain(
     base_lr: Annotated[float | None, typer.Option(help="Base learning rate.")] = None,
     proj_dim: Annotated[int | None, typer.Option(help="Projector / predictor output dimension.")] = None,
     temperature: Annotated[float | None, typer.Option(help="NT-Xent temperature (simclr).")] = None,
-    workers: Annotated[int, typer.Option(help="DDP ranks (Spark barrier tasks).")] = 1,
+    workers: Workers = 1,
     threads_per_rank: Annotated[int | None, typer.Option(help="Torch threads per rank.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
+    seed: Seed = 0,
+    resume: Resume = False,
     model_kwargs: Annotated[str | None, typer.Option(help="JSON of extra encoder arguments.")] = None,
     master: Master = None,
     conf: Conf = None,
@@ -94,14 +102,14 @@ def finetune(
                                                        "head (SimCLRv2's fine-tuning from the projector).")] = 0,
     optimizer: Annotated[str, typer.Option(help="adamw | sgd")] = "adamw",
     schedule: Annotated[str, typer.Option(help="onecycle | cosine | constant")] = "onecycle",
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
+    weight_decay: WeightDecay = 5e-4,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.1,
-    augment: Annotated[str | None, typer.Option(help="Augmentations as for `train --augment`.")] = None,
+    augment: Augment = None,
     train_split: Annotated[str, typer.Option(help="Split to sample labelled rows from.")] = "train",
-    eval_split: Annotated[str, typer.Option(help="Split scored each few epochs ('none' to skip).")] = "test",
-    workers: Annotated[int, typer.Option(help="DDP ranks.")] = 1,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
+    eval_split: EvalSplit = "test",
+    workers: Workers = 1,
+    seed: Seed = 0,
+    resume: Resume = False,
     master: Master = None,
     conf: Conf = None,
     json_out: JsonOut = False,
@@ -140,13 +148,13 @@ def distill(
     batch_size: Annotated[int, typer.Option(help="Global batch size.")] = 256,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the head.")] = 2e-3,
     encoder_lr_scale: Annotated[float, typer.Option(help="Encoder LR = lr x this (with --encoder).")] = 1.0,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
-    augment: Annotated[str | None, typer.Option(help="Augmentations as for `train --augment`.")] = None,
+    weight_decay: WeightDecay = 5e-4,
+    augment: Augment = None,
     train_split: Annotated[str, typer.Option(help="Labelled split (sampled by --label-fraction).")] = "train",
-    eval_split: Annotated[str, typer.Option(help="Split scored each few epochs ('none' to skip).")] = "test",
-    workers: Annotated[int, typer.Option(help="DDP ranks.")] = 1,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
+    eval_split: EvalSplit = "test",
+    workers: Workers = 1,
+    seed: Seed = 0,
+    resume: Resume = False,
     master: Master = None,
     conf: Conf = None,
     json_out: JsonOut = False,
