@@ -77,7 +77,10 @@ def main() -> None:
     os.environ.setdefault("SPARKVISION_PROGRESS", "0")
     spark = get_spark(args.master, {"spark.sql.shuffle.partitions": "8", "spark.driver.memory": "6g"})
     table = val_table(spark, args.table, os.path.join(args.out_dir, "fashion-mnist-val"))
-    res = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
+    res = {}
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as f:
+            res = json.load(f)
     epochs, batch = SCHEDULE.get(args.fraction, (30, 128))
     for name in args.recipes.split(","):
         uses_encoder, over = RECIPES[name]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from sparkvision.modeldir import load_model_dir
+from sparkvision.models import create_model
 from sparkvision.ssl.finetune import FinetuneConfig, finetune
 from sparkvision.ssl.losses import DistillationLoss
 
@@ -48,11 +49,6 @@ def test_distillation_loss_rejects_bad_input():
         DistillationLoss()(torch.zeros(2, 3), torch.zeros(2, 4))
 
 
-def _agreement(a, b, table_images) -> float:
-    with torch.no_grad():
-        return float((a(table_images).argmax(1) == b(table_images).argmax(1)).float().mean())
-
-
 def test_student_learns_the_teacher_from_unlabelled_rows(spark, tiny_table, tmp_path):
     teacher_dir = str(tmp_path / "teacher")
     finetune(spark, tiny_table, teacher_dir, None,
@@ -65,7 +61,7 @@ def test_student_learns_the_teacher_from_unlabelled_rows(spark, tiny_table, tmp_
     assert s["mode"] == "distill" and s["train_rows"] == 64 and s["teacher"] == teacher_dir
     assert s["test_acc"] is not None
     teacher, student = load_model_dir(teacher_dir), load_model_dir(str(tmp_path / "student"))
-    fresh = finetune.__globals__["create_model"]("cnn", 4, 1, **student.spec.model_kwargs)
+    fresh = create_model("cnn", 4, 1, **student.spec.model_kwargs)
     # The student reproduces the teacher's decisions on the test images far better than an untrained net.
     from sparkvision.table import read_table
     from sparkvision.train.data import decode_shard

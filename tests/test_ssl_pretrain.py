@@ -46,6 +46,12 @@ def test_simclr_pretraining_lowers_the_loss_and_writes_an_encoder(spark, tiny_ta
     from safetensors.torch import load_file
 
     proj = load_file(str(out / "projector.safetensors"))
+    # Older encoder dirs: the same tensors come from the last checkpoint.
+    from sparkvision.ssl.pretrain import export_projector
+
+    os.remove(out / "projector.safetensors")
+    again = load_file(export_projector(str(out)))
+    assert again.keys() == proj.keys() and all(torch.equal(again[k], proj[k]) for k in proj)
     v2 = finetune(spark, tiny_table, str(tmp_path / "v2"), str(out),
                   FinetuneConfig(label_fraction=0.25, epochs=1, batch_size=16, projector_layers=1, encoder_lr_scale=0.0))
     m = load_model_dir(v2["model_dir"]).model

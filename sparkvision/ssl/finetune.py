@@ -267,6 +267,8 @@ def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = No
     student is instead distilled on the teacher's soft labels of every ``cfg.unlabeled_split`` row
     plus the labelled sample; no label is read, so a pool of any size can be used.
     """
+    from safetensors.torch import save as st_save
+
     cfg = cfg or FinetuneConfig()
     cfg.validate()
     if encoder is None and cfg.linear:
@@ -287,8 +289,6 @@ def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = No
         if tm.spec.num_classes != len(class_names):
             raise ValueError(f"teacher {teacher} predicts {tm.spec.num_classes} classes but table {table} has "
                              f"{len(class_names)}")
-        from safetensors.torch import save as st_save
-
         teacher_spec = {"model": tm.spec.model, "model_kwargs": dict(tm.spec.model_kwargs),
                         "mean": list(tm.preprocess.mean), "std": list(tm.preprocess.std),
                         "channels": tm.preprocess.channels, "size": list(tm.preprocess.size),
@@ -314,8 +314,6 @@ def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = No
 
     if encoder is not None:
         lm = load_model_dir(encoder)
-        from safetensors.torch import save as st_save
-
         model_name, model_kwargs = lm.spec.model, dict(lm.spec.model_kwargs)
         channels, size = lm.preprocess.channels, lm.preprocess.size
         mean, std = list(lm.preprocess.mean), list(lm.preprocess.std)

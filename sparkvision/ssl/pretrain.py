@@ -153,11 +153,14 @@ def _rank_pretrain(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
         return None
     encoder.reset_head(payload["num_classes"])  # a placeholder classifier: fine-tuning replaces it
     weights = st_save({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()})
+    # The projector comes back with the encoder (not from the checkpoint files, which a driver on
+    # another node may not see): SimCLRv2-style fine-tuning starts from its first layer(s).
+    projector = st_save({k: v.detach().cpu().contiguous() for k, v in method.projector.state_dict().items()})
     return D.encode_result(
         {"history": history, "mean": mean_v.tolist(), "std": std_v.tolist(), "pool_rows": int(counts[0]),
          "monitor_bank_rows": int(counts[1]), "monitor_query_rows": int(counts[2]), "load_s": round(load_s, 3),
          "steps_per_epoch": steps, "threads_per_rank": ctx.threads, "start_epoch": start_epoch},
-        {"weights": weights},
+        {"weights": weights, "projector": projector},
     )
 
 
@@ -165,14 +168,14 @@ PROJECTOR_FILE = "projector.safetensors"
 
 
 def export_projector(model_dir: str) -> str:
-    """Write the pretraining projector's weights (from the last checkpoint) to ``PROJECTOR_FILE``.
+    """Write the pretraining projector's weights from the last checkpoint to ``PROJECTOR_FILE``:
+    for encoder directories written before ``pretrain`` saved the projector itself.
 
     The encoder model directory holds the encoder only; SimCLRv2-style fine-tuning from the
     projector's first layer(s) (``finetune --projector-layers``) needs these too, and keeping them in
     their own file leaves the model directory loadable by every other command.
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     ckpt_dir = os.path.join(model_dir, "checkpoints")
     epochs = list_checkpoints(ckpt_dir)
@@ -183,6 +186,12 @@ def export_projector(model_dir: str) -> str:
         tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     if not tensors:
         raise ValueError(f"checkpoint epoch-{epochs[-1]} in {ckpt_dir} has no projector weights")
+    return _write_projector(model_dir, tensors)
+
+
+def _write_projector(model_dir: str, tensors: dict[str, torch.Tensor]) -> str:
+    from safetensors.torch import save_file
+
     path = os.path.join(model_dir, PROJECTOR_FILE)
     save_file(tensors, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -242,5 +251,5 @@ def pretrain_df(spark: SparkSession, df, class_names: list[str], out: str, cfg: 
     save_model_dir(out, encoder, ModelSpec(cfg.model, num_classes, channels, model_kwargs), class_names,
                    Preprocess(channels=channels, size=size, mean=tuple(info["mean"]), std=tuple(info["std"])),
                    {**metrics, "history": history}, extra={"ssl": resolved, "head": "untrained placeholder"})
-    export_projector(out)
+    _write_projector(out, st_load(blobs["projector"]))
     return {"model_dir": out, **metrics, "history": history}
