@@ -51,6 +51,11 @@ RECIPES: dict[str, tuple[bool, dict]] = {
     "ftv2-1.0": (True, {"encoder_lr_scale": 1.0, "projector_layers": 1}),
     "ftv2-0.1": (True, {"encoder_lr_scale": 0.1, "projector_layers": 1}),
     "ftv2-0.3": (True, {"encoder_lr_scale": 0.3, "projector_layers": 1}),
+    # FixMatch on the (train-minus-val) pool, labels never read.
+    "fixmatch-scratch": (False, {"consistency_weight": 1.0, "unlabeled_split": "train"}),
+    "fixmatch-ft-1.0": (True, {"encoder_lr_scale": 1.0, "consistency_weight": 1.0, "unlabeled_split": "train"}),
+    "fixmatch-ft-1.0-tau-0.8": (True, {"encoder_lr_scale": 1.0, "consistency_weight": 1.0,
+                                       "unlabeled_split": "train", "confidence": 0.8}),
 }
 
 
@@ -100,7 +105,8 @@ def main() -> None:
                     "val_acc": s["test_acc"], "train_rows": s["train_rows"], "epochs": ep, "batch_size": batch,
                     "wall_s": round(time.time() - t0, 1), "config": {k: v for k, v in cfg.to_json().items()
                                                                      if k in ("lr", "encoder_lr_scale", "augment",
-                                                                              "label_smoothing", "epochs")}}
+                                                                              "label_smoothing", "epochs",
+                                                                              "consistency_weight", "confidence")}}
         print(f"{key}: val_acc {s['test_acc']} ({res[key]['wall_s']} s)", flush=True)
         os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
         with open(RESULTS, "w") as f:

@@ -38,12 +38,16 @@ def _render_finetune(s: dict[str, Any]) -> None:
         title = f"distill from {s['teacher']} ({s['train_rows']:,} rows, teacher's soft labels)"
     else:
         title = f"{s['mode']} ({100 * s['label_fraction']:g}% of the labels, {s['train_rows']:,} rows)"
+        if s.get("fixmatch"):
+            title += " + FixMatch on the unlabelled pool"
     t = Table(title=title)
-    for col in ("epoch", "train loss", "test acc", "epoch s"):
+    cols = ["epoch", "train loss", "test acc", "epoch s"] + (["pseudo-labelled"] if s.get("fixmatch") else [])
+    for col in cols:
         t.add_column(col, justify="right")
     for h in s["history"]:
         acc = "-" if h["test_acc"] is None else f"{h['test_acc']:.4f}"
-        t.add_row(str(h["epoch"]), f"{h['train_loss']:.4f}", acc, f"{h['epoch_time_s']:.1f}")
+        extra = [f"{100 * h['pseudo_label_rate']:.1f}%"] if "pseudo_label_rate" in h else []
+        t.add_row(str(h["epoch"]), f"{h['train_loss']:.4f}", acc, f"{h['epoch_time_s']:.1f}", *extra)
     console.print(t)
     render_kv({k: v for k, v in s.items() if k != "history"})
 
@@ -107,6 +111,13 @@ def finetune(
     augment: Augment = None,
     train_split: Annotated[str, typer.Option(help="Split to sample labelled rows from.")] = "train",
     eval_split: EvalSplit = "test",
+    consistency_weight: Annotated[float, typer.Option(help="FixMatch: weight of the loss on the unlabelled pool "
+                                                           "(0 = off; 1 as in the paper).")] = 0.0,
+    unlabeled_split: Annotated[str, typer.Option(help="FixMatch: split of unlabelled images (labels never read).")] = "unlabeled",
+    confidence: Annotated[float, typer.Option(help="FixMatch: pseudo-label confidence threshold.")] = 0.95,
+    unlabeled_ratio: Annotated[int, typer.Option(help="FixMatch: unlabelled images per labelled one in a step.")] = 7,
+    strong_augment: Annotated[str | None, typer.Option(help="FixMatch: strong view, as --augment (default: shift 4, "
+                                                            "rotation 15, zoom, jitter 0.5, cutout 0.5).")] = None,
     workers: Workers = 1,
     seed: Seed = 0,
     resume: Resume = False,
@@ -114,19 +125,23 @@ def finetune(
     conf: Conf = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Fine-tune or linearly evaluate a pretrained encoder on a stratified label fraction."""
-    from ..ssl.finetune import FinetuneConfig
+    """Fine-tune or linearly evaluate a pretrained encoder on a stratified label fraction
+    (optionally semi-supervised: FixMatch on an unlabelled split)."""
+    from ..ssl.finetune import FinetuneConfig, strong_augment_default
     from ..ssl.finetune import finetune as run
     from ..train import parse_augment
 
     def body() -> dict[str, Any]:
+        strong = strong_augment_default() if strong_augment is None else parse_augment(strong_augment)
         cfg = FinetuneConfig(label_fraction=label_fraction, sample_seed=sample_seed, linear=linear, model=model,
                              epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                              encoder_lr_scale=encoder_lr_scale, projector_layers=projector_layers,
                              weight_decay=weight_decay, schedule=schedule,
                              label_smoothing=label_smoothing, augment=parse_augment(augment), seed=seed,
                              workers=workers, train_split=train_split,
-                             eval_split=None if eval_split == "none" else eval_split, resume=resume)
+                             eval_split=None if eval_split == "none" else eval_split, resume=resume,
+                             consistency_weight=consistency_weight, unlabeled_split=unlabeled_split,
+                             confidence=confidence, unlabeled_ratio=unlabeled_ratio, strong_augment=strong)
         return run(spark_from(master, conf), table, out, encoder, cfg)
 
     emit(guarded(body, json_out), json_out, _render_finetune)

@@ -16,6 +16,12 @@ batch augmentation, checkpoints with resume, TensorBoard, ``metrics.jsonl``):
   classifier labels every image of the unlabelled pool with its tempered softmax and the student
   is trained on those soft labels alone, so the many unlabelled images, not just the few labelled
   ones, shape the final classifier.
+* ``consistency_weight > 0``: semi-supervised fine-tuning with FixMatch (Sohn et al. 2020, see
+  ``losses.FixMatchLoss``): each step also draws ``unlabeled_ratio`` x batch images of the
+  unlabelled pool, pseudo-labels a weakly augmented view with the model itself where it is
+  confident, and trains a strongly augmented view (``strong_augment``: larger shifts, rotation,
+  jitter, cutout) to predict that label. Unlike distillation the pseudo-labels improve as the
+  model does, and the strong views teach invariances a few hundred labels cannot.
 """
 
 from __future__ import annotations
@@ -43,11 +49,18 @@ from ..train.data import decode_shard, epoch_indices, pixel_stats, split_mask, s
 from ..train.engine import evaluate_shard, infer_image_spec, to_input
 from ..train.loop import RankLog, prepare_out, run_epoch, run_with_progress
 from ..train.optim import build_optimizer
-from .losses import DistillationLoss
+from .losses import DistillationLoss, FixMatchLoss
 from .sampling import sample_label_fraction
 
-# Split name the driver gives the distillation pool's rows (the table's own names are user data).
-DISTILL_SPLIT = "__sparkvision_distill__"
+# Split name the driver gives the unlabelled pool's rows (the table's own names are user data).
+POOL_SPLIT = "__sparkvision_pool__"
+
+
+def strong_augment_default() -> AugmentConfig:
+    """FixMatch's strong view, sized for small images: flip, a 4-pixel shift, rotation, zoom,
+    brightness/contrast jitter and a half-side cutout (the paper: RandAugment + cutout)."""
+    return AugmentConfig(hflip=0.5, crop_padding=4, rotation=15.0, scale=(0.85, 1.15), brightness=0.5,
+                         contrast=0.5, cutout=0.5)
 
 
 @dataclass
@@ -76,6 +89,10 @@ class FinetuneConfig:
     eval_split: str | None = "test"
     unlabeled_split: str = "unlabeled"  # distillation: the pool the teacher labels (plus the labelled sample)
     distill_temperature: float = 1.0  # distillation: tau of the teacher's and the student's softmax
+    consistency_weight: float = 0.0  # FixMatch: weight of the unlabelled loss (lambda_u; 0 = off, paper 1)
+    confidence: float = 0.95  # FixMatch: pseudo-label threshold tau
+    unlabeled_ratio: int = 7  # FixMatch: unlabelled images per labelled one in a step (mu)
+    strong_augment: AugmentConfig = field(default_factory=strong_augment_default)  # FixMatch's strong view
     resume: bool = False
     keep_checkpoints: int = 1
 
@@ -88,6 +105,15 @@ class FinetuneConfig:
             raise ValueError(f"projector_layers must be >= 0, got {self.projector_layers}")
         if self.distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.consistency_weight < 0:
+            raise ValueError(f"consistency_weight must be >= 0, got {self.consistency_weight}")
+        if not 0 <= self.confidence < 1:
+            raise ValueError(f"confidence must be in [0, 1), got {self.confidence}")
+        if self.unlabeled_ratio < 1:
+            raise ValueError(f"unlabeled_ratio must be >= 1, got {self.unlabeled_ratio}")
+        if self.consistency_weight > 0 and self.linear:
+            raise ValueError("consistency_weight trains the whole model; it cannot be combined with linear evaluation")
+        self.strong_augment.validate()
         TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
                     schedule=self.schedule, warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing,
                     workers=self.workers, augment=self.augment).validate()
@@ -95,12 +121,15 @@ class FinetuneConfig:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["augment"] = self.augment.to_json()
+        d["strong_augment"] = self.strong_augment.to_json()
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FinetuneConfig:
         d = dict(d)
         d["augment"] = AugmentConfig.from_json(d.get("augment", {}))
+        if "strong_augment" in d:
+            d["strong_augment"] = AugmentConfig.from_json(d["strong_augment"])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -134,14 +163,19 @@ def _rank_finetune(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
     shard, splits = decode_shard(batches, channels, size)
     labelled = shard.labels >= 0
     teacher_spec = payload.get("teacher")
+    semi = cfg.consistency_weight > 0
     if teacher_spec is not None:  # distillation: every pool row trains, its label (if any) unused
-        train = shard.subset(split_mask(splits, DISTILL_SPLIT))
+        train = shard.subset(split_mask(splits, POOL_SPLIT))
     else:
         train = shard.subset(split_mask(splits, cfg.train_split) & labelled)
+    pool = shard.subset(split_mask(splits, POOL_SPLIT)) if semi else None  # FixMatch: labels never read
     evals = shard.subset(split_mask(splits, cfg.eval_split) & labelled)
     del shard
     counts = D.all_reduce_sum(torch.tensor([len(train), len(evals)], dtype=torch.float64))
-    least = D.all_reduce_min(torch.tensor([len(train)], dtype=torch.float64))
+    least = D.all_reduce_min(torch.tensor([len(train), len(pool) if semi else 1], dtype=torch.float64))
+    if semi and least[1] == 0:
+        raise ValueError(f"a rank got no unlabelled rows: split {cfg.unlabeled_split!r} is too small for "
+                         f"{ctx.world_size} workers; check --unlabeled-split or lower --workers")
     if least[0] == 0:
         if teacher_spec is not None:
             raise ValueError(f"a rank got no rows to distill on: {int(counts[0])} rows in split "
@@ -189,8 +223,12 @@ def _rank_finetune(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
         t_std = torch.tensor(teacher_spec["std"], dtype=torch.float32).view(1, -1, 1, 1).to(device)
         t_scale, t_shift = std / t_std, (mean - t_mean) / t_std
         distill_loss = DistillationLoss(cfg.distill_temperature)
+    if semi:
+        strong = BatchAugment(cfg.strong_augment)
+        fixmatch = FixMatchLoss(cfg.confidence)
     log = RankLog(ctx, out, ckpt_dir, cfg.epochs, steps, cfg.batch_size, start_epoch, cfg.keep_checkpoints)
-    gen = torch.Generator()
+    gen, pool_gen = torch.Generator(), torch.Generator()
+    mask_rates: list[float] = []
 
     def step_loss(b: torch.Tensor) -> torch.Tensor:
         x = to_input(train.images[b], mean, std, device, False, augment, gen)
@@ -198,10 +236,22 @@ def _rank_finetune(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
             with torch.no_grad():
                 target = teacher(x * t_scale + t_shift)
             return distill_loss(net(x), target)
-        return loss_fn(net(x), train.labels[b].to(device))
+        y = train.labels[b].to(device)
+        if not semi:
+            return loss_fn(net(x), y)
+        u = pool.images[torch.randint(len(pool), (cfg.unlabeled_ratio * len(b),), generator=pool_gen)]
+        with torch.no_grad():  # the pseudo-labels: the model itself on the weak view, no gradient
+            weak_logits = model(to_input(u, mean, std, device, False, augment, gen))
+        x_strong = to_input(u, mean, std, device, False, strong, gen)
+        logits = net(torch.cat([x, x_strong]))  # one forward: BN sees labelled and unlabelled images together
+        loss = loss_fn(logits[: len(b)], y) + cfg.consistency_weight * fixmatch(logits[len(b):], weak_logits)
+        mask_rates.append(fixmatch.last_mask_rate)
+        return loss
 
     for epoch in range(start_epoch, cfg.epochs):
         gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + ctx.rank)
+        pool_gen.manual_seed(cfg.seed * 100019 + epoch * 1013 + ctx.rank)
+        mask_rates.clear()
         idx = epoch_indices(len(train), steps, local_batch, cfg.seed, epoch, ctx.rank)
         net.train(not cfg.linear)  # linear evaluation: BN statistics and dropout of the encoder stay frozen
         train_loss, lr, epoch_time = run_epoch(optimizer, step_loss, idx, epoch, cfg.lr, cfg.schedule,
@@ -215,9 +265,12 @@ def _rank_finetune(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
                "test_acc": round(float(ev[0] / ev[1]), 5) if ev[1] > 0 else None,
                "test_loss": round(float(ev[2] / ev[1]), 5) if ev[1] > 0 else None,
                "epoch_time_s": round(epoch_time, 3), "lr": lr}
+        scalars = {"loss/train": train_loss, "accuracy/test": row["test_acc"], "lr": lr}
+        if semi:  # share of the unlabelled images confident enough to train on (rank 0's)
+            row["pseudo_label_rate"] = scalars["fixmatch/pseudo_label_rate"] = round(
+                sum(mask_rates) / max(1, len(mask_rates)), 4)
         history.append(row)
-        log.epoch_end(row, {"loss/train": train_loss, "accuracy/test": row["test_acc"], "lr": lr}, net, optimizer,
-                      {"history": history})
+        log.epoch_end(row, scalars, net, optimizer, {"history": history})
     log.close()
     if not ctx.is_main:
         return None
@@ -266,6 +319,10 @@ def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = No
     With ``teacher`` (a classifier model directory, typically this function's own output) the
     student is instead distilled on the teacher's soft labels of every ``cfg.unlabeled_split`` row
     plus the labelled sample; no label is read, so a pool of any size can be used.
+
+    With ``cfg.consistency_weight > 0`` the labelled sample trains as usual and every step adds
+    FixMatch's loss on images drawn from the ``cfg.unlabeled_split`` rows (their labels, if any,
+    are never read).
     """
     from safetensors.torch import save as st_save
 
@@ -275,8 +332,12 @@ def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = No
         raise ValueError("--linear needs --encoder (a linear probe of random weights is not a baseline)")
     if teacher is not None and cfg.linear:
         raise ValueError("--teacher distils into a whole student; it cannot be combined with --linear")
-    if teacher is not None and cfg.eval_split and cfg.unlabeled_split == cfg.eval_split:
-        raise ValueError(f"unlabeled_split {cfg.unlabeled_split!r} is also the eval split: distilling on the "
+    semi = cfg.consistency_weight > 0
+    if teacher is not None and semi:
+        raise ValueError("--teacher (distillation) and --consistency-weight (FixMatch) are two ways to use the "
+                         "unlabelled pool; pick one")
+    if (teacher is not None or semi) and cfg.eval_split and cfg.unlabeled_split == cfg.eval_split:
+        raise ValueError(f"unlabeled_split {cfg.unlabeled_split!r} is also the eval split: training on the "
                          "rows that are scored would leak them; pick another --unlabeled-split or --eval-split")
     timer = Timer()
     meta = read_meta(spark, table)
@@ -296,19 +357,22 @@ def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = No
     df = read_table(spark, table)
     train_rows = sample_label_fraction(df.where(F.col("split") == cfg.train_split), cfg.label_fraction,
                                        cfg.sample_seed)
-    if teacher is not None:
+    parts = [train_rows]
+    if teacher is not None or semi:
         pool = df.where(F.col("split") == cfg.unlabeled_split)
-        if not pool.limit(1).count():  # a typo would otherwise distil on the labelled sample alone
+        if not pool.limit(1).count():  # a typo would otherwise train on the labelled sample alone
             have = sorted(r[0] for r in df.select("split").distinct().limit(50).collect())
             raise ValueError(f"table {table} has no rows in split {cfg.unlabeled_split!r} (--unlabeled-split); "
                              f"its splits: {', '.join(map(str, have))}")
-        if cfg.unlabeled_split != cfg.train_split:
-            pool = pool.unionByName(train_rows)
-        train_rows = pool.withColumn("split", F.lit(DISTILL_SPLIT))
-    parts = [train_rows]
+        if teacher is not None and cfg.unlabeled_split != cfg.train_split:
+            pool = pool.unionByName(train_rows)  # distillation: the labelled sample is part of the pool
+        pool = pool.withColumn("split", F.lit(POOL_SPLIT))
+        parts = [pool] if teacher is not None else [train_rows, pool]
     if cfg.eval_split:
         parts.append(df.where(F.col("split") == cfg.eval_split))
-    data = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
+    data = parts[0]
+    for part in parts[1:]:
+        data = data.unionByName(part)
 
     out, ckpt_dir = prepare_out(out, cfg.resume)
 
@@ -350,6 +414,7 @@ def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = No
     last = history[-1] if history else {}
     metrics = {"test_acc": last.get("test_acc"), "train_loss": last.get("train_loss"),
                "mode": "distill" if teacher else ("linear" if cfg.linear else ("finetune" if encoder else "scratch")),
+               "fixmatch": semi,
                "teacher": teacher,
                "label_fraction": cfg.label_fraction, "train_rows": info["train_rows"], "eval_rows": info["eval_rows"],
                "epochs": len(history), "encoder": encoder, "wall_s": round(timer.elapsed, 3),

@@ -121,3 +121,35 @@ class DistillationLoss(nn.Module):
                              f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
         target = F.softmax(teacher_logits.detach().float() / self.temperature, dim=1)
         return F.cross_entropy(student_logits.float() / self.temperature, target)
+
+
+class FixMatchLoss(nn.Module):
+    """Confidence-masked pseudo-label loss on strongly augmented views.
+
+    FixMatch (Sohn et al., "FixMatch: Simplifying Semi-Supervised Learning with Consistency and
+    Confidence", NeurIPS 2020, https://arxiv.org/abs/2001.07685), eq. 4::
+
+        L_u = 1/(mu B) sum_b 1[max q_b >= tau] H(argmax q_b, p(y | A(u_b))),  q_b = p(y | a(u_b))
+
+    ``q`` comes from a weak view ``a(u)`` and is detached (a hard pseudo-label, never a target that
+    moves with the gradient); the strong view ``A(u)`` is trained to predict it. The mean is over
+    every unlabelled image, confident or not, as in the paper, so the loss grows as the model
+    becomes confident on more of the pool. ``last_mask_rate`` (share above ``threshold``) is kept
+    for the logs: it is the one number that says whether the unlabelled pool is being used at all.
+    """
+
+    def __init__(self, threshold: float = 0.95) -> None:
+        super().__init__()
+        if not 0 <= threshold < 1:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        self.threshold = threshold
+        self.last_mask_rate = 0.0
+
+    def forward(self, strong_logits: torch.Tensor, weak_logits: torch.Tensor) -> torch.Tensor:
+        if strong_logits.shape != weak_logits.shape or strong_logits.ndim != 2:
+            raise ValueError(f"expected two (B, K) logit tensors of the same shape, got "
+                             f"{tuple(strong_logits.shape)} and {tuple(weak_logits.shape)}")
+        conf, pseudo = F.softmax(weak_logits.detach().float(), dim=1).max(1)
+        mask = (conf >= self.threshold).float()
+        self.last_mask_rate = float(mask.mean())
+        return (F.cross_entropy(strong_logits.float(), pseudo, reduction="none") * mask).mean()

@@ -6,7 +6,8 @@ of a small CNN's training step on 2 cores (the plain-PyTorch way hides that in D
 processes, which have no spare cores here). So the geometric ops are drawn per sample and applied
 with one ``affine_grid``/``grid_sample``; photometric ops are per-sample broadcasts. Flip, crop
 with padding, rotation and scale are the same operations as v2's RandomHorizontalFlip,
-RandomCrop(padding), RandomAffine(degrees, scale); jitter covers brightness, contrast,
+RandomCrop(padding), RandomAffine(degrees, scale); cutout is v2's RandomErasing with a
+fixed-size square that may be clipped at the border; jitter covers brightness, contrast,
 saturation and hue (v2's ColorJitter; hue through HSV as v2's ``adjust_hue``, but with a shift
 per sample).
 """
@@ -33,6 +34,7 @@ class AugmentConfig:
     saturation: float = 0.0  # RGB only
     hue: float = 0.0  # RGB only: hue shifted by a fraction of the colour circle in [-hue, hue], hue <= 0.5
     grayscale: float = 0.0  # probability (RGB only)
+    cutout: float = 0.0  # side of one grey square erased per image, as a fraction of the image side
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -64,6 +66,8 @@ class AugmentConfig:
                 raise ValueError(f"augment {name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.hue <= 0.5:
             raise ValueError(f"augment hue must be in [0, 0.5], got {self.hue}")
+        if not 0 <= self.cutout <= 1:
+            raise ValueError(f"augment cutout must be a fraction of the image side in [0, 1], got {self.cutout}")
 
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +172,26 @@ class BatchAugment(nn.Module):
             if cfg.grayscale > 0:
                 g = rand(b) < cfg.grayscale
                 x = torch.where(g[:, None, None, None], gray, x)
+        if cfg.cutout > 0:
+            x = self._cutout(x, cfg.cutout, rand)
         return x.clamp_(0, 1)
+
+    @staticmethod
+    def _cutout(x: torch.Tensor, frac: float, rand) -> torch.Tensor:
+        """Cutout (DeVries & Taylor 2017, https://arxiv.org/abs/1708.04552) as FixMatch uses it: a
+        square of side ``frac`` x the image side, centred anywhere in the image (so it may be
+        clipped at the border), filled with mid-grey 0.5."""
+        b, c, h, w = x.shape
+        side_h, side_w = max(1, round(frac * h)), max(1, round(frac * w))
+        cy = (rand(b) * h).long().clamp_(max=h - 1)
+        cx = (rand(b) * w).long().clamp_(max=w - 1)
+        ys = torch.arange(h, device=x.device)[None, :]
+        xs = torch.arange(w, device=x.device)[None, :]
+        top, left = cy[:, None] - side_h // 2, cx[:, None] - side_w // 2
+        in_y = (ys >= top) & (ys < top + side_h)  # (B, H)
+        in_x = (xs >= left) & (xs < left + side_w)  # (B, W)
+        box = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (B, 1, H, W)
+        return torch.where(box, torch.full_like(x, 0.5), x)
 
     @staticmethod
     def _crop(x: torch.Tensor, pad: int, rand) -> torch.Tensor:

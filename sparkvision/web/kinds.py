@@ -125,6 +125,8 @@ class FinetuneParams(Params):
     batch_size: int = Field(128, ge=1, le=65_536)
     lr: float = Field(2e-3, gt=0, le=10)
     encoder_lr_scale: float = Field(0.1, ge=0, le=10)
+    consistency_weight: float = Field(0.0, ge=0, le=100, description="FixMatch on unlabeled_split (0 = off).")
+    unlabeled_split: str = "unlabeled"
     workers: int = Field(1, ge=1, le=1024)
     eval_split: str | None = "test"
     eval_every: int = Field(5, ge=1)
@@ -313,7 +315,15 @@ def _finetune_config(p: FinetuneParams):
     from ..ssl.finetune import FinetuneConfig
 
     fields = p.model_dump(exclude={"table", "out", "encoder", "eval_every", "overrides"})
-    return FinetuneConfig(**{**p.overrides, **fields})
+    return _config_from(FinetuneConfig, {**p.overrides, **fields})
+
+
+def _config_from(cls, d: dict[str, Any]):
+    """``cls.from_json`` (nested augment dicts become AugmentConfig) that names unknown keys."""
+    unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) in overrides: {', '.join(unknown)}")
+    return cls.from_json(d)
 
 
 def _finetune(spark, p: FinetuneParams, ctx: JobContext) -> dict[str, Any]:
@@ -326,7 +336,7 @@ def _distill_config(p: DistillParams):
     from ..ssl.finetune import FinetuneConfig
 
     fields = p.model_dump(exclude={"teacher", "table", "out", "encoder", "overrides"})
-    return FinetuneConfig(**{"label_smoothing": 0.0, **p.overrides, **fields})
+    return _config_from(FinetuneConfig, {"label_smoothing": 0.0, **p.overrides, **fields})
 
 
 def _distill(spark, p: DistillParams, ctx: JobContext) -> dict[str, Any]:
