@@ -12,7 +12,7 @@ are re-run).
 
     .venv/bin/python benchmarks/bench_ssl.py [--table data/fashion-mnist] [--preset cpu-small]
         [--methods improved-simclr,scratch,simclr,simsiam] [--fractions 0.01,0.05,0.1]
-        [--pretrain-epochs N] [--modes finetune,linear]
+        [--pretrain-epochs N] [--modes finetune,linear,distill,fixmatch]
 
 Results: benchmarks/results/ssl.json and ssl.md; runs under benchmarks/out/ssl/.
 """
@@ -64,7 +64,7 @@ def write_md(res: dict) -> None:
     for m in methods:
         pre = res["pretrain"].get(m, {})
         kinds = sorted({(c["mode"], c.get("encoder_lr_scale")) for c in res["cells"].values() if c["method"] == m},
-                       key=lambda k: (("scratch", "linear", "finetune", "distill").index(k[0]), k[1] or 0))
+                       key=lambda k: (("scratch", "linear", "finetune", "distill", "fixmatch").index(k[0]), k[1] or 0))
         for mode, scale in kinds:
             row = {c["fraction"]: c for c in res["cells"].values()
                    if c["method"] == m and c["mode"] == mode and c.get("encoder_lr_scale") == scale}
@@ -72,6 +72,9 @@ def write_md(res: dict) -> None:
             if mode == "distill":
                 label = "fine-tune + distill on the unlabelled pool" + (f" (teacher's encoder LR {scale:g}x)"
                                                                         if scale is not None else " (scratch teacher)")
+            if mode == "fixmatch":
+                label = "FixMatch on the unlabelled pool" + (f", encoder LR {scale:g}x" if scale is not None
+                                                             else ", from scratch")
             accs = [f"{100 * row[f]['test_acc']:.2f}%" if f in row else "not run" for f in (0.01, 0.05, 0.1)]
             lines.append(f"| {m} | {pre.get('epochs', '-')} | "
                          f"{(str(round(pre['pretrain_time_s'] / 60, 1)) + ' min') if pre else '-'} | "
@@ -132,11 +135,12 @@ def main() -> None:
             epochs, batch = SCHEDULE.get(frac, (30, 128))
             asked = args.modes.split(",")
             if method == "scratch":
-                modes = ["scratch"] + (["distill"] if "distill" in asked else [])
+                modes = ["scratch"] + [m for m in ("distill", "fixmatch") if m in asked]
             else:
-                modes = [m for m in ("finetune", "linear", "distill") if m in asked]
+                modes = [m for m in ("finetune", "linear", "distill", "fixmatch") if m in asked]
             for mode in modes:
-                scale = args.encoder_lr_scale if mode in ("finetune", "distill") and method != "scratch" else None
+                scale = (args.encoder_lr_scale if mode in ("finetune", "distill", "fixmatch") and method != "scratch"
+                         else None)
                 # Cells of a non-default encoder LR are kept beside the default's; a distilled cell's
                 # scale is its teacher's.
                 suffix = f"/enc-lr-{scale:g}" if scale not in (None, 0.1) else ""
@@ -149,6 +153,10 @@ def main() -> None:
                 cfg = FinetuneConfig(label_fraction=frac, linear=linear, epochs=epochs, batch_size=batch,
                                      lr=1e-2 if linear else 2e-3, encoder_lr_scale=args.encoder_lr_scale,
                                      label_smoothing=0.0 if linear else 0.1, workers=args.workers)
+                if mode == "fixmatch":
+                    # FixMatch (paper defaults: lambda_u 1, tau 0.95, mu 7) with the whole train split
+                    # as the unlabelled pool (its labels are never read), same schedule as fine-tuning.
+                    cfg.consistency_weight, cfg.unlabeled_split = 1.0, "train"
                 if mode == "distill":
                     # SimCLRv2's third step: the fine-tuned (or scratch) cell of this fraction labels the
                     # whole train split; the student starts from the same encoder (or random weights).
