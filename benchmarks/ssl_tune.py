@@ -56,6 +56,12 @@ RECIPES: dict[str, tuple[bool, dict]] = {
     "fixmatch-ft-1.0": (True, {"encoder_lr_scale": 1.0, "consistency_weight": 1.0, "unlabeled_split": "train"}),
     "fixmatch-ft-1.0-tau-0.8": (True, {"encoder_lr_scale": 1.0, "consistency_weight": 1.0,
                                        "unlabeled_split": "train", "confidence": 0.8}),
+    # Label smoothing 0.1 caps the softmax near 0.91, under FixMatch's 0.95 threshold (the paper uses none).
+    "fixmatch-ft-1.0-ls-0": (True, {"encoder_lr_scale": 1.0, "consistency_weight": 1.0, "unlabeled_split": "train",
+                                    "label_smoothing": 0.0}),
+    "fixmatch-ft-1.0-ls-0-3x-epochs": (True, {"encoder_lr_scale": 1.0, "consistency_weight": 1.0,
+                                              "unlabeled_split": "train", "label_smoothing": 0.0, "epochs_x": 3}),
+    "fixmatch-scratch-ls-0": (False, {"consistency_weight": 1.0, "unlabeled_split": "train", "label_smoothing": 0.0}),
 }
 
 

@@ -388,6 +388,17 @@ def test_job_params_validated(client):
         "table": "tables/tiny", "out": "models/ft", "encoder": "models/cnn", "label_fraction": 0.1}})
     assert ft.status_code == 201 and ft.json()["params"]["encoder"].endswith("models/cnn")
     client.post(f"/api/jobs/{ft.json()['id']}/cancel")
+    # FixMatch fields: named ones and nested overrides (an AugmentConfig dict) are checked by the library.
+    assert_error(client.post("/api/jobs", json={"kind": "finetune", "params": {
+        "table": "tables/tiny", "out": "models/fm", "consistency_weight": 1.0,
+        "overrides": {"strong_augment": {"cutout": 2.0}}}}), 422, "cutout")
+    assert_error(client.post("/api/jobs", json={"kind": "finetune", "params": {
+        "table": "tables/tiny", "out": "models/fm", "overrides": {"confidance": 0.9}}}), 422, "confidance")
+    fm = client.post("/api/jobs", json={"kind": "finetune", "params": {
+        "table": "tables/tiny", "out": "models/fm", "consistency_weight": 1.0, "unlabeled_split": "train",
+        "overrides": {"confidence": 0.9, "strong_augment": {"hflip": 0.5, "cutout": 0.4}}}})
+    assert fm.status_code == 201 and fm.json()["params"]["consistency_weight"] == 1.0
+    client.post(f"/api/jobs/{fm.json()['id']}/cancel")
     assert_error(client.post("/api/jobs", json={"kind": "distill", "params": {
         "teacher": "../ft", "table": "tables/tiny", "out": "models/st"}}), 403, "..")
     assert_error(client.post("/api/jobs", json={"kind": "distill", "params": {
