@@ -154,9 +154,10 @@ def main() -> None:
                                      lr=1e-2 if linear else 2e-3, encoder_lr_scale=args.encoder_lr_scale,
                                      label_smoothing=0.0 if linear else 0.1, workers=args.workers)
                 if mode == "fixmatch":
-                    # FixMatch (paper defaults: lambda_u 1, tau 0.95, mu 7) with the whole train split
-                    # as the unlabelled pool (its labels are never read), same schedule as fine-tuning.
-                    cfg.consistency_weight, cfg.unlabeled_split = 1.0, "train"
+                    # FixMatch (paper defaults: lambda_u 1, tau 0.95, mu 7, no label smoothing) with the
+                    # whole train split as the unlabelled pool (its labels are never read), same
+                    # schedule as fine-tuning.
+                    cfg.consistency_weight, cfg.unlabeled_split, cfg.label_smoothing = 1.0, "train", 0.0
                 if mode == "distill":
                     # SimCLRv2's third step: the fine-tuned (or scratch) cell of this fraction labels the
                     # whole train split; the student starts from the same encoder (or random weights).

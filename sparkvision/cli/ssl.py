@@ -117,7 +117,7 @@ def finetune(
     confidence: Annotated[float, typer.Option(help="FixMatch: pseudo-label confidence threshold.")] = 0.95,
     unlabeled_ratio: Annotated[int, typer.Option(help="FixMatch: unlabelled images per labelled one in a step.")] = 7,
     strong_augment: Annotated[str | None, typer.Option(help="FixMatch: strong view, as --augment (default: shift 4, "
-                                                            "rotation 15, zoom, jitter 0.5, cutout 0.5).")] = None,
+                                                            "jitter 0.3, cutout 0.5).")] = None,
     workers: Workers = 1,
     seed: Seed = 0,
     resume: Resume = False,
