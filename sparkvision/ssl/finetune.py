@@ -19,8 +19,8 @@ batch augmentation, checkpoints with resume, TensorBoard, ``metrics.jsonl``):
 * ``consistency_weight > 0``: semi-supervised fine-tuning with FixMatch (Sohn et al. 2020, see
   ``losses.FixMatchLoss``): each step also draws ``unlabeled_ratio`` x batch images of the
   unlabelled pool, pseudo-labels a weakly augmented view with the model itself where it is
-  confident, and trains a strongly augmented view (``strong_augment``: larger shifts, rotation,
-  jitter, cutout) to predict that label. Unlike distillation the pseudo-labels improve as the
+  confident, and trains a strongly augmented view (``strong_augment``: larger shifts, jitter,
+  cutout) to predict that label. Unlike distillation the pseudo-labels improve as the
   model does, and the strong views teach invariances a few hundred labels cannot.
 """
 
