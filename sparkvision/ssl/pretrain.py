@@ -186,14 +186,16 @@ def export_projector(model_dir: str) -> str:
         tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     if not tensors:
         raise ValueError(f"checkpoint epoch-{epochs[-1]} in {ckpt_dir} has no projector weights")
-    return _write_projector(model_dir, tensors)
+    from safetensors.torch import save
+
+    return _write_projector(model_dir, save(tensors))
 
 
-def _write_projector(model_dir: str, tensors: dict[str, torch.Tensor]) -> str:
-    from safetensors.torch import save_file
-
+def _write_projector(model_dir: str, data: bytes) -> str:
+    """Write safetensors bytes (as the rank returns them) to ``PROJECTOR_FILE``, atomically."""
     path = os.path.join(model_dir, PROJECTOR_FILE)
-    save_file(tensors, path + ".tmp")
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
     os.replace(path + ".tmp", path)
     return path
 
@@ -251,5 +253,5 @@ def pretrain_df(spark: SparkSession, df, class_names: list[str], out: str, cfg: 
     save_model_dir(out, encoder, ModelSpec(cfg.model, num_classes, channels, model_kwargs), class_names,
                    Preprocess(channels=channels, size=size, mean=tuple(info["mean"]), std=tuple(info["std"])),
                    {**metrics, "history": history}, extra={"ssl": resolved, "head": "untrained placeholder"})
-    _write_projector(out, st_load(blobs["projector"]))
+    _write_projector(out, blobs["projector"])
     return {"model_dir": out, **metrics, "history": history}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..train.augment import adjust_hue
+from ..train.augment import adjust_hue, gray3
 
 
 @dataclass
@@ -106,14 +106,14 @@ class RandomView(nn.Module):
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             x = ((x - mean) * f + mean).clamp(0, 1)
         if c == 3:
-            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+            gray = gray3(x)
             if cfg.saturation > 0:
                 f = 1 + (rand(b) * 2 - 1)[:, None, None, None] * cfg.saturation * on
                 x = ((x - gray) * f + gray).clamp(0, 1)
-                gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+                gray = gray3(x)
             if cfg.hue > 0:
                 x = adjust_hue(x, (rand(b) * 2 - 1) * cfg.hue * on[:, 0, 0, 0])
-                gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+                gray = gray3(x)
             if cfg.grayscale > 0:
                 g = rand(b) < cfg.grayscale
                 x = torch.where(g[:, None, None, None], gray, x)

@@ -70,6 +70,12 @@ class AugmentConfig:
             raise ValueError(f"augment cutout must be a fraction of the image side in [0, 1], got {self.cutout}")
 
 
+def gray3(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of an RGB batch ``(B, 3, H, W)``, repeated on 3 channels (as v2's
+    ``rgb_to_grayscale``): the target of saturation jitter and random grayscale."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+
+
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     """``(B, 3, H, W)`` RGB in [0, 1] -> HSV, each in [0, 1] (torchvision's formula, batched)."""
     r, g, b = x.unbind(1)
@@ -162,13 +168,13 @@ class BatchAugment(nn.Module):
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             x = (x - mean) * f[:, None, None, None] + mean
         if c == 3 and (cfg.saturation > 0 or cfg.grayscale > 0 or cfg.hue > 0):
-            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+            gray = gray3(x)
             if cfg.saturation > 0:
                 f = 1 + (rand(b) * 2 - 1) * cfg.saturation
                 x = (x - gray) * f[:, None, None, None] + gray
             if cfg.hue > 0:
                 x = adjust_hue(x.clamp(0, 1), (rand(b) * 2 - 1) * cfg.hue)
-                gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+                gray = gray3(x)
             if cfg.grayscale > 0:
                 g = rand(b) < cfg.grayscale
                 x = torch.where(g[:, None, None, None], gray, x)
