@@ -188,22 +188,23 @@ class Runner:
             stop_monitor.set()
             monitor.join(5)
             metrics = self._final_metrics(kind_name, params, result)
+            # The log line goes first: a client that sees the final state must also see its line.
+            store.append_log(job_id, f"succeeded in {time.perf_counter() - t0:.1f} s")
             store.finish(job_id, "succeeded", progress=100.0, result=json.loads(json.dumps(result, default=str)),
                          metrics=metrics)
-            store.append_log(job_id, f"succeeded in {time.perf_counter() - t0:.1f} s")
         except BaseException as e:  # noqa: BLE001 - a job's failure must never stop the runner
             stop_monitor.set()
             if monitor.is_alive():
                 monitor.join(5)
             if isinstance(e, JobCancelled) or self._cancel.is_set():
-                store.finish(job_id, "cancelled", error="cancelled by request")
                 store.append_log(job_id, "cancelled")
+                store.finish(job_id, "cancelled", error="cancelled by request")
             else:
                 msg = error_message(e)
                 if not isinstance(e, EXPECTED_ERRORS):
                     log.error("job %s failed:\n%s", job_id, "".join(traceback.format_exception(e)))
-                store.finish(job_id, "failed", error=msg)
                 store.append_log(job_id, f"failed: {msg}")
+                store.finish(job_id, "failed", error=msg)
             if not isinstance(e, Exception):
                 raise
         finally:
