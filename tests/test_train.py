@@ -8,10 +8,17 @@ import os
 import pytest
 import torch
 
+from sparkvision.images import encode_png
 from sparkvision.modeldir import load_model_dir
 from sparkvision.table import read_meta, read_table
 from sparkvision.train import AugmentConfig, BatchAugment, TrainConfig, parse_augment, train, train_df
-from sparkvision.train.data import epoch_indices, steps_per_epoch
+from sparkvision.train.data import (
+    available_memory_bytes,
+    check_shard_fits,
+    decode_shard,
+    epoch_indices,
+    steps_per_epoch,
+)
 from sparkvision.train.optim import lr_factor
 
 FAST = dict(batch_size=16, lr=3e-3, model_kwargs={"widths": [8, 16], "hidden": 32, "dropout": 0.0},
@@ -93,6 +100,44 @@ def test_steps_are_equal_and_epochs_reshuffle():
     assert torch.equal(a, epoch_indices(10, 7, 8, seed=0, epoch=0, rank=0))
     # every local row is used before any repeats
     assert sorted(a.flatten()[:10].tolist()) == list(range(10))
+
+
+def _batches(rows):
+    import pyarrow as pa
+
+    cols = {"image": [r[0] for r in rows], "label": [r[1] for r in rows], "split": [r[2] for r in rows]}
+    table = pa.table(cols, schema=pa.schema([("image", pa.binary()), ("label", pa.int32()), ("split", pa.string())]))
+    return iter(table.to_batches(max_chunksize=2))
+
+
+def test_decode_shard_keeps_order_and_counts_bad_rows():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (6, 5), dtype=np.uint8) for _ in range(4)]
+    rows = [(encode_png(pixels[0]), 3, "train"), (b"not an image", 1, "train"), (encode_png(pixels[1]), None, "unlabeled"),
+            (None, 2, "test"), (encode_png(pixels[2]), 0, "test"), (encode_png(pixels[3]), 9, "val")]
+    shard, splits = decode_shard(_batches(rows), 1, (6, 5))
+    assert shard.bad_rows == 2 and len(shard) == 4 and shard.images.shape == (4, 1, 6, 5)
+    assert splits == ["train", "unlabeled", "test", "val"]
+    assert shard.labels.tolist() == [3, -1, 0, 9]
+    for got, want in zip(shard.images, pixels, strict=True):
+        assert torch.equal(got[0], torch.from_numpy(want))
+    rgb, _ = decode_shard(_batches(rows[:1]), 3, (6, 5))  # grey replicated to 3 channels, (N, C, H, W)
+    assert rgb.images.shape == (1, 3, 6, 5) and torch.equal(rgb.images[0, 2], torch.from_numpy(pixels[0]))
+
+
+def test_oversized_shard_is_a_clear_error_before_decoding():
+    import numpy as np
+
+    rows = [(encode_png(np.zeros((8, 8), dtype=np.uint8)), 0, "train")] * 10
+    with pytest.raises(ValueError, match=r"10 images at 3x8x8 needs .* GiB decoded.*--workers.*--image-size"):
+        decode_shard(_batches(rows), 3, (8, 8), available_bytes=10 * 3 * 8 * 8 - 1)
+    shard, _ = decode_shard(_batches(rows), 3, (8, 8), available_bytes=10 * 3 * 8 * 8)  # exactly fits
+    assert len(shard) == 10
+    check_shard_fits(10**15, None, 1, (1, 1, 1))  # unknown memory: no check
+    free = available_memory_bytes()
+    assert free is None or free > 0
 
 
 def test_lr_schedules_shape():

@@ -272,9 +272,10 @@ def _rank_finetune(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payloa
                "test_loss": round(float(ev[2] / ev[1]), 5) if ev[1] > 0 else None,
                "epoch_time_s": round(epoch_time, 3), "lr": lr}
         scalars = {"loss/train": train_loss, "accuracy/test": row["test_acc"], "lr": lr}
-        if semi:  # share of the unlabelled images confident enough to train on (rank 0's)
+        if semi:  # share of the unlabelled images confident enough to train on, over all ranks
+            rate = D.all_reduce_sum(torch.tensor([sum(mask_rates), len(mask_rates)], dtype=torch.float64))
             row["pseudo_label_rate"] = scalars["fixmatch/pseudo_label_rate"] = round(
-                sum(mask_rates) / max(1, len(mask_rates)), 4)
+                float(rate[0] / max(1.0, float(rate[1]))), 4)
         history.append(row)
         log.epoch_end(row, scalars, net, optimizer, {"history": history})
     log.close()

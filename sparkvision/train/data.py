@@ -33,34 +33,92 @@ class Shard:
 
 
 def decode_shard(
-    batches: Iterator[pa.RecordBatch], channels: int, size: tuple[int, int]
+    batches: Iterator[pa.RecordBatch],
+    channels: int,
+    size: tuple[int, int],
+    available_bytes: int | None = -1,
 ) -> tuple[Shard, list[str]]:
     """Decode ``image``/``label``/``split`` columns into per-split shards' raw material.
 
     Returns one Shard of every decodable row plus the split name of each row (same order).
     Undecodable rows are counted, not fatal (ingestion already rejected most bad input).
+
+    Two passes, so that the decoded pixels exist once: the first keeps the (compressed) encoded
+    bytes and counts the rows, the second decodes each image straight into one preallocated
+    tensor. Stacking per-image arrays and then permuting them to (N, C, H, W) held three copies at
+    the peak. Between the passes the decoded size is checked against the memory this worker has
+    (``available_bytes``; -1 reads it from the OS, None skips the check), so an oversized shard is
+    a clear error naming what to change, not an executor killed by the OOM killer.
     """
     h, w = size
-    arrays: list[np.ndarray] = []
+    encoded: list[bytes] = []
     labels: list[int] = []
     splits: list[str] = []
-    bad = 0
     for batch in batches:
         d = batch.to_pydict()
-        for data, label, split in zip(d["image"], d["label"], d["split"], strict=True):
-            try:
-                arr = decode_to_array(data, channels, (h, w))
-            except RejectError:
-                bad += 1
-                continue
-            arrays.append(arr)
-            labels.append(-1 if label is None else int(label))
-            splits.append(split)
-    if arrays:
-        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
-    else:
-        images = torch.empty((0, channels, h, w), dtype=torch.uint8)
-    return Shard(images, torch.tensor(labels, dtype=torch.int64), bad), splits
+        encoded.extend(d["image"])
+        labels.extend(-1 if label is None else int(label) for label in d["label"])
+        splits.extend(d["split"])
+    need = len(encoded) * channels * h * w
+    if available_bytes == -1:
+        available_bytes = available_memory_bytes()
+    check_shard_fits(need, available_bytes, len(encoded), (channels, h, w))
+    images = torch.empty((len(encoded), channels, h, w), dtype=torch.uint8)
+    out = images.numpy()  # shares memory with ``images``
+    keep = np.ones(len(encoded), dtype=bool)
+    for i, data in enumerate(encoded):
+        try:
+            out[i] = decode_to_array(data, channels, (h, w)).transpose(2, 0, 1)
+        except (RejectError, TypeError):  # TypeError: a null image
+            keep[i] = False
+        encoded[i] = b""  # the encoded copy is no longer needed
+    bad = int((~keep).sum())
+    labels_t = torch.tensor(labels, dtype=torch.int64)
+    if bad:
+        mask = torch.from_numpy(keep)
+        images, labels_t = images[mask], labels_t[mask]
+        splits = [s for s, k in zip(splits, keep, strict=True) if k]
+    return Shard(images, labels_t, bad), splits
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process may still use: the smaller of the machine's ``MemAvailable`` and the
+    room left under a cgroup v2/v1 limit (containers, YARN, Kubernetes). None where neither can be
+    read (not Linux): the check is then skipped."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except OSError:
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max" or a huge v1 value: no limit
+            found.append(max(0, int(limit) - usage))
+        break
+    return min(found) if found else None
+
+
+def check_shard_fits(need: int, available: int | None, rows: int, shape: tuple[int, int, int]) -> None:
+    """Refuse a decoded shard larger than the memory left, with what to change."""
+    if available is None or need <= available:
+        return
+    c, h, w = shape
+    raise ValueError(
+        f"this rank's shard of {rows:,} images at {c}x{h}x{w} needs {need / 2**30:.2f} GiB decoded, but only "
+        f"{available / 2**30:.2f} GiB of memory is available on its worker: use more workers (--workers), a "
+        "smaller --image-size, a subset of the table, or executors with more memory")
 
 
 def steps_per_epoch(global_count: int, global_batch: int) -> int:
