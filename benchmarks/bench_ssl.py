@@ -61,12 +61,13 @@ def write_md(res: dict) -> None:
              "| method | pretrain epochs | pretrain time | final kNN | mode | 1% | 5% | 10% |",
              "|---|---|---|---|---|---|---|---|"]
     methods = sorted({c["method"] for c in res["cells"].values()}, key=lambda m: (m != "scratch", m))
+    cells = {k: c for k, c in res["cells"].items() if not c.get("seed")}  # seed 0; other seeds: spread below
     for m in methods:
         pre = res["pretrain"].get(m, {})
-        kinds = sorted({(c["mode"], c.get("encoder_lr_scale")) for c in res["cells"].values() if c["method"] == m},
+        kinds = sorted({(c["mode"], c.get("encoder_lr_scale")) for c in cells.values() if c["method"] == m},
                        key=lambda k: (("scratch", "linear", "finetune", "distill", "fixmatch").index(k[0]), k[1] or 0))
         for mode, scale in kinds:
-            row = {c["fraction"]: c for c in res["cells"].values()
+            row = {c["fraction"]: c for c in cells.values()
                    if c["method"] == m and c["mode"] == mode and c.get("encoder_lr_scale") == scale}
             label = f"{mode} (encoder LR {scale:g}x)" if scale is not None else mode
             if mode == "distill":
@@ -80,12 +81,37 @@ def write_md(res: dict) -> None:
                          f"{(str(round(pre['pretrain_time_s'] / 60, 1)) + ' min') if pre else '-'} | "
                          f"{(str(round(100 * pre['knn_acc'], 2)) + '%') if pre.get('knn_acc') else '-'} | {label} | "
                          + " | ".join(accs) + " |")
+    lines += seed_spread(res)
     lines += ["", "Reference points from the issue: strong scratch 82.8% (1%) / 87.8% (5%); targets for fine-tuned "
               "improved SimCLR: >= 86% (1%) and >= 89.5% (5%).", ""]
     for name in sorted(res.get("notes", {})):
         lines.append(f"- {res['notes'][name]}")
     with open(RESULTS[:-5] + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def seed_spread(res: dict) -> list[str]:
+    """Rows for cells run with several training seeds (same labelled sample, ``--seeds``): how far
+    apart single runs land, so a gap between two methods can be read against it."""
+    groups: dict[tuple, list[tuple[int, float]]] = {}
+    for c in res["cells"].values():
+        groups.setdefault((c["method"], c["mode"], c.get("encoder_lr_scale"), c["fraction"]), []).append(
+            (c.get("seed", 0), c["test_acc"]))
+    rows = []
+    for (m, mode, scale, frac), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3])):
+        if len(runs) < 2:
+            continue
+        accs = [100 * a for _, a in sorted(runs)]
+        mean = sum(accs) / len(accs)
+        sd = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
+        label = f"{mode} (encoder LR {scale:g}x)" if scale is not None else mode
+        rows.append(f"| {m} | {label} | {100 * frac:g}% | {len(accs)} | "
+                    + " / ".join(f"{a:.2f}" for a in accs) + f" | {mean:.2f}% | {sd:.2f} |")
+    if not rows:
+        return []
+    return ["", "Training-seed spread (same labelled sample; seed 0 is the cell above):", "",
+            "| method | mode | labels | runs | test accuracy by seed | mean | std |", "|---|---|---|---|---|---|---|",
+            *rows]
 
 
 def main() -> None:
@@ -102,6 +128,8 @@ def main() -> None:
                                               "another length or recipe sit beside the default's")
     ap.add_argument("--distill-epochs", type=int, default=10)
     ap.add_argument("--distill-temperature", type=float, default=1.0)
+    ap.add_argument("--seeds", default="0", help="training seeds of each fine-tuning cell (the labelled sample "
+                                                  "stays seed 0's), e.g. 0,1,2 to measure run-to-run spread")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "out", "ssl"))
@@ -111,6 +139,7 @@ def main() -> None:
     res = load()
     res["machine"] = f"{os.cpu_count()} CPU cores ({args.master}, shared), no GPU"
     fractions = [float(f) for f in args.fractions.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
     for method in args.methods.split(","):
         encoder = None
         label = f"{method}-{args.tag}" if args.tag and method != "scratch" else method
@@ -138,13 +167,13 @@ def main() -> None:
                 modes = ["scratch"] + [m for m in ("distill", "fixmatch") if m in asked]
             else:
                 modes = [m for m in ("finetune", "linear", "distill", "fixmatch") if m in asked]
-            for mode in modes:
+            for mode, seed in [(m, sd) for m in modes for sd in seeds]:
                 scale = (args.encoder_lr_scale if mode in ("finetune", "distill", "fixmatch") and method != "scratch"
                          else None)
                 # Cells of a non-default encoder LR are kept beside the default's; a distilled cell's
                 # scale is its teacher's.
                 suffix = f"/enc-lr-{scale:g}" if scale not in (None, 0.1) else ""
-                key = f"{label}/{mode}/{frac}" + suffix
+                key = f"{label}/{mode}/{frac}" + suffix + (f"/seed-{seed}" if seed else "")
                 pre_epochs = res["pretrain"].get(label, {}).get("epochs")
                 have = res["cells"].get(key, {})
                 if have and have.get("pretrain_epochs") == pre_epochs and have.get("encoder_lr_scale") == scale:
@@ -166,6 +195,7 @@ def main() -> None:
                     cfg = FinetuneConfig(label_fraction=frac, epochs=args.distill_epochs, batch_size=256, lr=2e-3,
                                          encoder_lr_scale=1.0, label_smoothing=0.0, workers=args.workers,
                                          unlabeled_split="train", distill_temperature=args.distill_temperature)
+                cfg.seed = seed
                 print(f"[{time.strftime('%H:%M:%S')}] {key}", flush=True)
                 out = os.path.join(args.out_dir, key.replace("/", "-"))
                 s = finetune(spark, args.table, out, encoder, cfg, eval_every=10 if mode != "distill" else 2,
@@ -173,7 +203,7 @@ def main() -> None:
                 res["cells"][key] = {"method": label, "mode": mode, "fraction": frac, "test_acc": s["test_acc"],
                                      "train_rows": s["train_rows"], "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                                      "train_time_s": s["train_time_s"], "pretrain_epochs": pre_epochs,
-                                     "encoder_lr_scale": scale,
+                                     "encoder_lr_scale": scale, "seed": seed,
                                      "history": [h["test_acc"] for h in s["history"] if h["test_acc"] is not None]}
                 if teacher:
                     res["cells"][key].update(teacher=os.path.relpath(teacher, HERE),
