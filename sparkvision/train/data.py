@@ -11,7 +11,6 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import torch
 
@@ -65,20 +64,18 @@ def decode_shard(
     check_shard_fits(need, available_bytes, len(encoded), (channels, h, w))
     images = torch.empty((len(encoded), channels, h, w), dtype=torch.uint8)
     out = images.numpy()  # shares memory with ``images``
-    keep = np.ones(len(encoded), dtype=bool)
+    kept = 0  # good rows are packed to the front, so dropping bad ones needs no copy
     for i, data in enumerate(encoded):
         try:
-            out[i] = decode_to_array(data, channels, (h, w)).transpose(2, 0, 1)
+            out[kept] = decode_to_array(data, channels, (h, w)).transpose(2, 0, 1)
         except (RejectError, TypeError):  # TypeError: a null image
-            keep[i] = False
-        encoded[i] = b""  # the encoded copy is no longer needed
-    bad = int((~keep).sum())
-    labels_t = torch.tensor(labels, dtype=torch.int64)
-    if bad:
-        mask = torch.from_numpy(keep)
-        images, labels_t = images[mask], labels_t[mask]
-        splits = [s for s, k in zip(splits, keep, strict=True) if k]
-    return Shard(images, labels_t, bad), splits
+            continue
+        finally:
+            encoded[i] = b""  # the encoded copy is no longer needed
+        labels[kept], splits[kept] = labels[i], splits[i]
+        kept += 1
+    bad = len(encoded) - kept
+    return Shard(images[:kept], torch.tensor(labels[:kept], dtype=torch.int64), bad), splits[:kept]
 
 
 def available_memory_bytes() -> int | None:
