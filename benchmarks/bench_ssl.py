@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -114,6 +115,20 @@ def seed_spread(res: dict) -> list[str]:
             *rows]
 
 
+def continue_from(out_dir: str, method: str, preset: str, tag: str, enc_dir: str) -> None:
+    """Copy the pretraining dir of ``tag`` to ``enc_dir`` (once), so pretraining resumes from its
+    last checkpoint under the new tag. The cosine schedule is then the longer run's: the LR jumps
+    back up at the resumed epoch (a warm restart), as in the 60-epoch runs of ssl.md."""
+    if list_checkpoints(os.path.join(enc_dir, "checkpoints")):
+        return  # already copied (or already pretraining under the new tag): resume that
+    src = os.path.join(out_dir, f"pretrain-{method}-{preset}" + (f"-{tag}" if tag else ""))
+    if not list_checkpoints(os.path.join(src, "checkpoints")):
+        raise SystemExit(f"--continue-from {tag}: no checkpoint in {src}/checkpoints to continue from")
+    shutil.rmtree(enc_dir, ignore_errors=True)
+    shutil.copytree(src, enc_dir)
+    print(f"[{time.strftime('%H:%M:%S')}] copied {src} -> {enc_dir}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--table", default="data/fashion-mnist")
@@ -126,6 +141,10 @@ def main() -> None:
     ap.add_argument("--encoder-lr-scale", type=float, default=0.1)
     ap.add_argument("--tag", default="", help="suffix of the pretraining run and its cells (e.g. e40), so runs of "
                                               "another length or recipe sit beside the default's")
+    ap.add_argument("--continue-from", default=None, metavar="TAG",
+                    help="start a new --tag's pretraining from a copy of TAG's last checkpoint (e.g. --tag e60 "
+                         "--continue-from e25 --pretrain-epochs 60): the 25-epoch run goes on to 60 epochs and "
+                         "both encoders' cells are kept")
     ap.add_argument("--distill-epochs", type=int, default=10)
     ap.add_argument("--distill-temperature", type=float, default=1.0)
     ap.add_argument("--seeds", default="0", help="training seeds of each fine-tuning cell (the labelled sample "
@@ -149,6 +168,8 @@ def main() -> None:
             want = args.pretrain_epochs or have.get("target_epochs")
             if not have or (want and have.get("epochs") != want):
                 t0 = time.time()
+                if args.continue_from is not None:
+                    continue_from(args.out_dir, method, args.preset, args.continue_from, enc_dir)
                 resume = bool(list_checkpoints(os.path.join(enc_dir, "checkpoints")))
                 print(f"[{time.strftime('%H:%M:%S')}] pretrain {method} (resume={resume})", flush=True)
                 s = pretrain(spark, args.table, enc_dir, method=method, preset=args.preset, epochs=args.pretrain_epochs, warmup_epochs=args.warmup_epochs,
