@@ -70,13 +70,7 @@ def write_md(res: dict) -> None:
         for mode, scale in kinds:
             row = {c["fraction"]: c for c in cells.values()
                    if c["method"] == m and c["mode"] == mode and c.get("encoder_lr_scale") == scale}
-            label = f"{mode} (encoder LR {scale:g}x)" if scale is not None else mode
-            if mode == "distill":
-                label = "fine-tune + distill on the unlabelled pool" + (f" (teacher's encoder LR {scale:g}x)"
-                                                                        if scale is not None else " (scratch teacher)")
-            if mode == "fixmatch":
-                label = "FixMatch on the unlabelled pool" + (f", encoder LR {scale:g}x" if scale is not None
-                                                             else ", from scratch")
+            label = mode_label(mode, scale)
             accs = [f"{100 * row[f]['test_acc']:.2f}%" if f in row else "not run" for f in (0.01, 0.05, 0.1)]
             lines.append(f"| {m} | {pre.get('epochs', '-')} | "
                          f"{(str(round(pre['pretrain_time_s'] / 60, 1)) + ' min') if pre else '-'} | "
@@ -89,6 +83,21 @@ def write_md(res: dict) -> None:
         lines.append(f"- {res['notes'][name]}")
     with open(RESULTS[:-5] + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def mode_label(mode: str, scale: float | None) -> str:
+    """How a cell's mode and encoder LR scale read in the tables."""
+    if mode == "distill":
+        return "fine-tune + distill on the unlabelled pool" + (f" (teacher's encoder LR {scale:g}x)"
+                                                               if scale is not None else " (scratch teacher)")
+    if mode == "fixmatch":
+        return "FixMatch on the unlabelled pool" + (f", encoder LR {scale:g}x" if scale is not None else ", from scratch")
+    return f"{mode} (encoder LR {scale:g}x)" if scale is not None else mode
+
+
+def encoder_dir(out_dir: str, method: str, preset: str, tag: str) -> str:
+    """Where a pretraining run of ``method`` with ``preset`` (and ``tag``) lives."""
+    return os.path.join(out_dir, f"pretrain-{method}-{preset}" + (f"-{tag}" if tag else ""))
 
 
 def seed_spread(res: dict) -> list[str]:
@@ -105,8 +114,7 @@ def seed_spread(res: dict) -> list[str]:
         accs = [100 * a for _, a in sorted(runs)]
         mean = sum(accs) / len(accs)
         sd = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
-        label = f"{mode} (encoder LR {scale:g}x)" if scale is not None else mode
-        rows.append(f"| {m} | {label} | {100 * frac:g}% | {len(accs)} | "
+        rows.append(f"| {m} | {mode_label(mode, scale)} | {100 * frac:g}% | {len(accs)} | "
                     + " / ".join(f"{a:.2f}" for a in accs) + f" | {mean:.2f}% | {sd:.2f} |")
     if not rows:
         return []
@@ -121,7 +129,7 @@ def continue_from(out_dir: str, method: str, preset: str, tag: str, enc_dir: str
     back up at the resumed epoch (a warm restart), as in the 60-epoch runs of ssl.md."""
     if list_checkpoints(os.path.join(enc_dir, "checkpoints")):
         return  # already copied (or already pretraining under the new tag): resume that
-    src = os.path.join(out_dir, f"pretrain-{method}-{preset}" + (f"-{tag}" if tag else ""))
+    src = encoder_dir(out_dir, method, preset, tag)
     if not list_checkpoints(os.path.join(src, "checkpoints")):
         raise SystemExit(f"--continue-from {tag}: no checkpoint in {src}/checkpoints to continue from")
     shutil.rmtree(enc_dir, ignore_errors=True)
@@ -163,7 +171,7 @@ def main() -> None:
         encoder = None
         label = f"{method}-{args.tag}" if args.tag and method != "scratch" else method
         if method != "scratch":
-            enc_dir = os.path.join(args.out_dir, f"pretrain-{method}-{args.preset}" + (f"-{args.tag}" if args.tag else ""))
+            enc_dir = encoder_dir(args.out_dir, method, args.preset, args.tag)
             have = res["pretrain"].get(label, {})
             want = args.pretrain_epochs or have.get("target_epochs")
             if not have or (want and have.get("epochs") != want):
