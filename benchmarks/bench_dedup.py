@@ -42,7 +42,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from sparkvision.images import content_id  # noqa: E402
+from sparkvision.data.images import content_id  # noqa: E402
 from sparkvision.retrieval.dedup import dedup_table, link_pairs, pairs_above, union_find  # noqa: E402
 from sparkvision.retrieval.index import iter_shards  # noqa: E402
 from sparkvision.retrieval.search import SearchIndex  # noqa: E402
@@ -95,8 +95,8 @@ def make_table(
     spark, source: str, split: str, n_orig: int | None, n_copies: int, out: str, seed: int
 ) -> dict[str, str]:
     """An image table of ``split`` originals plus planted copies; returns copy path -> original path."""
-    from sparkvision.schema import IMAGE_SCHEMA
-    from sparkvision.table import TableMeta, write_meta
+    from sparkvision.data.schema import IMAGE_SCHEMA
+    from sparkvision.data.table import TableMeta, write_meta
 
     t = (
         pads.dataset(source, format="parquet")
@@ -215,7 +215,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "out", "dedup"))
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
-    from sparkvision.session import get_spark
+    from sparkvision.spark.session import get_spark
 
     spark = get_spark()
     model_dir = args.model if args.descriptor == "model" else None

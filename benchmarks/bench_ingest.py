@@ -7,7 +7,7 @@ Two workloads:
   idx     Fashion-MNIST IDX (70,000 records) -> image table. Plain loop: gunzip, parse, PNG-encode
           each record, sha256.
   folder  a generated folder of JPEG (64x64 RGB) and PNG (28x28 gray) files -> image table. Plain
-          loop: read the file's bytes, sha256, sparkvision.images.inspect_image.
+          loop: read the file's bytes, sha256, sparkvision.data.images.inspect_image.
 
 The Spark figures include everything an ingest does (listing, decode, dedup, writing the table and
 the rejects) but not the JVM start, which is paid once per session. Results go to
@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sparkvision.datasets import FASHION_MNIST_FILES, fashion_mnist_dir
-from sparkvision.idx import pair_idx_files, parse_idx
-from sparkvision.images import encode_png, inspect_image
-from sparkvision.ingest import ingest
-from sparkvision.session import get_spark
+from sparkvision.data.datasets import FASHION_MNIST_FILES, fashion_mnist_dir
+from sparkvision.data.idx import pair_idx_files, parse_idx
+from sparkvision.data.images import encode_png, inspect_image
+from sparkvision.data.ingest import ingest
+from sparkvision.spark.session import get_spark
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--master", default=None, help="Spark master (default $SPARKVISION_MASTER or local[*])")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = p.parse_args(argv)
-    from sparkvision.session import resolve_master
+    from sparkvision.spark.session import resolve_master
 
     results = run(args.files, resolve_master(args.master))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -28,10 +28,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from sparkvision.infer import optimize_for_cpu_inference, predict_table, preprocess_batch  # noqa: E402
-from sparkvision.modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir  # noqa: E402
+from sparkvision.inference.runtime import optimize_for_cpu_inference, predict_table, preprocess_batch  # noqa: E402
+from sparkvision.models.modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir  # noqa: E402
 from sparkvision.models import create_model  # noqa: E402
-from sparkvision.session import get_spark  # noqa: E402
+from sparkvision.spark.session import get_spark  # noqa: E402
 
 
 def plain_loop(table: str, model_dir: str, out: str, frozen: bool, batch: int = 512) -> tuple[float, int]:
@@ -76,7 +76,7 @@ def main() -> None:
     os.environ.setdefault("SPARKVISION_PROGRESS", "0")
     spark = get_spark("local[2]")
     if not os.path.exists(args.table):
-        from sparkvision.datasets import ingest_fashion_mnist
+        from sparkvision.data.datasets import ingest_fashion_mnist
 
         ingest_fashion_mnist(spark, args.table)
     tmp = tempfile.mkdtemp(prefix="bench-predict-")

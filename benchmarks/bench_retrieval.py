@@ -95,7 +95,7 @@ def load_split(
 
 
 def pixels(table: str, split: str) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
-    from sparkvision.images import decode_to_array
+    from sparkvision.data.images import decode_to_array
 
     t = (
         pads.dataset(table, format="parquet")
@@ -118,8 +118,8 @@ def rotated_features(model_dir: str, images: list[bytes], seed: int = 0) -> np.n
     import torch
     from PIL import Image
 
-    from sparkvision.infer import _Features, preprocess_batch
-    from sparkvision.modeldir import load_model_dir
+    from sparkvision.inference.runtime import _Features, preprocess_batch
+    from sparkvision.models.modeldir import load_model_dir
 
     lm = load_model_dir(model_dir)
     net = _Features(lm.model).eval()
@@ -139,7 +139,7 @@ def rotated_features(model_dir: str, images: list[bytes], seed: int = 0) -> np.n
 
 
 def embed(spark, model_dir: str, table: str, out: str) -> dict:
-    from sparkvision.infer import embed_table
+    from sparkvision.inference.runtime import embed_table
 
     if os.path.exists(os.path.join(out, "_SUCCESS")):
         return {"reused": out}
@@ -197,7 +197,7 @@ def main() -> None:
         m_lsh_px, s_lsh_px = pixel_rows(args.table, bits, record)
 
     # --- encoders: supervised CNN, and self-supervised if present --------------------------------
-    from sparkvision.session import get_spark
+    from sparkvision.spark.session import get_spark
 
     spark = get_spark()
     encoders = [] if "supervised" in skip else [("supervised CNN", args.model)]

@@ -60,7 +60,7 @@ def free_port() -> int:
 def make_model(path: str) -> None:
     import torch
 
-    from sparkvision.modeldir import ModelSpec, Preprocess, save_model_dir
+    from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
     from sparkvision.models import create_model
 
     torch.manual_seed(0)

@@ -48,7 +48,7 @@ def _plain(batches, channels: int, size: tuple[int, int]):
     import numpy as np
     import torch
 
-    from sparkvision.images import decode_to_array
+    from sparkvision.data.images import decode_to_array
 
     arrays = [decode_to_array(data, channels, size) for b in batches for data in b.column("image").to_pylist()]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

@@ -29,8 +29,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from sparkvision.session import get_spark  # noqa: E402
-from sparkvision.ssl.finetune import FinetuneConfig, finetune  # noqa: E402
+from sparkvision.spark.session import get_spark  # noqa: E402
+from sparkvision.ssl.config import FinetuneConfig  # noqa: E402
+from sparkvision.ssl.finetune import finetune  # noqa: E402
 from sparkvision.ssl.pretrain import pretrain  # noqa: E402
 from sparkvision.train.checkpoint import list_checkpoints  # noqa: E402
 

@@ -26,9 +26,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from sparkvision.images import decode_to_array  # noqa: E402
+from sparkvision.data.images import decode_to_array  # noqa: E402
 from sparkvision.models import create_model  # noqa: E402
-from sparkvision.session import get_spark  # noqa: E402
+from sparkvision.spark.session import get_spark  # noqa: E402
 from sparkvision.train import BatchAugment, TrainConfig, train  # noqa: E402
 from sparkvision.train.data import epoch_indices, steps_per_epoch  # noqa: E402
 from sparkvision.train.optim import build_optimizer, lr_factor, param_groups, set_lr  # noqa: E402
@@ -87,7 +87,7 @@ def main() -> None:
     os.environ.setdefault("SPARKVISION_PROGRESS", "0")
     spark = get_spark("local[2]")
     if not os.path.exists(args.table):
-        from sparkvision.datasets import ingest_fashion_mnist
+        from sparkvision.data.datasets import ingest_fashion_mnist
 
         ingest_fashion_mnist(spark, args.table)
     cores = os.cpu_count() or 1

@@ -25,9 +25,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from pyspark.sql import functions as F  # noqa: E402
 
-from sparkvision.session import get_spark  # noqa: E402
-from sparkvision.ssl.finetune import FinetuneConfig, finetune  # noqa: E402
-from sparkvision.table import is_image_table, read_meta, read_table, write_meta  # noqa: E402
+from sparkvision.spark.session import get_spark  # noqa: E402
+from sparkvision.ssl.config import FinetuneConfig  # noqa: E402
+from sparkvision.ssl.finetune import finetune  # noqa: E402
+from sparkvision.data.table import is_image_table, read_meta, read_table, write_meta  # noqa: E402
 from sparkvision.train.augment import parse_augment  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "ssl_tune.json")

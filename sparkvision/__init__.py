@@ -6,6 +6,6 @@ cheap on executors.
 
 __version__ = "0.1.0"
 
-from .session import get_spark  # noqa: E402
+from sparkvision.spark.session import get_spark  # noqa: E402
 
 __all__ = ["__version__", "get_spark"]

@@ -14,7 +14,7 @@ os.environ.setdefault("SPARKVISION_PROGRESS", "0")
 
 @pytest.fixture(scope="session")
 def spark():
-    from sparkvision.session import get_spark, stop_spark
+    from sparkvision.spark.session import get_spark, stop_spark
 
     stop_spark()
     s = get_spark("local[2]", {"spark.sql.shuffle.partitions": "4", "spark.driver.memory": "2g"})
@@ -57,7 +57,7 @@ def write_image_folder(root, classes: dict[str, int], size: int = 16, fmt: str =
 @pytest.fixture(scope="session")
 def tiny_table(spark, tmp_path_factory):
     """A labelled 4-class image table (train 64 + test 32 rows of 16x16 grayscale PNGs)."""
-    from sparkvision.ingest import ingest
+    from sparkvision.data.ingest import ingest
 
     root = tmp_path_factory.mktemp("tiny_images")
     classes = {"a": 0, "b": 0, "c": 0, "d": 0}

@@ -117,7 +117,7 @@ COPIES = {
 
 
 def gray32(data: bytes) -> np.ndarray:
-    from sparkvision.images import decode_to_array
+    from sparkvision.data.images import decode_to_array
 
     return decode_to_array(data, 1, (32, 32))[..., 0].astype(np.float32) / 255
 
@@ -184,9 +184,9 @@ def test_several_copies_of_one_image_form_one_group():
 @pytest.fixture(scope="module")
 def planted_table(spark, tmp_path_factory):
     """30 distinct images, copies of four of them (one per edit), and one exact duplicate row."""
-    from sparkvision.images import content_id
-    from sparkvision.schema import IMAGE_SCHEMA
-    from sparkvision.table import TableMeta, write_meta
+    from sparkvision.data.images import content_id
+    from sparkvision.data.schema import IMAGE_SCHEMA
+    from sparkvision.data.table import TableMeta, write_meta
 
     rows = []
 

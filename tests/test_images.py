@@ -1,4 +1,4 @@
-"""The pure decode-and-validate rules in sparkvision.images: no Spark, a few bytes each."""
+"""The pure decode-and-validate rules in sparkvision.data.images: no Spark, a few bytes each."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import pytest
 from conftest import make_image
 from PIL import Image
 
-from sparkvision.images import (
+from sparkvision.data.images import (
     RejectError,
     content_id,
     decode_to_array,
     encode_png,
     inspect_image,
 )
-from sparkvision.schema import REJECT_REASONS
+from sparkvision.data.schema import REJECT_REASONS
 
 
 def _save(img: Image.Image, fmt: str, **kw) -> bytes:

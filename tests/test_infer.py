@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from sparkvision.evaluate import evaluate, metrics_from_confusion
-from sparkvision.infer import embed_table, predict_table
-from sparkvision.schema import IMAGE_SCHEMA
-from sparkvision.table import TableMeta, read_meta, read_table, write_meta
+from sparkvision.inference.evaluate import evaluate, metrics_from_confusion
+from sparkvision.inference.runtime import embed_table, predict_table
+from sparkvision.data.schema import IMAGE_SCHEMA
+from sparkvision.data.table import TableMeta, read_meta, read_table, write_meta
 from sparkvision.train import AugmentConfig, TrainConfig, train
 
 FAST = dict(batch_size=16, lr=3e-3, model_kwargs={"widths": [8, 16], "hidden": 32, "dropout": 0.0},

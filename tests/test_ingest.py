@@ -20,9 +20,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sparkvision.cli import app
-from sparkvision.ingest import detect_source_kind, ingest
-from sparkvision.schema import IMAGE_SCHEMA, REJECT_REASONS
-from sparkvision.table import read_meta, read_table
+from sparkvision.data.ingest import detect_source_kind, ingest
+from sparkvision.data.schema import IMAGE_SCHEMA, REJECT_REASONS
+from sparkvision.data.table import read_meta, read_table
 
 # --------------------------------------------------------------------------- helpers
 

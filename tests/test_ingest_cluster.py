@@ -16,13 +16,13 @@ import textwrap
 import pytest
 from conftest import write_image_folder
 
-from sparkvision.table import read_table
+from sparkvision.data.table import read_table
 
 DRIVER = textwrap.dedent(
     """
     import json, os, sys
-    from sparkvision.ingest import ingest
-    from sparkvision.session import get_spark
+    from sparkvision.data.ingest import ingest
+    from sparkvision.spark.session import get_spark
 
     src, table = sys.argv[1:3]
     spark = get_spark("local-cluster[2,1,1024]", {"spark.sql.shuffle.partitions": "4"})

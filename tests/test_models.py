@@ -64,7 +64,7 @@ def test_unknown_model_names_the_choices():
 
 def test_saved_spec_pins_the_architecture(tmp_path):
     """A model directory must still load after the registry's defaults change."""
-    from sparkvision.modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir
+    from sparkvision.models.modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir
 
     m = create_model("cnn", 3, 1, hidden=64, widths=(8, 16))
     save_model_dir(str(tmp_path), m, ModelSpec("cnn", 3, 1, dict(m.arch)), ["a", "b", "c"], Preprocess())
@@ -75,7 +75,7 @@ def test_saved_spec_pins_the_architecture(tmp_path):
 def test_model_dir_pins_the_architecture_even_when_the_spec_omits_it(tmp_path):
     """Pretraining and fine-tuning save specs with only the kwargs the user gave; the model's own
     ``arch`` must still be recorded, or a later change of defaults breaks loading."""
-    from sparkvision.modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir
+    from sparkvision.models.modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir
 
     m = create_model("cnn", 3, 1, hidden=48)
     save_model_dir(str(tmp_path), m, ModelSpec("cnn", 3, 1, {"image_size": 28}), ["a", "b", "c"], Preprocess())
@@ -100,7 +100,7 @@ def test_model_kwargs_for_adds_the_size_only_where_the_factory_takes_it():
 
 @pytest.mark.parametrize("name", ["cnn", "resnet18"])
 def test_neck_sits_between_features_and_head_and_survives_the_model_dir(name, tmp_path):
-    from sparkvision.modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir
+    from sparkvision.models.modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir
 
     m = create_model(name, num_classes=4, in_channels=1, image_size=16, neck=[24]).eval()
     x = torch.rand(3, 1, 16, 16)

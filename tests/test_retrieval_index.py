@@ -72,7 +72,7 @@ def test_ivf_built_shard_by_shard_finds_itself(tmp_path):
 def model_dir(tmp_path_factory):
     import torch
 
-    from sparkvision.modeldir import ModelSpec, Preprocess, save_model_dir
+    from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
 
     torch.manual_seed(0)
     spec = ModelSpec("cnn", 4, 1, {"image_size": 16, "widths": [8, 16], "hidden": 64})

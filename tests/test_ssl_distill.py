@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from sparkvision.modeldir import load_model_dir
+from sparkvision.models.modeldir import load_model_dir
 from sparkvision.models import create_model
-from sparkvision.ssl.finetune import FinetuneConfig, finetune
+from sparkvision.ssl.config import FinetuneConfig
+from sparkvision.ssl.finetune import finetune
 from sparkvision.ssl.losses import DistillationLoss
 
 CNN = {"widths": [8, 16], "hidden": 32, "dropout": 0.0}
@@ -63,7 +64,7 @@ def test_student_learns_the_teacher_from_unlabelled_rows(spark, tiny_table, tmp_
     teacher, student = load_model_dir(teacher_dir), load_model_dir(str(tmp_path / "student"))
     fresh = create_model("cnn", 4, 1, **student.spec.model_kwargs)
     # The student reproduces the teacher's decisions on the test images far better than an untrained net.
-    from sparkvision.table import read_table
+    from sparkvision.data.table import read_table
     from sparkvision.train.data import decode_shard
 
     rows = read_table(spark, tiny_table).where("split = 'test'").select("image", "label", "split").toArrow()

@@ -9,9 +9,10 @@ import torch
 from pyspark.sql import functions as SF
 from typer.testing import CliRunner
 
-from sparkvision.ssl.finetune import FinetuneConfig, finetune
+from sparkvision.ssl.config import FinetuneConfig
+from sparkvision.ssl.finetune import finetune
 from sparkvision.ssl.losses import FixMatchLoss
-from sparkvision.table import read_meta, read_table, write_meta
+from sparkvision.data.table import read_meta, read_table, write_meta
 from sparkvision.train.augment import AugmentConfig, BatchAugment, parse_augment
 
 CNN = {"widths": [8, 16], "hidden": 32, "dropout": 0.0}

@@ -9,8 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sparkvision.modeldir import load_model_dir
-from sparkvision.ssl.finetune import FinetuneConfig, finetune
+from sparkvision.models.modeldir import load_model_dir
+from sparkvision.ssl.config import FinetuneConfig
+from sparkvision.ssl.finetune import finetune
 from sparkvision.ssl.pretrain import pretrain
 
 TINY = dict(preset="cpu-small", batch_size=32, pool_split="train", monitor_split="test", warmup_epochs=0,

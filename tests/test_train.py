@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from sparkvision.images import encode_png
-from sparkvision.modeldir import load_model_dir
-from sparkvision.table import read_meta, read_table
+from sparkvision.data.images import encode_png
+from sparkvision.models.modeldir import load_model_dir
+from sparkvision.data.table import read_meta, read_table
 from sparkvision.train import AugmentConfig, BatchAugment, TrainConfig, parse_augment, train, train_df
 from sparkvision.train.data import (
     available_memory_bytes,

@@ -15,8 +15,8 @@ import torch
 from conftest import make_image, write_image_folder
 from fastapi.testclient import TestClient
 
-from sparkvision.images import content_id
-from sparkvision.modeldir import ModelSpec, Preprocess, save_model_dir
+from sparkvision.data.images import content_id
+from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
 from sparkvision.models import create_model
 from sparkvision.web.app import create_app
 from sparkvision.web.batching import MicroBatcher

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from . import ingest as _ingest
+from sparkvision.cli import ingest as _ingest
 
 app = typer.Typer(
     name="sparkvision",

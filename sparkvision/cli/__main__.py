@@ -1,3 +1,3 @@
-from . import main
+from sparkvision.cli import main
 
 main()

@@ -27,7 +27,7 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print the summary as one 
 
 
 def spark_from(master: str | None, conf: list[str] | None):
-    from ..session import get_spark, parse_conf
+    from sparkvision.spark.session import get_spark, parse_conf
 
     return get_spark(master, parse_conf(conf or []))
 
@@ -74,7 +74,7 @@ def fail(message: str, as_json: bool, code: int = 2) -> None:
 
 def guarded(fn: Callable[[], dict[str, Any]], as_json: bool) -> dict[str, Any]:
     """Run a command body, turning our expected errors into a message and exit code 2."""
-    from ..images import RejectError
+    from sparkvision.data.images import RejectError
 
     try:
         return fn()

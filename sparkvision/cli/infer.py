@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import Conf, JsonOut, Master, emit, guarded, spark_from
+from sparkvision.cli.common import Conf, JsonOut, Master, emit, guarded, spark_from
 
 
 def predict(
@@ -21,7 +21,7 @@ def predict(
     json_out: JsonOut = False,
 ) -> None:
     """Classify every image of a table on the executors; undecodable rows get an error column."""
-    from ..infer import predict_table
+    from sparkvision.inference.runtime import predict_table
 
     def body() -> dict[str, Any]:
         return predict_table(spark_from(master, conf), model_dir, table, out, top_k=top_k, batch_size=batch_size,

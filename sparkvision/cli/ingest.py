@@ -6,10 +6,10 @@ from typing import Annotated, Any
 
 import typer
 
-from ..images import DEFAULT_MAX_PIXELS
-from ..ingest import SOURCE_KINDS
-from ..schema import SPLITS
-from .common import Conf, JsonOut, Master, console, counts_table, emit, guarded, render_kv, spark_from
+from sparkvision.data.images import DEFAULT_MAX_PIXELS
+from sparkvision.data.ingest import SOURCE_KINDS
+from sparkvision.data.schema import SPLITS
+from sparkvision.cli.common import Conf, JsonOut, Master, console, counts_table, emit, guarded, render_kv, spark_from
 
 datasets_app = typer.Typer(help="Ingest well-known data sets from a local copy.", no_args_is_help=True)
 
@@ -67,7 +67,7 @@ def ingest(
     json_out: JsonOut = False,
 ) -> None:
     """Ingest images into a Parquet image table; bad files go to the rejects table with a reason."""
-    from ..ingest import ingest as run_ingest
+    from sparkvision.data.ingest import ingest as run_ingest
 
     def body() -> dict[str, Any]:
         spark = spark_from(master, conf)
@@ -99,7 +99,7 @@ def fashion_mnist(
     json_out: JsonOut = False,
 ) -> None:
     """Fashion-MNIST (Debian package dataset-fashion-mnist) as an image table: 60k train, 10k test."""
-    from ..datasets import fashion_mnist_dir, ingest_fashion_mnist
+    from sparkvision.data.datasets import fashion_mnist_dir, ingest_fashion_mnist
 
     def body() -> dict[str, Any]:
         files = fashion_mnist_dir(source)  # says how to get the data before a JVM starts

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .common import Conf, JsonOut, Master, console, emit, guarded, render_kv, spark_from
+from sparkvision.cli.common import Conf, JsonOut, Master, console, emit, guarded, render_kv, spark_from
 
 
 def embed(
@@ -26,7 +26,7 @@ def embed(
     json_out: JsonOut = False,
 ) -> None:
     """Extract L2-normalised backbone features of every image on the executors (and optionally codes)."""
-    from ..retrieval.embed import embed_with_codes
+    from sparkvision.retrieval.embed import embed_with_codes
 
     def body() -> dict[str, Any]:
         spark = spark_from(master, conf)
@@ -61,8 +61,8 @@ def index(
     json_out: JsonOut = False,
 ) -> None:
     """Build a FAISS index from a features table, one Parquet shard at a time; says which and why."""
-    from ..progress import step_progress
-    from ..retrieval.index import build_index, count_rows
+    from sparkvision.spark.progress import step_progress
+    from sparkvision.retrieval.index import build_index, count_rows
 
     def body() -> dict[str, Any]:
         params: dict[str, int] = {}
@@ -133,7 +133,7 @@ def search(
     json_out: JsonOut = False,
 ) -> None:
     """Nearest neighbours of image files (or of every row of a table) with scores and paths."""
-    from ..retrieval.search import search_images, search_table
+    from sparkvision.retrieval.search import search_images, search_table
 
     def body() -> dict[str, Any]:
         if table is not None:
@@ -225,8 +225,8 @@ def dedup(
     Near-duplicates: kNN candidates by descriptor similarity, then (by default) each candidate pair
     is aligned and verified on the executors. See docs/retrieval.md for calibrating the thresholds.
     """
-    from ..progress import step_progress
-    from ..retrieval.dedup import dedup_table
+    from sparkvision.spark.progress import step_progress
+    from sparkvision.retrieval.dedup import dedup_table
 
     def body() -> dict[str, Any]:
         spark = spark_from(master, conf)

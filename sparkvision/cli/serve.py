@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .common import Conf, Master, err_console, fail
+from sparkvision.cli.common import Conf, Master, err_console, fail
 
 
 def serve(
@@ -33,9 +33,9 @@ def serve(
     """Serve the web pages and the REST API (OpenAPI at /docs) with a background job runner."""
     import uvicorn
 
-    from ..session import parse_conf
-    from ..web.app import create_app
-    from ..web.security import Settings
+    from sparkvision.spark.session import parse_conf
+    from sparkvision.web.app import create_app
+    from sparkvision.web.security import Settings
 
     try:
         settings = Settings(

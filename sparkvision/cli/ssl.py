@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .common import Conf, JsonOut, Master, console, emit, guarded, render_kv, spark_from
+from sparkvision.cli.common import Conf, JsonOut, Master, console, emit, guarded, render_kv, spark_from
 
 # Options shared by pretrain, finetune and distill.
 Workers = Annotated[int, typer.Option(help="DDP ranks (Spark barrier tasks).")]
@@ -76,7 +76,7 @@ def pretrain(
     json_out: JsonOut = False,
 ) -> None:
     """Self-supervised pretraining of an encoder on unlabelled images (DDP on Spark barrier tasks)."""
-    from ..ssl.pretrain import pretrain as run
+    from sparkvision.ssl.pretrain import pretrain as run
 
     def body() -> dict[str, Any]:
         return run(spark_from(master, conf), table, out, method=method, preset=preset, pool_split=pool,
@@ -127,9 +127,9 @@ def finetune(
 ) -> None:
     """Fine-tune or linearly evaluate a pretrained encoder on a stratified label fraction
     (optionally semi-supervised: FixMatch on an unlabelled split)."""
-    from ..ssl.finetune import FinetuneConfig, strong_augment_default
-    from ..ssl.finetune import finetune as run
-    from ..train import parse_augment
+    from sparkvision.ssl.config import FinetuneConfig, strong_augment_default
+    from sparkvision.ssl.finetune import finetune as run
+    from sparkvision.train import parse_augment
 
     def body() -> dict[str, Any]:
         strong = strong_augment_default() if strong_augment is None else parse_augment(strong_augment)
@@ -175,9 +175,9 @@ def distill(
     json_out: JsonOut = False,
 ) -> None:
     """Distil a fine-tuned teacher into a student on unlabelled images (SimCLRv2's third step)."""
-    from ..ssl.finetune import FinetuneConfig
-    from ..ssl.finetune import finetune as run
-    from ..train import parse_augment
+    from sparkvision.ssl.config import FinetuneConfig
+    from sparkvision.ssl.finetune import finetune as run
+    from sparkvision.train import parse_augment
 
     def body() -> dict[str, Any]:
         cfg = FinetuneConfig(label_fraction=label_fraction, model=model, epochs=epochs, batch_size=batch_size, lr=lr,

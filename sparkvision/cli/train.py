@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .common import Conf, JsonOut, Master, console, emit, guarded, render_kv, spark_from
+from sparkvision.cli.common import Conf, JsonOut, Master, console, emit, guarded, render_kv, spark_from
 
 
 def render_train(s: dict[str, Any]) -> None:
@@ -51,8 +51,8 @@ def train(
     json_out: JsonOut = False,
 ) -> None:
     """Train a classifier data-parallel (torch DDP on Spark barrier tasks)."""
-    from ..train import TrainConfig, parse_augment
-    from ..train import train as run_train
+    from sparkvision.train import TrainConfig, parse_augment
+    from sparkvision.train import train as run_train
 
     def body() -> dict[str, Any]:
         cfg = TrainConfig(
@@ -63,7 +63,7 @@ def train(
             image_size=(image_size, image_size) if image_size else None, channels=channels, resume=resume,
             model_kwargs=json.loads(model_kwargs) if model_kwargs else {},
         )
-        from ..models import list_models
+        from sparkvision.models import list_models
 
         if model not in list_models():
             raise ValueError(f"--model {model!r} is not registered; choose from {', '.join(list_models())}")
@@ -83,7 +83,7 @@ def evaluate(
     json_out: JsonOut = False,
 ) -> None:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix (JSON and PNG)."""
-    from ..evaluate import evaluate as run_eval
+    from sparkvision.inference.evaluate import evaluate as run_eval
 
     def render(s: dict[str, Any]) -> None:
         t = Table(title=f"accuracy {s['accuracy']:.4f}  macro F1 {s['macro_f1']:.4f}  ({s['rows']:,} rows)")
@@ -103,7 +103,7 @@ def evaluate(
 
 def models(json_out: JsonOut = False) -> None:
     """List the registered models."""
-    from ..models import list_models
+    from sparkvision.models import list_models
 
     emit({"models": list_models()}, json_out)
 

@@ -1,6 +1,6 @@
 """Model registry: ``create_model(name)``, ``list_models()``, ``register_model`` for your own."""
 
-from .registry import (
+from sparkvision.models.registry import (
     ImageModel,
     create_model,
     list_models,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import ImageModel, register_model
+from sparkvision.models.registry import ImageModel, register_model
 
 
 class SmallCNN(ImageModel):

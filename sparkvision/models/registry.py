@@ -123,7 +123,7 @@ def _takes_image_size(factory: Callable[..., ImageModel]) -> bool:
 
 
 def _load_builtin() -> None:
-    from . import cnn, resnet  # noqa: F401 - importing registers them
+    from sparkvision.models import cnn, resnet  # noqa: F401 - importing registers them
 
 
 def wrap_module(backbone: nn.Module, num_features: int, num_classes: int, in_channels: int) -> ImageModel:

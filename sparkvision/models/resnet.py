@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18 as tv_resnet18
 
-from .registry import ImageModel, register_model
+from sparkvision.models.registry import ImageModel, register_model
 
 
 class SmallResNet18(ImageModel):

@@ -2,11 +2,11 @@
 
 The pieces, in the order a pipeline uses them::
 
-    embed (sparkvision.infer.embed_table) -> add_codes -> build_index -> SearchIndex / search_table
+    embed (sparkvision.inference.runtime.embed_table) -> add_codes -> build_index -> SearchIndex / search_table
                                                         -> dedup_table (kNN candidates -> verify_pairs -> link_pairs)
 """
 
-from .codes import (
+from sparkvision.retrieval.codes import (
     DeepBitConfig,
     DeepBitHead,
     DeepBitLoss,
@@ -18,11 +18,11 @@ from .codes import (
     train_deepbit,
     unpack_bits,
 )
-from .dedup import dedup_table, keeper, link_pairs, union_find
-from .embed import add_codes, embed_with_codes
-from .index import IndexChoice, build_index, choose_index
-from .search import SearchIndex, search_df, search_images, search_table
-from .verify import VerifyConfig, verify_pairs
+from sparkvision.retrieval.dedup import dedup_table, keeper, link_pairs, union_find
+from sparkvision.retrieval.embed import add_codes, embed_with_codes
+from sparkvision.retrieval.index import IndexChoice, build_index, choose_index
+from sparkvision.retrieval.search import SearchIndex, search_df, search_images, search_table
+from sparkvision.retrieval.verify import VerifyConfig, verify_pairs
 
 __all__ = [
     "DeepBitConfig",

@@ -239,8 +239,8 @@ def descriptor_batches(blob_bc: Any, batch_size: int, thumb_size: int | None = N
     """
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from ..images import RejectError, decode_to_array
-        from ..infer import _rebatch, _run_model, get_model, preprocess_batch
+        from sparkvision.data.images import RejectError, decode_to_array
+        from sparkvision.inference.runtime import _rebatch, _run_model, get_model, preprocess_batch
 
         fn = pre = None
         if blob_bc is not None:
@@ -302,8 +302,8 @@ def verify_batches(size: int, batch_size: int):
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import torch
 
-        from ..infer import _rebatch
-        from .verify import VerifyConfig, verify_pairs
+        from sparkvision.inference.runtime import _rebatch
+        from sparkvision.retrieval.verify import VerifyConfig, verify_pairs
 
         torch.set_num_threads(int(os.environ.get("SPARKVISION_INFER_THREADS", "1")))
         cfg = VerifyConfig(size=size)
@@ -356,8 +356,8 @@ def _verify(
     """
     from pyspark.sql import functions as F
 
-    from .. import storage
-    from ..progress import spark_progress
+    from sparkvision.spark import storage
+    from sparkvision.spark.progress import spark_progress
 
     cids = ids.column("content_id")
     paths = ids.column("path")
@@ -453,12 +453,12 @@ def dedup_table(
     """
     from pyspark.sql import functions as F
 
-    from .. import storage
-    from ..infer import _configure_workers, read_blob
-    from ..progress import Timer, spark_progress
-    from ..table import read_table
-    from .index import build_index, iter_shards, local_path
-    from .search import SearchIndex
+    from sparkvision.spark import storage
+    from sparkvision.inference.runtime import _configure_workers, read_blob
+    from sparkvision.spark.progress import Timer, spark_progress
+    from sparkvision.data.table import read_table
+    from sparkvision.retrieval.index import build_index, iter_shards, local_path
+    from sparkvision.retrieval.search import SearchIndex
 
     if keep not in KEEP_RULES:
         raise ValueError(f"--keep {keep!r} is not one of {', '.join(KEEP_RULES)}")

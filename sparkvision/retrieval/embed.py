@@ -1,4 +1,4 @@
-"""``sparkvision embed``: the features table of :func:`sparkvision.infer.embed_table`, optionally with codes.
+"""``sparkvision embed``: the features table of :func:`sparkvision.inference.runtime.embed_table`, optionally with codes.
 
 Codes are a post-processing step over the embeddings: a hasher (DeepBit, ITQ or LSH) is fitted on
 the driver from a sample of at most ``sample`` embeddings, then applied on the executors, which
@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 
-from .codes import Hasher, fit_hasher
-from .index import FEATURES_HASHER, FEATURES_META, local_path, vectors_of
+from sparkvision.retrieval.codes import Hasher, fit_hasher
+from sparkvision.retrieval.index import FEATURES_HASHER, FEATURES_META, local_path, vectors_of
 
 
 def code_batches(projection: np.ndarray, bias: np.ndarray):
@@ -78,9 +78,9 @@ def embed_with_codes(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Embed ``table`` with ``model_dir`` into ``out``; with ``bits``, fit a hasher and add codes."""
-    from .. import storage
-    from ..infer import embed_table
-    from ..progress import Timer, spark_progress
+    from sparkvision.spark import storage
+    from sparkvision.inference.runtime import embed_table
+    from sparkvision.spark.progress import Timer, spark_progress
 
     timer = Timer()
     if bits is not None and bits not in (32, 64, 128):

@@ -2,7 +2,7 @@
 
 Image files and image tables are embedded with the same model (recorded in ``index.json`` by
 ``sparkvision index``, or given explicitly), the same preprocessing and the same TorchScript path
-as ``sparkvision embed`` (:mod:`sparkvision.infer`), so a query lands where its copy in the
+as ``sparkvision embed`` (:mod:`sparkvision.inference.runtime`), so a query lands where its copy in the
 table would. A binary index encodes the query features with the hasher saved beside it.
 """
 
@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 
-from .codes import Hasher
-from .index import HASHER_DIR, IDS_FILE, INDEX_FILE, META_FILE, local_path, set_search_params
+from sparkvision.retrieval.codes import Hasher
+from sparkvision.retrieval.index import HASHER_DIR, IDS_FILE, INDEX_FILE, META_FILE, local_path, set_search_params
 
 RESULT_SCHEMA = (
     "query_content_id string, query_path string, rank int, content_id string, path string, "
@@ -142,7 +142,7 @@ def embed_images(model_dir: str, images: list[bytes]) -> tuple[np.ndarray, list[
     """L2-normalised features of encoded images with the model's own preprocessing (driver side)."""
     import torch
 
-    from ..infer import get_model, preprocess_batch, read_blob
+    from sparkvision.inference.runtime import get_model, preprocess_batch, read_blob
 
     fn, pre = get_model(read_blob(model_dir), "features")
     x, errors = preprocess_batch(images, pre)
@@ -197,7 +197,7 @@ def search_batches(index_dir: str, k: int, nprobe: int | None, exclude_self: boo
     """mapInArrow body: (content_id, path, embedding, error) -> one row per (query, neighbour)."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from .index import vectors_of
+        from sparkvision.retrieval.index import vectors_of
 
         idx = _worker_index(index_dir, nprobe)
         kk = k + 1 if exclude_self else k
@@ -273,10 +273,10 @@ def search_table(
     """
     from pyspark.sql import functions as F
 
-    from .. import storage
-    from ..infer import embed_df
-    from ..progress import Timer, spark_progress
-    from ..table import is_image_table, read_table
+    from sparkvision.spark import storage
+    from sparkvision.inference.runtime import embed_df
+    from sparkvision.spark.progress import Timer, spark_progress
+    from sparkvision.data.table import is_image_table, read_table
 
     timer = Timer()
     if is_image_table(spark, table):

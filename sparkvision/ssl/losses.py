@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as D
+from sparkvision.spark import distributed as D
 
 
 class NegativeCosineSimilarity(nn.Module):

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import ImageModel
-from .heads import BottleneckPredictor, ImprovedPredictor, ProjectionMLP, SimCLRProjectionHead
-from .losses import NegativeCosineSimilarity, NTXentLoss
+from sparkvision.models import ImageModel
+from sparkvision.ssl.heads import BottleneckPredictor, ImprovedPredictor, ProjectionMLP, SimCLRProjectionHead
+from sparkvision.ssl.losses import NegativeCosineSimilarity, NTXentLoss
 
 METHODS = ("improved-simclr", "simsiam", "simclr")
 

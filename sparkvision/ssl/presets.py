@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .methods import METHODS
-from .views import ViewConfig
+from sparkvision.ssl.methods import METHODS
+from sparkvision.ssl.views import ViewConfig
 
 
 @dataclass

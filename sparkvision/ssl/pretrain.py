@@ -23,21 +23,21 @@ import torch
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from .. import distributed as D
-from ..modeldir import ModelSpec, Preprocess, save_model_dir
-from ..models import create_model, model_kwargs_for
-from ..progress import Timer
-from ..table import read_meta, read_table
-from ..train.checkpoint import list_checkpoints, load_checkpoint
-from ..train.config import TrainConfig
-from ..train.data import Shard, decode_shard, epoch_indices, pixel_stats, split_mask, steps_per_epoch
-from ..train.engine import infer_image_spec
-from ..train.loop import RankLog, prepare_out, run_epoch, run_with_progress
-from ..train.optim import build_optimizer, param_groups
-from .methods import build_method
-from .monitor import collapse_warning, knn_accuracy, normalized_std
-from .presets import PretrainConfig, resolve
-from .views import TwoViews
+from sparkvision.spark import distributed as D
+from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
+from sparkvision.models import create_model, model_kwargs_for
+from sparkvision.spark.progress import Timer
+from sparkvision.data.table import read_meta, read_table
+from sparkvision.train.checkpoint import list_checkpoints, load_checkpoint
+from sparkvision.train.config import TrainConfig
+from sparkvision.train.data import Shard, decode_shard, epoch_indices, pixel_stats, split_mask, steps_per_epoch
+from sparkvision.train.engine import infer_image_spec
+from sparkvision.train.loop import RankLog, prepare_out, run_epoch, run_with_progress
+from sparkvision.train.optim import build_optimizer, param_groups
+from sparkvision.ssl.methods import build_method
+from sparkvision.ssl.monitor import collapse_warning, knn_accuracy, normalized_std
+from sparkvision.ssl.presets import PretrainConfig, resolve
+from sparkvision.ssl.views import TwoViews
 
 
 @torch.no_grad()

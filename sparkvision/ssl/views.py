@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..train.augment import adjust_hue, gray3
+from sparkvision.train.augment import adjust_hue, gray3
 
 
 @dataclass

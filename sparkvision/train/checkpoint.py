@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..modeldir import state_dict_for_save
+from sparkvision.models.modeldir import state_dict_for_save
 
 _NAME = re.compile(r"epoch-(\d+)\.safetensors$")
 

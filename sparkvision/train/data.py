@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from .. import distributed as D
-from ..images import RejectError, decode_to_array
+from sparkvision.spark import distributed as D
+from sparkvision.data.images import RejectError, decode_to_array
 
 
 @dataclass

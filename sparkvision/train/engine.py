@@ -21,17 +21,17 @@ import torch
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from .. import distributed as D
-from ..modeldir import ModelSpec, Preprocess, save_model_dir
-from ..models import create_model, model_kwargs_for
-from ..progress import Timer
-from ..table import read_meta, read_table
-from .augment import BatchAugment
-from .checkpoint import load_checkpoint
-from .config import TrainConfig
-from .data import Shard, decode_shard, epoch_indices, pixel_stats, split_mask, steps_per_epoch
-from .loop import RankLog, prepare_out, run_epoch, run_with_progress
-from .optim import build_optimizer, param_groups
+from sparkvision.spark import distributed as D
+from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
+from sparkvision.models import create_model, model_kwargs_for
+from sparkvision.spark.progress import Timer
+from sparkvision.data.table import read_meta, read_table
+from sparkvision.train.augment import BatchAugment
+from sparkvision.train.checkpoint import load_checkpoint
+from sparkvision.train.config import TrainConfig
+from sparkvision.train.data import Shard, decode_shard, epoch_indices, pixel_stats, split_mask, steps_per_epoch
+from sparkvision.train.loop import RankLog, prepare_out, run_epoch, run_with_progress
+from sparkvision.train.optim import build_optimizer, param_groups
 
 
 def to_input(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device, channels_last: bool,

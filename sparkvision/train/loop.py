@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from pyspark.sql import DataFrame, SparkSession
 
-from .. import distributed as D
-from ..progress import step_progress
-from .checkpoint import list_checkpoints, save_checkpoint
-from .optim import lr_factor, set_lr
+from sparkvision.spark import distributed as D
+from sparkvision.spark.progress import step_progress
+from sparkvision.train.checkpoint import list_checkpoints, save_checkpoint
+from sparkvision.train.optim import lr_factor, set_lr
 
 PROGRESS_FILE = "progress.json"
 METRICS_FILE = "metrics.jsonl"
@@ -80,7 +80,7 @@ def run_with_progress(
     repartition: bool = True,
     label: str = "train",
 ) -> bytes:
-    """:func:`sparkvision.distributed.run_on_barrier` with a progress bar that follows ``out``."""
+    """:func:`sparkvision.spark.distributed.run_on_barrier` with a progress bar that follows ``out``."""
     stop = threading.Event()
     follower = threading.Thread(target=_follow_progress, args=(out, stop, label), daemon=True)
     follower.start()

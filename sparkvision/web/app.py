@@ -29,14 +29,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..images import RejectError
-from . import browse
-from .batching import Classifier, MicroBatcher
-from .jobs import FINAL_STATES, STATES, JobStore
-from .kinds import KINDS
-from .runner import Runner, read_metrics_history
-from .security import ApiError, Settings, check_image, check_startup, check_token, reject_to_api, safe_path
-from .uploads import (
+from sparkvision.data.images import RejectError
+from sparkvision.web import browse
+from sparkvision.web.batching import Classifier, MicroBatcher
+from sparkvision.web.jobs import FINAL_STATES, STATES, JobStore
+from sparkvision.web.kinds import KINDS
+from sparkvision.web.runner import Runner, read_metrics_history
+from sparkvision.web.security import ApiError, Settings, check_image, check_startup, check_token, reject_to_api, safe_path
+from sparkvision.web.uploads import (
     FAST_MULTIPART_BYTES,
     capped,
     multipart_boundary,
@@ -187,7 +187,7 @@ class State:
                 await batcher.close()
 
     def search_index(self):
-        from ..retrieval.search import SearchIndex
+        from sparkvision.retrieval.search import SearchIndex
 
         with self.index_lock:
             if self.index is None:
@@ -202,7 +202,7 @@ def create_app(settings: Settings, *, store: JobStore | None = None, spark_facto
     check_startup(settings)
 
     def default_spark():
-        from ..session import get_spark
+        from sparkvision.spark.session import get_spark
 
         return get_spark(settings.master, settings.conf)
 
@@ -418,7 +418,7 @@ def create_app(settings: Settings, *, store: JobStore | None = None, spark_facto
     @app.post("/api/search", tags=["inference"], openapi_extra=UPLOAD_BODY)
     async def search(request: Request, k: int = Query(8, ge=1, le=200, description="Neighbours to return.")):
         """An uploaded image (multipart field ``file`` or a raw body) -> its k most similar images."""
-        from ..retrieval.search import embed_images
+        from sparkvision.retrieval.search import embed_images
 
         t0 = time.perf_counter()
         idx = await run_in_threadpool(st().search_index)
@@ -441,7 +441,7 @@ def create_app(settings: Settings, *, store: JobStore | None = None, spark_facto
                 "neighbours": hits, "latency_ms": round(1000 * (time.perf_counter() - t0), 2)}
 
     def _with_thumbs(hits: list[dict[str, Any]], idx) -> list[dict[str, Any]]:
-        from ..retrieval.index import features_meta
+        from sparkvision.retrieval.index import features_meta
 
         images: dict[str, bytes] = {}
         src = features_meta(idx.meta.get("features", "")).get("table") if idx.meta.get("features") else None

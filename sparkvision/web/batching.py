@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..images import decode_to_array
-from ..infer import optimize_for_cpu_inference
-from ..modeldir import load_model_dir
+from sparkvision.data.images import decode_to_array
+from sparkvision.inference.runtime import optimize_for_cpu_inference
+from sparkvision.models.modeldir import load_model_dir
 
 
 class Classifier:
@@ -42,7 +42,7 @@ class Classifier:
     def preprocess(self, data: bytes) -> np.ndarray:
         """Encoded image -> normalised ``(C, H, W)`` float32 with the model's own transform.
 
-        Raises :class:`sparkvision.images.RejectError` for bytes that do not decode.
+        Raises :class:`sparkvision.data.images.RejectError` for bytes that do not decode.
         """
         arr = decode_to_array(data, self.pre.channels, self.pre.size)  # (H, W, C) uint8
         x = arr.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)  # (C, H, W) in [0, 1]

@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from PIL import Image
 
-from ..schema import META_FILE
-from .security import ApiError, relative_name
+from sparkvision.data.schema import META_FILE
+from sparkvision.web.security import ApiError, relative_name
 
 MAX_DEPTH = 4
 THUMB_PX = 64

@@ -194,14 +194,14 @@ class Kind:
 
 
 def _ingest(spark, p: IngestParams, ctx: JobContext) -> dict[str, Any]:
-    from ..ingest import ingest
+    from sparkvision.data.ingest import ingest
 
     return ingest(spark, p.source, p.table, kind=p.kind, split=p.split, labeled=p.labeled, mode=p.mode,
                   max_pixels=p.max_pixels).to_json()
 
 
 def _train_config(p: TrainParams):
-    from ..train import TrainConfig, parse_augment
+    from sparkvision.train import TrainConfig, parse_augment
 
     return TrainConfig(
         model=p.model, epochs=p.epochs, batch_size=p.batch_size, workers=p.workers, optimizer=p.optimizer, lr=p.lr,
@@ -214,7 +214,7 @@ def _train_config(p: TrainParams):
 
 
 def _check_train(p: TrainParams) -> None:
-    from ..models import list_models
+    from sparkvision.models import list_models
 
     if p.model not in list_models():
         raise ValueError(f"model {p.model!r} is not registered; choose from {', '.join(list_models())}")
@@ -222,19 +222,19 @@ def _check_train(p: TrainParams) -> None:
 
 
 def _train(spark, p: TrainParams, ctx: JobContext) -> dict[str, Any]:
-    from ..train import train as run_train
+    from sparkvision.train import train as run_train
 
     return run_train(spark, p.table, p.out, _train_config(p))
 
 
 def _evaluate(spark, p: EvaluateParams, ctx: JobContext) -> dict[str, Any]:
-    from ..evaluate import evaluate
+    from sparkvision.inference.evaluate import evaluate
 
     return evaluate(spark, p.model_dir, p.table, None if p.split in (None, "all") else p.split, None, p.batch_size)
 
 
 def _predict(spark, p: PredictParams, ctx: JobContext) -> dict[str, Any]:
-    from ..infer import predict_table
+    from sparkvision.inference.runtime import predict_table
 
     out = predict_table(spark, p.model_dir, p.table, p.out, top_k=p.top_k, batch_size=p.batch_size, split=p.split)
     write_source_note(p.out, p.table)
@@ -256,7 +256,7 @@ def write_source_note(out: str, table: str) -> None:
 
 
 def _embed(spark, p: EmbedParams, ctx: JobContext) -> dict[str, Any]:
-    from ..retrieval.embed import embed_with_codes
+    from sparkvision.retrieval.embed import embed_with_codes
 
     return embed_with_codes(spark, p.model_dir, p.table, p.out, bits=p.bits, method=p.code_method, sample=p.sample,
                             split=p.split, batch_size=p.batch_size)
@@ -274,7 +274,7 @@ def _counting_progress(ctx: JobContext, total: int | None):
 
 
 def _index(spark, p: IndexParams, ctx: JobContext) -> dict[str, Any]:
-    from ..retrieval.index import build_index, count_rows
+    from sparkvision.retrieval.index import build_index, count_rows
 
     params: dict[str, int] = {}
     if p.nprobe is not None:
@@ -287,7 +287,7 @@ def _index(spark, p: IndexParams, ctx: JobContext) -> dict[str, Any]:
 
 
 def _dedup(spark, p: DedupParams, ctx: JobContext) -> dict[str, Any]:
-    from ..retrieval.dedup import dedup_table
+    from sparkvision.retrieval.dedup import dedup_table
 
     return dedup_table(spark, p.table, p.out, model_dir=p.model_dir, threshold=p.threshold, keep=p.keep, split=p.split,
                        k=p.k, exact_only=p.exact_only, progress=_counting_progress(ctx, None))
@@ -300,19 +300,19 @@ def _pretrain_overrides(p: PretrainParams) -> dict[str, Any]:
 
 
 def _check_pretrain(p: PretrainParams) -> None:
-    from ..ssl.presets import resolve
+    from sparkvision.ssl.presets import resolve
 
     resolve(p.preset, method=p.method, **_pretrain_overrides(p)).validate()
 
 
 def _pretrain(spark, p: PretrainParams, ctx: JobContext) -> dict[str, Any]:
-    from ..ssl.pretrain import pretrain
+    from sparkvision.ssl.pretrain import pretrain
 
     return pretrain(spark, p.table, p.out, method=p.method, preset=p.preset, **_pretrain_overrides(p))
 
 
 def _finetune_config(p: FinetuneParams):
-    from ..ssl.finetune import FinetuneConfig
+    from sparkvision.ssl.config import FinetuneConfig
 
     fields = p.model_dump(exclude={"table", "out", "encoder", "eval_every", "overrides"})
     return _config_from(FinetuneConfig, {**p.overrides, **fields})
@@ -327,20 +327,20 @@ def _config_from(cls, d: dict[str, Any]):
 
 
 def _finetune(spark, p: FinetuneParams, ctx: JobContext) -> dict[str, Any]:
-    from ..ssl.finetune import finetune
+    from sparkvision.ssl.finetune import finetune
 
     return finetune(spark, p.table, p.out, encoder=p.encoder, cfg=_finetune_config(p), eval_every=p.eval_every)
 
 
 def _distill_config(p: DistillParams):
-    from ..ssl.finetune import FinetuneConfig
+    from sparkvision.ssl.config import FinetuneConfig
 
     fields = p.model_dump(exclude={"teacher", "table", "out", "encoder", "overrides"})
     return _config_from(FinetuneConfig, {"label_smoothing": 0.0, **p.overrides, **fields})
 
 
 def _distill(spark, p: DistillParams, ctx: JobContext) -> dict[str, Any]:
-    from ..ssl.finetune import finetune
+    from sparkvision.ssl.finetune import finetune
 
     return finetune(spark, p.table, p.out, encoder=p.encoder, cfg=_distill_config(p), eval_every=1, teacher=p.teacher)
 
@@ -348,7 +348,7 @@ def _distill(spark, p: DistillParams, ctx: JobContext) -> dict[str, Any]:
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in (
-        Kind("ingest", IngestParams, _ingest, inputs=("source",), outputs=("table",), module="sparkvision.ingest",
+        Kind("ingest", IngestParams, _ingest, inputs=("source",), outputs=("table",), module="sparkvision.data.ingest",
              description="Ingest a folder / IDX files / table into an image table.", result_key="table"),
         Kind("train", TrainParams, _train, inputs=("table",), outputs=("out",), module="sparkvision.train.engine",
              description="Train a classifier data-parallel (DDP on Spark barrier tasks).", result_key="out",
@@ -365,11 +365,11 @@ KINDS: dict[str, Kind] = {
              inputs=("teacher", "table"), outputs=("out",), module="sparkvision.ssl.finetune",
              description="Distil a fine-tuned teacher into a student on unlabelled images (SimCLRv2).",
              result_key="out", check=lambda p: _distill_config(p).validate()),
-        Kind("evaluate", EvaluateParams, _evaluate, inputs=("model_dir", "table"), module="sparkvision.evaluate",
+        Kind("evaluate", EvaluateParams, _evaluate, inputs=("model_dir", "table"), module="sparkvision.inference.evaluate",
              description="Accuracy, per-class metrics and confusion matrix (written into the model dir).",
              result_key="model_dir"),
         Kind("predict", PredictParams, _predict, inputs=("model_dir", "table"), outputs=("out",),
-             module="sparkvision.infer", description="Classify every row of a table.", result_key="out"),
+             module="sparkvision.inference.runtime", description="Classify every row of a table.", result_key="out"),
         Kind("embed", EmbedParams, _embed, inputs=("model_dir", "table"), outputs=("out",),
              module="sparkvision.retrieval.embed", description="Backbone features (and binary codes) of a table.",
              result_key="out"),

@@ -19,8 +19,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from .jobs import JobStore
-from .kinds import KINDS, JobContext
+from sparkvision.web.jobs import JobStore
+from sparkvision.web.kinds import KINDS, JobContext
 
 log = logging.getLogger("sparkvision.web")
 
@@ -136,7 +136,7 @@ class Runner:
         """Parameters for running an interrupted job again: training picks up its last checkpoint."""
         params = dict(params)
         if kind in ("train", "pretrain", "finetune"):
-            from ..train.checkpoint import list_checkpoints
+            from sparkvision.train.checkpoint import list_checkpoints
 
             params["resume"] = bool(list_checkpoints(os.path.join(params["out"], "checkpoints")))
         return params

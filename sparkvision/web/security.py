@@ -17,7 +17,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from ..images import RejectError
+from sparkvision.data.images import RejectError
 
 ENV_TOKEN = "SPARKVISION_API_TOKEN"
 
@@ -163,7 +163,7 @@ def png_size(data: bytes) -> tuple[int, int] | None:
 def check_image(data: bytes, settings: Settings, name: str = "upload") -> None:
     """Size and pixel limits, read from the header before any pixel is decoded: 413 / 422.
 
-    A corrupt body past the header is caught by the decoder (:func:`sparkvision.images.decode_to_array`
+    A corrupt body past the header is caught by the decoder (:func:`sparkvision.data.images.decode_to_array`
     raises :class:`RejectError`), which the endpoints turn into 422 too.
     """
     import io

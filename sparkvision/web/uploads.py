@@ -16,7 +16,7 @@ from __future__ import annotations
 from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
 
-from .security import ApiError
+from sparkvision.web.security import ApiError
 
 FAST_MULTIPART_BYTES = 4 * 1024 * 1024  # larger multipart bodies are streamed, not held in memory
 

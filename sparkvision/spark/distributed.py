@@ -31,7 +31,7 @@ import torch.distributed as dist
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import BinaryType, StructField, StructType
 
-from .session import cores_of_master
+from sparkvision.spark.session import cores_of_master
 
 RESULT_SCHEMA = StructType([StructField("result", BinaryType(), True)])
 

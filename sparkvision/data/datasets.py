@@ -6,8 +6,8 @@ import os
 
 from pyspark.sql import SparkSession
 
-from .idx import FASHION_MNIST_CLASSES
-from .ingest import IngestSummary, ingest
+from sparkvision.data.idx import FASHION_MNIST_CLASSES
+from sparkvision.data.ingest import IngestSummary, ingest
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = (

@@ -1,4 +1,4 @@
-"""Reading image tables and their metadata (class names), written by :mod:`sparkvision.ingest`."""
+"""Reading image tables and their metadata (class names), written by :mod:`sparkvision.data.ingest`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 
-from . import storage
-from .schema import IMAGE_SCHEMA, META_FILE, SCHEMA_VERSION
+from sparkvision.spark import storage
+from sparkvision.data.schema import IMAGE_SCHEMA, META_FILE, SCHEMA_VERSION
 
 
 @dataclass

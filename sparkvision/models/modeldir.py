@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .models import ImageModel, create_model
+from sparkvision.models import ImageModel, create_model
 
 WEIGHTS = "model.safetensors"
 

@@ -6,7 +6,7 @@ reads works, and decoded in Arrow batches on the executors; nothing but counts a
 comes back to the driver.
 
 Bad input never fails the job: every file that cannot go in lands in the rejects table with a
-reason (see :data:`sparkvision.schema.REJECT_REASONS`).
+reason (see :data:`sparkvision.data.schema.REJECT_REASONS`).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from pyspark.sql.types import (
     StructType,
 )
 
-from . import storage
-from .idx import FASHION_MNIST_CLASSES, looks_like_idx, pair_idx_files, parse_idx
-from .images import DEFAULT_MAX_PIXELS, RejectError, content_id, encode_png, inspect_image
-from .progress import Timer, spark_progress
-from .schema import IMAGE_SCHEMA, SPLITS
-from .table import TableMeta, is_image_table, merge_class_names, read_meta, read_table, write_meta
+from sparkvision.spark import storage
+from sparkvision.data.idx import FASHION_MNIST_CLASSES, looks_like_idx, pair_idx_files, parse_idx
+from sparkvision.data.images import DEFAULT_MAX_PIXELS, RejectError, content_id, encode_png, inspect_image
+from sparkvision.spark.progress import Timer, spark_progress
+from sparkvision.data.schema import IMAGE_SCHEMA, SPLITS
+from sparkvision.data.table import TableMeta, is_image_table, merge_class_names, read_meta, read_table, write_meta
 
 # Decoded rows before label indices are assigned: the image columns plus why a row was rejected.
 # Every column is nullable: a rejected row has no content id, bytes or geometry, and Spark trusts

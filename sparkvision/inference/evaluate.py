@@ -14,9 +14,9 @@ import numpy as np
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from .infer import predict_df
-from .progress import Timer, spark_progress
-from .table import read_meta, read_table
+from sparkvision.inference.runtime import predict_df
+from sparkvision.spark.progress import Timer, spark_progress
+from sparkvision.data.table import read_meta, read_table
 
 
 def metrics_from_confusion(cm: np.ndarray, class_names: list[str]) -> dict[str, Any]:

@@ -24,11 +24,11 @@ import torch
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from . import storage
-from .images import RejectError, decode_to_array
-from .modeldir import WEIGHTS, ModelSpec, Preprocess, read_spec
-from .progress import Timer, spark_progress
-from .table import read_table
+from sparkvision.spark import storage
+from sparkvision.data.images import RejectError, decode_to_array
+from sparkvision.models.modeldir import WEIGHTS, ModelSpec, Preprocess, read_spec
+from sparkvision.spark.progress import Timer, spark_progress
+from sparkvision.data.table import read_table
 
 KEEP_COLUMNS = ("content_id", "path", "split", "label", "label_name")
 
