@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import struct
+import subprocess
+import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -10,13 +14,15 @@ from conftest import make_image
 from PIL import Image
 
 from sparkvision.data.images import (
+    MAX_PIXELS_DEFAULT,
     RejectError,
     content_id,
-    decode_to_array,
     encode_png,
     inspect_image,
+    open_image,
 )
 from sparkvision.data.schema import REJECT_REASONS
+from sparkvision.transforms.preprocess import decode_image
 
 
 def _save(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -113,9 +119,41 @@ def test_encode_png_is_lossless():
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), arr)
 
 
-def test_decode_to_array_converts_channels_and_size():
+def test_decode_image_converts_channels_and_size_to_chw():
     data = make_image(2, size=16, mode="RGB")
-    assert decode_to_array(data, 1).shape == (16, 16, 1)
-    assert decode_to_array(data, 3, size=(8, 12)).shape == (8, 12, 3)
+    assert decode_image(data, 1).shape == (1, 16, 16)
+    assert decode_image(data, 3, size=(8, 12)).shape == (3, 8, 12)
+    assert decode_image(data, 3).dtype == np.uint8
     with pytest.raises(RejectError):
-        decode_to_array(b"", 3)
+        decode_image(b"", 3)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG claiming ``width`` x ``height`` in its IHDR chunk, with a few bytes of pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [9_000, 100_000])  # above our default; the second above PIL's own ceiling too
+def test_too_large_header_is_rejected_before_decoding(side):
+    data = png_header(side, side)
+    assert side * side > MAX_PIXELS_DEFAULT
+    for check in (open_image, inspect_image, lambda d: decode_image(d, 1, (8, 8))):
+        with pytest.raises(RejectError) as e:
+            check(data)
+        assert e.value.reason == "too_many_pixels"
+    assert open_image(png_header(4_000, 4_000)).size == (4_000, 4_000)  # under the limit: header only, no decode
+
+
+def test_importing_leaves_pil_pixel_limit_alone():
+    code = (
+        "from PIL import Image; before = Image.MAX_IMAGE_PIXELS; "
+        "import sparkvision.data.images, sparkvision.transforms.preprocess; "
+        "assert Image.MAX_IMAGE_PIXELS == before, (before, Image.MAX_IMAGE_PIXELS)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -21,7 +21,7 @@ from sparkvision.models import create_model
 from sparkvision.web.app import create_app
 from sparkvision.web.batching import MicroBatcher
 from sparkvision.web.jobs import JobStore
-from sparkvision.web.security import ApiError, Settings, png_size, safe_path
+from sparkvision.web.security import ApiError, Settings, safe_path
 from sparkvision.web.uploads import parse_simple_multipart
 
 CLASSES = ["a", "b", "c", "d"]
@@ -249,12 +249,6 @@ def test_classify_query_and_body_limits(root):
                             headers={"content-type": "multipart/form-data; boundary=b"}), 413, "limit")
     spec = app.openapi()["paths"]["/api/classify"]["post"]
     assert {p["name"] for p in spec["parameters"]} == {"top_k", "model"}
-
-
-def test_png_size_from_header():
-    assert png_size(make_image(0, size=16)) == (16, 16)
-    assert png_size(make_image(0, size=16, fmt="JPEG")) is None
-    assert png_size(b"\x89PNG\r\n\x1a\n") is None
 
 
 def test_micro_batching_deadline_and_errors():

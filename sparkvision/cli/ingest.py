@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sparkvision.data.images import DEFAULT_MAX_PIXELS
+from sparkvision.data.images import MAX_PIXELS_DEFAULT
 from sparkvision.data.ingest import SOURCE_KINDS
 from sparkvision.data.schema import SPLITS
 from sparkvision.cli.common import Conf, JsonOut, Master, console, counts_table, emit, guarded, render_kv, spark_from
@@ -55,7 +55,7 @@ def ingest(
     unlabeled: Annotated[bool, typer.Option("--unlabeled", help="Ignore class folders.")] = False,
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Reject images with more pixels (decompression bombs).")
-    ] = DEFAULT_MAX_PIXELS,
+    ] = MAX_PIXELS_DEFAULT,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the table instead of appending.")] = False,
     rejects: Annotated[str | None, typer.Option(help="Rejects table (default TABLE_rejects).")] = None,
     glob: Annotated[str | None, typer.Option(help="Only files whose name matches, e.g. '*.jpg'.")] = None,

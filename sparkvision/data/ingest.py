@@ -33,7 +33,7 @@ from pyspark.sql.types import (
 
 from sparkvision.spark import storage
 from sparkvision.data.idx import FASHION_MNIST_CLASSES, looks_like_idx, pair_idx_files, parse_idx
-from sparkvision.data.images import DEFAULT_MAX_PIXELS, RejectError, content_id, encode_png, inspect_image
+from sparkvision.data.images import MAX_PIXELS_DEFAULT, RejectError, content_id, encode_png, inspect_image
 from sparkvision.spark.progress import Timer, spark_progress
 from sparkvision.data.schema import IMAGE_SCHEMA, SPLITS
 from sparkvision.data.table import TableMeta, is_image_table, merge_class_names, read_meta, read_table, write_meta
@@ -274,7 +274,7 @@ def ingest(
     split: str | None = None,
     labeled: bool = True,
     class_names: list[str] | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = MAX_PIXELS_DEFAULT,
     mode: str = "append",
     rejects: str | None = None,
     glob: str | None = None,

@@ -15,7 +15,8 @@ import pyarrow as pa
 import torch
 
 from sparkvision.spark import distributed as D
-from sparkvision.data.images import RejectError, decode_to_array
+from sparkvision.data.images import RejectError
+from sparkvision.transforms.preprocess import decode_image
 
 
 @dataclass
@@ -67,7 +68,7 @@ def decode_shard(
     kept = 0  # good rows are packed to the front, so dropping bad ones needs no copy
     for i, data in enumerate(encoded):
         try:
-            out[kept] = decode_to_array(data, channels, (h, w)).transpose(2, 0, 1)
+            out[kept] = decode_image(data, channels, (h, w))
         except (RejectError, TypeError):  # TypeError: a null image
             continue
         finally:

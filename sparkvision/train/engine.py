@@ -32,16 +32,17 @@ from sparkvision.train.config import TrainConfig
 from sparkvision.train.data import Shard, decode_shard, epoch_indices, pixel_stats, split_mask, steps_per_epoch
 from sparkvision.train.loop import RankLog, prepare_out, run_epoch, run_with_progress
 from sparkvision.train.optim import build_optimizer, param_groups
+from sparkvision.transforms.preprocess import normalize, to_unit
 
 
 def to_input(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device, channels_last: bool,
              augment: BatchAugment | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 ``(B, C, H, W)`` -> [0, 1] -> augmented -> normalised: the one preprocessing path."""
-    x = x_uint8.to(device, non_blocking=True).float().div_(255)
+    """uint8 ``(B, C, H, W)`` -> [0, 1] -> augmented -> normalised, with the shared input transform
+    (:mod:`sparkvision.transforms.preprocess`) so inference sees the numbers training saw."""
+    x = to_unit(x_uint8.to(device, non_blocking=True))
     if augment is not None:
         x = augment(x, generator)
-    x = (x - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return normalize(x, mean, std, channels_last)
 
 
 @torch.no_grad()

@@ -19,13 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparkvision.data.images import decode_to_array
 from sparkvision.inference.runtime import optimize_for_cpu_inference
 from sparkvision.models.modeldir import load_model_dir
+from sparkvision.transforms.preprocess import decode_image, normalize, to_unit
 
 
 class Classifier:
-    """A model directory loaded for serving: safetensors weights (no pickle), frozen for CPU."""
+    """A model directory loaded for serving: safetensors weights (no pickle), frozen for CPU.
+
+    Its input transform is the one training and batch inference use
+    (:mod:`sparkvision.transforms.preprocess`): each request decodes to uint8, and the batched
+    model call normalises the stacked batch, so a served image gets the same probabilities as the
+    same image in ``sparkvision predict``.
+    """
 
     def __init__(self, model_dir: str) -> None:
         loaded = load_model_dir(model_dir)
@@ -35,23 +41,19 @@ class Classifier:
         self.pre = loaded.preprocess
         example = torch.zeros(8, self.pre.channels, *self.pre.size)
         self.fn = optimize_for_cpu_inference(loaded.model, example)
-        self.mean = np.asarray(self.pre.mean, np.float32).reshape(-1, 1, 1)
-        self.inv_std = 1.0 / np.asarray(self.pre.std, np.float32).reshape(-1, 1, 1)
         self.metrics = loaded.metrics
 
     def preprocess(self, data: bytes) -> np.ndarray:
-        """Encoded image -> normalised ``(C, H, W)`` float32 with the model's own transform.
+        """Encoded image -> uint8 ``(C, H, W)`` at the model's size and channels.
 
         Raises :class:`sparkvision.data.images.RejectError` for bytes that do not decode.
         """
-        arr = decode_to_array(data, self.pre.channels, self.pre.size)  # (H, W, C) uint8
-        x = arr.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)  # (C, H, W) in [0, 1]
-        return (x - self.mean) * self.inv_std
+        return decode_image(data, self.pre.channels, self.pre.size)
 
     def probabilities(self, batch: list[np.ndarray]) -> np.ndarray:
-        """``B`` inputs of ``(C, H, W)`` -> ``(B, K)`` softmax probabilities."""
+        """``B`` inputs of uint8 ``(C, H, W)`` -> ``(B, K)`` softmax probabilities."""
         with torch.inference_mode():
-            x = torch.from_numpy(np.stack(batch)).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
+            x = normalize(to_unit(torch.from_numpy(np.stack(batch))), self.pre.mean, self.pre.std)
             return torch.softmax(self.fn(x).float(), dim=1).numpy()
 
 

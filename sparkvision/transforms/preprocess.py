@@ -1,0 +1,91 @@
+"""One input transform for every path that feeds a model: training, batch inference and the web.
+
+Two steps, because training augments in between (on [0, 1] floats, on the GPU):
+
+1. :func:`decode_image` / :func:`decode_batch`: encoded bytes -> uint8 ``(C, H, W)`` at the model's
+   size and channel count (PIL, with JPEG draft decoding at reduced scale, then a bilinear resize);
+2. :func:`to_unit` then :func:`normalize`: uint8 -> [0, 1] -> ``(x - mean) / std`` with the
+   model directory's ``preprocess.json`` values, optionally in channels_last memory format.
+
+:func:`preprocess_batch` chains both for a batch of encoded images. Keeping one implementation is
+what guarantees that a model sees at inference exactly the numbers it was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from sparkvision.data.images import MAX_PIXELS_DEFAULT, RejectError, open_image
+from sparkvision.models.modeldir import Preprocess
+
+
+def decode_image(
+    data: bytes, channels: int, size: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS_DEFAULT
+) -> np.ndarray:
+    """Encoded image -> uint8 ``(C, H, W)`` with ``channels`` 1 (grayscale) or 3 (RGB), resized to
+    ``size = (H, W)`` when given.
+
+    Raises :class:`sparkvision.data.images.RejectError` (``empty_file``, ``not_an_image``,
+    ``too_many_pixels`` from the header, ``truncated`` for a body that fails to decode), so a batch
+    can write an error row instead of failing.
+    """
+    img = open_image(data, max_pixels)
+    try:
+        if size is not None and img.format == "JPEG":
+            img.draft("L" if channels == 1 else "RGB", (size[1], size[0]))  # decode at reduced scale
+        img = img.convert("L" if channels == 1 else "RGB")
+        if size is not None and img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad data
+        raise RejectError("truncated", f"{type(e).__name__}: {e}"[:200]) from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def decode_batch(
+    images: Sequence[bytes | None], channels: int, size: tuple[int, int]
+) -> tuple[torch.Tensor, list[str | None]]:
+    """A batch of encoded images -> uint8 ``(B, C, H, W)`` (channels_last strides) and one error
+    string per row; a row that does not decode is zeros with its ``reason: detail``."""
+    h, w = size
+    out = np.zeros((len(images), h, w, channels), dtype=np.uint8)  # NHWC: channels_last for free
+    errors: list[str | None] = [None] * len(images)
+    for i, data in enumerate(images):
+        try:
+            out[i] = decode_image(data or b"", channels, size).transpose(1, 2, 0)
+        except RejectError as e:
+            errors[i] = f"{e.reason}: {e.detail}" if e.detail else e.reason
+    return torch.from_numpy(out).permute(0, 3, 1, 2), errors
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [0, 1].
+
+    Divides by 255 rather than using ``TF.to_dtype(scale=True)``, which multiplies by 1/255 and
+    can differ in the last bit: existing models were trained on these exact numbers.
+    """
+    return x.float().div_(255)
+
+
+def normalize(
+    x: torch.Tensor,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """``(x - mean) / std`` per channel on float ``(B, C, H, W)``; channels_last is the layout the
+    frozen CPU models and the training loop run fastest on."""
+    x = TF.normalize(x, mean, std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def preprocess_batch(images: Sequence[bytes | None], pre: Preprocess) -> tuple[torch.Tensor, list[str | None]]:
+    """Encoded images -> the model's normalised float input ``(B, C, H, W)`` and per-row errors
+    (a failed row is a zero image normalised like any other, and its output is discarded)."""
+    x, errors = decode_batch(images, pre.channels, pre.size)
+    return normalize(to_unit(x), pre.mean, pre.std), errors
