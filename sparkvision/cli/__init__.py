@@ -1,14 +1,15 @@
-"""The `sparkvision` command: a thin layer over the library API.
+"""The ``sparkvision`` command: a thin layer over the operations layer (:mod:`sparkvision.ops`).
 
-Each command lives in a module named for what it does and is registered here; every command
-takes ``--json`` (summary as one JSON object on stdout), ``--master`` and ``--conf``.
+Each operation's options are generated from its parameters model (:mod:`sparkvision.cli.operation`);
+the modules here only add how a summary is shown. Every command takes ``--json`` (its summary as
+one JSON object on stdout), and those that run on Spark ``--master`` and ``--conf``.
 """
 
 from __future__ import annotations
 
 import typer
 
-from sparkvision.cli import ingest as _ingest
+from sparkvision.cli import infer, ingest, retrieval, serve, ssl, train
 
 app = typer.Typer(
     name="sparkvision",
@@ -17,25 +18,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-app.command("ingest")(_ingest.ingest)
-app.add_typer(_ingest.datasets_app, name="datasets")
-
-
-def _register_optional() -> None:
-    """Commands from later modules; each registers itself so this file stays a list."""
-    import importlib
-
-    for name in ("train", "infer", "ssl", "retrieval", "serve"):
-        try:
-            mod = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":
-                raise
-            continue
-        mod.register(app)
-
-
-_register_optional()
+for module in (ingest, train, infer, ssl, retrieval, serve):
+    module.register(app)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import datetime as _dt
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -50,7 +50,8 @@ DECODED_SCHEMA = StructType(
     ]
 )
 
-SOURCE_KINDS = ("auto", "folder", "idx", "table")
+SourceKind = Literal["auto", "folder", "idx", "table"]
+SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
 
 
 @dataclass

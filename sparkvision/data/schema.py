@@ -20,6 +20,8 @@ Spark job, DuckDB or pandas can read.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from pyspark.sql.types import (
     BinaryType,
     IntegerType,
@@ -29,7 +31,8 @@ from pyspark.sql.types import (
     StructType,
 )
 
-SPLITS = ("train", "test", "val", "unlabeled")
+Split = Literal["train", "test", "val", "unlabeled"]
+SPLITS: tuple[str, ...] = get_args(Split)
 META_FILE = "_sparkvision.json"
 SCHEMA_VERSION = 1
 

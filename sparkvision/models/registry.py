@@ -8,6 +8,7 @@ self-supervised pretraining share one backbone path.
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -106,6 +107,26 @@ def create_model(
     if neck:
         model.attach_neck(list(neck))
     return model
+
+
+def model_arguments(name: str) -> list[str] | None:
+    """The keyword arguments ``name``'s factory takes (``neck`` for any model), or None when it
+    takes any (``**kwargs``): so a misspelt model argument is refused before a job starts."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}")
+    factory = _REGISTRY[name]
+    names: set[str] = set()
+    for fn in (factory, typing.get_type_hints(factory).get("return")):  # a factory may pass **kw to its class
+        if fn is None:
+            return None
+        params = inspect.signature(fn).parameters
+        names |= {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            break
+    else:
+        return None
+    return sorted((names | {"neck"}) - {"self", "num_classes", "in_channels"})
 
 
 def model_kwargs_for(name: str, kwargs: dict[str, Any], image_size: int) -> dict[str, Any]:

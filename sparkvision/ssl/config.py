@@ -1,12 +1,18 @@
-"""Fine-tuning, linear-evaluation and distillation configuration as data (saved beside every model)."""
+"""The fine-tuning, linear-evaluation and distillation recipe as data (saved beside every model).
+
+Every default and bound is written here once; ``sparkvision finetune`` and ``sparkvision distill``
+(CLI, web and Python) take their options from these fields (:mod:`sparkvision.ops.finetune`,
+:mod:`sparkvision.ops.distill`, which holds distillation's own defaults).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
-from sparkvision.train.augment import AugmentConfig
-from sparkvision.train.config import TrainConfig
+from sparkvision.fields import JsonObject, OptionalSplit, Recipe
+from sparkvision.train.augment import AugmentConfig, AugmentSpec
+from sparkvision.train.config import RECIPE, Optimizer, Schedule, TrainConfig
 
 
 def strong_augment_default() -> AugmentConfig:
@@ -16,72 +22,53 @@ def strong_augment_default() -> AugmentConfig:
     return AugmentConfig(hflip=0.5, crop_padding=4, brightness=0.3, contrast=0.3, cutout=0.5)
 
 
-@dataclass
-class FinetuneConfig:
-    label_fraction: float = 1.0  # stratified share of the labelled training rows (0.01, 0.05, 0.1, 1.0)
-    sample_seed: int = 0
-    linear: bool = False  # linear evaluation: frozen encoder, train the head only
-    model: str = "cnn"  # scratch only (a pretrained encoder brings its own)
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 40
-    batch_size: int = 128
-    optimizer: str = "adamw"
-    lr: float = 2e-3  # the head's peak LR
-    encoder_lr_scale: float = 0.1  # fine-tuning: encoder LR = lr * this (1.0 from scratch)
-    projector_layers: int = 0  # SimCLRv2: keep this many pretraining projector layers under the head
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.1
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # flip + 2-pixel shift
-    seed: int = 0
-    workers: int = 1
-    threads_per_rank: int | None = None
-    train_split: str = "train"
-    eval_split: str | None = "test"
-    unlabeled_split: str = "unlabeled"  # distillation: the pool the teacher labels (plus the labelled sample)
-    distill_temperature: float = 1.0  # distillation: tau of the teacher's and the student's softmax
-    consistency_weight: float = 0.0  # FixMatch: weight of the unlabelled loss (lambda_u; 0 = off, paper 1;
-    # use label_smoothing=0 with it: smoothing caps the softmax below the confidence threshold)
-    confidence: float = 0.95  # FixMatch: pseudo-label threshold tau
-    unlabeled_ratio: int = 7  # FixMatch: unlabelled images per labelled one in a step (mu)
-    strong_augment: AugmentConfig = field(default_factory=strong_augment_default)  # FixMatch's strong view
-    resume: bool = False
-    keep_checkpoints: int = 1
+@dataclass(config=RECIPE)
+class FinetuneConfig(Recipe):
+    label_fraction: float = Field(1.0, gt=0, le=1, description=(
+        "Stratified share of the labelled training rows, e.g. 0.01 or 0.05."))
+    sample_seed: int = Field(0, description="Seed of the label sample.")
+    linear: bool = Field(False, description="Linear evaluation: freeze the encoder, train only a linear head.")
+    model: str = Field("cnn", description="Backbone when there is no pretrained encoder (it brings its own).")
+    model_kwargs: JsonObject = Field(default_factory=dict, description="Extra model arguments (JSON).")
+    epochs: int = Field(40, ge=1, le=100_000, description="Epochs.")
+    batch_size: int = Field(128, ge=1, le=65_536, description="Global batch size, split over the workers.")
+    optimizer: Optimizer = Field("adamw", description="adamw | sgd")
+    lr: float = Field(2e-3, gt=0, le=10, description="Peak learning rate of the head.")
+    encoder_lr_scale: float = Field(0.1, ge=0, le=10, description="Encoder LR = lr x this when fine-tuning.")
+    projector_layers: int = Field(0, ge=0, description=(
+        "Keep this many pretraining projector layers under the head (SimCLRv2's fine-tuning from the projector)."))
+    momentum: float = Field(0.9, ge=0, le=1, description="SGD momentum.")
+    weight_decay: float = Field(5e-4, ge=0, description="Weight decay.")
+    schedule: Schedule = Field("onecycle", description="onecycle | cosine | constant")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up (cosine / constant).")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing.")
+    augment: AugmentSpec = Field(default_factory=AugmentConfig, description=(
+        "Augmentations as for train's augment (default hflip=0.5,crop_padding=2)."))
+    seed: int = Field(0, description="Random seed.")
+    workers: int = Field(1, ge=1, le=1024, description="DDP ranks (Spark barrier tasks).")
+    threads_per_rank: int | None = Field(None, ge=1, le=1024, description="Torch threads per rank.")
+    train_split: str = Field("train", description="Split to sample labelled rows from.")
+    eval_split: OptionalSplit = Field("test", description="Split scored every few epochs ('none' to skip).")
+    unlabeled_split: str = Field("unlabeled", description=(
+        "Unlabelled pool (its labels are never read): FixMatch's, or the one a teacher labels in distillation."))
+    distill_temperature: float = Field(1.0, gt=0, le=100, description=(
+        "Distillation: softmax temperature of teacher and student."))
+    consistency_weight: float = Field(0.0, ge=0, le=100, description=(
+        "FixMatch: weight of the loss on the unlabelled pool (0 = off; 1 as in the paper; use label_smoothing 0 "
+        "with it: smoothing caps the softmax below the confidence threshold)."))
+    confidence: float = Field(0.95, ge=0, lt=1, description="FixMatch: pseudo-label confidence threshold.")
+    unlabeled_ratio: int = Field(7, ge=1, description="FixMatch: unlabelled images per labelled one in a step.")
+    strong_augment: AugmentSpec = Field(default_factory=strong_augment_default, description=(
+        "FixMatch: the strong view, as augment (default hflip=0.5,crop_padding=4,brightness=0.3,"
+        "contrast=0.3,cutout=0.5)."))
+    resume: bool = Field(False, description="Continue from the last checkpoint in the output directory.")
+    keep_checkpoints: int = Field(1, ge=1, description="Checkpoints kept.")
 
     def validate(self) -> None:
-        if not 0 < self.label_fraction <= 1:
-            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
-        if self.encoder_lr_scale < 0:
-            raise ValueError(f"encoder_lr_scale must be >= 0, got {self.encoder_lr_scale}")
-        if self.projector_layers < 0:
-            raise ValueError(f"projector_layers must be >= 0, got {self.projector_layers}")
-        if self.distill_temperature <= 0:
-            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
-        if self.consistency_weight < 0:
-            raise ValueError(f"consistency_weight must be >= 0, got {self.consistency_weight}")
-        if not 0 <= self.confidence < 1:
-            raise ValueError(f"confidence must be in [0, 1), got {self.confidence}")
-        if self.unlabeled_ratio < 1:
-            raise ValueError(f"unlabeled_ratio must be >= 1, got {self.unlabeled_ratio}")
+        """The rules between fields (each field's own bounds are checked on construction)."""
         if self.consistency_weight > 0 and self.linear:
             raise ValueError("consistency_weight trains the whole model; it cannot be combined with linear evaluation")
         self.strong_augment.validate()
         TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
                     schedule=self.schedule, warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing,
                     workers=self.workers, augment=self.augment).validate()
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["augment"] = self.augment.to_json()
-        d["strong_augment"] = self.strong_augment.to_json()
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> FinetuneConfig:
-        d = dict(d)
-        d["augment"] = AugmentConfig.from_json(d.get("augment", {}))
-        if "strong_augment" in d:
-            d["strong_augment"] = AugmentConfig.from_json(d["strong_augment"])
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})

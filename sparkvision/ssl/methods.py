@@ -5,6 +5,8 @@ the first view's projector output (what the collapse monitor watches).
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 
@@ -12,7 +14,8 @@ from sparkvision.models import ImageModel
 from sparkvision.ssl.heads import BottleneckPredictor, ImprovedPredictor, ProjectionMLP, SimCLRProjectionHead
 from sparkvision.ssl.losses import NegativeCosineSimilarity, NTXentLoss
 
-METHODS = ("improved-simclr", "simsiam", "simclr")
+Method = Literal["improved-simclr", "simsiam", "simclr"]
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 class SSLMethod(nn.Module):

@@ -2,83 +2,69 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import replace
+from typing import Any, Literal
 
-from sparkvision.ssl.methods import METHODS
-from sparkvision.ssl.views import ViewConfig
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from sparkvision.fields import ImageSize, JsonObject, OptionalSplit, Recipe
+from sparkvision.ssl.methods import Method
+from sparkvision.ssl.views import ViewConfig, ViewSpec
+from sparkvision.train.config import RECIPE, Optimizer, Schedule
 
 
-@dataclass
-class PretrainConfig:
-    method: str = "improved-simclr"  # improved-simclr | simsiam | simclr
-    model: str = "resnet18"  # encoder: any registered backbone
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 100
-    batch_size: int = 1024  # global, split over the ranks
-    optimizer: str = "sgd"
-    base_lr: float = 0.01  # the paper's; lr = base_lr * batch_size / 256 when lr_scaling == "linear"
-    lr_scaling: str = "none"  # none | linear (SimSiam's rule)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    proj_dim: int = 1024  # projector (and improved predictor) output; 1024 in the paper
-    proj_hidden: int = 1024
-    proj_layers: int = 3
-    temperature: float = 0.5  # simclr only
-    views: ViewConfig = field(default_factory=ViewConfig)
-    pool_split: str = "unlabeled"  # rows pretrained on (labels, if any, are ignored)
-    monitor_split: str | None = "val"  # labelled queries of the kNN monitor; None to skip
-    monitor_bank_split: str = "train"  # labelled bank of the kNN monitor
-    monitor_bank_rows: int = 5000  # at most this many bank / query rows in all
-    monitor_query_rows: int = 2000
-    knn_k: int = 20
-    collapse_ratio: float = 0.2  # warn when std * sqrt(d) of normalised outputs falls below this
-    seed: int = 0
-    workers: int = 1
-    threads_per_rank: int | None = None
-    image_size: tuple[int, int] | None = None
-    channels: int | None = None
-    resume: bool = False
-    keep_checkpoints: int = 2
-    bf16: bool = True  # autocast on GPU only
-    channels_last: bool = False
+
+@dataclass(config=RECIPE)
+class PretrainConfig(Recipe):
+    method: Method = Field("improved-simclr", description="improved-simclr | simsiam | simclr")
+    model: str = Field("resnet18", description="Encoder backbone: any registered model.")
+    model_kwargs: JsonObject = Field(default_factory=dict, description="Extra encoder arguments (JSON).")
+    epochs: int = Field(100, ge=1, le=100_000, description="Epochs.")
+    batch_size: int = Field(1024, ge=2, le=65_536, description="Global batch size, split over the ranks.")
+    optimizer: Optimizer = Field("sgd", description="sgd | adamw")
+    base_lr: float = Field(0.01, gt=0, le=10, description=(
+        "Base learning rate (the paper's 0.01); lr = base_lr x batch_size / 256 with lr_scaling linear."))
+    lr_scaling: Literal["none", "linear"] = Field("none", description="none | linear (SimSiam's rule)")
+    momentum: float = Field(0.9, ge=0, le=1, description="SGD momentum.")
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay.")
+    schedule: Schedule = Field("cosine", description="cosine | onecycle | constant")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up epochs.")
+    proj_dim: int = Field(1024, ge=1, description="Projector (and improved predictor) output dimension.")
+    proj_hidden: int = Field(1024, ge=1, description="Projector hidden width.")
+    proj_layers: int = Field(3, ge=1, description="Projector layers.")
+    temperature: float = Field(0.5, gt=0, description="NT-Xent temperature (simclr only).")
+    views: ViewSpec = Field(default_factory=ViewConfig, description="The two views' augmentation (ViewConfig fields).")
+    pool_split: str = Field("unlabeled", description="Split pretrained on (labels, if any, are ignored).")
+    monitor_split: OptionalSplit = Field("val", description="Labelled split the kNN monitor scores ('none' to skip).")
+    monitor_bank_split: str = Field("train", description="Labelled split the kNN monitor votes with.")
+    monitor_bank_rows: int = Field(5000, ge=1, description="kNN monitor: at most this many bank rows.")
+    monitor_query_rows: int = Field(2000, ge=1, description="kNN monitor: at most this many query rows.")
+    knn_k: int = Field(20, ge=1, description="kNN monitor: neighbours voting.")
+    collapse_ratio: float = Field(0.2, ge=0, description=(
+        "Warn when std x sqrt(d) of the normalised outputs falls below this (collapse)."))
+    seed: int = Field(0, description="Random seed.")
+    workers: int = Field(1, ge=1, le=1024, description="DDP ranks (Spark barrier tasks).")
+    threads_per_rank: int | None = Field(None, ge=1, le=1024, description="Torch threads per rank.")
+    image_size: ImageSize = Field(None, description="Resize to SIZE x SIZE (default: the table's size).")
+    channels: Literal[1, 3] | None = Field(None, description="1 or 3 input channels (default: from the table).")
+    resume: bool = Field(False, description="Continue from the last checkpoint in the output directory.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept.")
+    bf16: bool = Field(True, description="bfloat16 autocast (GPU only).")
+    channels_last: bool = Field(False, description="channels_last memory format.")
 
     @property
     def lr(self) -> float:
         return self.base_lr * (self.batch_size / 256 if self.lr_scaling == "linear" else 1.0)
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.workers < 1 or self.batch_size % self.workers or self.batch_size < 2 * self.workers:
+        """The rules between fields (each field's own bounds are checked on construction)."""
+        if self.batch_size % self.workers or self.batch_size < 2 * self.workers:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by workers {self.workers} "
                              "with at least 2 images per rank (BatchNorm)")
-        if self.lr_scaling not in ("none", "linear"):
-            raise ValueError(f"lr_scaling must be none or linear, got {self.lr_scaling!r}")
-        if self.base_lr <= 0:
-            raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs must be below epochs ({self.epochs}), got {self.warmup_epochs}")
         self.views.validate()
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["views"] = self.views.to_json()
-        if self.image_size is not None:
-            d["image_size"] = list(self.image_size)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> PretrainConfig:
-        d = dict(d)
-        d["views"] = ViewConfig.from_json(d.get("views", {}))
-        if d.get("image_size") is not None:
-            d["image_size"] = tuple(d["image_size"])
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 # Views for small grayscale images (Fashion-MNIST): milder crops than ImageNet's 0.08-1, since a
@@ -103,8 +89,14 @@ PRESETS: dict[str, PretrainConfig] = {
 }
 
 
+# The fields some preset sets (plus the method): for these, None means "the preset's value".
+PRESET_FIELDS: tuple[str, ...] = tuple(sorted(
+    {name for cfg in PRESETS.values() for name in PretrainConfig.__dataclass_fields__
+     if getattr(cfg, name) != getattr(PretrainConfig(), name)} | {"method"}))
+
+
 def resolve(preset: str = "paper", **overrides: Any) -> PretrainConfig:
-    """A preset with fields overridden (``None`` values leave the preset's field)."""
+    """A preset with fields overridden (``None`` for a :data:`PRESET_FIELDS` field leaves the preset's)."""
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
     base = PRESETS[preset]
@@ -112,7 +104,12 @@ def resolve(preset: str = "paper", **overrides: Any) -> PretrainConfig:
     bad = [k for k in overrides if k not in known]
     if bad:
         raise ValueError(f"unknown pretraining option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
-    cfg = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None or k not in PRESET_FIELDS}
+    if "warmup_epochs" not in given and "epochs" in given and base.warmup_epochs >= given["epochs"]:
+        # A shorter run than the preset's keeps the preset's share of warm-up, so a quick
+        # `--epochs 1` try works without the user choosing a warm-up.
+        given["warmup_epochs"] = base.warmup_epochs * given["epochs"] / base.epochs
+    cfg = replace(base, **given)
     cfg.views = replace(cfg.views)
     cfg.model_kwargs = dict(cfg.model_kwargs)
     cfg.validate()

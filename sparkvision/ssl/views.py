@@ -12,10 +12,11 @@ RandomApply(ColorJitter(b, c, s, h), p) and RandomGrayscale(p).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import BeforeValidator
 from torch import nn
 
 from sparkvision.train.augment import adjust_hue, gray3
@@ -61,6 +62,10 @@ class ViewConfig:
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
+
+
+ViewSpec = Annotated[ViewConfig, BeforeValidator(lambda v: ViewConfig.from_json(v) if isinstance(v, dict) else v)]
+"""A :class:`ViewConfig`, or the JSON object a recipe was saved as."""
 
 
 class RandomView(nn.Module):

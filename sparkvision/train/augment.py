@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import BeforeValidator
 from torch import nn
 
 
@@ -125,7 +126,7 @@ def parse_augment(spec: str | None) -> AugmentConfig:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in fields:
-            raise ValueError(f"--augment item {item!r}: expected key=value with key in {', '.join(sorted(fields))}")
+            raise ValueError(f"augment item {item!r}: expected key=value with key in {', '.join(sorted(fields))}")
         if key == "scale":
             lo, _, hi = value.partition(":")
             setattr(cfg, key, (float(lo), float(hi or lo)))
@@ -135,6 +136,19 @@ def parse_augment(spec: str | None) -> AugmentConfig:
             setattr(cfg, key, float(value))
     cfg.validate()
     return cfg
+
+
+def coerce_augment(v: Any) -> Any:
+    """An :class:`AugmentConfig` from what a front-end sends: a spec string (or None for the
+    default), or the JSON object a recipe was saved as."""
+    if v is None or isinstance(v, str):
+        return parse_augment(v)
+    if isinstance(v, dict):
+        return AugmentConfig.from_json(v)
+    return v
+
+
+AugmentSpec = Annotated[AugmentConfig, BeforeValidator(coerce_augment)]
 
 
 class BatchAugment(nn.Module):

@@ -1,77 +1,61 @@
-"""Training configuration as data: one dataclass, saved beside every model it produced."""
+"""The supervised training recipe as data: one pydantic dataclass, saved beside every model it produced.
+
+Every default and bound of supervised training is written here once; ``sparkvision train`` (CLI,
+web and Python) takes its options from these fields (:mod:`sparkvision.ops.train`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Literal, get_args
 
-from sparkvision.train.augment import AugmentConfig
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "onecycle", "constant")
+from sparkvision.fields import ImageSize, JsonObject, OptionalSplit, Recipe
+from sparkvision.train.augment import AugmentConfig, AugmentSpec
+
+Optimizer = Literal["sgd", "adamw"]
+Schedule = Literal["onecycle", "cosine", "constant"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+
+RECIPE = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
 
-@dataclass
-class TrainConfig:
-    model: str = "cnn"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 20
-    batch_size: int = 128  # global: split evenly over the ranks
-    optimizer: str = "adamw"
-    lr: float = 2e-3  # peak learning rate
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"
-    warmup_epochs: float = 0.0  # cosine / constant: linear warm-up from lr/25
-    label_smoothing: float = 0.05
-    seed: int = 0
-    workers: int = 1  # DDP ranks, one Spark barrier task each
-    threads_per_rank: int | None = None  # default: cores per task
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    image_size: tuple[int, int] | None = None  # default: the table's most common size
-    channels: int | None = None  # default: the table's channel count (1 or 3)
-    train_split: str = "train"
-    eval_split: str | None = "test"  # accuracy each epoch; None to skip
-    resume: bool = False
-    bf16: bool = True  # autocast on GPU only
-    channels_last: bool = True
-    keep_checkpoints: int = 2
+@dataclass(config=RECIPE)
+class TrainConfig(Recipe):
+    model: str = Field("cnn", description="Registered model name (see `sparkvision models`).")
+    model_kwargs: JsonObject = Field(default_factory=dict, description="Extra model arguments (JSON).")
+    epochs: int = Field(20, ge=1, le=100_000, description="Epochs.")
+    batch_size: int = Field(128, ge=1, le=65_536, description="Global batch size, split evenly over the workers.")
+    optimizer: Optimizer = Field("adamw", description="sgd | adamw")
+    lr: float = Field(2e-3, gt=0, le=10, description="Peak learning rate.")
+    momentum: float = Field(0.9, ge=0, le=1, description="SGD momentum.")
+    weight_decay: float = Field(5e-4, ge=0, description="Weight decay (not on biases and norms).")
+    schedule: Schedule = Field("onecycle", description="onecycle | cosine | constant")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up from lr/25 (cosine / constant).")
+    label_smoothing: float = Field(0.05, ge=0, lt=1, description="Label smoothing.")
+    seed: int = Field(0, description="Random seed.")
+    workers: int = Field(1, ge=1, le=1024, description="DDP ranks, one Spark barrier task each.")
+    threads_per_rank: int | None = Field(None, ge=1, le=1024, description="Torch threads per rank (default: cores per task).")
+    augment: AugmentSpec = Field(default_factory=AugmentConfig, description=(
+        "Augmentations, e.g. 'hflip=0.5,crop_padding=2,rotation=10,scale=0.9:1.1,brightness=0.2,contrast=0.2,"
+        "saturation=0.2,hue=0.05,grayscale=0.1,cutout=0.5', or 'none'. Default hflip=0.5,crop_padding=2."))
+    image_size: ImageSize = Field(None, description="Resize to SIZE x SIZE (default: the table's most common size).")
+    channels: Literal[1, 3] | None = Field(None, description="1 or 3 input channels (default: from the table).")
+    train_split: str = Field("train", description="Split to train on.")
+    eval_split: OptionalSplit = Field("test", description="Split scored each epoch ('none' to skip).")
+    resume: bool = Field(False, description="Continue from the last checkpoint in the output directory.")
+    bf16: bool = Field(True, description="bfloat16 autocast (GPU only).")
+    channels_last: bool = Field(True, description="channels_last memory format.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept.")
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        """The rules between fields (each field's own bounds are checked on construction)."""
         if self.batch_size < self.workers:
             raise ValueError(f"batch_size {self.batch_size} is smaller than workers {self.workers}")
         if self.batch_size % self.workers:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by workers {self.workers}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
-        if self.channels not in (None, 1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs must be below epochs ({self.epochs}), got {self.warmup_epochs}")
         self.augment.validate()
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["augment"] = self.augment.to_json()
-        if self.image_size is not None:
-            d["image_size"] = list(self.image_size)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
-        d = dict(d)
-        d["augment"] = AugmentConfig.from_json(d.get("augment", {}))
-        if d.get("image_size") is not None:
-            d["image_size"] = tuple(d["image_size"])
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})

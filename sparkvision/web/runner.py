@@ -17,16 +17,27 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from sparkvision.train.checkpoint import list_checkpoints
 from sparkvision.web.jobs import JobStore
-from sparkvision.web.kinds import KINDS, JobContext
+from sparkvision.web.kinds import KINDS
 
 log = logging.getLogger("sparkvision.web")
 
 
 class JobCancelled(Exception):
     pass
+
+
+@dataclass
+class JobProgress:
+    """The :class:`~sparkvision.ops.base.Progress` a web job reports to: its row's progress % and log."""
+
+    update: Callable[[float, str], None]
+    log: Callable[[str], None]
+    check_cancelled: Callable[[], None]
 
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, KeyError, NotADirectoryError, PermissionError)
@@ -168,8 +179,7 @@ class Runner:
                 self._cancel.set()
                 raise JobCancelled()
 
-        ctx = JobContext(progress=progress, metrics=lambda m: live.update(metrics=m),
-                         log=lambda line: store.append_log(job_id, line), check_cancelled=check_cancelled)
+        ctx = JobProgress(progress, lambda line: store.append_log(job_id, line), check_cancelled)
         job = store.get(job_id)
         stop_monitor = threading.Event()
         monitor = threading.Thread(target=self._monitor, args=(job_id, kind_name, params, live, stop_monitor),
@@ -179,7 +189,7 @@ class Runner:
             spark = self.spark
             spark.sparkContext.setJobGroup(group_of(job_id), f"{kind_name} {job_id}", interruptOnCancel=True)
             monitor.start()
-            p = kind.params.model_validate(params)
+            p = kind.validate(params)
             if store.get(job_id).cancel_requested:
                 raise JobCancelled()
             result = kind.run(spark, p, ctx)
@@ -217,16 +227,16 @@ class Runner:
                 self._cancel.clear()
 
     def _final_metrics(self, kind: str, params: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-        if kind in ("train", "finetune", "pretrain") and isinstance(result, dict):
+        if not isinstance(result, dict):
+            return {}
+        if KINDS[kind].reports_epochs:
             return {k: v for k, v in result.items() if k != "history" and not isinstance(v, (dict, list))}
-        keep = ("rows_written", "rows", "errors", "images_per_s", "elapsed_s", "accuracy", "macro_f1",
-                "accuracy_on_labelled_rows", "kind", "build_s", "groups", "duplicates")
-        return {k: result[k] for k in keep if isinstance(result, dict) and k in result}
+        return {k: result[k] for k in KINDS[kind].summary_keys if k in result}
 
     def _monitor(self, job_id: str, kind: str, params: dict[str, Any], live: dict[str, Any],
                  stop: threading.Event) -> None:
         """Every ``poll_s``: write progress %, live metrics and notable lines to the job row."""
-        out = params.get("out") if kind in ("train", "pretrain", "finetune") else None
+        out = params.get("out") if KINDS[kind].reports_epochs else None
         last_note, last_epoch = None, 0
         while not stop.wait(self.poll_s):
             try:

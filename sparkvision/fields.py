@@ -1,0 +1,86 @@
+"""Parameter types shared by the training recipes and the operations' parameters.
+
+Each carries its own parsing from the forms a front-end sends (the CLI sends strings, the web
+JSON), so that ``--eval-split none``, ``"eval_split": null`` and ``eval_split=None`` mean the
+same thing through one rule, written here once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, TypeAdapter
+
+
+def _none_word(v: Any) -> Any:
+    return None if isinstance(v, str) and v.strip().lower() in ("none", "") else v
+
+
+def _json_object(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            v = json.loads(v) if v.strip() else {}
+        except ValueError as e:
+            raise ValueError(f"not valid JSON: {e}") from None
+    return {} if v is None else v
+
+
+def _size(v: Any) -> Any:
+    """``32`` / ``"32"`` -> (32, 32); ``"32x48"`` -> (32, 48) (height x width); lists -> tuples."""
+    v = _none_word(v)
+    if v is None:
+        return None
+    if isinstance(v, str):
+        parts = v.lower().split("x")
+        try:
+            nums = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"expected SIZE or HEIGHTxWIDTH, got {v!r}") from None
+        return (nums[0], nums[0]) if len(nums) == 1 else tuple(nums)
+    if isinstance(v, int):
+        return (v, v)
+    return tuple(v)
+
+
+def _comma_list(v: Any) -> Any:
+    v = _none_word(v)
+    if isinstance(v, str):
+        return [s.strip() for s in v.split(",") if s.strip()]
+    return v
+
+
+OptionalSplit = Annotated[str | None, BeforeValidator(_none_word)]
+"""A split name, or None for "all rows" / "skip"; the word ``none`` means None."""
+
+JsonObject = Annotated[dict[str, Any], BeforeValidator(_json_object)]
+"""Free-form keyword arguments (e.g. a model's): a dict, or its JSON text on the command line."""
+
+ImageSize = Annotated[tuple[int, int] | None, BeforeValidator(_size)]
+"""Resize target (height, width); one number for a square; None keeps the table's size."""
+
+CommaList = Annotated[list[str] | None, BeforeValidator(_comma_list)]
+"""A list of names; ``a,b,c`` on the command line."""
+
+
+class Recipe:
+    """JSON round trip of a pydantic-dataclass recipe (saved beside every model it produced).
+
+    Unknown keys are an error that names them, never silently dropped.
+    """
+
+    def to_json(self) -> dict[str, Any]:
+        return _adapter(type(self)).dump_python(self, mode="json")
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Any:
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))  # type: ignore[attr-defined]
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        return _adapter(cls).validate_python(d)
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)

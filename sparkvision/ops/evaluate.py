@@ -1,0 +1,34 @@
+"""``evaluate``: accuracy, per-class precision/recall/F1 and the confusion matrix of a model on a table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from pyspark.sql import SparkSession
+
+from sparkvision.fields import OptionalSplit
+from sparkvision.inference.evaluate import evaluate
+from sparkvision.ops.base import Operation, Progress, params_model, register
+from sparkvision.ops.fields import positional
+
+EvaluateParams = params_model(
+    "EvaluateParams", "Score a model on the labelled rows of a table.",
+    model_dir=positional("Model directory from `sparkvision train`.", "MODEL_DIR"),
+    table=positional("Image table.", "TABLE"),
+    split=(OptionalSplit, Field("test", description="Split to evaluate ('all' or 'none' for every labelled row).")),
+    out=(str | None, Field(None, description="Where to write evaluation.json and the PNG (default: the model dir).")),
+    batch_size=(int, Field(512, ge=1, le=65_536, description="Images per model call.")),
+)
+
+
+def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    split = None if p.split == "all" else p.split
+    return evaluate(spark, p.model_dir, p.table, split, p.out, p.batch_size)
+
+
+OPERATION = register(Operation(
+    "evaluate", EvaluateParams, run, "Accuracy, per-class metrics and confusion matrix (written into the model dir).",
+    inputs=("model_dir", "table"), outputs=("out",), result_key="model_dir", module="sparkvision.inference.evaluate",
+    summary_keys=("rows", "accuracy", "macro_f1", "elapsed_s"),
+))

@@ -1,0 +1,26 @@
+"""The path parameters operations share: an input table, an output directory, a model directory.
+
+Their wording and CLI form are written once here; which of them an operation reads or writes
+is declared on its :class:`~sparkvision.ops.base.Operation`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from sparkvision.ops.base import Cli
+
+
+def table_in(description: str = "Image table.", positional: bool = False) -> Any:
+    return (Annotated[str, Cli(positional=positional, flags=() if positional else ("--table",))],
+            Field(description=description))
+
+
+def model_dir_out(description: str = "Model directory to write.") -> Any:
+    return (Annotated[str, Cli(flags=("--out",))], Field(description=description))
+
+
+def positional(description: str, metavar: str | None = None) -> Any:
+    return (Annotated[str, Cli(positional=True, metavar=metavar)], Field(description=description))
