@@ -8,7 +8,8 @@ import os
 import pytest
 
 from sparkvision.inference.evaluate import evaluate, metrics_from_confusion
-from sparkvision.inference.runtime import embed_table, predict_table
+from sparkvision.inference.embed import embed_table
+from sparkvision.inference.predict import predict_table
 from sparkvision.data.schema import IMAGE_SCHEMA
 from sparkvision.data.table import TableMeta, read_meta, read_table, write_meta
 from sparkvision.train import AugmentConfig, TrainConfig, train

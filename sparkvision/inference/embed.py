@@ -1,0 +1,85 @@
+"""Distributed embedding of a whole table (``sparkvision embed``): L2-normalised backbone features.
+
+Each executor runs :func:`embed_batches` over Arrow batches through the shared runtime
+(:mod:`sparkvision.inference.runtime`); retrieval (codes, indexes, search) starts from this table.
+A row that cannot be decoded gets an ``error`` and a null embedding, never a failed job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyarrow as pa
+from pyspark.broadcast import Broadcast
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from sparkvision.inference.runtime import (
+    KEEP_COLUMNS,
+    ModelBlob,
+    configure_workers,
+    image_source,
+    read_blob,
+    rebatch,
+    run_model,
+    summarise_output,
+    vectors_column,
+    worker_model,
+)
+from sparkvision.spark import storage
+from sparkvision.spark.progress import Timer, spark_progress
+from sparkvision.transforms.preprocess import preprocess_batch
+
+EMBED_SCHEMA = (
+    "content_id string, path string, split string, label int, label_name string, "
+    "embedding array<float>, error string"
+)
+
+
+def embed_batches(blob_bc: Broadcast, batch_size: int) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """mapInArrow body: (image, KEEP_COLUMNS) -> EMBED_SCHEMA."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        blob: ModelBlob = blob_bc.value
+        fn, pre = worker_model(blob, "features")
+        for batch in rebatch(batches, batch_size):
+            x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
+            feats = run_model(fn, x).float().numpy()
+            cols = {c: batch.column(c) for c in KEEP_COLUMNS}
+            cols["embedding"] = vectors_column(feats, errors)
+            cols["error"] = pa.array(errors, pa.string())
+            yield pa.RecordBatch.from_pydict(cols)
+
+    return run
+
+
+def embed_df(spark: SparkSession, model_dir: str, df: DataFrame, batch_size: int = 512) -> DataFrame:
+    """Lazy embeddings for an image DataFrame (columns image + KEEP_COLUMNS)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    blob = spark.sparkContext.broadcast(read_blob(model_dir))
+    configure_workers(spark, batch_size)
+    return df.mapInArrow(embed_batches(blob, batch_size), EMBED_SCHEMA)
+
+
+def embed_table(
+    spark: SparkSession,
+    model_dir: str,
+    table: str,
+    out: str,
+    *,
+    batch_size: int = 512,
+    split: str | None = None,
+    mode: str = "overwrite",
+) -> dict[str, Any]:
+    """L2-normalised backbone features of every row, as Parquet (content_id, path, ..., embedding)."""
+    timer = Timer()
+    out_q = storage.qualify(out)
+    emb = embed_df(spark, model_dir, image_source(spark, table, split), batch_size)
+    with spark_progress(spark, "embed"):
+        emb.write.mode(mode).parquet(out_q)
+    summary = summarise_output(spark, out_q, timer, "embed")
+    first = spark.read.parquet(out_q).where("embedding is not null").select(F.size("embedding")).first()
+    summary["dim"] = int(first[0]) if first else None
+    return summary

@@ -1,0 +1,107 @@
+"""Distributed classification of a whole table (``sparkvision predict``).
+
+Each executor runs :func:`predict_batches` over Arrow batches through the shared runtime
+(:mod:`sparkvision.inference.runtime`). A row that cannot be decoded gets an ``error`` and nulls,
+never a failed job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pyspark.broadcast import Broadcast
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from sparkvision.inference.runtime import (
+    KEEP_COLUMNS,
+    ModelBlob,
+    configure_workers,
+    image_source,
+    read_blob,
+    rebatch,
+    run_model,
+    summarise_output,
+    worker_model,
+)
+from sparkvision.spark import storage
+from sparkvision.spark.progress import Timer, spark_progress
+from sparkvision.transforms.preprocess import preprocess_batch
+
+PREDICT_SCHEMA = (
+    "content_id string, path string, split string, label int, label_name string, pred_label int, "
+    "pred_name string, confidence float, topk_labels array<int>, topk_probs array<float>, error string"
+)
+
+
+def predict_batches(
+    blob_bc: Broadcast, top_k: int, batch_size: int
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """mapInArrow body: (image, KEEP_COLUMNS) -> PREDICT_SCHEMA."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        blob: ModelBlob = blob_bc.value
+        fn, pre = worker_model(blob, "logits")
+        names = blob.class_names
+        for batch in rebatch(batches, batch_size):
+            x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
+            probs = torch.softmax(run_model(fn, x).float(), dim=1)
+            k = min(top_k, probs.shape[1])
+            p, idx = probs.topk(k, dim=1)
+            p, idx = p.numpy(), idx.numpy()
+            ok = np.array([e is None for e in errors])
+            pred = [int(i[0]) if good else None for i, good in zip(idx, ok, strict=True)]
+            cols = {c: batch.column(c) for c in KEEP_COLUMNS}
+            cols["pred_label"] = pa.array(pred, pa.int32())
+            cols["pred_name"] = pa.array([names[i] if i is not None and i < len(names) else None for i in pred])
+            cols["confidence"] = pa.array([float(pp[0]) if good else None for pp, good in zip(p, ok, strict=True)],
+                                          pa.float32())
+            cols["topk_labels"] = pa.array([[int(v) for v in ii] if good else None for ii, good in zip(idx, ok, strict=True)],
+                                           pa.list_(pa.int32()))
+            cols["topk_probs"] = pa.array([[float(v) for v in pp] if good else None for pp, good in zip(p, ok, strict=True)],
+                                          pa.list_(pa.float32()))
+            cols["error"] = pa.array(errors, pa.string())
+            yield pa.RecordBatch.from_pydict(cols)
+
+    return run
+
+
+def predict_df(spark: SparkSession, model_dir: str, df: DataFrame, top_k: int = 3, batch_size: int = 512) -> DataFrame:
+    """Lazy predictions for an image DataFrame (columns image + KEEP_COLUMNS)."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    blob = spark.sparkContext.broadcast(read_blob(model_dir))
+    configure_workers(spark, batch_size)
+    return df.mapInArrow(predict_batches(blob, top_k, batch_size), PREDICT_SCHEMA)
+
+
+def predict_table(
+    spark: SparkSession,
+    model_dir: str,
+    table: str,
+    out: str,
+    *,
+    top_k: int = 3,
+    batch_size: int = 512,
+    split: str | None = None,
+    mode: str = "overwrite",
+) -> dict[str, Any]:
+    """Classify every row of ``table`` (or one split) and write a Parquet prediction table."""
+    timer = Timer()
+    out_q = storage.qualify(out)
+    preds = predict_df(spark, model_dir, image_source(spark, table, split), top_k, batch_size)
+    with spark_progress(spark, "predict"):
+        preds.write.mode(mode).parquet(out_q)
+    summary = summarise_output(spark, out_q, timer, "predict")
+    # Compare names, not indices: the table and the model may order their classes differently.
+    acc = spark.read.parquet(out_q).where("label_name is not null and error is null").agg(
+        F.avg((F.col("label_name") == F.col("pred_name")).cast("double")).alias("acc")
+    ).first().acc
+    summary["accuracy_on_labelled_rows"] = None if acc is None else round(float(acc), 5)
+    return summary
