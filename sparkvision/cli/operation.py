@@ -20,7 +20,7 @@ import typer
 from pydantic.fields import FieldInfo
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from sparkvision.cli.common import err_console, emit, fail, guarded, spark_from
+from sparkvision.cli.common import emit, err_console, guarded, spark_from
 from sparkvision.ops.base import Cli, Operation, ParamError
 
 _SCALARS = (bool, int, float, str)
@@ -79,6 +79,8 @@ def _parameters(op: Operation) -> tuple[list[inspect.Parameter], dict[str, Any]]
         if meta.hidden:
             continue
         typ, simple = _cli_type(f.annotation if not f.metadata else f.rebuild_annotation())
+        if not meta.positional and list in (typing.get_origin(typ), *map(typing.get_origin, typing.get_args(typ))):
+            typ, simple = str | None, False  # an option's list is one comma-separated value ("a,b,c")
         required = f.is_required()
         default = None if required else f.get_default(call_default_factory=True)
         help_ = f.description or ""
@@ -129,6 +131,13 @@ def cli_progress(label: str) -> Iterator[Any]:
         bar.stop()
 
 
+def values_from_cli(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The parameter values a command line gave: an option left out is absent, so the model's
+    default applies (the CLI shows that default but holds no copy of it for complex fields)."""
+    return {k: v for k, v in kwargs.items()
+            if v is not None and v != [] and v != () and k not in ("json_out", "master", "conf")}
+
+
 def make_command(op: Operation, render: Callable[[dict[str, Any]], None] | None = None) -> Callable[..., None]:
     """The typer command of ``op``: its options from the parameters model, then validate, run, emit."""
     params, annotations = _parameters(op)
@@ -138,7 +147,7 @@ def make_command(op: Operation, render: Callable[[dict[str, Any]], None] | None 
     def command(**kwargs: Any) -> None:
         json_out = kwargs.pop("json_out", False)
         master, conf = kwargs.pop("master", None), kwargs.pop("conf", None)
-        values = {k: v for k, v in kwargs.items() if v is not None and v != []}
+        values = values_from_cli(kwargs)
 
         def body() -> dict[str, Any]:
             try:
@@ -175,4 +184,4 @@ def register(app: typer.Typer, op: Operation, render: Callable[[dict[str, Any]],
     app.command(name or op.name)(make_command(op, render))
 
 
-__all__ = ["cli_progress", "flag_of", "make_command", "register", "fail"]
+__all__ = ["cli_progress", "flag_of", "make_command", "register", "values_from_cli"]

@@ -201,7 +201,8 @@ def config_fields(config_cls: type, *, exclude: Iterable[str] = (), defaults: di
         elif name in defaults:
             kw["default"] = defaults[name]
         elif fi.default_factory is not None:
-            kw["default_factory"] = fi.default_factory
+            # A value, not the factory, so the web schema shows it (pydantic copies mutable defaults).
+            kw["default"] = fi.default_factory()
         elif not fi.is_required():
             kw["default"] = fi.default
         out[name] = (ann, Field(**kw))

@@ -80,21 +80,38 @@ def get_spark(
     """Build (or reuse) the SparkSession for this process.
 
     ``master`` falls back to ``$SPARKVISION_MASTER`` and then to ``local[*]``. ``conf`` overrides the
-    defaults key by key.
+    defaults key by key. A session already running is reused only where it agrees with what is
+    asked: runtime settings are applied to it, and a different master or a different static
+    setting is an error naming it (a process has one SparkContext), never silently ignored.
     """
     active = SparkSession.getActiveSession()
     if active is not None:
+        reuse(active, master, conf or {})
         return active
     master = resolve_master(master)
     settings = default_conf(master)
     settings.update(conf or {})
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.master(master).appName(app_name)
     for key, value in settings.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("SPARKVISION_LOG_LEVEL", "ERROR"))
     return spark
+
+
+def reuse(spark: SparkSession, master: str | None, conf: Mapping[str, str]) -> None:
+    """Check that the running ``spark`` can serve a request for ``master`` and ``conf``."""
+    running = spark.conf.get("spark.master", None)
+    if master is not None and running is not None and master != running:
+        raise ValueError(f"master: a SparkSession on {running} is already running in this process; "
+                         f"{master} needs a new process (or stop_spark() first)")
+    for key, value in conf.items():
+        if spark.conf.get(key, None) == value:
+            continue
+        if not spark.conf.isModifiable(key):
+            raise ValueError(f"conf: {key} is fixed when the SparkSession starts and the running one has "
+                             f"{spark.conf.get(key, None)!r}; set it in a new process")
+        spark.conf.set(key, value)
 
 
 def stop_spark() -> None:
