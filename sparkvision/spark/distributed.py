@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import socket
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 import torch.distributed as dist
+from pyspark import BarrierTaskContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import BinaryType, StructField, StructType
 
@@ -144,8 +144,6 @@ def run_on_barrier(
         raise ValueError(f"DataFrame has {df.rdd.getNumPartitions()} partitions, expected workers={workers}")
 
     def task(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from pyspark import BarrierTaskContext
-
         ctx = BarrierTaskContext.get()
         r = ctx.partitionId()
         port = _free_port() if r == 0 else 0
@@ -153,8 +151,9 @@ def run_on_barrier(
         host = infos[0].address.split(":")[0]
         ports = ctx.allGather(str(port))
         master_port = int(ports[0])
+        # The rank's share of the cores, set on this process's torch (not through the environment,
+        # which torch reads only at start-up and a reused Python worker would carry into its next task).
         torch.set_num_threads(threads)
-        os.environ["OMP_NUM_THREADS"] = str(threads)
         device = torch.device("cpu")
         if torch.cuda.is_available():
             gpus = ctx.resources().get("gpu")  # the GPU Spark assigned to this task, if any
