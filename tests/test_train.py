@@ -7,10 +7,12 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load as st_load
 
 from sparkvision.data.images import encode_png
-from sparkvision.models.modeldir import load_model_dir
 from sparkvision.data.table import read_meta, read_table
+from sparkvision.models.modeldir import load_model_dir
+from sparkvision.spark import distributed as D
 from sparkvision.train import AugmentConfig, BatchAugment, TrainConfig, parse_augment, train, train_df
 from sparkvision.train.data import (
     available_memory_bytes,
@@ -20,6 +22,7 @@ from sparkvision.train.data import (
     steps_per_epoch,
 )
 from sparkvision.train.optim import lr_factor
+from sparkvision.train.rank import RankTraining
 
 FAST = dict(batch_size=16, lr=3e-3, model_kwargs={"widths": [8, 16], "hidden": 32, "dropout": 0.0},
             augment=AugmentConfig.none())
@@ -173,3 +176,52 @@ def test_batch_augment_hue_is_per_sample():
     assert (moved > 1e-3).sum() > 24 and moved.std() > 1e-3
     with pytest.raises(ValueError, match="hue"):
         parse_augment("hue=0.6").validate()
+
+
+class _BrightnessRank(RankTraining):
+    """A toy method on the rank skeleton: a linear classifier of dark vs bright images."""
+
+    config_class = TrainConfig
+
+    def select(self, shard, splits):
+        return shard, torch.tensor([float(len(shard))], dtype=torch.float64)
+
+    def build(self):
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+        return model, [{"params": list(model.parameters())}]
+
+    def step_loss(self, b):
+        x = (self.rows.images[b].float() / 255 - self.mean) / self.std
+        return torch.nn.functional.cross_entropy(self.net(x), self.rows.labels[b])
+
+    def end_epoch(self, epoch):
+        return {"seen": epoch}, {"toy/seen": float(epoch)}
+
+
+def test_rank_skeleton_trains_logs_checkpoints_and_resumes_in_one_process(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pixels = [(rng.integers(0, 60, (4, 4), dtype=np.uint8) + 190 * k, k) for k in (0, 1) for _ in range(8)]
+    rows = [(encode_png(p), k, "train") for p, k in pixels]
+    ctx = D.RankContext(rank=0, world_size=1, threads=1, device=torch.device("cpu"), attempt=0)
+
+    def run(epochs, ctx):
+        cfg = TrainConfig(epochs=epochs, batch_size=8, lr=0.05, schedule="constant", augment=AugmentConfig.none())
+        payload = {"cfg": cfg.to_json(), "out": str(tmp_path), "checkpoint_dir": str(tmp_path / "checkpoints"),
+                   "channels": 1, "size": [4, 4], "num_classes": 2}
+        return D.decode_result(_BrightnessRank.main(ctx, _batches(rows), payload))
+
+    info, blobs = run(4, ctx)
+    history = info["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and info["steps_per_epoch"] == 2
+    assert list(history[0]) == ["epoch", "train_loss", "seen", "images_per_s", "epoch_time_s", "lr"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] / 2, history
+    assert info["mean"][0] == pytest.approx(float(np.mean([p for p, _ in pixels])) / 255, abs=1e-6)
+    assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == history
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [f"epoch-{e}.{x}" for e in (3, 4) for x in ("json", "safetensors")]
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    model.load_state_dict(st_load(blobs["weights"]))
+    # A re-run of the stage by Spark (attempt 1) resumes from the last checkpoint, not from scratch.
+    again, _ = run(6, D.RankContext(0, 1, 1, torch.device("cpu"), attempt=1))
+    assert again["start_epoch"] == 4 and again["history"][:4] == history and len(again["history"]) == 6

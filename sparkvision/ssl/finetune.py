@@ -26,32 +26,37 @@ batch augmentation, checkpoints with resume, TensorBoard, ``metrics.jsonl``):
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pyarrow as pa
 import torch
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from safetensors.torch import load as st_load
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 
-from sparkvision.spark import distributed as D
-from sparkvision.models.modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir
-from sparkvision.models import create_model, model_kwargs_for
-from sparkvision.spark.progress import Timer
 from sparkvision.data.table import read_meta, read_table
-from sparkvision.train.augment import AugmentConfig, BatchAugment
-from sparkvision.train.checkpoint import load_checkpoint
-from sparkvision.train.config import TrainConfig
-from sparkvision.train.data import decode_shard, epoch_indices, pixel_stats, split_mask, steps_per_epoch
-from sparkvision.train.engine import evaluate_shard, infer_image_spec, to_input
-from sparkvision.train.loop import RankLog, prepare_out, run_epoch, run_with_progress
-from sparkvision.train.optim import build_optimizer
+from sparkvision.models import create_model, model_kwargs_for
+from sparkvision.models.modeldir import ModelSpec, load_model_dir
+from sparkvision.spark import distributed as D
+from sparkvision.spark.progress import Timer
 from sparkvision.ssl.config import FinetuneConfig
 from sparkvision.ssl.losses import DistillationLoss, FixMatchLoss
+from sparkvision.ssl.pretrain import PROJECTOR_FILE
 from sparkvision.ssl.sampling import sample_label_fraction
+from sparkvision.train.augment import BatchAugment
+from sparkvision.train.data import Shard, split_mask
+from sparkvision.train.driver import (
+    infer_image_spec,
+    launch,
+    prepare_out,
+    rank_payload,
+    run_metrics,
+    save_trained,
+)
+from sparkvision.train.engine import ClassifierRank, check_labels, to_input
+from sparkvision.train.rank import check_rows, stats_tensor
 
 # Split name the driver gives the unlabelled pool's rows (the table's own names are user data).
 POOL_SPLIT = "__sparkvision_pool__"
@@ -76,150 +81,126 @@ def finetune_groups(model: torch.nn.Module, weight_decay: float, encoder_lr_scal
     return out
 
 
-def _rank_finetune(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payload: dict[str, Any]) -> bytes | None:
-    from safetensors.torch import load as st_load
-    from safetensors.torch import save as st_save
-    from torch.nn.parallel import DistributedDataParallel as DDP
+class FinetuneRank(ClassifierRank):
+    """A rank of fine-tuning, linear evaluation, distillation or FixMatch (see the module's doc)."""
 
-    cfg = FinetuneConfig.from_json(payload["cfg"])
-    out, ckpt_dir, device = payload["out"], payload["checkpoint_dir"], ctx.device
-    channels, size, num_classes = payload["channels"], tuple(payload["size"]), payload["num_classes"]
-    shard, splits = decode_shard(batches, channels, size)
-    labelled = shard.labels >= 0
-    teacher_spec = payload.get("teacher")
-    semi = cfg.consistency_weight > 0
-    if teacher_spec is not None:  # distillation: every pool row trains, its label (if any) unused
-        train = shard.subset(split_mask(splits, POOL_SPLIT))
-    else:
-        train = shard.subset(split_mask(splits, cfg.train_split) & labelled)
-    pool = shard.subset(split_mask(splits, POOL_SPLIT)) if semi else None  # FixMatch: labels never read
-    evals = shard.subset(split_mask(splits, cfg.eval_split) & labelled)
-    del shard
-    counts = D.all_reduce_sum(torch.tensor([len(train), len(evals)], dtype=torch.float64))
-    least = D.all_reduce_min(torch.tensor([len(train), len(pool) if semi else 1], dtype=torch.float64))
-    if semi and least[1] == 0:
-        raise ValueError(f"a rank got no unlabelled rows: split {cfg.unlabeled_split!r} is too small for "
-                         f"{ctx.world_size} workers; check --unlabeled-split or lower --workers")
-    if least[0] == 0:
-        if teacher_spec is not None:
-            raise ValueError(f"a rank got no rows to distill on: {int(counts[0])} rows in split "
-                             f"{cfg.unlabeled_split!r} and the labelled sample for {ctx.world_size} workers; "
-                             "check --unlabeled-split or lower --workers")
-        raise ValueError(f"a rank got no training rows: {int(counts[0])} rows is too few for {ctx.world_size} workers; "
-                         "lower --workers or raise --label-fraction")
-    if teacher_spec is None and int(train.labels.max()) >= num_classes:
-        raise ValueError(f"label {int(train.labels.max())} is out of range for {num_classes} classes")
-    if payload["mean"] is None:
-        mean_v, std_v = pixel_stats(train.images, channels)
-    else:
-        mean_v, std_v = torch.tensor(payload["mean"], dtype=torch.float64), torch.tensor(payload["std"], dtype=torch.float64)
+    config_class = FinetuneConfig
 
-    torch.manual_seed(cfg.seed)
-    model = create_model(payload["model"], num_classes, channels, **payload["model_kwargs"])
-    if payload["encoder_weights"] is not None:
-        sd = st_load(payload["encoder_weights"])
-        missing, _ = model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("head.")}, strict=False)
-        if any(not k.startswith("head.") for k in missing):
-            raise ValueError(f"encoder weights do not fit model {payload['model']!r}: missing {missing[:3]}")
-    lr_scale = cfg.encoder_lr_scale if payload["encoder_weights"] is not None else 1.0
-    optimizer = build_optimizer(finetune_groups(model, cfg.weight_decay, lr_scale, cfg.linear), cfg.optimizer,
-                                cfg.lr, cfg.weight_decay, cfg.momentum)
-    start_epoch, history = 0, []
-    if cfg.resume or ctx.attempt > 0:
-        meta = load_checkpoint(ckpt_dir, model, optimizer)
-        if meta is not None:
-            start_epoch, history = int(meta["epoch"]), list(meta.get("history", []))
-    model.to(device)
-    net = DDP(model) if ctx.world_size > 1 else model
-    mean = mean_v.float().view(1, -1, 1, 1).to(device)
-    std = std_v.float().view(1, -1, 1, 1).to(device)
-    local_batch = cfg.batch_size // ctx.world_size
-    steps = steps_per_epoch(int(counts[0]), cfg.batch_size)
-    augment = BatchAugment(cfg.augment)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    teacher = None
-    if teacher_spec is not None:
-        teacher = create_model(teacher_spec["model"], num_classes, channels, **teacher_spec["model_kwargs"])
-        teacher.load_state_dict(st_load(teacher_spec["weights"]))
-        teacher.to(device).eval().requires_grad_(False)
-        # The student's normalised input re-normalised with the teacher's statistics: both see the same view.
-        t_mean = torch.tensor(teacher_spec["mean"], dtype=torch.float32).view(1, -1, 1, 1).to(device)
-        t_std = torch.tensor(teacher_spec["std"], dtype=torch.float32).view(1, -1, 1, 1).to(device)
-        t_scale, t_shift = std / t_std, (mean - t_mean) / t_std
-        distill_loss = DistillationLoss(cfg.distill_temperature)
-    if semi:
-        strong = BatchAugment(cfg.strong_augment)
-        fixmatch = FixMatchLoss(cfg.confidence)
-    log = RankLog(ctx, out, ckpt_dir, cfg.epochs, steps, cfg.batch_size, start_epoch, cfg.keep_checkpoints)
-    gen, pool_gen = torch.Generator(), torch.Generator()
-    mask_rates: list[float] = []
+    def __init__(self, ctx: D.RankContext, payload: dict[str, Any]) -> None:
+        super().__init__(ctx, payload)
+        self.train_mode = not self.cfg.linear  # linear evaluation: BN statistics and dropout of the encoder stay frozen
+        self.teacher_spec = payload.get("teacher")
+        self.semi = self.cfg.consistency_weight > 0
 
-    def step_loss(b: torch.Tensor) -> torch.Tensor:
-        x = to_input(train.images[b], mean, std, device, False, augment, gen)
-        if teacher is not None:
+    def select(self, shard: Shard, splits: list[str]) -> tuple[Shard, torch.Tensor]:
+        cfg, workers = self.cfg, self.ctx.world_size
+        labelled = shard.labels >= 0
+        if self.teacher_spec is not None:  # distillation: every pool row trains, its label (if any) unused
+            train = shard.subset(split_mask(splits, POOL_SPLIT))
+        else:
+            train = shard.subset(split_mask(splits, cfg.train_split) & labelled)
+        self.pool = shard.subset(split_mask(splits, POOL_SPLIT)) if self.semi else None  # FixMatch: labels never read
+        self.evals = shard.subset(split_mask(splits, cfg.eval_split) & labelled)
+        counts = D.all_reduce_sum(torch.tensor([len(train), len(self.evals)], dtype=torch.float64))
+        if self.semi and D.all_reduce_min(torch.tensor([len(self.pool)], dtype=torch.float64))[0] == 0:
+            raise ValueError(f"a rank got no unlabelled rows: split {cfg.unlabeled_split!r} is too small for "
+                             f"{workers} workers; check --unlabeled-split or lower --workers")
+        if self.teacher_spec is not None:
+            too_few = ("a rank got no rows to distill on: {rows} rows in split " + repr(cfg.unlabeled_split)
+                       + " and the labelled sample for {workers} workers; check --unlabeled-split or lower --workers")
+        else:
+            too_few = ("a rank got no training rows: {rows} rows is too few for {workers} workers; "
+                       "lower --workers or raise --label-fraction")
+        check_rows(len(train), counts, self.ctx, too_few.format(rows=0, workers=workers), too_few)
+        if self.teacher_spec is None:
+            check_labels(train, self.num_classes)
+        return train, counts
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.payload["mean"] is None:  # from scratch: this data's statistics
+            return super().stats()
+        return (torch.tensor(self.payload["mean"], dtype=torch.float64),
+                torch.tensor(self.payload["std"], dtype=torch.float64))
+
+    def build(self) -> tuple[torch.nn.Module, list[dict]]:
+        cfg, payload = self.cfg, self.payload
+        model = create_model(payload["model"], self.num_classes, self.channels, **payload["model_kwargs"])
+        if payload["encoder_weights"] is not None:
+            sd = st_load(payload["encoder_weights"])
+            missing, _ = model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("head.")},
+                                               strict=False)
+            if any(not k.startswith("head.") for k in missing):
+                raise ValueError(f"encoder weights do not fit model {payload['model']!r}: missing {missing[:3]}")
+        lr_scale = cfg.encoder_lr_scale if payload["encoder_weights"] is not None else 1.0
+        return model, finetune_groups(model, cfg.weight_decay, lr_scale, cfg.linear)
+
+    def prepare(self) -> None:
+        super().prepare()
+        cfg, spec = self.cfg, self.teacher_spec
+        self.teacher = None
+        if spec is not None:
+            self.teacher = create_model(spec["model"], self.num_classes, self.channels, **spec["model_kwargs"])
+            self.teacher.load_state_dict(st_load(spec["weights"]))
+            self.teacher.to(self.device).eval().requires_grad_(False)
+            # The student's normalised input re-normalised with the teacher's statistics: both see the same view.
+            t_mean, t_std = stats_tensor(spec["mean"], self.device), stats_tensor(spec["std"], self.device)
+            self.t_scale, self.t_shift = self.std / t_std, (self.mean - t_mean) / t_std
+            self.distill_loss = DistillationLoss(cfg.distill_temperature)
+        if self.semi:
+            self.strong = BatchAugment(cfg.strong_augment)
+            self.fixmatch = FixMatchLoss(cfg.confidence)
+        self.pool_gen = torch.Generator()
+        self.mask_rates: list[float] = []
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.pool_gen.manual_seed(self.cfg.seed * 100019 + epoch * 1013 + self.ctx.rank)
+        self.mask_rates.clear()
+
+    def step_loss(self, b: torch.Tensor) -> torch.Tensor:
+        if self.teacher is None and not self.semi:
+            return super().step_loss(b)
+        cfg, mean, std, device = self.cfg, self.mean, self.std, self.device
+        x = to_input(self.rows.images[b], mean, std, device, self.channels_last, self.augment, self.gen)
+        if self.teacher is not None:
             with torch.no_grad():
-                target = teacher(x * t_scale + t_shift)
-            return distill_loss(net(x), target)
-        y = train.labels[b].to(device)
-        if not semi:
-            return loss_fn(net(x), y)
-        u = pool.images[torch.randint(len(pool), (cfg.unlabeled_ratio * len(b),), generator=pool_gen)]
-        x_weak = to_input(u, mean, std, device, False, augment, gen)
-        x_strong = to_input(u, mean, std, device, False, strong, gen)
+                target = self.teacher(x * self.t_scale + self.t_shift)
+            return self.distill_loss(self.net(x), target)
+        y = self.rows.labels[b].to(device)
+        u = self.pool.images[torch.randint(len(self.pool), (cfg.unlabeled_ratio * len(b),), generator=self.pool_gen)]
+        x_weak = to_input(u, mean, std, device, self.channels_last, self.augment, self.gen)
+        x_strong = to_input(u, mean, std, device, self.channels_last, self.strong, self.gen)
         # One forward over labelled, weak and strong images, as the paper does: BatchNorm's batch and
         # running statistics then describe the same mixture in training and at evaluation. (Pseudo-
         # labelling the weak view in a separate pass let the strong views dominate the statistics of
         # the labelled images' batch: -3 points at 1% of Fashion-MNIST.) The weak logits are detached
         # inside FixMatchLoss.
         n, m = len(b), len(u)
-        logits = net(torch.cat([x, x_weak, x_strong]))
-        loss = loss_fn(logits[:n], y) + cfg.consistency_weight * fixmatch(logits[n + m:], logits[n : n + m])
-        mask_rates.append(fixmatch.last_mask_rate)
+        logits = self.net(torch.cat([x, x_weak, x_strong]))
+        loss = self.loss_fn(logits[:n], y) + cfg.consistency_weight * self.fixmatch(logits[n + m:], logits[n : n + m])
+        self.mask_rates.append(self.fixmatch.last_mask_rate)
         return loss
 
-    for epoch in range(start_epoch, cfg.epochs):
-        gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + ctx.rank)
-        pool_gen.manual_seed(cfg.seed * 100019 + epoch * 1013 + ctx.rank)
-        mask_rates.clear()
-        idx = epoch_indices(len(train), steps, local_batch, cfg.seed, epoch, ctx.rank)
-        net.train(not cfg.linear)  # linear evaluation: BN statistics and dropout of the encoder stay frozen
-        train_loss, lr, epoch_time = run_epoch(optimizer, step_loss, idx, epoch, cfg.lr, cfg.schedule,
-                                               steps * cfg.epochs, int(cfg.warmup_epochs * steps), log)
-        last = epoch + 1 == cfg.epochs
-        ev = torch.zeros(3, dtype=torch.float64)
-        if counts[1] > 0 and (last or (epoch + 1) % payload["eval_every"] == 0):
-            c, n, ls = evaluate_shard(model, evals, mean, std, device, False)
-            ev = D.all_reduce_sum(torch.tensor([c, n, ls], dtype=torch.float64))
-        row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5),
-               "test_acc": round(float(ev[0] / ev[1]), 5) if ev[1] > 0 else None,
-               "test_loss": round(float(ev[2] / ev[1]), 5) if ev[1] > 0 else None,
-               "epoch_time_s": round(epoch_time, 3), "lr": lr}
-        scalars = {"loss/train": train_loss, "accuracy/test": row["test_acc"], "lr": lr}
-        if semi:  # share of the unlabelled images confident enough to train on, over all ranks
-            rate = D.all_reduce_sum(torch.tensor([sum(mask_rates), len(mask_rates)], dtype=torch.float64))
-            row["pseudo_label_rate"] = scalars["fixmatch/pseudo_label_rate"] = round(
+    def eval_due(self, epoch: int) -> bool:
+        return epoch + 1 == self.cfg.epochs or (epoch + 1) % self.payload["eval_every"] == 0
+
+    def end_epoch(self, epoch: int) -> tuple[dict[str, Any], dict[str, float | None]]:
+        fields, scalars = super().end_epoch(epoch)
+        if self.semi:  # share of the unlabelled images confident enough to train on, over all ranks
+            rate = D.all_reduce_sum(torch.tensor([sum(self.mask_rates), len(self.mask_rates)], dtype=torch.float64))
+            fields["pseudo_label_rate"] = scalars["fixmatch/pseudo_label_rate"] = round(
                 float(rate[0] / max(1.0, float(rate[1]))), 4)
-        history.append(row)
-        log.epoch_end(row, scalars, net, optimizer, {"history": history})
-    log.close()
-    if not ctx.is_main:
-        return None
-    for p in model.parameters():
-        p.requires_grad_(True)
-    weights = st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-    return D.encode_result({"history": history, "mean": mean_v.tolist(), "std": std_v.tolist(),
-                            "train_rows": int(counts[0]), "eval_rows": int(counts[1]), "start_epoch": start_epoch},
-                           {"weights": weights})
+        return fields, scalars
+
+    def result(self) -> tuple[dict[str, Any], dict[str, bytes]]:
+        for p in self.module.parameters():
+            p.requires_grad_(True)
+        return super().result()
 
 
 def projector_neck(encoder_dir: str, layers: int) -> tuple[dict[str, torch.Tensor], list[int]]:
     """The first ``layers`` FC + BN layers of ``encoder_dir``'s pretraining projector, renamed to
     the keys of ``ImageModel.attach_neck`` (both are ``ssl.heads._block`` layers: Linear, BN, ReLU),
     and their widths."""
-    from safetensors.torch import load_file
-
-    from sparkvision.ssl.pretrain import PROJECTOR_FILE
-
     path = os.path.join(encoder_dir, PROJECTOR_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: --projector-layers needs an encoder written by "
@@ -240,6 +221,81 @@ def projector_neck(encoder_dir: str, layers: int) -> tuple[dict[str, torch.Tenso
     return out, dims
 
 
+def check_modes(cfg: FinetuneConfig, encoder: str | None, teacher: str | None) -> None:
+    """Refuse combinations of encoder, teacher, linear evaluation and FixMatch that make no sense."""
+    if encoder is None and cfg.linear:
+        raise ValueError("--linear needs --encoder (a linear probe of random weights is not a baseline)")
+    if teacher is not None and cfg.linear:
+        raise ValueError("--teacher distils into a whole student; it cannot be combined with --linear")
+    semi = cfg.consistency_weight > 0
+    if teacher is not None and semi:
+        raise ValueError("--teacher (distillation) and --consistency-weight (FixMatch) are two ways to use the "
+                         "unlabelled pool; pick one")
+    if (teacher is not None or semi) and cfg.eval_split and cfg.unlabeled_split == cfg.eval_split:
+        raise ValueError(f"unlabeled_split {cfg.unlabeled_split!r} is also the eval split: training on the "
+                         "rows that are scored would leak them; pick another --unlabeled-split or --eval-split")
+    if encoder is None and cfg.projector_layers:
+        raise ValueError("projector_layers needs --encoder (a pretraining run's projector)")
+
+
+def teacher_payload(teacher: str, table: str, num_classes: int) -> dict[str, Any]:
+    """The teacher model directory as the ranks need it (weights as safetensors bytes)."""
+    tm = load_model_dir(teacher)
+    if tm.spec.num_classes != num_classes:
+        raise ValueError(f"teacher {teacher} predicts {tm.spec.num_classes} classes but table {table} has "
+                         f"{num_classes}")
+    return {"model": tm.spec.model, "model_kwargs": dict(tm.spec.model_kwargs),
+            "mean": list(tm.preprocess.mean), "std": list(tm.preprocess.std),
+            "channels": tm.preprocess.channels, "size": list(tm.preprocess.size),
+            "weights": st_save({k: v.contiguous() for k, v in tm.model.state_dict().items()})}
+
+
+def finetune_rows(df: DataFrame, cfg: FinetuneConfig, table: str, distill: bool) -> DataFrame:
+    """The rows the ranks get: the labelled sample, the unlabelled pool (renamed ``POOL_SPLIT``;
+    distillation trains on the pool alone, the labelled sample included) and the eval rows."""
+    train_rows = sample_label_fraction(df.where(F.col("split") == cfg.train_split), cfg.label_fraction,
+                                       cfg.sample_seed)
+    parts = [train_rows]
+    if distill or cfg.consistency_weight > 0:
+        pool = df.where(F.col("split") == cfg.unlabeled_split)
+        if not pool.limit(1).count():  # a typo would otherwise train on the labelled sample alone
+            have = sorted(r[0] for r in df.select("split").distinct().limit(50).collect())
+            raise ValueError(f"table {table} has no rows in split {cfg.unlabeled_split!r} (--unlabeled-split); "
+                             f"its splits: {', '.join(map(str, have))}")
+        if distill and cfg.unlabeled_split != cfg.train_split:
+            pool = pool.unionByName(train_rows)  # distillation: the labelled sample is part of the pool
+        pool = pool.withColumn("split", F.lit(POOL_SPLIT))
+        parts = [pool] if distill else [train_rows, pool]
+    if cfg.eval_split:
+        parts.append(df.where(F.col("split") == cfg.eval_split))
+    data = parts[0]
+    for part in parts[1:]:
+        data = data.unionByName(part)
+    return data
+
+
+def student_payload(encoder: str | None, cfg: FinetuneConfig,
+                    data: DataFrame) -> tuple[int, tuple[int, int], dict[str, Any]]:
+    """``(channels, size, payload)``: the student's input and its model, preprocessing and starting
+    weights: the encoder's (with ``cfg.projector_layers`` of its projector as a neck), or
+    ``cfg.model`` from scratch (statistics from the data)."""
+    if encoder is None:
+        channels, size = infer_image_spec(data)
+        model_kwargs = model_kwargs_for(cfg.model, cfg.model_kwargs, size[0])
+        return channels, size, {"model": cfg.model, "model_kwargs": model_kwargs, "mean": None, "std": None,
+                                "encoder_weights": None}
+    lm = load_model_dir(encoder)
+    model_kwargs = dict(lm.spec.model_kwargs)
+    enc_sd = {k: v.contiguous() for k, v in lm.model.state_dict().items()}
+    if cfg.projector_layers:
+        neck_sd, dims = projector_neck(encoder, cfg.projector_layers)
+        enc_sd.update(neck_sd)
+        model_kwargs["neck"] = dims
+    return lm.preprocess.channels, tuple(lm.preprocess.size), {
+        "model": lm.spec.model, "model_kwargs": model_kwargs, "mean": list(lm.preprocess.mean),
+        "std": list(lm.preprocess.std), "encoder_weights": st_save(enc_sd)}
+
+
 def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = None,
              cfg: FinetuneConfig | None = None, eval_every: int = 5, teacher: str | None = None) -> dict[str, Any]:
     """Fine-tune (or, with ``cfg.linear``, linearly evaluate) the encoder model directory
@@ -254,103 +310,33 @@ def finetune(spark: SparkSession, table: str, out: str, encoder: str | None = No
     FixMatch's loss on images drawn from the ``cfg.unlabeled_split`` rows (their labels, if any,
     are never read).
     """
-    from safetensors.torch import save as st_save
-
     cfg = cfg or FinetuneConfig()
     cfg.validate()
-    if encoder is None and cfg.linear:
-        raise ValueError("--linear needs --encoder (a linear probe of random weights is not a baseline)")
-    if teacher is not None and cfg.linear:
-        raise ValueError("--teacher distils into a whole student; it cannot be combined with --linear")
-    semi = cfg.consistency_weight > 0
-    if teacher is not None and semi:
-        raise ValueError("--teacher (distillation) and --consistency-weight (FixMatch) are two ways to use the "
-                         "unlabelled pool; pick one")
-    if (teacher is not None or semi) and cfg.eval_split and cfg.unlabeled_split == cfg.eval_split:
-        raise ValueError(f"unlabeled_split {cfg.unlabeled_split!r} is also the eval split: training on the "
-                         "rows that are scored would leak them; pick another --unlabeled-split or --eval-split")
+    check_modes(cfg, encoder, teacher)
     timer = Timer()
-    meta = read_meta(spark, table)
-    class_names = meta.class_names
+    class_names = read_meta(spark, table).class_names
     if len(class_names) < 2:
         raise ValueError(f"table {table} has {len(class_names)} classes; fine-tuning needs at least 2")
-    teacher_spec = None
-    if teacher is not None:
-        tm = load_model_dir(teacher)
-        if tm.spec.num_classes != len(class_names):
-            raise ValueError(f"teacher {teacher} predicts {tm.spec.num_classes} classes but table {table} has "
-                             f"{len(class_names)}")
-        teacher_spec = {"model": tm.spec.model, "model_kwargs": dict(tm.spec.model_kwargs),
-                        "mean": list(tm.preprocess.mean), "std": list(tm.preprocess.std),
-                        "channels": tm.preprocess.channels, "size": list(tm.preprocess.size),
-                        "weights": st_save({k: v.contiguous() for k, v in tm.model.state_dict().items()})}
-    df = read_table(spark, table)
-    train_rows = sample_label_fraction(df.where(F.col("split") == cfg.train_split), cfg.label_fraction,
-                                       cfg.sample_seed)
-    parts = [train_rows]
-    if teacher is not None or semi:
-        pool = df.where(F.col("split") == cfg.unlabeled_split)
-        if not pool.limit(1).count():  # a typo would otherwise train on the labelled sample alone
-            have = sorted(r[0] for r in df.select("split").distinct().limit(50).collect())
-            raise ValueError(f"table {table} has no rows in split {cfg.unlabeled_split!r} (--unlabeled-split); "
-                             f"its splits: {', '.join(map(str, have))}")
-        if teacher is not None and cfg.unlabeled_split != cfg.train_split:
-            pool = pool.unionByName(train_rows)  # distillation: the labelled sample is part of the pool
-        pool = pool.withColumn("split", F.lit(POOL_SPLIT))
-        parts = [pool] if teacher is not None else [train_rows, pool]
-    if cfg.eval_split:
-        parts.append(df.where(F.col("split") == cfg.eval_split))
-    data = parts[0]
-    for part in parts[1:]:
-        data = data.unionByName(part)
-
-    out, ckpt_dir = prepare_out(out, cfg.resume)
-
-    if encoder is not None:
-        lm = load_model_dir(encoder)
-        model_name, model_kwargs = lm.spec.model, dict(lm.spec.model_kwargs)
-        channels, size = lm.preprocess.channels, lm.preprocess.size
-        mean, std = list(lm.preprocess.mean), list(lm.preprocess.std)
-        enc_sd = {k: v.contiguous() for k, v in lm.model.state_dict().items()}
-        if cfg.projector_layers:
-            neck_sd, dims = projector_neck(encoder, cfg.projector_layers)
-            enc_sd.update(neck_sd)
-            model_kwargs["neck"] = dims
-        enc_weights = st_save(enc_sd)
-    else:
-        if cfg.projector_layers:
-            raise ValueError("projector_layers needs --encoder (a pretraining run's projector)")
-        tcfg = TrainConfig(model=cfg.model, model_kwargs=cfg.model_kwargs)
-        channels, size = infer_image_spec(data, tcfg)
-        model_name, model_kwargs = cfg.model, model_kwargs_for(cfg.model, cfg.model_kwargs, size[0])
-        mean = std = None
-        enc_weights = None
-    if teacher_spec is not None and (teacher_spec["channels"] != channels or tuple(teacher_spec["size"]) != tuple(size)):
+    teacher_spec = teacher_payload(teacher, table, len(class_names)) if teacher is not None else None
+    data = finetune_rows(read_table(spark, table), cfg, table, distill=teacher is not None)
+    channels, size, student = student_payload(encoder, cfg, data)
+    if teacher_spec is not None and (teacher_spec["channels"] != channels or tuple(teacher_spec["size"]) != size):
         raise ValueError(f"teacher {teacher} takes {teacher_spec['channels']}x{teacher_spec['size']} images but the "
                          f"student takes {channels}x{list(size)}")
-    payload = {"cfg": cfg.to_json(), "out": out, "checkpoint_dir": ckpt_dir, "channels": channels, "size": list(size),
-               "num_classes": len(class_names), "model": model_name, "model_kwargs": model_kwargs, "mean": mean,
-               "std": std, "encoder_weights": enc_weights, "eval_every": max(1, eval_every), "teacher": teacher_spec}
-    with open(os.path.join(out, "finetune_config.json"), "w") as f:
-        json.dump({**cfg.to_json(), "encoder": encoder, "teacher": teacher, "model": model_name}, f, indent=2)
-    result = run_with_progress(spark, data.select("image", "label", "split"), cfg.workers, _rank_finetune, payload,
-                               out, threads_per_rank=cfg.threads_per_rank, label="finetune")
-    info, blobs = D.decode_result(result)
-    from safetensors.torch import load as st_load
-
-    model = create_model(model_name, len(class_names), channels, **model_kwargs)
-    model.load_state_dict(st_load(blobs["weights"]))
+    out, ckpt_dir = prepare_out(out, cfg.resume)
+    payload = rank_payload(cfg, out, ckpt_dir, channels, size, len(class_names), eval_every=max(1, eval_every),
+                           teacher=teacher_spec, **student)
+    info, blobs = launch(spark, data, cfg, FinetuneRank.main, payload, "finetune_config.json",
+                         {**cfg.to_json(), "encoder": encoder, "teacher": teacher, "model": student["model"]},
+                         label="finetune")
     history = info["history"]
     last = history[-1] if history else {}
     metrics = {"test_acc": last.get("test_acc"), "train_loss": last.get("train_loss"),
                "mode": "distill" if teacher else ("linear" if cfg.linear else ("finetune" if encoder else "scratch")),
-               "fixmatch": semi,
-               "teacher": teacher,
-               "label_fraction": cfg.label_fraction, "train_rows": info["train_rows"], "eval_rows": info["eval_rows"],
-               "epochs": len(history), "encoder": encoder, "wall_s": round(timer.elapsed, 3),
+               "fixmatch": cfg.consistency_weight > 0, "teacher": teacher, "label_fraction": cfg.label_fraction,
+               "train_rows": info["train_rows"], "eval_rows": info["eval_rows"], "encoder": encoder,
                "train_time_s": round(sum(h["epoch_time_s"] for h in history), 1),
-               "resumed_from_epoch": info["start_epoch"]}
-    save_model_dir(out, model, ModelSpec(model_name, len(class_names), channels, model_kwargs), class_names,
-                   Preprocess(channels=channels, size=size, mean=tuple(info["mean"]), std=tuple(info["std"])),
-                   {**metrics, "history": history})
+               **run_metrics(info, timer, cfg.workers)}
+    save_trained(out, ModelSpec(student["model"], len(class_names), channels, student["model_kwargs"]),
+                 blobs["weights"], class_names, size, info, {**metrics, "history": history})
     return {"model_dir": out, **metrics, "history": history}

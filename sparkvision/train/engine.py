@@ -1,4 +1,5 @@
-"""Supervised data-parallel training on Spark: the driver side (:func:`train`) and the per-rank loop.
+"""Supervised data-parallel training on Spark: the driver side (:func:`train`) and the rank's
+method (:class:`SupervisedRank`, on the skeleton of :mod:`sparkvision.train.rank`).
 
 Each rank decodes its shard of the image table once, then runs epochs over in-memory uint8 tensors
 exactly like a plain PyTorch loop; DDP all-reduces gradients between ranks. Rank 0 writes
@@ -6,32 +7,35 @@ checkpoints, TensorBoard events, ``metrics.jsonl`` and a ``progress.json`` the d
 the live progress bar, and returns the final weights to the driver, which writes the model
 directory. ``OUT`` must be on storage every executor can reach (a shared or local path for
 local / local-cluster masters; a mounted shared file system on a multi-node cluster).
+:class:`ClassifierRank` is what fine-tuning (``ssl.finetune``) shares with it.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import time
-from collections.abc import Iterator
 from typing import Any
 
-import pyarrow as pa
 import torch
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from sparkvision.spark import distributed as D
-from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
-from sparkvision.models import create_model, model_kwargs_for
-from sparkvision.spark.progress import Timer
 from sparkvision.data.table import read_meta, read_table
+from sparkvision.models import create_model, model_kwargs_for
+from sparkvision.models.modeldir import ModelSpec
+from sparkvision.spark import distributed as D
+from sparkvision.spark.progress import Timer
 from sparkvision.train.augment import BatchAugment
-from sparkvision.train.checkpoint import load_checkpoint
 from sparkvision.train.config import TrainConfig
-from sparkvision.train.data import Shard, decode_shard, epoch_indices, pixel_stats, split_mask, steps_per_epoch
-from sparkvision.train.loop import RankLog, prepare_out, run_epoch, run_with_progress
-from sparkvision.train.optim import build_optimizer, param_groups
+from sparkvision.train.data import Shard, split_mask
+from sparkvision.train.driver import (
+    infer_image_spec,
+    launch,
+    prepare_out,
+    rank_payload,
+    run_metrics,
+    save_trained,
+)
+from sparkvision.train.optim import param_groups
+from sparkvision.train.rank import RankTraining, check_rows
 from sparkvision.transforms.preprocess import normalize, to_unit
 
 
@@ -62,119 +66,66 @@ def evaluate_shard(model: torch.nn.Module, shard: Shard, mean, std, device, chan
     return correct, total, loss_sum
 
 
-def _rank_main(ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payload: dict[str, Any]) -> bytes | None:
-    from safetensors.torch import save as st_save
-    from torch.nn.parallel import DistributedDataParallel as DDP
+def check_labels(rows: Shard, num_classes: int) -> None:
+    """A label beyond the table's classes would fail deep inside the loss; name it instead."""
+    if len(rows) and int(rows.labels.max()) >= num_classes:
+        raise ValueError(f"label {int(rows.labels.max())} is out of range for {num_classes} classes")
 
-    cfg = TrainConfig.from_json(payload["cfg"])
-    channels, size, num_classes = payload["channels"], tuple(payload["size"]), payload["num_classes"]
-    device = ctx.device
-    t_load = time.perf_counter()
-    shard, splits = decode_shard(batches, channels, size)
-    labelled = shard.labels >= 0
-    train = shard.subset(split_mask(splits, cfg.train_split) & labelled)
-    evals = shard.subset(split_mask(splits, cfg.eval_split) & labelled)
-    del shard
-    if len(train) and int(train.labels.max()) >= num_classes:
-        raise ValueError(f"label {int(train.labels.max())} is out of range for {num_classes} classes")
-    counts = D.all_reduce_sum(torch.tensor([len(train), len(evals)], dtype=torch.float64))
-    least = D.all_reduce_min(torch.tensor([len(train)], dtype=torch.float64))
-    if counts[0] == 0:
-        raise ValueError(f"no labelled rows in split {cfg.train_split!r} to train on")
-    if least[0] == 0:
-        raise ValueError(f"a rank got no training rows: {int(counts[0])} rows is too few for {ctx.world_size} workers")
-    mean_v, std_v = pixel_stats(train.images, channels)  # the preprocessing spec, over all ranks
-    load_s = time.perf_counter() - t_load
 
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes, channels, **payload["model_kwargs"])
-    optimizer = build_optimizer(param_groups(model, cfg.weight_decay), cfg.optimizer, cfg.lr, cfg.weight_decay,
-                                cfg.momentum)
-    start_epoch, history = 0, []
-    if cfg.resume or ctx.attempt > 0:
-        meta = load_checkpoint(payload["checkpoint_dir"], model, optimizer)
-        if meta is not None:
-            start_epoch, history = int(meta["epoch"]), list(meta.get("history", []))
-            mean_v, std_v = torch.tensor(meta["mean"], dtype=torch.float64), torch.tensor(meta["std"], dtype=torch.float64)
-    model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net = DDP(model) if ctx.world_size > 1 else model
-    mean = mean_v.float().view(1, -1, 1, 1).to(device)
-    std = std_v.float().view(1, -1, 1, 1).to(device)
+class ClassifierRank(RankTraining):
+    """A rank training a classifier: augmented labelled rows, cross-entropy, accuracy on ``evals``
+    (the second of the global ``counts``) after the epochs :meth:`eval_due` names."""
 
-    local_batch = cfg.batch_size // ctx.world_size
-    steps = steps_per_epoch(int(counts[0]), cfg.batch_size)
-    augment = BatchAugment(cfg.augment)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    autocast = device.type if cfg.bf16 and device.type == "cuda" else None
-    log = RankLog(ctx, payload["out"], payload["checkpoint_dir"], cfg.epochs, steps, cfg.batch_size, start_epoch,
-                  cfg.keep_checkpoints)
-    aug_gen = torch.Generator()
+    evals: Shard
 
-    def step_loss(b: torch.Tensor) -> torch.Tensor:
-        x = to_input(train.images[b], mean, std, device, cfg.channels_last, augment, aug_gen)
-        return loss_fn(net(x), train.labels[b].to(device, non_blocking=True))
+    def prepare(self) -> None:
+        self.augment = BatchAugment(self.cfg.augment)
+        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        aug_gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + ctx.rank)
-        idx = epoch_indices(len(train), steps, local_batch, cfg.seed, epoch, ctx.rank)
-        net.train()
-        train_loss, lr, epoch_time = run_epoch(optimizer, step_loss, idx, epoch, cfg.lr, cfg.schedule,
-                                               steps * cfg.epochs, int(cfg.warmup_epochs * steps), log, autocast)
-        ev = torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64)
-        if counts[1] > 0:
-            c, n, ls = evaluate_shard(model, evals, mean, std, device, cfg.channels_last)
+    def step_loss(self, b: torch.Tensor) -> torch.Tensor:
+        x = to_input(self.rows.images[b], self.mean, self.std, self.device, self.channels_last, self.augment, self.gen)
+        return self.loss_fn(self.net(x), self.rows.labels[b].to(self.device, non_blocking=True))
+
+    def eval_due(self, epoch: int) -> bool:
+        return True
+
+    def end_epoch(self, epoch: int) -> tuple[dict[str, Any], dict[str, float | None]]:
+        ev = torch.zeros(3, dtype=torch.float64)
+        if self.counts[1] > 0 and self.eval_due(epoch):
+            c, n, ls = evaluate_shard(self.module, self.evals, self.mean, self.std, self.device, self.channels_last)
             ev = D.all_reduce_sum(torch.tensor([c, n, ls], dtype=torch.float64))
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": round(train_loss, 5),
-            "test_acc": round(float(ev[0] / ev[1]), 5) if ev[1] > 0 else None,
-            "test_loss": round(float(ev[2] / ev[1]), 5) if ev[1] > 0 else None,
-            "images_per_s": round(steps * cfg.batch_size / epoch_time, 1),
-            "epoch_time_s": round(epoch_time, 3),
-            "lr": lr,
-        }
-        history.append(row)
-        log.epoch_end(row, {"loss/train": train_loss, "accuracy/test": row["test_acc"], "loss/test": row["test_loss"],
-                            "throughput/images_per_s": row["images_per_s"], "throughput/epoch_time_s": epoch_time,
-                            "lr": lr},
-                      net, optimizer, {"history": history, "mean": mean_v.tolist(), "std": std_v.tolist()})
-    log.close()
-    if not ctx.is_main:
-        return None
-    weights = st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-    return D.encode_result(
-        {
-            "history": history,
-            "mean": mean_v.tolist(),
-            "std": std_v.tolist(),
-            "train_rows": int(counts[0]),
-            "eval_rows": int(counts[1]),
-            "load_s": round(load_s, 3),
-            "steps_per_epoch": steps,
-            "threads_per_rank": ctx.threads,
-            "start_epoch": start_epoch,
-        },
-        {"weights": weights},
-    )
+        acc = round(float(ev[0] / ev[1]), 5) if ev[1] > 0 else None
+        loss = round(float(ev[2] / ev[1]), 5) if ev[1] > 0 else None
+        return {"test_acc": acc, "test_loss": loss}, {"accuracy/test": acc, "loss/test": loss}
+
+    def result(self) -> tuple[dict[str, Any], dict[str, bytes]]:
+        info, blobs = super().result()
+        return {**info, "train_rows": int(self.counts[0]), "eval_rows": int(self.counts[1])}, blobs
 
 
-def infer_image_spec(df: DataFrame, cfg: TrainConfig) -> tuple[int, tuple[int, int]]:
-    """Channels and size from the data when the config leaves them open (a tiny aggregate)."""
-    channels = cfg.channels
-    size = cfg.image_size
-    if channels is None or size is None:
-        agg = df.groupBy("height", "width").agg(F.count("*").alias("n"), F.max("channels").alias("c"))
-        rows = agg.orderBy(F.desc("n")).limit(1).collect()
-        if not rows:
-            raise ValueError("the table has no rows to train on")
-        if size is None:
-            size = (int(rows[0].height), int(rows[0].width))
-        if channels is None:
-            max_c = df.agg(F.max("channels")).first()[0]
-            channels = 1 if max_c == 1 else 3
-    return int(channels), (int(size[0]), int(size[1]))
+class SupervisedRank(ClassifierRank):
+    """Supervised training: ``cfg.model`` from random weights on the labelled ``train_split`` rows."""
+
+    config_class = TrainConfig
+
+    def __init__(self, ctx: D.RankContext, payload: dict[str, Any]) -> None:
+        super().__init__(ctx, payload)
+        self.channels_last, self.bf16 = self.cfg.channels_last, self.cfg.bf16
+
+    def select(self, shard: Shard, splits: list[str]) -> tuple[Shard, torch.Tensor]:
+        cfg = self.cfg
+        labelled = shard.labels >= 0
+        train = shard.subset(split_mask(splits, cfg.train_split) & labelled)
+        self.evals = shard.subset(split_mask(splits, cfg.eval_split) & labelled)
+        check_labels(train, self.num_classes)
+        counts = D.all_reduce_sum(torch.tensor([len(train), len(self.evals)], dtype=torch.float64))
+        check_rows(len(train), counts, self.ctx, f"no labelled rows in split {cfg.train_split!r} to train on",
+                   "a rank got no training rows: {rows} rows is too few for {workers} workers")
+        return train, counts
+
+    def build(self) -> tuple[torch.nn.Module, list[dict]]:
+        model = create_model(self.cfg.model, self.num_classes, self.channels, **self.payload["model_kwargs"])
+        return model, param_groups(model, self.cfg.weight_decay)
 
 
 def train(spark: SparkSession, table: str, out: str, cfg: TrainConfig | None = None) -> dict[str, Any]:
@@ -197,48 +148,15 @@ def train_df(
     cfg.validate()
     timer = Timer()
     out, ckpt_dir = prepare_out(out, cfg.resume)
-    channels, size = infer_image_spec(df, cfg)
+    channels, size = infer_image_spec(df, cfg.channels, cfg.image_size)
     model_kwargs = model_kwargs_for(cfg.model, cfg.model_kwargs, size[0])
-    payload = {
-        "model_kwargs": model_kwargs,
-        "cfg": cfg.to_json(),
-        "out": out,
-        "checkpoint_dir": ckpt_dir,
-        "channels": channels,
-        "size": list(size),
-        "num_classes": len(class_names),
-    }
-    with open(os.path.join(out, "train_config.json"), "w") as f:
-        json.dump({**cfg.to_json(), "channels": channels, "image_size": list(size)}, f, indent=2)
-    result = run_with_progress(spark, df.select("image", "label", "split"), cfg.workers, _rank_main, payload, out,
-                               threads_per_rank=cfg.threads_per_rank, repartition=repartition)
-    info, blobs = D.decode_result(result)
-    from safetensors.torch import load as st_load
-
-    model = create_model(cfg.model, len(class_names), channels, **model_kwargs)
-    model.load_state_dict(st_load(blobs["weights"]))
+    payload = rank_payload(cfg, out, ckpt_dir, channels, size, len(class_names), model_kwargs=model_kwargs)
+    info, blobs = launch(spark, df, cfg, SupervisedRank.main, payload, "train_config.json",
+                         {**cfg.to_json(), "channels": channels, "image_size": list(size)}, repartition=repartition)
     history = info["history"]
     last = history[-1] if history else {}
-    metrics = {
-        "test_acc": last.get("test_acc"),
-        "train_loss": last.get("train_loss"),
-        "epochs": len(history),
-        "history": history,
-        "train_rows": info["train_rows"],
-        "eval_rows": info["eval_rows"],
-        "images_per_s": round(sum(h["images_per_s"] for h in history) / max(1, len(history)), 1),
-        "data_load_s": info["load_s"],
-        "wall_s": round(timer.elapsed, 3),
-        "workers": cfg.workers,
-        "threads_per_rank": info["threads_per_rank"],
-        "resumed_from_epoch": info["start_epoch"],
-    }
-    save_model_dir(
-        out,
-        model,
-        ModelSpec(cfg.model, len(class_names), channels, model_kwargs),
-        class_names,
-        Preprocess(channels=channels, size=size, mean=tuple(info["mean"]), std=tuple(info["std"])),
-        metrics,
-    )
+    metrics = {"test_acc": last.get("test_acc"), "train_loss": last.get("train_loss"), "history": history,
+               "train_rows": info["train_rows"], "eval_rows": info["eval_rows"], **run_metrics(info, timer, cfg.workers)}
+    save_trained(out, ModelSpec(cfg.model, len(class_names), channels, model_kwargs), blobs["weights"], class_names,
+                 size, info, metrics)
     return {"model_dir": out, **{k: v for k, v in metrics.items() if k != "history"}, "history": history}

@@ -1,29 +1,23 @@
-"""What every training loop on Spark shares: supervised training, self-supervised pretraining and
-fine-tuning differ only in their step's loss and their end-of-epoch evaluation.
+"""The epoch of a rank and its record, shared by every training method (see ``train.rank``).
 
-Driver side: :func:`prepare_out` (a fresh run clears stale outputs, ``resume`` needs a
-checkpoint) and :func:`run_with_progress` (the barrier job, with a live progress bar fed by the
-``progress.json`` rank 0 writes). Rank side: :func:`run_epoch` (the optimisation loop over one
-epoch plan) and :class:`RankLog` (progress file, TensorBoard, ``metrics.jsonl`` and checkpoints,
-written by rank 0 only; every rank waits for the checkpoint before the next epoch).
+:func:`run_epoch` is the optimisation loop over one epoch plan; :class:`RankLog` writes the
+progress file the driver's bar polls, TensorBoard events, ``metrics.jsonl`` and checkpoints, all
+by rank 0 only (every rank waits for the checkpoint before the next epoch).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from pyspark.sql import DataFrame, SparkSession
+from torch.utils.tensorboard import SummaryWriter
 
 from sparkvision.spark import distributed as D
-from sparkvision.spark.progress import step_progress
-from sparkvision.train.checkpoint import list_checkpoints, save_checkpoint
+from sparkvision.train.checkpoint import save_checkpoint
 from sparkvision.train.optim import lr_factor, set_lr
 
 PROGRESS_FILE = "progress.json"
@@ -38,60 +32,6 @@ def write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def prepare_out(out: str, resume: bool) -> tuple[str, str]:
-    """``(out, checkpoint_dir)`` as absolute paths. A fresh run removes the outputs of an earlier
-    one (its checkpoints would otherwise be resumed by a retried task); ``resume`` needs one."""
-    out = os.path.abspath(out)
-    ckpt_dir = os.path.join(out, "checkpoints")
-    if not resume:
-        for stale in ("checkpoints", "tensorboard"):
-            shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
-        for stale in (METRICS_FILE, PROGRESS_FILE):
-            if os.path.exists(os.path.join(out, stale)):
-                os.remove(os.path.join(out, stale))
-    elif not list_checkpoints(ckpt_dir):
-        raise ValueError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
-    os.makedirs(out, exist_ok=True)
-    return out, ckpt_dir
-
-
-def _follow_progress(out: str, stop: threading.Event, label: str) -> None:
-    path = os.path.join(out, PROGRESS_FILE)
-    with step_progress(label, None) as advance:
-        while not stop.wait(0.5):
-            try:
-                with open(path) as f:
-                    p = json.load(f)
-            except (OSError, ValueError):
-                continue
-            done = (p["epoch"] - 1) * p["steps"] + p["step"]
-            advance(completed=done, note=f"epoch {p['epoch']}/{p['epochs']} loss {p['loss']:.3f} "
-                                         f"{p['images_per_s']:.0f} img/s")
-
-
-def run_with_progress(
-    spark: SparkSession,
-    df: DataFrame,
-    workers: int,
-    rank_fn: Callable[..., bytes | None],
-    payload: dict[str, Any],
-    out: str,
-    threads_per_rank: int | None = None,
-    repartition: bool = True,
-    label: str = "train",
-) -> bytes:
-    """:func:`sparkvision.spark.distributed.run_on_barrier` with a progress bar that follows ``out``."""
-    stop = threading.Event()
-    follower = threading.Thread(target=_follow_progress, args=(out, stop, label), daemon=True)
-    follower.start()
-    try:
-        return D.run_on_barrier(spark, df, workers, rank_fn, payload, threads_per_rank=threads_per_rank,
-                                repartition=repartition)
-    finally:
-        stop.set()
-        follower.join(timeout=2)
-
-
 class RankLog:
     """Rank 0's record of a run; the other ranks only join the checkpoint barrier."""
 
@@ -101,8 +41,6 @@ class RankLog:
         self.epochs, self.steps, self.batch_size, self.keep = epochs, steps, batch_size, keep_checkpoints
         self.writer = None
         if ctx.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start_epoch * steps)
 
     def step(self, epoch: int, step: int, loss: torch.Tensor, elapsed: float) -> None:
