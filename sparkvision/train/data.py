@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from sparkvision.spark import distributed as D
 from sparkvision.data.images import RejectError
+from sparkvision.spark import distributed as D
 from sparkvision.transforms.preprocess import decode_image
 
 
