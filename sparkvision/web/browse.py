@@ -38,7 +38,7 @@ def _walk(roots: list[str]):
             yield dirpath, dirnames, set(filenames)
 
 
-def _read_json(path: str, default: Any = None) -> Any:
+def read_json(path: str, default: Any = None) -> Any:
     try:
         with open(path) as f:
             return json.load(f)
@@ -51,14 +51,14 @@ def is_model_dir(path: str) -> bool:
 
 
 def describe_model(path: str, roots: list[str]) -> dict[str, Any]:
-    metrics = _read_json(os.path.join(path, "metrics.json"), {}) or {}
-    evaluation = _read_json(os.path.join(path, "evaluation.json"))
+    metrics = read_json(os.path.join(path, "metrics.json"), {}) or {}
+    evaluation = read_json(os.path.join(path, "evaluation.json"))
     return {
         "name": relative_name(path, roots),
         "path": path,
-        "config": _read_json(os.path.join(path, "config.json"), {}),
-        "classes": _read_json(os.path.join(path, "classes.json"), []),
-        "preprocess": _read_json(os.path.join(path, "preprocess.json"), {}),
+        "config": read_json(os.path.join(path, "config.json"), {}),
+        "classes": read_json(os.path.join(path, "classes.json"), []),
+        "preprocess": read_json(os.path.join(path, "preprocess.json"), {}),
         "metrics": {k: v for k, v in metrics.items() if k != "history"},
         "history": metrics.get("history", []),
         "evaluation": None if evaluation is None else {
@@ -114,11 +114,11 @@ def describe_table(path: str, roots: list[str]) -> dict[str, Any]:
         "rows": sum(f.count_rows() for f in ds.get_fragments()),
         "columns": names,
     }
-    meta = _read_json(os.path.join(path, META_FILE))
+    meta = read_json(os.path.join(path, META_FILE))
     if meta:
         info["class_names"] = meta.get("class_names", [])
         info["sources"] = meta.get("sources", [])
-    extra = _read_json(os.path.join(path, "_retrieval.json"))
+    extra = read_json(os.path.join(path, "_retrieval.json"))
     if extra:
         info["retrieval"] = extra
     return info
@@ -205,7 +205,7 @@ def table_rows(path: str, offset: int, limit: int, source: str | None = None) ->
 
 def source_table_of(path: str, roots: list[str]) -> str | None:
     """The image table a derived table was made from, if it recorded one inside the data roots."""
-    meta = _read_json(os.path.join(path, "_sparkvision_source.json")) or _read_json(
+    meta = read_json(os.path.join(path, "_sparkvision_source.json")) or read_json(
         os.path.join(path, "_retrieval.json")) or {}
     src = meta.get("table")
     if isinstance(src, str):

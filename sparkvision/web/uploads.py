@@ -1,5 +1,7 @@
 """Reading uploaded images: bounded body reads and a fast path for small, plain multipart bodies.
 
+:func:`read_uploads` is what the classify and search endpoints call.
+
 ``/api/classify`` is the server's hot path, and Starlette's general form parser (python-multipart
 callbacks, a spooled temporary file per file part) costs ~50 us per small request. Browsers and
 HTTP clients send something much simpler: ``--boundary CRLF headers CRLF CRLF data CRLF
@@ -13,12 +15,95 @@ go to Starlette's streaming parser directly, as before, so a big upload is never
 
 from __future__ import annotations
 
+from typing import Any
+
 from python_multipart.multipart import parse_options_header
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from sparkvision.web.security import ApiError
+from sparkvision.web.security import ApiError, Settings
 
 FAST_MULTIPART_BYTES = 4 * 1024 * 1024  # larger multipart bodies are streamed, not held in memory
+RAW_TYPES = ("image/", "application/octet-stream")
+
+# The request body of an upload endpoint for the OpenAPI schema: those endpoints read the body
+# themselves (no FastAPI File() parameters), so the schema has to be given.
+UPLOAD_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "file": {"type": "string", "format": "binary"}}}
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+        "required": True,
+    }
+}
+
+
+async def read_uploads(request: Request, settings: Settings, field_names: tuple[str, ...],
+                       max_files: int) -> list[tuple[str, bytes]]:
+    """``(filename, bytes)`` per uploaded image: multipart fields ``field_names`` or one raw body.
+
+    Every file is bounded by ``settings.max_upload_bytes`` (413) and the whole body by
+    ``settings.max_request_bytes``; no image at all is a 422, another content type a 415.
+    """
+    ctype = request.headers.get("content-type", "")
+    limit = settings.max_upload_bytes
+    if ctype.startswith("multipart/form-data"):
+        length = request.headers.get("content-length", "")
+        parts = None
+        if length.isdigit() and int(length) <= FAST_MULTIPART_BYTES:  # small: read it, split it
+            body = await read_body(request, FAST_MULTIPART_BYTES)
+            boundary = multipart_boundary(ctype)
+            parts = parse_simple_multipart(body, boundary, max_files, max_files + 10) if boundary else None
+            if parts is None:
+                request = replay(request, body)
+        else:  # big or chunked: Starlette's parser streams it to spooled files, bounded in total
+            request = capped(request, settings.max_request_bytes)
+        if parts is not None:  # the usual shape, split without the general parser
+            out = []
+            for key, filename, data in parts:
+                if key in field_names and filename is not None:
+                    name = filename or key
+                    if len(data) > limit:
+                        raise ApiError(413, f"{name} is over the {limit:,}-byte upload limit", "too_large")
+                    out.append((name, data))
+        else:
+            out = await form_uploads(request, field_names, max_files, limit)
+        if not out:
+            raise ApiError(422, f"no image uploaded: send multipart field {' or '.join(field_names)!s}",
+                           "no_upload")
+        return out
+    if ctype.startswith(RAW_TYPES):
+        data = await read_body(request, limit)  # one image: never hold more than the per-file limit
+        if len(data) > limit:
+            raise ApiError(413, f"upload is {len(data):,} bytes; the limit is {limit:,}", "too_large")
+        return [("upload", data)]
+    raise ApiError(415, "send images as multipart/form-data (field 'files') or as a raw image/* body",
+                   "unsupported_media_type")
+
+
+async def form_uploads(request: Request, field_names: tuple[str, ...], max_files: int,
+                       limit: int) -> list[tuple[str, bytes]]:
+    """Any multipart body, through Starlette's general parser (the fallback of the fast path)."""
+    out = []
+    try:
+        async with request.form(max_files=max_files, max_fields=max_files + 10) as form:
+            for key, value in form.multi_items():
+                if key in field_names and isinstance(value, UploadFile):
+                    data = await value.read(limit + 1)
+                    name = value.filename or key
+                    if len(data) > limit:
+                        raise ApiError(413, f"{name} is over the {limit:,}-byte upload limit", "too_large")
+                    out.append((name, data))
+    except ApiError:
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed multipart is the client's error
+        raise ApiError(400, f"could not read the multipart body: {e}", "bad_upload") from None
+    return out
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -1,0 +1,69 @@
+"""``POST /api/search``: an uploaded image -> the k most similar images of the ``--index`` index."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from sparkvision.retrieval.index import features_meta
+from sparkvision.retrieval.search import SearchIndex, embed_images
+from sparkvision.web import browse
+from sparkvision.web.routes.state import StateDep
+from sparkvision.web.security import ApiError, Settings, check_image, safe_path
+from sparkvision.web.uploads import UPLOAD_OPENAPI, read_uploads
+
+router = APIRouter(tags=["inference"])
+
+
+def local(uri: str) -> str:
+    return uri.removeprefix("file://").removeprefix("file:")
+
+
+def with_thumbs(hits: list[dict[str, Any]], idx: SearchIndex, settings: Settings) -> list[dict[str, Any]]:
+    """``hits`` with a ``thumb`` each: from the index's source image table, else the file inside a data root."""
+    images: dict[str, bytes] = {}
+    src = features_meta(idx.meta.get("features", "")).get("table") if idx.meta.get("features") else None
+    if src and os.path.isdir(local(src)):
+        images = browse.images_by_content_id(local(src), [h.get("content_id") for h in hits])
+    for h in hits:
+        data = images.get(h.get("content_id"))
+        path = local(h.get("path") or "")
+        if data is None and path and os.path.isfile(path):
+            try:
+                safe_path(path, settings.data_roots, must_exist=True)
+                with open(path, "rb") as f:
+                    data = f.read(settings.max_upload_bytes)
+            except ApiError:
+                data = None
+        h["thumb"] = browse.thumbnail(data)
+    return hits
+
+
+@router.post("/api/search", openapi_extra=UPLOAD_OPENAPI)
+async def search(request: Request, sv: StateDep,
+                 k: int = Query(8, ge=1, le=200, description="Neighbours to return.")):
+    """An uploaded image (multipart field ``file`` or a raw body) -> its k most similar images."""
+    t0 = time.perf_counter()
+    settings = sv.settings
+    idx = await run_in_threadpool(sv.search_index)
+    files = await read_uploads(request, settings, ("file", "files"), 1)
+    name, data = files[0]
+    await run_in_threadpool(check_image, data, settings, name)
+    model_dir = idx.model_dir
+    if not model_dir:
+        raise ApiError(503, "the index does not record the model that made its features", "no_model")
+
+    def run() -> list[dict[str, Any]]:
+        feats, errors = embed_images(model_dir, [data])
+        if errors[0]:
+            raise ApiError(422, f"{name}: {errors[0]}", "bad_image")
+        hits = idx.results(idx.search(feats, k))[0]
+        return with_thumbs(hits, idx, settings)
+
+    hits = await run_in_threadpool(run)
+    return {"query": name, "k": k, "index": os.path.basename(settings.index_dir.rstrip("/")),
+            "neighbours": hits, "latency_ms": round(1000 * (time.perf_counter() - t0), 2)}
