@@ -14,7 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from sparkvision.ops.base import Params
 from sparkvision.web.jobs import LOG_TAIL_LINES, JobStore, utcnow
+from sparkvision.web.kinds import KINDS, Kind
+from sparkvision.web.runner import Runner
 
 
 @pytest.fixture
@@ -202,22 +205,18 @@ def test_non_finite_numbers_and_nul_characters(store):
 
 
 def test_runner_end_to_end_without_spark(job_db_url, monkeypatch):
-    """The real runner thread on this backend: claim, progress, live metrics (with a NaN), logs, result."""
-    from sparkvision.web.kinds import KINDS, Kind, Params
-    from sparkvision.web.runner import Runner
-
+    """The real runner thread on this backend: claim, progress, logs, a result with a NaN and a datetime."""
     class FakeParams(Params):
         steps: int = 3
 
-    def run_fake(spark, p, ctx):
+    def run_fake(spark, p, progress):
         for i in range(p.steps):
-            ctx.progress(100.0 * (i + 1) / p.steps, f"step {i + 1}")
-            ctx.metrics({"step": i + 1, "loss": float("nan") if i == 0 else 1.0 / (i + 1)})
-            ctx.log(f"did step {i + 1}")
+            progress.update(100.0 * (i + 1) / p.steps, f"step {i + 1}")
+            progress.log(f"did step {i + 1}")
             time.sleep(0.05)
         return {"steps": p.steps, "loss": float("nan"), "when": dt.datetime(2024, 1, 2)}
 
-    monkeypatch.setitem(KINDS, "fake", Kind("fake", FakeParams, run_fake))
+    monkeypatch.setitem(KINDS, "fake", Kind("fake", FakeParams, run_fake, "A fake job."))
     fake_spark = SimpleNamespace(sparkContext=SimpleNamespace(
         setJobGroup=lambda *a, **k: None, cancelJobGroup=lambda *a: None,
         statusTracker=lambda: SimpleNamespace(getJobIdsForGroup=lambda g: [])))

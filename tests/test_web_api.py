@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import time
@@ -14,13 +15,17 @@ import pytest
 import torch
 from conftest import make_image, write_image_folder
 from fastapi.testclient import TestClient
+from pydantic import BaseModel, PositiveInt
 
 from sparkvision.data.images import content_id
-from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
 from sparkvision.models import create_model
+from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
+from sparkvision.ops.base import ParamError, Params
 from sparkvision.web.app import create_app
 from sparkvision.web.batching import MicroBatcher
 from sparkvision.web.jobs import JobStore
+from sparkvision.web.kinds import KINDS, Kind
+from sparkvision.web.routes.errors import flags_to_fields, validation_message
 from sparkvision.web.security import ApiError, Settings, safe_path
 from sparkvision.web.uploads import parse_simple_multipart
 
@@ -373,7 +378,7 @@ def test_job_params_validated(client):
     assert_error(client.post("/api/jobs", json={"kind": "train", "params": {
         "table": "tables/tiny", "out": "models/new", "model": "vgg99"}}), 422, "not registered")
     assert_error(client.post("/api/jobs", json={"kind": "pretrain", "params": {
-        "table": "tables/tiny", "out": "models/enc", "epochs": 1}}), 422, "warmup_epochs")
+        "table": "tables/tiny", "out": "models/enc", "epochs": 1, "warmup_epochs": 5}}), 422, "warmup_epochs")
     assert_error(client.post("/api/jobs", json={"kind": "pretrain", "params": {
         "table": "tables/tiny", "out": "models/enc", "method": "byol"}}), 422, "method")
     assert_error(client.post("/api/jobs", json={"kind": "finetune", "params": {
@@ -382,22 +387,22 @@ def test_job_params_validated(client):
         "table": "tables/tiny", "out": "models/ft", "encoder": "models/cnn", "label_fraction": 0.1}})
     assert ft.status_code == 201 and ft.json()["params"]["encoder"].endswith("models/cnn")
     client.post(f"/api/jobs/{ft.json()['id']}/cancel")
-    # FixMatch fields: named ones and nested overrides (an AugmentConfig dict) are checked by the library.
+    # FixMatch fields, a nested AugmentConfig dict among them, are checked by the recipe's own model.
     assert_error(client.post("/api/jobs", json={"kind": "finetune", "params": {
         "table": "tables/tiny", "out": "models/fm", "consistency_weight": 1.0,
-        "overrides": {"strong_augment": {"cutout": 2.0}}}}), 422, "cutout")
+        "strong_augment": {"cutout": 2.0}}}), 422, "cutout")
     assert_error(client.post("/api/jobs", json={"kind": "finetune", "params": {
-        "table": "tables/tiny", "out": "models/fm", "overrides": {"confidance": 0.9}}}), 422, "confidance")
+        "table": "tables/tiny", "out": "models/fm", "confidance": 0.9}}), 422, "confidance")
     fm = client.post("/api/jobs", json={"kind": "finetune", "params": {
         "table": "tables/tiny", "out": "models/fm", "consistency_weight": 1.0, "unlabeled_split": "train",
-        "overrides": {"confidence": 0.9, "strong_augment": {"hflip": 0.5, "cutout": 0.4}}}})
+        "confidence": 0.9, "strong_augment": {"hflip": 0.5, "cutout": 0.4}}})
     assert fm.status_code == 201 and fm.json()["params"]["consistency_weight"] == 1.0
     client.post(f"/api/jobs/{fm.json()['id']}/cancel")
     assert_error(client.post("/api/jobs", json={"kind": "distill", "params": {
         "teacher": "../ft", "table": "tables/tiny", "out": "models/st"}}), 403, "..")
     assert_error(client.post("/api/jobs", json={"kind": "distill", "params": {
-        "teacher": "models/cnn", "table": "tables/tiny", "out": "models/st", "distill_temperature": 0}}), 422,
-        "distill_temperature")
+        "teacher": "models/cnn", "table": "tables/tiny", "out": "models/st", "temperature": 0}}), 422,
+        "temperature: Input should be greater than 0")
     st = client.post("/api/jobs", json={"kind": "distill", "params": {
         "teacher": "models/cnn", "table": "tables/tiny", "out": "models/st", "unlabeled_split": "train"}})
     assert st.status_code == 201 and st.json()["params"]["teacher"].endswith("models/cnn")
@@ -409,11 +414,49 @@ def test_job_params_validated(client):
 
 
 def test_unavailable_kind(client, monkeypatch):
-    from sparkvision.web.kinds import KINDS
-
-    monkeypatch.setattr(KINDS["finetune"], "module", "sparkvision.not_built_yet")
+    monkeypatch.setitem(KINDS, "finetune", dataclasses.replace(KINDS["finetune"], module="sparkvision.not_built_yet"))
     assert_error(client.post("/api/jobs", json={"kind": "finetune", "params": {
         "table": "tables/tiny", "out": "m", "encoder": "models/cnn"}}), 422, "not available in this build")
+
+
+def test_job_errors_name_the_field_on_one_line(client, monkeypatch):
+    """Pydantic errors read ``field: message``; a library message naming a CLI flag names the field."""
+    r = client.post("/api/jobs", json={"kind": "dedup", "params": {"table": "tables/tiny", "out": "d", "keep": "x"}})
+    assert_error(r, 422, "invalid dedup parameters: keep: Input should be 'largest' or 'earliest'")
+
+    class StepParams(Params):
+        steps: int = 1
+        warmup_steps: int = 0
+
+    class LibraryConfig(BaseModel):
+        steps: PositiveInt
+
+    def check(p):
+        if p.steps > 100:
+            raise ParamError("steps", "at most 100")
+        if p.warmup_steps > p.steps:
+            raise ValueError(f"--warmup-steps {p.warmup_steps} is over --steps; see --help")
+        LibraryConfig(steps=p.steps)
+
+    monkeypatch.setitem(KINDS, "step", Kind("step", StepParams, lambda *_: {}, "A step.", check=check))
+    r = client.post("/api/jobs", json={"kind": "step", "params": {"steps": 1, "warmup_steps": 2}})
+    assert_error(r, 422, "invalid step parameters: warmup_steps 2 is over steps; see --help")
+    r = client.post("/api/jobs", json={"kind": "step", "params": {"steps": 0}})
+    assert_error(r, 422, "invalid step parameters: steps: Input should be greater than 0")
+    assert "\n" not in r.json()["error"]
+    assert_error(client.post("/api/jobs", json={"kind": "step", "params": {"steps": 101}}), 422,
+                 "invalid step parameters: steps: at most 100")
+
+
+def test_validation_message_and_flags_to_fields():
+    errors = [{"loc": ("body", "params", "epochs"), "msg": "Input should be\n  greater than 0"},
+              {"loc": (), "msg": "Value error, batch_size 10 is not divisible by workers 3"}]
+    assert validation_message(errors, "invalid train parameters", "params") == (
+        "invalid train parameters: params.epochs: Input should be greater than 0; "
+        "params: batch_size 10 is not divisible by workers 3")
+    assert flags_to_fields("--linear needs --encoder (or --no-such-flag)", {"linear", "encoder"}) == (
+        "linear needs encoder (or --no-such-flag)")
+    assert flags_to_fields("--label-fraction 2\nis over 1", ["label_fraction"]) == "label_fraction 2 is over 1"
 
 
 def test_unknown_job_id(client):
@@ -547,17 +590,15 @@ def wait_for(c, jid, states, timeout=120):
 
 
 def test_runner_ingest_job_and_cancel_running_spark_job(spark, root, tmp_path, monkeypatch):
-    from sparkvision.web.kinds import KINDS, Kind, Params
-
     class SleepParams(Params):
         seconds: int = 60
 
-    def run_sleep(spark_, p, ctx):
+    def run_sleep(spark_, p, progress):
         secs = p.seconds
         spark_.sparkContext.parallelize(range(2), 2).map(lambda x: time.sleep(secs) or x).count()
         return {"slept": p.seconds}
 
-    monkeypatch.setitem(KINDS, "sleep", Kind("sleep", SleepParams, run_sleep))
+    monkeypatch.setitem(KINDS, "sleep", Kind("sleep", SleepParams, run_sleep, "Sleep in a Spark job."))
     settings = settings_for(root, db_url=f"sqlite:///{tmp_path / 'r.db'}", start_runner=True)
     with TestClient(create_app(settings, spark_factory=lambda: spark)) as c:
         r = c.post("/api/jobs", json={"kind": "ingest", "params": {"source": "folder", "table": "tables/ingested"}})
