@@ -43,6 +43,7 @@ from sparkvision.train.driver import (
 from sparkvision.train.engine import to_input
 from sparkvision.train.optim import param_groups
 from sparkvision.train.rank import RankTraining, check_rows, state_bytes
+from sparkvision.transforms.preprocess import normalize, to_unit
 
 
 @torch.no_grad()
@@ -95,9 +96,9 @@ class PretrainRank(RankTraining):
         self.std_sum = 0.0  # per-dimension std of the normalised outputs, summed over the epoch's steps
 
     def step_loss(self, b: torch.Tensor) -> torch.Tensor:
-        x = self.rows.images[b].to(self.device, non_blocking=True).float().div_(255)
+        x = to_unit(self.rows.images[b].to(self.device, non_blocking=True))
         v1, v2 = self.views(x, self.gen)  # (B, C, H, W) each
-        loss, z = self.net((v1 - self.mean) / self.std, (v2 - self.mean) / self.std)
+        loss, z = self.net(normalize(v1, self.mean, self.std, False), normalize(v2, self.mean, self.std, False))
         self.std_sum += normalized_std(z)
         return loss
 
