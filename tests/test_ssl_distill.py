@@ -9,11 +9,14 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from sparkvision.models.modeldir import load_model_dir
+from sparkvision.cli import app
+from sparkvision.data.table import read_table
 from sparkvision.models import create_model
+from sparkvision.models.modeldir import load_model_dir
 from sparkvision.ssl.config import FinetuneConfig
 from sparkvision.ssl.finetune import finetune
 from sparkvision.ssl.losses import DistillationLoss
+from sparkvision.train.data import decode_shard
 
 CNN = {"widths": [8, 16], "hidden": 32, "dropout": 0.0}
 
@@ -64,9 +67,6 @@ def test_student_learns_the_teacher_from_unlabelled_rows(spark, tiny_table, tmp_
     teacher, student = load_model_dir(teacher_dir), load_model_dir(str(tmp_path / "student"))
     fresh = create_model("cnn", 4, 1, **student.spec.model_kwargs)
     # The student reproduces the teacher's decisions on the test images far better than an untrained net.
-    from sparkvision.data.table import read_table
-    from sparkvision.train.data import decode_shard
-
     rows = read_table(spark, tiny_table).where("split = 'test'").select("image", "label", "split").toArrow()
     shard, _ = decode_shard(iter(rows.to_batches()), 1, (16, 16))
     x = shard.images.float().div(255)
@@ -95,8 +95,6 @@ def test_distillation_errors_name_the_problem(spark, tiny_table, tmp_path):
 
 
 def test_cli_distill(spark, tiny_table, tmp_path):
-    from sparkvision.cli import app
-
     teacher_dir = str(tmp_path / "teacher")
     finetune(spark, tiny_table, teacher_dir, None, FinetuneConfig(label_fraction=0.25, epochs=1, batch_size=16,
                                                                  model_kwargs=CNN))

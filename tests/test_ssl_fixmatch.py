@@ -9,10 +9,11 @@ import torch
 from pyspark.sql import functions as SF
 from typer.testing import CliRunner
 
+from sparkvision.cli import app
+from sparkvision.data.table import read_meta, read_table, write_meta
 from sparkvision.ssl.config import FinetuneConfig
 from sparkvision.ssl.finetune import finetune
 from sparkvision.ssl.losses import FixMatchLoss
-from sparkvision.data.table import read_meta, read_table, write_meta
 from sparkvision.train.augment import AugmentConfig, BatchAugment, parse_augment
 
 CNN = {"widths": [8, 16], "hidden": 32, "dropout": 0.0}
@@ -115,8 +116,6 @@ def test_fixmatch_errors_name_the_problem(spark, pool_table, tmp_path):
 
 
 def test_cli_finetune_with_fixmatch(spark, pool_table, tmp_path):
-    from sparkvision.cli import app
-
     r = CliRunner().invoke(app, ["finetune", "--table", pool_table, "--out", str(tmp_path / "m"),
                                  "--label-fraction", "0.25", "--epochs", "1", "--batch-size", "16",
                                  "--consistency-weight", "1", "--unlabeled-split", "unlabeled",

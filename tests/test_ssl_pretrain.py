@@ -7,12 +7,14 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from sparkvision.cli import app
 from sparkvision.models.modeldir import load_model_dir
 from sparkvision.ssl.config import FinetuneConfig
 from sparkvision.ssl.finetune import finetune
-from sparkvision.ssl.pretrain import pretrain
+from sparkvision.ssl.pretrain import export_projector, pretrain
 
 TINY = dict(preset="cpu-small", batch_size=32, pool_split="train", monitor_split="test", warmup_epochs=0,
             model_kwargs={"widths": [8, 16], "hidden": 32, "dropout": 0.0}, proj_dim=64, proj_hidden=64)
@@ -44,12 +46,8 @@ def test_simclr_pretraining_lowers_the_loss_and_writes_an_encoder(spark, tiny_ta
     assert all((enc[k] == tuned[k]).all() for k in enc if not k.startswith("head."))  # frozen encoder
 
     # SimCLRv2-style: the projector's first layer is kept under the head (encoder LR 0: it stays as pretrained).
-    from safetensors.torch import load_file
-
     proj = load_file(str(out / "projector.safetensors"))
     # Older encoder dirs: the same tensors come from the last checkpoint.
-    from sparkvision.ssl.pretrain import export_projector
-
     os.remove(out / "projector.safetensors")
     again = load_file(export_projector(str(out)))
     assert again.keys() == proj.keys() and all(torch.equal(again[k], proj[k]) for k in proj)
@@ -68,8 +66,6 @@ def test_siamese_methods_run_two_ranks(spark, tiny_table, tmp_path, method):
 
 
 def test_cli_pretrain_and_finetune(spark, tiny_table, tmp_path):
-    from sparkvision.cli import app
-
     runner = CliRunner()
     enc = str(tmp_path / "e")
     r = runner.invoke(app, ["pretrain", "--method", "simsiam", "--table", tiny_table, "--out", enc, "--pool", "train",

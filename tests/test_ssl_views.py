@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from sparkvision.ssl.views import RandomView, TwoViews, ViewConfig
+from sparkvision.train.augment import adjust_hue, hsv_to_rgb, rgb_to_hsv
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -47,10 +49,6 @@ def test_bad_recipe_is_a_clear_error():
 
 
 def test_per_sample_hue_matches_torchvision():
-    from torchvision.transforms.v2 import functional as TF
-
-    from sparkvision.train.augment import adjust_hue, hsv_to_rgb, rgb_to_hsv
-
     g = torch.Generator().manual_seed(0)
     x = torch.rand(5, 3, 7, 9, generator=g)
     x[0, :, 0, 0] = 0.5  # a gray pixel (undefined hue) and pure colours

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
+from pyspark.sql import functions as F
 from safetensors.torch import load as st_load
 
 from sparkvision.data.images import encode_png
@@ -58,8 +61,6 @@ def test_resume_without_checkpoint_is_a_clear_error(spark, tiny_table, tmp_path)
 
 
 def test_unequal_partitions_do_not_hang(spark, tiny_table, tmp_path):
-    from pyspark.sql import functions as F
-
     df = read_table(spark, tiny_table).where("split in ('train', 'test')")
     # ~1/8 of the rows in one partition, the rest in the other (a range shuffle, as real skew would be).
     # Two key values that Spark's hash partitioner sends to different partitions.
@@ -106,16 +107,12 @@ def test_steps_are_equal_and_epochs_reshuffle():
 
 
 def _batches(rows):
-    import pyarrow as pa
-
     cols = {"image": [r[0] for r in rows], "label": [r[1] for r in rows], "split": [r[2] for r in rows]}
     table = pa.table(cols, schema=pa.schema([("image", pa.binary()), ("label", pa.int32()), ("split", pa.string())]))
     return iter(table.to_batches(max_chunksize=2))
 
 
 def test_decode_shard_keeps_order_and_counts_bad_rows():
-    import numpy as np
-
     rng = np.random.default_rng(0)
     pixels = [rng.integers(0, 256, (6, 5), dtype=np.uint8) for _ in range(4)]
     rows = [(encode_png(pixels[0]), 3, "train"), (b"not an image", 1, "train"), (encode_png(pixels[1]), None, "unlabeled"),
@@ -131,8 +128,6 @@ def test_decode_shard_keeps_order_and_counts_bad_rows():
 
 
 def test_oversized_shard_is_a_clear_error_before_decoding():
-    import numpy as np
-
     rows = [(encode_png(np.zeros((8, 8), dtype=np.uint8)), 0, "train")] * 10
     with pytest.raises(ValueError, match=r"10 images at 3x8x8 needs .* GiB decoded.*--workers.*--image-size"):
         decode_shard(_batches(rows), 3, (8, 8), available_bytes=10 * 3 * 8 * 8 - 1)
@@ -199,8 +194,6 @@ class _BrightnessRank(RankTraining):
 
 
 def test_rank_skeleton_trains_logs_checkpoints_and_resumes_in_one_process(tmp_path):
-    import numpy as np
-
     rng = np.random.default_rng(0)
     pixels = [(rng.integers(0, 60, (4, 4), dtype=np.uint8) + 190 * k, k) for k in (0, 1) for _ in range(8)]
     rows = [(encode_png(p), k, "train") for p, k in pixels]
