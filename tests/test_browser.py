@@ -13,8 +13,12 @@ import threading
 import time
 
 import pytest
+import uvicorn
 from conftest import make_image
+from playwright.sync_api import sync_playwright
 from test_web_api import root, settings_for, write_training_output  # noqa: F401 - root is a fixture
+
+from sparkvision.web.app import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -39,10 +43,6 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(spark, root, tmp_path_factory):  # noqa: F811
     """uvicorn on a free loopback port, in a thread, with the runner on the test session's Spark."""
-    import uvicorn
-
-    from sparkvision.web.app import create_app
-
     db = tmp_path_factory.mktemp("browser-db") / "jobs.db"
     app = create_app(settings_for(root, db_url=f"sqlite:///{db}", start_runner=True), spark_factory=lambda: spark)
     port = free_port()
@@ -61,8 +61,6 @@ def server(spark, root, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def page(server):
-    from playwright.sync_api import sync_playwright
-
     os.makedirs(ARTIFACTS, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
 import os
 import time
@@ -15,12 +16,15 @@ import pytest
 import torch
 from conftest import make_image, write_image_folder
 from fastapi.testclient import TestClient
+from PIL import Image
 from pydantic import BaseModel, PositiveInt
 
 from sparkvision.data.images import content_id
 from sparkvision.models import create_model
 from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
 from sparkvision.ops.base import ParamError, Params
+from sparkvision.retrieval.index import build_index
+from sparkvision.retrieval.search import embed_images
 from sparkvision.web.app import create_app
 from sparkvision.web.batching import MicroBatcher
 from sparkvision.web.jobs import JobStore
@@ -64,9 +68,6 @@ def root(tmp_path_factory):
     os.makedirs(root / "tables" / "preds")
     pq.write_table(pa.Table.from_pylist(preds), str(root / "tables" / "preds" / "part-0.parquet"))
     # Features and an index, built with the library (no Spark needed for this size).
-    from sparkvision.retrieval.index import build_index
-    from sparkvision.retrieval.search import embed_images
-
     images = pq.read_table(str(root / "tables" / "tiny")).to_pylist()
     feats, _ = embed_images(str(root / "models" / "cnn"), [r["image"] for r in images])
     os.makedirs(root / "features")
@@ -140,10 +141,6 @@ def test_classify_many_and_raw(client):
 
 def test_classify_bad_inputs(client, root):
     big = np.random.default_rng(0).integers(0, 255, (300, 300), dtype=np.uint8)  # 90k px, ~90 kB PNG
-    import io
-
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(big).save(buf, format="PNG", compress_level=0)
     assert len(buf.getvalue()) < 200_000
@@ -515,6 +512,7 @@ def test_non_loopback_needs_token(root, monkeypatch):
     with TestClient(create_app(settings_for(root, host="0.0.0.0", token="s3cret"))) as c:
         body = {"kind": "ingest", "params": {"source": "folder", "table": "tables/t"}}
         assert_error(c.post("/api/jobs", json=body), 401, "token")
+        assert_error(c.post("/api/jobs", json={"kind": 3}), 401, "token")  # no token: the body is not even read
         assert_error(c.post("/api/jobs", json=body, headers={"Authorization": "Bearer wrong"}), 403, "wrong")
         r = c.post("/api/jobs", json=body, headers={"Authorization": "Bearer s3cret"})
         assert r.status_code == 201
