@@ -43,8 +43,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from sparkvision.data.images import content_id  # noqa: E402
-from sparkvision.retrieval.dedup import dedup_table, link_pairs, pairs_above, union_find  # noqa: E402
+from sparkvision.retrieval.dedup import dedup_table  # noqa: E402
 from sparkvision.retrieval.index import iter_shards  # noqa: E402
+from sparkvision.retrieval.linking import link_pairs, pairs_above, union_find  # noqa: E402
 from sparkvision.retrieval.search import SearchIndex  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Dedup: union-find, keep rule, linking and verification as pure functions; planted copies found
+"""Dedup: connected components, keep rule, linking and verification as pure functions; planted copies found
 (with and without verification), no false groups."""
 
 from __future__ import annotations
@@ -8,19 +8,21 @@ import json
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image, ImageDraw, ImageEnhance
+from typer.testing import CliRunner
 
-from sparkvision.retrieval.dedup import (
-    DEFAULT_STRICT_THRESHOLD,
-    DEFAULT_VERIFY_THRESHOLD,
-    candidate_pairs,
-    keeper,
-    link_pairs,
-    pairs_above,
-    pixel_descriptor,
-    union_find,
-)
+from sparkvision.cli import app
+from sparkvision.data.images import content_id
+from sparkvision.data.schema import IMAGE_SCHEMA
+from sparkvision.data.table import TableMeta, write_meta
+from sparkvision.retrieval.dedup import DEFAULT_STRICT_THRESHOLD, DEFAULT_VERIFY_THRESHOLD, dedup_table
+from sparkvision.retrieval.descriptors import pixel_descriptor
+from sparkvision.retrieval.linking import candidate_pairs, keeper, link_pairs, pairs_above, union_find
+from sparkvision.retrieval.verify import VerifyConfig, align, verify_pairs
+from sparkvision.transforms.preprocess import decode_image
 
 
 def test_union_find_is_transitive():
@@ -30,6 +32,8 @@ def test_union_find_is_transitive():
     assert union_find(4, [(3, 2), (2, 1), (1, 0)]).tolist() == [0, 0, 0, 0]  # a chain joins end to end
     with pytest.raises(ValueError, match="out of range"):
         union_find(2, [(0, 5)])
+    many = np.array([(0, 1)] * 300 + [(2, 3)])  # repeated links count once, arrays are accepted as is
+    assert union_find(5, many).tolist() == [0, 0, 2, 2, 4]
 
 
 def test_keep_rule():
@@ -117,14 +121,10 @@ COPIES = {
 
 
 def gray32(data: bytes) -> np.ndarray:
-    from sparkvision.data.images import decode_to_array
-
-    return decode_to_array(data, 1, (32, 32))[..., 0].astype(np.float32) / 255
+    return decode_image(data, 1, (32, 32))[0].astype(np.float32) / 255
 
 
 def test_verification_scores_copies_high_and_distinct_scenes_low():
-    from sparkvision.retrieval.verify import verify_pairs
-
     originals = [distinct_image(s) for s in range(12)]
     orig = np.stack([gray32(encode(im)) for im in originals])
     edits = dict(COPIES)
@@ -146,10 +146,6 @@ def test_verification_scores_copies_high_and_distinct_scenes_low():
 
 
 def test_alignment_recovers_a_known_warp():
-    import torch
-
-    from sparkvision.retrieval.verify import VerifyConfig, align
-
     im = distinct_image(3)
     moved = im.rotate(5, resample=Image.BICUBIC, translate=(2, 1), fillcolor=int(np.asarray(im)[0, 0]))
     a = torch.from_numpy(gray32(encode(im))[None])
@@ -163,8 +159,6 @@ def test_alignment_recovers_a_known_warp():
 
 def test_several_copies_of_one_image_form_one_group():
     """Mutual linking must not split a group of near-exact copies (the strict threshold)."""
-    from sparkvision.retrieval.verify import verify_pairs
-
     im = distinct_image(7)
     imgs = [
         gray32(encode(im)),
@@ -184,10 +178,6 @@ def test_several_copies_of_one_image_form_one_group():
 @pytest.fixture(scope="module")
 def planted_table(spark, tmp_path_factory):
     """30 distinct images, copies of four of them (one per edit), and one exact duplicate row."""
-    from sparkvision.data.images import content_id
-    from sparkvision.data.schema import IMAGE_SCHEMA
-    from sparkvision.data.table import TableMeta, write_meta
-
     rows = []
 
     def add(data: bytes, path: str) -> None:
@@ -209,10 +199,6 @@ def planted_table(spark, tmp_path_factory):
 
 
 def test_dedup_finds_planted_copies_and_no_false_groups(spark, planted_table, tmp_path):
-    import pyarrow.parquet as pq
-
-    from sparkvision.retrieval.dedup import dedup_table
-
     s = dedup_table(spark, planted_table, str(tmp_path / "out"), keep="largest")
     groups = pq.read_table(str(tmp_path / "out" / "groups.parquet")).to_pylist()
     by_group: dict[int, set[str]] = {}
@@ -252,10 +238,6 @@ def test_dedup_finds_planted_copies_and_no_false_groups(spark, planted_table, tm
 
 
 def test_dedup_without_verification_is_the_cosine_rule(spark, planted_table, tmp_path):
-    import pyarrow.parquet as pq
-
-    from sparkvision.retrieval.dedup import dedup_table
-
     s = dedup_table(spark, planted_table, str(tmp_path / "nv"), verify=False)
     assert not s["verify"] and s["threshold"] == 0.97 and s["link"] == "all"
     assert s["exact_groups"] == 1 and s["near_groups"] == 4
@@ -265,8 +247,6 @@ def test_dedup_without_verification_is_the_cosine_rule(spark, planted_table, tmp
 
 
 def test_dedup_exact_only_and_bad_options(spark, planted_table, tmp_path):
-    from sparkvision.retrieval.dedup import dedup_table
-
     s = dedup_table(spark, planted_table, str(tmp_path / "exact"), exact_only=True, keep="earliest")
     assert s["exact_groups"] == 1 and s["near_groups"] == 0 and s["rows_to_remove"] == 1
     with pytest.raises(ValueError, match="keep"):
@@ -281,10 +261,6 @@ def test_dedup_exact_only_and_bad_options(spark, planted_table, tmp_path):
 
 
 def test_cli_dedup(planted_table, spark, tmp_path):
-    from typer.testing import CliRunner
-
-    from sparkvision.cli import app
-
     r = CliRunner().invoke(app, ["dedup", planted_table, str(tmp_path / "d"), "--exact-only", "--json"])
     assert r.exit_code == 0, r.output
     s = json.loads(r.output.strip().splitlines()[-1])

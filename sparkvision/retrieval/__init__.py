@@ -2,8 +2,8 @@
 
 The pieces, in the order a pipeline uses them::
 
-    embed (sparkvision.inference.runtime.embed_table) -> add_codes -> build_index -> SearchIndex / search_table
-                                                        -> dedup_table (kNN candidates -> verify_pairs -> link_pairs)
+    embed (sparkvision.inference.embed.embed_table) -> add_codes -> build_index -> SearchIndex / search_table
+                                                      -> dedup_table (kNN candidates -> verify_pairs -> link_pairs)
 """
 
 from sparkvision.retrieval.codes import (
@@ -18,9 +18,10 @@ from sparkvision.retrieval.codes import (
     train_deepbit,
     unpack_bits,
 )
-from sparkvision.retrieval.dedup import dedup_table, keeper, link_pairs, union_find
+from sparkvision.retrieval.dedup import dedup_table
 from sparkvision.retrieval.embed import add_codes, embed_with_codes
 from sparkvision.retrieval.index import IndexChoice, build_index, choose_index
+from sparkvision.retrieval.linking import keeper, link_pairs, union_find
 from sparkvision.retrieval.search import SearchIndex, search_df, search_images, search_table
 from sparkvision.retrieval.verify import VerifyConfig, verify_pairs
 

@@ -24,12 +24,8 @@ BMVC 2008, for near-duplicate image detection):
 Groups are the connected components of the links (so A~B and B~C puts A, B and C together even when
 A and C are further apart).
 
-Descriptors are mirror-invariant by construction, because a horizontal flip is the most common
-edit that a feature extractor does not undo:
-
-* ``pixels`` (no model needed): the grayscale image at 32x32, centred on its intensity centroid,
-  box-blurred, zero mean and unit norm (:func:`pixel_descriptor`), averaged with its mirror image;
-* a model directory: the L2-normalised backbone features of the image plus those of its mirror.
+Descriptors are mirror-invariant by construction (:mod:`sparkvision.retrieval.descriptors`): the
+``pixels`` descriptor needs no model; with a model directory they are its backbone features.
 
 Why two stages (``benchmarks/bench_dedup.py``, Fashion-MNIST test split + 2,000 edited copies):
 a single cosine threshold on the pixel descriptor needs 0.9995 to keep precision >= 0.98 and then
@@ -46,23 +42,44 @@ Outputs, under OUT::
     OUT/_index/           the FAISS index over them
     OUT/_pairs/           with verification: every candidate pair with its cosine and score, so
                           thresholds can be re-chosen without recomputing
+
+The modules, in pipeline order: :mod:`~sparkvision.retrieval.descriptors` (executors),
+:mod:`~sparkvision.retrieval.index` + :class:`~sparkvision.retrieval.search.SearchIndex` (kNN on
+the driver), :mod:`~sparkvision.retrieval.scoring` (verification on the executors),
+:mod:`~sparkvision.retrieval.linking` (links, groups and keepers; pure), and this module's
+:func:`dedup_table`, which runs them and writes the groups.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 
-KEEP_RULES = ("largest", "earliest")
-LINK_RULES = ("mutual", "all")
-PIXEL_SIZE = 32
+from sparkvision.data.table import read_table
+from sparkvision.inference.runtime import configure_workers, read_blob
+from sparkvision.retrieval.descriptors import DESCRIPTOR_SCHEMA, PIXEL_SIZE, descriptor_batches
+from sparkvision.retrieval.index import build_index, iter_shards, local_path
+from sparkvision.retrieval.linking import (
+    KEEP_RULES,
+    LINK_RULES,
+    candidate_pairs,
+    dedupe_pairs,
+    keeper,
+    link_pairs,
+    union_find,
+)
+from sparkvision.retrieval.scoring import score_candidates
+from sparkvision.retrieval.search import SearchIndex
+from sparkvision.spark import storage
+from sparkvision.spark.progress import Timer, spark_progress
+
 # Without verification: the cosine similarity that links a pair (see docs/retrieval.md: set per data set).
 DEFAULT_THRESHOLD = {"pixels": 0.97, "model": 0.95}
 # With verification: the cosine floor for a candidate pair (it only bounds the work; the
@@ -74,351 +91,122 @@ DEFAULT_THRESHOLD = {"pixels": 0.97, "model": 0.95}
 DEFAULT_CANDIDATE_THRESHOLD = {"pixels": 0.9, "model": 0.8}
 DEFAULT_VERIFY_THRESHOLD = 0.995
 DEFAULT_STRICT_THRESHOLD = 0.998
-DESCRIPTOR_SCHEMA = (
-    "content_id string, path string, height int, width int, descriptor array<float>, thumb binary, "
-    "error string"
+GROUP_SCHEMA = pa.schema(
+    [
+        ("group_id", pa.int64()),
+        ("kind", pa.string()),
+        ("content_id", pa.string()),
+        ("path", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("keep", pa.bool_()),
+        ("best_score", pa.float32()),
+    ]
 )
-PAIR_SCHEMA = (
-    "a long, b long, content_id_a string, path_a string, content_id_b string, path_b string, "
-    "cosine float, score float"
-)
 
 
-# ---------------------------------------------------------------------------------------------
-# Pure parts
-# ---------------------------------------------------------------------------------------------
+def resolve_thresholds(
+    descriptor: str,
+    verify: bool,
+    threshold: float | None,
+    candidate_threshold: float | None,
+    strict_threshold: float | None,
+) -> tuple[float, float, float | None]:
+    """``(threshold, candidate_threshold, strict_threshold)`` with the defaults filled in and checked.
 
-
-def union_find(n: int, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
-    """Connected components of ``n`` nodes joined by ``pairs``; each node's label is the smallest
-    node of its component (so labels are stable and need no renumbering).
-
-    Union by smaller root with path halving: near-linear in ``n + len(pairs)``.
+    With verification ``threshold`` is a verification score in [0, 1]; without it, a cosine
+    similarity that is also the candidate floor, and there is no strict threshold.
     """
-    parent = np.arange(n, dtype=np.int64)
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = int(parent[a])
-        return a
-
-    for a, b in pairs:
-        if not (0 <= a < n and 0 <= b < n):
-            raise ValueError(f"pair ({a}, {b}) is out of range for {n} nodes")
-        ra, rb = find(int(a)), find(int(b))
-        if ra != rb:
-            lo, hi = (ra, rb) if ra < rb else (rb, ra)
-            parent[hi] = lo
-    return np.array([find(i) for i in range(n)], dtype=np.int64)
+    if not verify:
+        threshold = DEFAULT_THRESHOLD[descriptor] if threshold is None else float(threshold)
+        if not -1.0 <= threshold <= 1.0:
+            raise ValueError(f"--threshold {threshold} must be a cosine similarity in [-1, 1]")
+        return threshold, threshold, None
+    threshold = DEFAULT_VERIFY_THRESHOLD if threshold is None else float(threshold)
+    strict = DEFAULT_STRICT_THRESHOLD if strict_threshold is None else float(strict_threshold)
+    candidate = DEFAULT_CANDIDATE_THRESHOLD[descriptor] if candidate_threshold is None else float(candidate_threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"--threshold {threshold} must be a verification score in [0, 1]")
+    if not -1.0 <= candidate <= 1.0:
+        raise ValueError(f"--candidate-threshold {candidate} must be a cosine similarity in [-1, 1]")
+    return threshold, candidate, strict
 
 
-def keeper(members: Sequence[dict[str, Any]], rule: str = "largest") -> int:
-    """Index of the member to keep: ``largest`` (most pixels, then earliest path) or ``earliest``
-    (smallest path, i.e. first in sorted order, then most pixels)."""
-    if not members:
-        raise ValueError("a group has at least one member")
-
-    def pixels(m: dict[str, Any]) -> int:
-        return int(m.get("height") or 0) * int(m.get("width") or 0)
-
-    if rule == "largest":
-        return min(range(len(members)), key=lambda i: (-pixels(members[i]), str(members[i]["path"])))
-    if rule == "earliest":
-        return min(range(len(members)), key=lambda i: (str(members[i]["path"]), -pixels(members[i])))
-    raise ValueError(f"keep rule {rule!r} is not one of {', '.join(KEEP_RULES)}")
-
-
-def pixel_descriptor(arr: np.ndarray, blur: int = 5) -> np.ndarray:
-    """``(H, W[, 1])`` grayscale -> unit vector, invariant to brightness, contrast, mirroring and
-    small shifts.
-
-    The image is shifted (bilinear, sub-pixel) so its intensity centroid sits at the centre, which
-    undoes translations and most of what a small crop does; a ``blur`` x ``blur`` box filter then
-    absorbs small rotations, rescaling and noise; the mean is removed and the result is averaged
-    with its mirror image and L2-normalised.
-    """
-    from scipy import ndimage
-
-    x = np.asarray(arr, np.float32).reshape(arr.shape[0], arr.shape[1])
-    w = x - x.min()
-    total = w.sum()
-    if total > 1e-6:
-        ys, xs = np.indices(w.shape)
-        cy, cx = (w * ys).sum() / total, (w * xs).sum() / total
-        w = ndimage.shift(w, ((w.shape[0] - 1) / 2 - cy, (w.shape[1] - 1) / 2 - cx), order=1, mode="constant")
-    if blur > 1:
-        w = ndimage.uniform_filter(w, size=blur, mode="constant")
-    w = w + w[:, ::-1]  # mirror-symmetric
-    w = w - w.mean()
-    norm = np.linalg.norm(w)
-    return (w / norm).ravel().astype(np.float32) if norm > 1e-6 else np.zeros(w.size, np.float32)
+def search_candidates(
+    desc_dir: str, index_dir: str, k: int, candidate_threshold: float, progress: Any = None
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Index the descriptors and search every row against them: ``(n, a, b, cosine, index summary)``
+    with each candidate pair ``a < b`` once; rows are those of the index's ``ids.parquet``."""
+    index_summary = build_index(desc_dir, index_dir, column="descriptor")
+    idx = SearchIndex(index_dir)
+    n = idx.ntotal
+    offset = 0
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for vecs, _ in iter_shards(desc_dir, "descriptor", ()):
+        nb = idx.search(vecs, min(k, n))
+        found.append(candidate_pairs(nb.scores, nb.rows, offset, candidate_threshold))
+        offset += len(vecs)
+        if progress is not None:
+            progress(len(vecs), f"{offset:,}/{n:,} searched")
+    a = b = np.zeros(0, np.int64)
+    cosine = np.zeros(0, np.float32)
+    if found:
+        a, b, cosine = dedupe_pairs(*(np.concatenate(x) for x in zip(*found, strict=True)))
+    return n, a, b, cosine, index_summary
 
 
-def pairs_above(
-    scores: np.ndarray, rows: np.ndarray, offset: int, threshold: float
-) -> list[tuple[int, int, float]]:
-    """kNN results of queries ``offset..offset+Q`` -> (i, j, score) pairs, i < j, score >= threshold."""
+def exact_pairs(content_ids: list[str], duplicated: set[str]) -> np.ndarray:
+    """``(m, 2)`` rows joining every later copy of a duplicated content id to its first row."""
+    first_of: dict[str, int] = {}
     out = []
-    q_idx, k_idx = np.nonzero((scores >= threshold) & (rows >= 0))
-    for qi, ki in zip(q_idx, k_idx, strict=False):
-        i, j = offset + int(qi), int(rows[qi, ki])
-        if i != j:
-            out.append((min(i, j), max(i, j), float(scores[qi, ki])))
-    return out
-
-
-def candidate_pairs(
-    scores: np.ndarray, rows: np.ndarray, offset: int, threshold: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Like :func:`pairs_above`, as arrays ``(a, b, cosine)`` with ``a < b``, each pair once."""
-    q_idx, k_idx = np.nonzero((scores >= threshold) & (rows >= 0))
-    a = offset + q_idx.astype(np.int64)
-    b = rows[q_idx, k_idx].astype(np.int64)
-    s = scores[q_idx, k_idx].astype(np.float32)
-    keep = a != b
-    a, b, s = np.minimum(a, b)[keep], np.maximum(a, b)[keep], s[keep]
-    return dedupe_pairs(a, b, s)
-
-
-def dedupe_pairs(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One row per ``(a, b)`` (the highest score), sorted by ``(a, b)``."""
-    if len(a) == 0:
-        return a.astype(np.int64), b.astype(np.int64), s.astype(np.float32)
-    order = np.lexsort((-s, b, a))
-    a, b, s = a[order], b[order], s[order]
-    first = np.ones(len(a), bool)
-    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
-    return a[first], b[first], s[first]
-
-
-def link_pairs(
-    n: int,
-    a: np.ndarray,
-    b: np.ndarray,
-    score: np.ndarray,
-    threshold: float,
-    rule: str = "mutual",
-    strict_threshold: float | None = None,
-) -> np.ndarray:
-    """Which scored candidate pairs ``(a[i], b[i])`` of ``n`` rows become links (a bool mask).
-
-    ``all``: ``score >= threshold``. ``mutual``: ``score >= strict_threshold``, or ``score >=
-    threshold`` and the pair is the best-scoring candidate of both of its rows (ties count for
-    both) -- mutual nearest neighbours, the standard guard against one-sided matches in image
-    matching (Lowe, IJCV 2004, uses the ratio to the second match for the same purpose). It stops a
-    look-alike from joining an image that already has a closer copy, while near-exact copies
-    (``>= strict_threshold``) still group however many there are.
-    """
-    a = np.asarray(a, np.int64)
-    b = np.asarray(b, np.int64)
-    score = np.asarray(score, np.float32)
-    above = score >= threshold
-    if rule == "all":
-        return above
-    if rule != "mutual":
-        raise ValueError(f"link rule {rule!r} is not one of {', '.join(LINK_RULES)}")
-    best = np.full(n, -np.inf, np.float32)
-    np.maximum.at(best, a, score)
-    np.maximum.at(best, b, score)
-    mutual = (score >= best[a]) & (score >= best[b])
-    strict = score >= (np.inf if strict_threshold is None else strict_threshold)
-    return strict | (above & mutual)
-
-
-# ---------------------------------------------------------------------------------------------
-# Descriptors on the executors
-# ---------------------------------------------------------------------------------------------
-
-
-def descriptor_batches(blob_bc: Any, batch_size: int, thumb_size: int | None = None):
-    """mapInArrow body: (content_id, path, image, height, width) -> DESCRIPTOR_SCHEMA.
-
-    With ``thumb_size`` also the grayscale image at ``thumb_size`` x ``thumb_size`` (raw uint8
-    bytes) for verification.
-    """
-
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from sparkvision.data.images import RejectError, decode_to_array
-        from sparkvision.inference.runtime import _rebatch, _run_model, get_model, preprocess_batch
-
-        fn = pre = None
-        if blob_bc is not None:
-            fn, pre = get_model(blob_bc.value, "features")
-        for batch in _rebatch(batches, batch_size):
-            images = batch.column("image").to_pylist()
-            errors: list[str | None] = [None] * len(images)
-            thumbs: list[bytes | None] = [None] * len(images)
-            if fn is None:
-                d = PIXEL_SIZE * PIXEL_SIZE
-                feats = np.zeros((len(images), d), np.float32)
-                for i, data in enumerate(images):
-                    try:
-                        arr = decode_to_array(data or b"", 1, (PIXEL_SIZE, PIXEL_SIZE))
-                        feats[i] = pixel_descriptor(arr)
-                        if thumb_size == PIXEL_SIZE:
-                            thumbs[i] = arr.tobytes()
-                    except RejectError as e:
-                        errors[i] = str(e)
+    for row, cid in enumerate(content_ids):
+        if cid in duplicated:
+            if cid in first_of:
+                out.append((first_of[cid], row))
             else:
-                x, errors = preprocess_batch(images, pre)
-                f = _run_model(fn, x) + _run_model(fn, x.flip(-1).contiguous())  # (B, D) + mirror
-                f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                feats = f.float().numpy()
-                d = feats.shape[1]
-            if thumb_size is not None and (fn is not None or thumb_size != PIXEL_SIZE):
-                for i, data in enumerate(images):
-                    if errors[i] is None:
-                        try:
-                            thumbs[i] = decode_to_array(data or b"", 1, (thumb_size, thumb_size)).tobytes()
-                        except RejectError as e:
-                            errors[i] = str(e)
-            flat = pa.array(feats.reshape(-1), pa.float32())
-            desc = pa.ListArray.from_arrays(pa.array(np.arange(0, (len(feats) + 1) * d, d), pa.int32()), flat)
-            if any(errors):
-                mask = pa.array([e is not None for e in errors])
-                desc = pa.compute.if_else(mask, pa.nulls(len(feats), desc.type), desc)
-            yield pa.RecordBatch.from_pydict(
-                {
-                    "content_id": batch.column("content_id"),
-                    "path": batch.column("path"),
-                    "height": batch.column("height"),
-                    "width": batch.column("width"),
-                    "descriptor": desc,
-                    "thumb": pa.array(thumbs, pa.binary()),
-                    "error": pa.array(errors, pa.string()),
-                }
-            )
-
-    return run
+                first_of[cid] = row
+    return np.array(out, np.int64).reshape(-1, 2)
 
 
-def verify_batches(size: int, batch_size: int):
-    """mapInArrow body: candidate pairs with both thumbnails -> PAIR_SCHEMA with the verification score.
-
-    Pairs of identical bytes (same content id) score 1 without being computed.
-    """
-
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        import torch
-
-        from sparkvision.inference.runtime import _rebatch
-        from sparkvision.retrieval.verify import VerifyConfig, verify_pairs
-
-        torch.set_num_threads(int(os.environ.get("SPARKVISION_INFER_THREADS", "1")))
-        cfg = VerifyConfig(size=size)
-        for batch in _rebatch(batches, batch_size):
-            n = batch.num_rows
-            same = np.asarray(
-                pa.compute.equal(batch.column("content_id_a"), batch.column("content_id_b")).to_numpy(
-                    zero_copy_only=False
-                ),
-                bool,
-            )
-            score = np.ones(n, np.float32)
-            todo = np.flatnonzero(~same)
-            if len(todo):
-                ta = batch.column("thumb_a").to_pylist()
-                tb = batch.column("thumb_b").to_pylist()
-                a = np.frombuffer(b"".join(ta[i] for i in todo), np.uint8).reshape(-1, size, size)
-                b = np.frombuffer(b"".join(tb[i] for i in todo), np.uint8).reshape(-1, size, size)
-                score[todo] = verify_pairs(a.astype(np.float32) / 255, b.astype(np.float32) / 255, cfg)
-            yield pa.RecordBatch.from_pydict(
-                {
-                    **{
-                        c: batch.column(c)
-                        for c in ("a", "b", "content_id_a", "path_a", "content_id_b", "path_b")
-                    },
-                    "cosine": batch.column("cosine"),
-                    "score": pa.array(score, pa.float32()),
-                }
-            )
-
-    return run
-
-
-def _verify(
-    spark: SparkSession,
-    desc_dir: str,
-    pairs_dir: str,
-    ids: pa.Table,
-    a: np.ndarray,
-    b: np.ndarray,
-    cosine: np.ndarray,
-    size: int,
-    batch_size: int,
-) -> np.ndarray:
-    """Scores for candidate pairs ``(a, b)`` (index rows), computed on the executors.
-
-    The pairs go to Parquet (``pairs_dir``/``_input``), are joined on the executors with the
-    thumbnails in the descriptor table by (content_id, path), scored, and written to ``pairs_dir``;
-    the driver reads back only the scores.
-    """
-    from pyspark.sql import functions as F
-
-    from sparkvision.spark import storage
-    from sparkvision.spark.progress import spark_progress
-
-    cids = ids.column("content_id")
-    paths = ids.column("path")
-    ta = pa.array(a, pa.int64())
-    tb = pa.array(b, pa.int64())
-    table = pa.table(
-        {
-            "a": ta,
-            "b": tb,
-            "content_id_a": cids.take(ta),
-            "path_a": paths.take(ta),
-            "content_id_b": cids.take(tb),
-            "path_b": paths.take(tb),
-            "cosine": pa.array(cosine, pa.float32()),
-        }
-    )
-    input_dir = pairs_dir + "_input"
-    os.makedirs(input_dir, exist_ok=True)
-    pq.write_table(table, os.path.join(input_dir, "pairs.parquet"))
-    thumbs = (
-        spark.read.parquet(storage.qualify(desc_dir))
-        .where(F.col("thumb").isNotNull())
-        .select("content_id", "path", "thumb")
-        .dropDuplicates(["content_id", "path"])
-    )
-    ta_df = thumbs.select(
-        F.col("content_id").alias("content_id_a"),
-        F.col("path").alias("path_a"),
-        F.col("thumb").alias("thumb_a"),
-    )
-    tb_df = thumbs.select(
-        F.col("content_id").alias("content_id_b"),
-        F.col("path").alias("path_b"),
-        F.col("thumb").alias("thumb_b"),
-    )
-    n_parts = max(1, min(len(a) // 2000 + 1, 4 * spark.sparkContext.defaultParallelism))
-    joined = (
-        spark.read.parquet(storage.qualify(input_dir))
-        .repartition(n_parts)
-        .join(ta_df, ["content_id_a", "path_a"])
-        .join(tb_df, ["content_id_b", "path_b"])
-    )
-    with spark_progress(spark, "dedup: verify pairs"):
-        joined.mapInArrow(verify_batches(size, batch_size), PAIR_SCHEMA).write.mode("overwrite").parquet(
-            storage.qualify(pairs_dir)
-        )
-    import shutil
-
-    shutil.rmtree(input_dir, ignore_errors=True)
-    got = pq.read_table(pairs_dir, columns=["a", "b", "score"])
-    ga, gb, gs = (got.column(c).to_numpy() for c in ("a", "b", "score"))
-    order = np.lexsort((gb, ga))
-    ga, gb, gs = ga[order], gb[order], gs[order]
-    if len(ga) != len(a) or not (np.array_equal(ga, a) and np.array_equal(gb, b)):
-        raise RuntimeError(f"verification returned {len(ga)} of {len(a)} candidate pairs")
-    return gs.astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# The job
-# ---------------------------------------------------------------------------------------------
+def group_table(ids: pa.Table, links: np.ndarray, scores: np.ndarray, keep: str) -> tuple[pa.Table, dict[str, int]]:
+    """Rows in a group of two or more (connected components of ``links``), one kept per group,
+    each with the best score of its links; and the counts for the summary."""
+    n = ids.num_rows
+    labels = union_find(n, links)
+    best = np.full(n, np.nan, np.float32)
+    np.fmax.at(best, links[:, 0], scores)  # fmax: NaN (no link yet) loses to any score
+    np.fmax.at(best, links[:, 1], scores)
+    counts = np.bincount(labels, minlength=n)
+    grouped = np.flatnonzero(counts[labels] > 1)
+    cids = ids.column("content_id").to_pylist()
+    paths = ids.column("path").to_pylist()
+    heights = ids.column("height").to_pylist()
+    widths = ids.column("width").to_pylist()
+    groups: dict[int, list[int]] = {}
+    for r in grouped:
+        groups.setdefault(int(labels[r]), []).append(int(r))
+    rows: dict[str, list[Any]] = {name: [] for name in GROUP_SCHEMA.names}
+    n_exact = 0
+    for gid, (_, members) in enumerate(sorted(groups.items())):
+        kidx = keeper([{"path": paths[r], "height": heights[r], "width": widths[r]} for r in members], keep)
+        kind = "exact" if len({cids[r] for r in members}) == 1 else "near"
+        n_exact += kind == "exact"
+        for i, r in enumerate(members):
+            rows["group_id"].append(gid)
+            rows["kind"].append(kind)
+            rows["content_id"].append(cids[r])
+            rows["path"].append(paths[r])
+            rows["height"].append(heights[r])
+            rows["width"].append(widths[r])
+            rows["keep"].append(i == kidx)
+            rows["best_score"].append(None if np.isnan(best[r]) else float(best[r]))
+    counts_out = {
+        "exact_groups": n_exact,
+        "near_groups": len(groups) - n_exact,
+        "rows_in_groups": len(grouped),
+        "rows_to_remove": len(grouped) - len(groups),
+    }
+    return pa.Table.from_pydict(rows, schema=GROUP_SCHEMA), counts_out
 
 
 def dedup_table(
@@ -446,48 +234,22 @@ def dedup_table(
     form through transitivity. With ``verify`` (the default) candidates are pairs among the ``k``
     nearest neighbours with cosine ``>= candidate_threshold``, each is scored by
     :mod:`sparkvision.retrieval.verify`, and ``threshold`` / ``strict_threshold`` / ``link`` apply
-    to that score (:func:`link_pairs`); without, ``threshold`` is a cosine similarity and every
-    pair above it links. Defaults: :data:`DEFAULT_VERIFY_THRESHOLD`,
+    to that score (:func:`~sparkvision.retrieval.linking.link_pairs`); without, ``threshold`` is a
+    cosine similarity and every pair above it links. Defaults: :data:`DEFAULT_VERIFY_THRESHOLD`,
     :data:`DEFAULT_STRICT_THRESHOLD`, :data:`DEFAULT_CANDIDATE_THRESHOLD` and
     :data:`DEFAULT_THRESHOLD` (docs/retrieval.md explains how to calibrate them).
     """
-    from pyspark.sql import functions as F
-
-    from sparkvision.spark import storage
-    from sparkvision.inference.runtime import _configure_workers, read_blob
-    from sparkvision.spark.progress import Timer, spark_progress
-    from sparkvision.data.table import read_table
-    from sparkvision.retrieval.index import build_index, iter_shards, local_path
-    from sparkvision.retrieval.search import SearchIndex
-
     if keep not in KEEP_RULES:
         raise ValueError(f"--keep {keep!r} is not one of {', '.join(KEEP_RULES)}")
     if link not in LINK_RULES:
         raise ValueError(f"--link {link!r} is not one of {', '.join(LINK_RULES)}")
     descriptor = "model" if model_dir else "pixels"
     verify = bool(verify) and not exact_only
-    if verify:
-        threshold = DEFAULT_VERIFY_THRESHOLD if threshold is None else float(threshold)
-        strict_threshold = DEFAULT_STRICT_THRESHOLD if strict_threshold is None else float(strict_threshold)
-        candidate_threshold = (
-            DEFAULT_CANDIDATE_THRESHOLD[descriptor]
-            if candidate_threshold is None
-            else float(candidate_threshold)
-        )
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"--threshold {threshold} must be a verification score in [0, 1]")
-        if not -1.0 <= candidate_threshold <= 1.0:
-            raise ValueError(
-                f"--candidate-threshold {candidate_threshold} must be a cosine similarity in [-1, 1]"
-            )
-        if verify_size < 16:
-            raise ValueError(f"--verify-size must be >= 16 pixels, got {verify_size}")
-    else:
-        threshold = DEFAULT_THRESHOLD[descriptor] if threshold is None else float(threshold)
-        candidate_threshold = threshold
-        strict_threshold = None
-        if not -1.0 <= threshold <= 1.0:
-            raise ValueError(f"--threshold {threshold} must be a cosine similarity in [-1, 1]")
+    threshold, candidate_threshold, strict_threshold = resolve_thresholds(
+        descriptor, verify, threshold, candidate_threshold, strict_threshold
+    )
+    if verify and verify_size < 16:
+        raise ValueError(f"--verify-size must be >= 16 pixels, got {verify_size}")
     if k < 2:
         raise ValueError(f"k must be >= 2 (itself plus one neighbour), got {k}")
     timer = Timer()
@@ -503,119 +265,47 @@ def dedup_table(
     index_dir = os.path.join(out_local, "_index")
     pairs_dir = os.path.join(out_local, "_pairs")
     if exact_only:
-        desc_df = df.select("content_id", "path", "height", "width")
         with spark_progress(spark, "dedup: list rows"):
-            desc_df.write.mode("overwrite").parquet(storage.qualify(desc_dir))
+            df.select("content_id", "path", "height", "width").write.mode("overwrite").parquet(storage.qualify(desc_dir))
     else:
         blob = spark.sparkContext.broadcast(read_blob(model_dir)) if model_dir else None
-        _configure_workers(spark, batch_size)
-        thumb = verify_size if verify else None
-        desc_df = df.mapInArrow(descriptor_batches(blob, batch_size, thumb), DESCRIPTOR_SCHEMA)
+        configure_workers(spark, batch_size)
+        desc_df = df.mapInArrow(descriptor_batches(blob, batch_size, verify_size if verify else None), DESCRIPTOR_SCHEMA)
         with spark_progress(spark, "dedup: descriptors"):
             desc_df.write.mode("overwrite").parquet(storage.qualify(desc_dir))
     times["descriptors_s"] = timer.elapsed
 
     a = b = np.zeros(0, np.int64)
-    cosine = score = np.zeros(0, np.float32)
+    score = np.zeros(0, np.float32)
     linked = np.zeros(0, bool)
-    n = 0
     index_summary: dict[str, Any] = {}
+    id_columns = ["content_id", "path", "height", "width"]
     if exact_only:
-        ids = pq.read_table(desc_dir, columns=["content_id", "path", "height", "width"])
-        n = ids.num_rows
+        ids = pq.read_table(desc_dir, columns=id_columns)
     else:
-        index_summary = build_index(desc_dir, index_dir, column="descriptor")
-        idx = SearchIndex(index_dir)
-        n = idx.ntotal
-        offset = 0
-        found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for vecs, _ in iter_shards(desc_dir, "descriptor", ()):
-            nb = idx.search(vecs, min(k, n))
-            found.append(candidate_pairs(nb.scores, nb.rows, offset, candidate_threshold))
-            offset += len(vecs)
-            if progress is not None:
-                progress(len(vecs), f"{offset:,}/{n:,} searched")
-        if found:
-            a, b, cosine = dedupe_pairs(*(np.concatenate(x) for x in zip(*found, strict=True)))
-        ids = pq.read_table(
-            os.path.join(index_dir, "ids.parquet"), columns=["content_id", "path", "height", "width"]
-        )
+        n, a, b, cosine, index_summary = search_candidates(desc_dir, index_dir, k, candidate_threshold, progress)
+        ids = pq.read_table(os.path.join(index_dir, "ids.parquet"), columns=id_columns)
         times["search_s"] = timer.elapsed - sum(times.values())
         if verify:
+            score = np.zeros(0, np.float32)
             if len(a):
-                score = _verify(spark, desc_dir, pairs_dir, ids, a, b, cosine, verify_size, batch_size)
-            else:
-                score = np.zeros(0, np.float32)
+                score = score_candidates(spark, desc_dir, pairs_dir, ids, a, b, cosine, verify_size, batch_size)
             times["verify_s"] = timer.elapsed - sum(times.values())
             linked = link_pairs(n, a, b, score, threshold, link, strict_threshold)
         else:
             score = cosine
             linked = score >= threshold
-    pairs = list(zip(a[linked].tolist(), b[linked].tolist(), score[linked].tolist(), strict=True))
 
-    cids = ids.column("content_id").to_pylist()
-    first_of: dict[str, int] = {}
-    exact_pairs = []
-    for row, cid in enumerate(cids):
-        if cid in dup_ids:
-            if cid in first_of:
-                exact_pairs.append((first_of[cid], row, 1.0))
-            else:
-                first_of[cid] = row
-    all_pairs = exact_pairs + pairs
-    labels = union_find(n, ((i, j) for i, j, _ in all_pairs))
-    best = np.full(n, np.nan, np.float32)
-    for i, j, sc in all_pairs:
-        for r in (i, j):
-            if np.isnan(best[r]) or sc > best[r]:
-                best[r] = sc
-
-    counts = np.bincount(labels, minlength=n)
-    grouped = np.flatnonzero(counts[labels] > 1)
-    paths = ids.column("path").to_pylist()
-    heights = ids.column("height").to_pylist()
-    widths = ids.column("width").to_pylist()
-    groups: dict[int, list[int]] = {}
-    for r in grouped:
-        groups.setdefault(int(labels[r]), []).append(int(r))
-
-    rows: dict[str, list[Any]] = {
-        c: [] for c in ("group_id", "kind", "content_id", "path", "height", "width", "keep", "best_score")
-    }
-    n_exact = n_near = 0
-    for gid, (_, members) in enumerate(sorted(groups.items())):
-        info = [{"path": paths[r], "height": heights[r], "width": widths[r]} for r in members]
-        kidx = keeper(info, keep)
-        kind = "exact" if len({cids[r] for r in members}) == 1 else "near"
-        n_exact += kind == "exact"
-        n_near += kind == "near"
-        for i, r in enumerate(members):
-            rows["group_id"].append(gid)
-            rows["kind"].append(kind)
-            rows["content_id"].append(cids[r])
-            rows["path"].append(paths[r])
-            rows["height"].append(heights[r])
-            rows["width"].append(widths[r])
-            rows["keep"].append(i == kidx)
-            rows["best_score"].append(None if np.isnan(best[r]) else float(best[r]))
-    schema = pa.schema(
-        [
-            ("group_id", pa.int64()),
-            ("kind", pa.string()),
-            ("content_id", pa.string()),
-            ("path", pa.string()),
-            ("height", pa.int32()),
-            ("width", pa.int32()),
-            ("keep", pa.bool_()),
-            ("best_score", pa.float32()),
-        ]
-    )
-    pq.write_table(pa.Table.from_pydict(rows, schema=schema), os.path.join(out_local, "groups.parquet"))
+    exact = exact_pairs(ids.column("content_id").to_pylist(), dup_ids)
+    links = np.concatenate([exact, np.stack([a[linked], b[linked]], axis=1)])
+    link_scores = np.concatenate([np.ones(len(exact), np.float32), score[linked].astype(np.float32)])
+    groups, counts = group_table(ids, links, link_scores, keep)
+    pq.write_table(groups, os.path.join(out_local, "groups.parquet"))
 
     summary = {
         "table": table,
         "output": out,
-        "rows": n,
+        "rows": ids.num_rows,
         "descriptor": descriptor if not exact_only else "content_id",
         "model_dir": model_dir,
         "verify": verify,
@@ -626,13 +316,10 @@ def dedup_table(
         "verify_size": verify_size if verify else None,
         "k": k,
         "keep_rule": keep,
-        "exact_groups": n_exact,
-        "near_groups": n_near,
-        "rows_in_groups": len(grouped),
-        "rows_to_remove": len(grouped) - len(groups),
+        **counts,
         "candidate_pairs": int(len(a)),
         "pairs_above_threshold": int((score >= threshold).sum()) if not exact_only else 0,
-        "links": len(pairs),
+        "links": int(linked.sum()),
         "index": index_summary.get("kind"),
         "times_s": {key: round(v, 3) for key, v in times.items()},
         "elapsed_s": round(timer.elapsed, 3),

@@ -1,0 +1,116 @@
+"""Near-duplicate descriptors, computed on the executors: one mirror-invariant unit vector per image.
+
+Mirror invariance is built in because a horizontal flip is the most common edit that a feature
+extractor does not undo:
+
+* ``pixels`` (no model needed): the grayscale image at 32x32, centred on its intensity centroid,
+  box-blurred, zero mean and unit norm (:func:`pixel_descriptor`), averaged with its mirror image;
+* a model directory: the L2-normalised backbone features of the image plus those of its mirror,
+  through the shared inference runtime (:mod:`sparkvision.inference.runtime`).
+
+With verification the same pass also stores a small grayscale thumbnail of each image, which
+:mod:`sparkvision.retrieval.scoring` aligns and compares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from scipy import ndimage
+
+from sparkvision.data.images import RejectError
+from sparkvision.inference.runtime import rebatch, run_model, vectors_column, worker_model
+from sparkvision.transforms.preprocess import decode_image, preprocess_batch
+
+PIXEL_SIZE = 32
+DESCRIPTOR_SCHEMA = (
+    "content_id string, path string, height int, width int, descriptor array<float>, thumb binary, "
+    "error string"
+)
+
+
+def pixel_descriptor(arr: np.ndarray, blur: int = 5) -> np.ndarray:
+    """``(H, W[, 1])`` grayscale -> unit vector, invariant to brightness, contrast, mirroring and
+    small shifts.
+
+    The image is shifted (bilinear, sub-pixel) so its intensity centroid sits at the centre, which
+    undoes translations and most of what a small crop does; a ``blur`` x ``blur`` box filter then
+    absorbs small rotations, rescaling and noise; the mean is removed and the result is averaged
+    with its mirror image and L2-normalised.
+    """
+    x = np.asarray(arr, np.float32).reshape(arr.shape[0], arr.shape[1])
+    w = x - x.min()
+    total = w.sum()
+    if total > 1e-6:
+        ys, xs = np.indices(w.shape)
+        cy, cx = (w * ys).sum() / total, (w * xs).sum() / total
+        w = ndimage.shift(w, ((w.shape[0] - 1) / 2 - cy, (w.shape[1] - 1) / 2 - cx), order=1, mode="constant")
+    if blur > 1:
+        w = ndimage.uniform_filter(w, size=blur, mode="constant")
+    w = w + w[:, ::-1]  # mirror-symmetric
+    w = w - w.mean()
+    norm = np.linalg.norm(w)
+    return (w / norm).ravel().astype(np.float32) if norm > 1e-6 else np.zeros(w.size, np.float32)
+
+
+def gray_thumbnail(data: bytes | None, size: int) -> np.ndarray:
+    """Encoded image -> grayscale uint8 ``(size, size)``; raises :class:`RejectError`."""
+    return decode_image(data or b"", 1, (size, size))[0]
+
+
+def descriptor_batches(
+    blob_bc: Any, batch_size: int, thumb_size: int | None = None
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """mapInArrow body: (content_id, path, image, height, width) -> DESCRIPTOR_SCHEMA.
+
+    ``blob_bc`` is a broadcast :class:`sparkvision.inference.runtime.ModelBlob`, or None for the
+    pixel descriptor. With ``thumb_size`` also the grayscale image at ``thumb_size`` x
+    ``thumb_size`` (raw uint8 bytes) for verification.
+    """
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        fn = pre = None
+        if blob_bc is not None:
+            fn, pre = worker_model(blob_bc.value, "features")
+        for batch in rebatch(batches, batch_size):
+            images = batch.column("image").to_pylist()
+            errors: list[str | None] = [None] * len(images)
+            thumbs: list[bytes | None] = [None] * len(images)
+            if fn is None:
+                feats = np.zeros((len(images), PIXEL_SIZE * PIXEL_SIZE), np.float32)
+                for i, data in enumerate(images):
+                    try:
+                        arr = gray_thumbnail(data, PIXEL_SIZE)
+                        feats[i] = pixel_descriptor(arr)
+                        if thumb_size == PIXEL_SIZE:
+                            thumbs[i] = arr.tobytes()
+                    except RejectError as e:
+                        errors[i] = str(e)
+            else:
+                x, errors = preprocess_batch(images, pre)
+                f = run_model(fn, x) + run_model(fn, x.flip(-1).contiguous())  # (B, D) + mirror
+                f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                feats = f.float().numpy()
+            if thumb_size is not None and (fn is not None or thumb_size != PIXEL_SIZE):
+                for i, data in enumerate(images):
+                    if errors[i] is None:
+                        try:
+                            thumbs[i] = gray_thumbnail(data, thumb_size).tobytes()
+                        except RejectError as e:
+                            errors[i] = str(e)
+            yield pa.RecordBatch.from_pydict(
+                {
+                    "content_id": batch.column("content_id"),
+                    "path": batch.column("path"),
+                    "height": batch.column("height"),
+                    "width": batch.column("width"),
+                    "descriptor": vectors_column(feats, errors),
+                    "thumb": pa.array(thumbs, pa.binary()),
+                    "error": pa.array(errors, pa.string()),
+                }
+            )
+
+    return run
