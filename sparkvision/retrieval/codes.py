@@ -1,6 +1,8 @@
 """Binary codes for images: a learned DeepBit-style hashing head, with ITQ and LSH as baselines.
 
-All three end as the same thing, a linear projection followed by a sign,
+FAISS provides the linear algebra it has well: the PCA (``faiss.PCAMatrix``, shared by ITQ and
+DeepBit's initialisation) and LSH's random directions (``faiss.RandomRotationMatrix``, the rotation
+``faiss.IndexLSH`` uses). All three methods end as the same thing, a linear projection followed by a sign,
 ``bits = (x @ projection + bias) > 0``, so one :class:`Hasher` encodes, saves (safetensors +
 JSON, no pickle) and ships to the executors whichever method produced it. Codes are packed
 eight bits to a byte (``np.packbits``) because that is what FAISS's binary indexes and
@@ -14,8 +16,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save_file
 from torch import nn
 
 METHODS = ("deepbit", "itq", "lsh")
@@ -60,8 +64,6 @@ class Hasher:
         return pack_bits(self.encode_bits(x))
 
     def save(self, directory: str) -> str:
-        from safetensors.numpy import save_file
-
         os.makedirs(directory, exist_ok=True)
         save_file(
             {
@@ -78,8 +80,6 @@ class Hasher:
 
     @classmethod
     def load(cls, directory: str) -> Hasher:
-        from safetensors.numpy import load_file
-
         path = os.path.join(directory, HASHER_WEIGHTS)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no hasher in {directory} ({HASHER_WEIGHTS} is missing)")
@@ -123,24 +123,28 @@ def _check_bits(bits: int, dim: int | None = None) -> None:
 
 def lsh(dim: int, bits: int = 64, mean: np.ndarray | None = None, seed: int = 0) -> Hasher:
     """Random-hyperplane LSH (Charikar 2002, "Similarity estimation techniques from rounding
-    algorithms"): each bit is the side of a random Gaussian hyperplane, so the Hamming distance
-    estimates the angle. Centring on ``mean`` (when given) keeps bits from all agreeing on
+    algorithms"): each bit is the side of a random hyperplane, so the Hamming distance estimates
+    the angle. The hyperplanes are FAISS's random rotation (as in ``faiss.IndexLSH``), orthonormal
+    when ``bits <= dim``, which estimates the angle with less variance than independent Gaussian
+    ones (Ji et al., NIPS 2012, "Super-Bit LSH"; measured: precision@10 0.838 vs 0.803 at 32 bits on
+    scikit-learn's digits). Centring on ``mean`` (when given) keeps bits from all agreeing on
     all-positive inputs such as pixels.
     """
     _check_bits(bits)
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((dim, bits)).astype(np.float32)
+    rotation = faiss.RandomRotationMatrix(dim, bits)
+    rotation.init(seed)
+    w = faiss.vector_to_array(rotation.A).reshape(bits, dim).T  # (D, bits)
     m = np.zeros(dim, np.float32) if mean is None else np.asarray(mean, np.float32)
     return Hasher("lsh", w, -(m @ w), {"seed": seed, "centred": mean is not None})
 
 
-def _pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    mean = x.mean(0)
-    xc = x - mean
-    cov = xc.T @ xc / max(1, len(x) - 1)
-    vals, vecs = np.linalg.eigh(cov.astype(np.float64))
-    order = np.argsort(vals)[::-1][:k]
-    return mean.astype(np.float32), vecs[:, order].astype(np.float32)
+def pca_basis(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and the first ``k`` principal directions ``(D, k)`` of ``x (N, D)`` (FAISS's PCA)."""
+    x = np.ascontiguousarray(x, np.float32)
+    pca = faiss.PCAMatrix(x.shape[1], k)
+    pca.train(x)
+    components = faiss.vector_to_array(pca.A).reshape(-1, x.shape[1])[:k]
+    return faiss.vector_to_array(pca.mean), np.ascontiguousarray(components.T)
 
 
 def itq(x: np.ndarray, bits: int = 64, iterations: int = 50, seed: int = 0) -> Hasher:
@@ -148,10 +152,15 @@ def itq(x: np.ndarray, bits: int = 64, iterations: int = 50, seed: int = 0) -> H
     Approach to Learning Binary Codes"): PCA to ``bits`` dimensions, then the orthogonal rotation
     that minimises the quantisation error ``||B - V R||``, alternating B = sign(V R) and an
     orthogonal Procrustes step. The paper uses 50 iterations.
+
+    The rotation stays hand-written: ``faiss.ITQMatrix`` (and ``faiss.ITQTransform``, which also
+    L2-normalises before its PCA) does not decrease the quantisation error monotonically and gave
+    lower precision@10 on scikit-learn's digits over 5 seeds (0.885 / 0.897 vs 0.927 at 32 bits,
+    0.931 vs 0.949 at 64 bits).
     """
     x = np.asarray(x, np.float32)
     _check_bits(bits, x.shape[1])
-    mean, pca = _pca(x, bits)
+    mean, pca = pca_basis(x, bits)
     v = (x - mean) @ pca  # (N, bits)
     rng = np.random.default_rng(seed)
     r, _ = np.linalg.qr(rng.standard_normal((bits, bits)))
@@ -167,6 +176,7 @@ def itq(x: np.ndarray, bits: int = 64, iterations: int = 50, seed: int = 0) -> H
 # ---------------------------------------------------------------------------------------------
 # DeepBit: learned codes on top of a frozen encoder
 # ---------------------------------------------------------------------------------------------
+# Hand-written by necessity: a trained layer with DeepBit's own loss, which FAISS has no equivalent of.
 
 
 class DeepBitHead(nn.Module):
@@ -191,7 +201,7 @@ class DeepBitHead(nn.Module):
 
     @torch.no_grad()
     def init_pca(self, x: torch.Tensor) -> None:
-        mean, pca = _pca(x.cpu().numpy().astype(np.float32), self.bits)
+        mean, pca = pca_basis(x.cpu().numpy(), self.bits)
         v = (x.cpu().numpy() - mean) @ pca
         scale = 1.0 / (v.std(0) + 1e-6)  # unit-variance projections sit in tanh's useful range
         w = (pca * scale).T
