@@ -28,10 +28,12 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from sparkvision.inference.runtime import optimize_for_cpu_inference, predict_table, preprocess_batch  # noqa: E402
-from sparkvision.models.modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir  # noqa: E402
+from sparkvision.inference.predict import predict_table  # noqa: E402
+from sparkvision.inference.runtime import optimize_for_cpu_inference  # noqa: E402
 from sparkvision.models import create_model  # noqa: E402
+from sparkvision.models.modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir  # noqa: E402
 from sparkvision.spark.session import get_spark  # noqa: E402
+from sparkvision.transforms.preprocess import preprocess_batch  # noqa: E402
 
 
 def plain_loop(table: str, model_dir: str, out: str, frozen: bool, batch: int = 512) -> tuple[float, int]:

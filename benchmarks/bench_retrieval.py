@@ -95,7 +95,7 @@ def load_split(
 
 
 def pixels(table: str, split: str) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
-    from sparkvision.data.images import decode_to_array
+    from sparkvision.transforms.preprocess import decode_image
 
     t = (
         pads.dataset(table, format="parquet")
@@ -103,7 +103,7 @@ def pixels(table: str, split: str) -> tuple[np.ndarray, np.ndarray, list[bytes]]
         .sort_by("content_id")
     )
     imgs = t.column("image").to_pylist()
-    x = np.stack([decode_to_array(b, 1, None).reshape(-1) for b in imgs]).astype(np.float32) / 255
+    x = np.stack([decode_image(b, 1).reshape(-1) for b in imgs]).astype(np.float32) / 255
     return x, t.column("label").to_numpy(), imgs
 
 
@@ -118,11 +118,12 @@ def rotated_features(model_dir: str, images: list[bytes], seed: int = 0) -> np.n
     import torch
     from PIL import Image
 
-    from sparkvision.inference.runtime import _Features, preprocess_batch
+    from sparkvision.inference.runtime import FeatureModel
     from sparkvision.models.modeldir import load_model_dir
+    from sparkvision.transforms.preprocess import preprocess_batch
 
     lm = load_model_dir(model_dir)
-    net = _Features(lm.model).eval()
+    net = FeatureModel(lm.model).eval()
     rng = np.random.default_rng(seed)
     out = []
     for i in range(0, len(images), 1024):
@@ -139,7 +140,7 @@ def rotated_features(model_dir: str, images: list[bytes], seed: int = 0) -> np.n
 
 
 def embed(spark, model_dir: str, table: str, out: str) -> dict:
-    from sparkvision.inference.runtime import embed_table
+    from sparkvision.inference.embed import embed_table
 
     if os.path.exists(os.path.join(out, "_SUCCESS")):
         return {"reused": out}

@@ -48,9 +48,10 @@ def _plain(batches, channels: int, size: tuple[int, int]):
     import numpy as np
     import torch
 
-    from sparkvision.data.images import decode_to_array
+    from sparkvision.transforms.preprocess import decode_image
 
-    arrays = [decode_to_array(data, channels, size) for b in batches for data in b.column("image").to_pylist()]
+    arrays = [decode_image(data, channels, size).transpose(1, 2, 0)  # HWC: the old stack-then-permute path
+              for b in batches for data in b.column("image").to_pylist()]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 

@@ -26,12 +26,12 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from sparkvision.data.images import decode_to_array  # noqa: E402
 from sparkvision.models import create_model  # noqa: E402
 from sparkvision.spark.session import get_spark  # noqa: E402
 from sparkvision.train import BatchAugment, TrainConfig, train  # noqa: E402
 from sparkvision.train.data import epoch_indices, steps_per_epoch  # noqa: E402
 from sparkvision.train.optim import build_optimizer, lr_factor, param_groups, set_lr  # noqa: E402
+from sparkvision.transforms.preprocess import decode_image  # noqa: E402
 
 
 def load_plain(table: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +40,7 @@ def load_plain(table: str) -> tuple[torch.Tensor, torch.Tensor]:
 
     t = pq.read_table(table.replace("file://", ""), columns=["image", "label", "split"])
     d = t.to_pydict()
-    imgs = [decode_to_array(b, 1, (28, 28)) for b, s in zip(d["image"], d["split"], strict=True) if s == "train"]
+    imgs = [decode_image(b, 1, (28, 28)).transpose(1, 2, 0) for b, s in zip(d["image"], d["split"], strict=True) if s == "train"]
     labels = [lab for lab, s in zip(d["label"], d["split"], strict=True) if s == "train"]
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor(labels, dtype=torch.int64)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from sparkvision.inference.evaluate import evaluate, metrics_from_confusion
-from sparkvision.inference.embed import embed_table
-from sparkvision.inference.predict import predict_table
 from sparkvision.data.schema import IMAGE_SCHEMA
 from sparkvision.data.table import TableMeta, read_meta, read_table, write_meta
+from sparkvision.inference.embed import embed_table
+from sparkvision.inference.evaluate import evaluate, metrics_from_confusion
+from sparkvision.inference.predict import predict_table
 from sparkvision.train import AugmentConfig, TrainConfig, train
 
 FAST = dict(batch_size=16, lr=3e-3, model_kwargs={"widths": [8, 16], "hidden": 32, "dropout": 0.0},
@@ -67,16 +69,11 @@ def test_evaluate_writes_json_and_png(spark, model_dir, table_with_corrupt_row, 
 def test_embed_is_l2_normalised(spark, model_dir, tiny_table, tmp_path):
     s = embed_table(spark, model_dir, tiny_table, str(tmp_path / "emb"), split="test")
     assert s["rows"] == 32 and s["dim"] == 32 and s["errors"] == 0
-    import numpy as np
-
     v = np.array(spark.read.parquet(str(tmp_path / "emb")).first().embedding)
     assert abs(np.linalg.norm(v) - 1) < 1e-4
 
 
 def test_metrics_from_confusion_matches_sklearn():
-    import numpy as np
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
     rng = np.random.default_rng(0)
     y, p = rng.integers(0, 3, 200), rng.integers(0, 3, 200)
     m = metrics_from_confusion(confusion_matrix(y, p), ["a", "b", "c"])

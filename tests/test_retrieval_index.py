@@ -9,9 +9,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from typer.testing import CliRunner
 
-from sparkvision.retrieval.index import EXACT_MAX_ROWS, build_index, choose_index
-from sparkvision.retrieval.search import SearchIndex
+from sparkvision.cli import app
+from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
+from sparkvision.retrieval.embed import embed_with_codes
+from sparkvision.retrieval.index import EXACT_MAX_ROWS, build_index, choose_index, vectors_of
+from sparkvision.retrieval.search import SearchIndex, search_images, search_table
 
 
 def test_choose_index_logic():
@@ -70,10 +75,6 @@ def test_ivf_built_shard_by_shard_finds_itself(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    import torch
-
-    from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
-
     torch.manual_seed(0)
     spec = ModelSpec("cnn", 4, 1, {"image_size": 16, "widths": [8, 16], "hidden": 64})
     model = spec.build().eval()
@@ -83,8 +84,6 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def features(spark, tiny_table, model_dir, tmp_path_factory):
-    from sparkvision.retrieval.embed import embed_with_codes
-
     out = str(tmp_path_factory.mktemp("feat") / "tiny_feat")
     s = embed_with_codes(spark, model_dir, tiny_table, out, bits=32, method="itq")
     assert s["rows"] == 96 and s["bits"] == 32 and s["errors"] == 0
@@ -104,8 +103,6 @@ def test_each_image_is_its_own_nearest_neighbour(spark, features, tmp_path):
     s = build_index(features, str(tmp_path / "idx"))
     assert s["kind"] == "flat" and s["rows"] == 96 and "exact" in s["explain"]
     x = spark.read.parquet(features).orderBy("content_id").toArrow()
-    from sparkvision.retrieval.index import vectors_of
-
     idx = SearchIndex(str(tmp_path / "idx"))
     hits = idx.results(idx.search(vectors_of(x, "embedding"), 5))
     assert [h[0]["content_id"] for h in hits] == x.column("content_id").to_pylist()
@@ -124,8 +121,6 @@ def test_each_image_is_its_own_nearest_neighbour(spark, features, tmp_path):
 
 
 def test_search_images_and_batch_mode(spark, features, tiny_table, tmp_path):
-    from sparkvision.retrieval.search import search_images, search_table
-
     build_index(features, str(tmp_path / "idx"))
     rows = spark.read.parquet(tiny_table).select("content_id", "path", "image").limit(3).collect()
     files = []
@@ -148,10 +143,6 @@ def test_search_images_and_batch_mode(spark, features, tiny_table, tmp_path):
 
 
 def test_cli_index_and_search(features, tiny_table, spark, tmp_path):
-    from typer.testing import CliRunner
-
-    from sparkvision.cli import app
-
     runner = CliRunner()
     r = runner.invoke(app, ["index", features, str(tmp_path / "idx"), "--json"])
     assert r.exit_code == 0, r.output
@@ -168,10 +159,6 @@ def test_cli_index_and_search(features, tiny_table, spark, tmp_path):
 
 
 def test_cli_embed_with_codes(spark, tiny_table, model_dir, tmp_path):
-    from typer.testing import CliRunner
-
-    from sparkvision.cli import app
-
     out = str(tmp_path / "f")
     r = CliRunner().invoke(
         app, ["embed", model_dir, tiny_table, out, "--bits", "32", "--split", "test", "--json"]

@@ -1,4 +1,4 @@
-"""``sparkvision embed``: the features table of :func:`sparkvision.inference.runtime.embed_table`, optionally with codes.
+"""``sparkvision embed``: the features table of :func:`sparkvision.inference.embed.embed_table`, optionally with codes.
 
 Codes are a post-processing step over the embeddings: a hasher (DeepBit, ITQ or LSH) is fitted on
 the driver from a sample of at most ``sample`` embeddings, then applied on the executors, which
@@ -9,26 +9,33 @@ queries the same way. Files starting with ``_`` are invisible to Spark and pyarr
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 
+from sparkvision.inference.embed import embed_table
 from sparkvision.retrieval.codes import Hasher, fit_hasher
 from sparkvision.retrieval.index import FEATURES_HASHER, FEATURES_META, local_path, vectors_of
+from sparkvision.spark import storage
+from sparkvision.spark.progress import Timer, spark_progress
 
 
-def code_batches(projection: np.ndarray, bias: np.ndarray):
+def code_batches(
+    projection: np.ndarray, bias: np.ndarray
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """mapInArrow body: adds ``code`` (packed bits; null where the embedding is null)."""
     hasher = Hasher("apply", projection, bias)
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             t = pa.Table.from_batches([batch])
-            valid = pa.compute.is_valid(t.column("embedding")).to_numpy(zero_copy_only=False)
+            valid = pc.is_valid(t.column("embedding")).to_numpy(zero_copy_only=False)
             codes: list[bytes | None] = [None] * t.num_rows
             good = np.flatnonzero(valid)
             if len(good):
@@ -58,8 +65,6 @@ def sample_embeddings(spark: SparkSession, features: str, limit: int, seed: int 
 
 
 def write_features_meta(out: str, meta: dict[str, Any]) -> None:
-    import json
-
     with open(os.path.join(local_path(out), FEATURES_META), "w") as f:
         json.dump(meta, f, indent=2)
 
@@ -78,10 +83,6 @@ def embed_with_codes(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Embed ``table`` with ``model_dir`` into ``out``; with ``bits``, fit a hasher and add codes."""
-    from sparkvision.spark import storage
-    from sparkvision.inference.runtime import embed_table
-    from sparkvision.spark.progress import Timer, spark_progress
-
     timer = Timer()
     if bits is not None and bits not in (32, 64, 128):
         raise ValueError(f"--bits {bits}: use 32, 64 or 128")

@@ -19,10 +19,12 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -213,8 +215,6 @@ def features_meta(features: str) -> dict[str, Any]:
 
 
 def _new_index(choice: IndexChoice, d: int):
-    import faiss
-
     if choice.binary:
         if choice.kind == "binary_flat":
             return faiss.IndexBinaryFlat(d)
@@ -231,8 +231,6 @@ def _new_index(choice: IndexChoice, d: int):
 
 
 def _set_nprobe(index: Any, nprobe: int) -> None:
-    import faiss
-
     if isinstance(index, faiss.IndexBinaryIVF):
         index.nprobe = nprobe
     else:
@@ -272,10 +270,6 @@ def build_index(
     ``column`` defaults to ``code`` when ``kind`` is binary or the table has only codes, else
     ``embedding``. ``params`` overrides the chosen search parameters (nprobe, efSearch).
     """
-    import time
-
-    import faiss
-
     t0 = time.perf_counter()
     ds = features_dataset(features)
     names = ds.schema.names

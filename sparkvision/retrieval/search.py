@@ -2,7 +2,7 @@
 
 Image files and image tables are embedded with the same model (recorded in ``index.json`` by
 ``sparkvision index``, or given explicitly), the same preprocessing and the same TorchScript path
-as ``sparkvision embed`` (:mod:`sparkvision.inference.runtime`), so a query lands where its copy in the
+as ``sparkvision embed`` (:mod:`sparkvision.inference.embed`), so a query lands where its copy in the
 table would. A binary index encodes the query features with the hasher saved beside it.
 """
 
@@ -14,13 +14,30 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
+from sparkvision.data.table import is_image_table, read_table
+from sparkvision.inference.embed import embed_df
+from sparkvision.inference.runtime import THREADS_ENV, read_blob, run_model, worker_model
 from sparkvision.retrieval.codes import Hasher
-from sparkvision.retrieval.index import HASHER_DIR, IDS_FILE, INDEX_FILE, META_FILE, local_path, set_search_params
+from sparkvision.retrieval.index import (
+    HASHER_DIR,
+    IDS_FILE,
+    INDEX_FILE,
+    META_FILE,
+    local_path,
+    set_search_params,
+    vectors_of,
+)
+from sparkvision.spark import storage
+from sparkvision.spark.progress import Timer, spark_progress
+from sparkvision.transforms.preprocess import preprocess_batch
 
 RESULT_SCHEMA = (
     "query_content_id string, query_path string, rank int, content_id string, path string, "
@@ -57,8 +74,6 @@ class SearchIndex:
     """
 
     def __init__(self, directory: str, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        import faiss
-
         directory = local_path(directory)
         meta_path = os.path.join(directory, META_FILE)
         if not os.path.exists(meta_path):
@@ -140,15 +155,9 @@ class SearchIndex:
 
 def embed_images(model_dir: str, images: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
     """L2-normalised features of encoded images with the model's own preprocessing (driver side)."""
-    import torch
-
-    from sparkvision.inference.runtime import get_model, preprocess_batch, read_blob
-
-    fn, pre = get_model(read_blob(model_dir), "features")
+    fn, pre = worker_model(read_blob(model_dir), "features")
     x, errors = preprocess_batch(images, pre)
-    with torch.inference_mode():
-        feats = fn(x).float().numpy()
-    return feats, errors
+    return run_model(fn, x).float().numpy(), errors
 
 
 def search_images(
@@ -182,12 +191,10 @@ _INDEXES: dict[tuple[str, int, int | None], SearchIndex] = {}
 
 
 def _worker_index(directory: str, nprobe: int | None) -> SearchIndex:
-    import faiss
-
     key = (directory, os.stat(os.path.join(directory, INDEX_FILE)).st_mtime_ns, nprobe)
     hit = _INDEXES.get(key)
     if hit is None:
-        faiss.omp_set_num_threads(int(os.environ.get("SPARKVISION_INFER_THREADS", "1")))
+        faiss.omp_set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
         _INDEXES.clear()
         hit = _INDEXES[key] = SearchIndex(directory, nprobe=nprobe)
     return hit
@@ -197,15 +204,13 @@ def search_batches(index_dir: str, k: int, nprobe: int | None, exclude_self: boo
     """mapInArrow body: (content_id, path, embedding, error) -> one row per (query, neighbour)."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from sparkvision.retrieval.index import vectors_of
-
         idx = _worker_index(index_dir, nprobe)
         kk = k + 1 if exclude_self else k
         for batch in batches:
             t = pa.Table.from_batches([batch])
             cids, paths = t.column("content_id").to_pylist(), t.column("path").to_pylist()
             errs = t.column("error").to_pylist() if "error" in t.column_names else [None] * t.num_rows
-            valid = pa.compute.is_valid(t.column("embedding")).to_numpy(zero_copy_only=False)
+            valid = pc.is_valid(t.column("embedding")).to_numpy(zero_copy_only=False)
             rows: list[tuple[Any, ...]] = []  # (query row, rank, hit, error)
             good = np.flatnonzero(valid)
             for qi in np.flatnonzero(~valid):
@@ -271,13 +276,6 @@ def search_table(
     ``table`` is either a features table from ``sparkvision embed`` (searched as is) or an image
     table, embedded on the fly with ``model_dir`` (default: the model that built the index).
     """
-    from pyspark.sql import functions as F
-
-    from sparkvision.spark import storage
-    from sparkvision.inference.runtime import embed_df
-    from sparkvision.spark.progress import Timer, spark_progress
-    from sparkvision.data.table import is_image_table, read_table
-
     timer = Timer()
     if is_image_table(spark, table):
         model_dir = model_dir or SearchIndex(index_dir).model_dir

@@ -43,6 +43,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 VERIFY_SIZE = 32
 
@@ -76,14 +78,7 @@ def to_gray(pixels: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) / 255.0
 
 
-def _torch():
-    import torch
-
-    return torch
-
-
 def _blur_matrix(n: int, sigma: float):
-    torch = _torch()
     i = torch.arange(n, dtype=torch.float32)
     k = torch.exp(-((i[:, None] - i[None, :]) ** 2) / (2 * sigma**2))
     return k / k.sum(1, keepdim=True)
@@ -98,7 +93,6 @@ def _blur(x, sigma: float):
 
 
 def _gradients(x):
-    torch = _torch()
     gx = torch.zeros_like(x)
     gy = torch.zeros_like(x)
     gx[:, :, 1:-1] = (x[:, :, 2:] - x[:, :, :-2]) / 2
@@ -110,7 +104,6 @@ class _Grid:
     """Centred pixel coordinates of the compared region (all but ``margin`` pixels at each border)."""
 
     def __init__(self, size: int, margin: int) -> None:
-        torch = _torch()
         c = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
         yy, xx = torch.meshgrid(c, c, indexing="ij")
         self.size, self.margin = size, margin
@@ -127,9 +120,6 @@ class _Grid:
         ``p = (a, b, tx, ty)``: the point ``(x, y)`` of A's frame maps to
         ``((1 + a) x - b y + tx, b x + (1 + a) y + ty)`` in B's (pixels, centred).
         """
-        torch = _torch()
-        import torch.nn.functional as F
-
         a, b, tx, ty = (p[:, i : i + 1] for i in range(4))
         xs = (1 + a) * self.x - b * self.y + tx
         ys = b * self.x + (1 + a) * self.y + ty
@@ -140,7 +130,6 @@ class _Grid:
 
 
 def _limits(cfg: VerifyConfig, size: int):
-    torch = _torch()
     return torch.tensor(
         [
             cfg.max_scale,
@@ -156,7 +145,6 @@ def _ecc(A, B, p, iters: int, sigma: float, cfg: VerifyConfig):
 
     Returns the warp and the correlation of the blurred images at it.
     """
-    torch = _torch()
     size = A.shape[-1]
     grid = _Grid(size, max(1, cfg.margin * size // cfg.size))
     a_s, b_s = _blur(A, sigma), _blur(B, sigma)
@@ -198,9 +186,6 @@ def _zncc(a, b):
 def align(A, B, cfg: VerifyConfig = VerifyConfig()):
     """Warp ``p`` (P, 4) aligning each ``B`` (or its mirror image) to its ``A``, and the correlation
     of the blurred images at it (see the module docstring)."""
-    torch = _torch()
-    import torch.nn.functional as F
-
     A2, B2 = F.avg_pool2d(A.unsqueeze(1), 2).squeeze(1), F.avg_pool2d(B.unsqueeze(1), 2).squeeze(1)
     p, r = _ecc(A2, B2, torch.zeros(len(A), 4), cfg.iters, 0.5, cfg)
     p = p * torch.tensor([1.0, 1.0, 2.0, 2.0])  # shifts at full resolution
@@ -222,9 +207,6 @@ def _design(img, radius: int):
 
     Shifted sums rather than a convolution: several times faster on CPU for these small kernels.
     """
-    torch = _torch()
-    import torch.nn.functional as F
-
     size = img.shape[-1]
     padded = F.pad(img.unsqueeze(1), (radius,) * 4, mode="replicate").squeeze(1)
     feats = []
@@ -239,7 +221,6 @@ def _design(img, radius: int):
 
 def _multiple_r(target, design):
     """Multiple correlation of ``target`` (P, N) regressed on ``design`` (P, K, N) plus a constant."""
-    torch = _torch()
     t = target - target.mean(1, keepdim=True)
     d = design - design.mean(2, keepdim=True)
     gram = d @ d.transpose(1, 2)
@@ -256,7 +237,6 @@ def _multiple_r(target, design):
 def explained_correlation(A, B, p, cfg: VerifyConfig = VerifyConfig()):
     """Score of pairs aligned by ``p`` (see the module docstring): max over both directions of the
     multiple R. A blank image (no variance) matches nothing."""
-    torch = _torch()
     grid = _Grid(A.shape[-1], cfg.margin)
     a = grid.region(A)
     b_in_a = grid.sample(B.unsqueeze(1), p)[:, 0]  # (P, N)
@@ -269,7 +249,6 @@ def explained_correlation(A, B, p, cfg: VerifyConfig = VerifyConfig()):
 
 def score_pairs(A, B, cfg: VerifyConfig = VerifyConfig()):
     """Align and score torch ``(P, S, S)`` pairs: the best of ``B`` and (if ``cfg.flip``) its mirror."""
-    torch = _torch()
     p, _ = align(A, B, cfg)
     score = explained_correlation(A, B, p, cfg)
     if cfg.flip:
@@ -283,7 +262,6 @@ def verify_pairs(
     a: np.ndarray, b: np.ndarray, cfg: VerifyConfig = VerifyConfig(), batch: int = 1024
 ) -> np.ndarray:
     """Scores in [0, 1] for pairs of ``(P, S, S)`` float32 images in [0, 1] (``S = cfg.size``)."""
-    torch = _torch()
     a = np.asarray(a, np.float32)
     b = np.asarray(b, np.float32)
     if a.shape != b.shape or a.ndim != 3 or a.shape[1:] != (cfg.size, cfg.size):
