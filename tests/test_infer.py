@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from sparkvision.data.schema import IMAGE_SCHEMA
@@ -15,6 +16,8 @@ from sparkvision.inference.embed import embed_table
 from sparkvision.inference.evaluate import evaluate, metrics_from_confusion
 from sparkvision.inference.predict import predict_table
 from sparkvision.train import AugmentConfig, TrainConfig, train
+from sparkvision.transforms.preprocess import preprocess_batch
+from sparkvision.web.batching import Classifier
 
 FAST = dict(batch_size=16, lr=3e-3, model_kwargs={"widths": [8, 16], "hidden": 32, "dropout": 0.0},
             augment=AugmentConfig.none())
@@ -89,3 +92,13 @@ def test_predict_bad_parameters(spark, model_dir, tiny_table, tmp_path):
         predict_table(spark, model_dir, tiny_table, str(tmp_path / "p"), top_k=0)
     with pytest.raises(FileNotFoundError, match="not a sparkvision model directory"):
         predict_table(spark, str(tmp_path), tiny_table, str(tmp_path / "p"))
+
+
+def test_web_and_batch_inference_feed_the_model_the_same_numbers(spark, model_dir, tiny_table):
+    images = [r.image for r in read_table(spark, tiny_table, "test").select("image").limit(5).collect()]
+    clf = Classifier(model_dir)
+    x_batch, errors = preprocess_batch(images, clf.pre)
+    x_web = clf.inputs([clf.preprocess(b) for b in images])
+    assert errors == [None] * 5 and x_web.shape == (5, *x_batch.shape[1:])
+    assert torch.equal(x_web, x_batch)  # bit for bit: one transform for training, batch inference and the web
+    assert x_web.is_contiguous(memory_format=torch.channels_last)

@@ -50,11 +50,14 @@ class Classifier:
         """
         return decode_image(data, self.pre.channels, self.pre.size)
 
+    def inputs(self, batch: list[np.ndarray]) -> torch.Tensor:
+        """``B`` decoded images, uint8 ``(C, H, W)`` -> the model's normalised ``(B, C, H, W)`` input."""
+        return normalize(to_unit(torch.from_numpy(np.stack(batch))), self.pre.mean, self.pre.std)
+
     def probabilities(self, batch: list[np.ndarray]) -> np.ndarray:
         """``B`` inputs of uint8 ``(C, H, W)`` -> ``(B, K)`` softmax probabilities."""
         with torch.inference_mode():
-            x = normalize(to_unit(torch.from_numpy(np.stack(batch))), self.pre.mean, self.pre.std)
-            return torch.softmax(self.fn(x).float(), dim=1).numpy()
+            return torch.softmax(self.fn(self.inputs(batch)).float(), dim=1).numpy()
 
 
 @dataclass
