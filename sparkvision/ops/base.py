@@ -123,6 +123,7 @@ class Operation:
     resumable: bool = False  # ``resume=True`` continues from checkpoints under ``out``
     reports_epochs: bool = False  # writes progress.json / metrics.jsonl under ``out`` while it runs
     produces_model: bool = False  # ``out`` is a model directory
+    evaluates: bool = False  # its result is an evaluation (accuracy, confusion matrix)
     needs_spark: bool = True
     spark_when: Callable[[Any], bool] | None = None  # needs Spark for some parameters only
     web: bool = True  # offered as a web job kind
@@ -172,6 +173,7 @@ class Operation:
         return {"kind": self.name, "description": self.description, "available": why is None, "reason": why,
                 "inputs": list(self.inputs), "optional_inputs": list(self.optional_inputs),
                 "outputs": list(self.outputs), "resumable": self.resumable, "reports_epochs": self.reports_epochs,
+                "evaluates": self.evaluates,
                 "schema": self.params.model_json_schema()}
 
     @property

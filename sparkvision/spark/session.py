@@ -91,6 +91,9 @@ def get_spark(
     master = resolve_master(master)
     settings = default_conf(master)
     settings.update(conf or {})
+    # pyspark takes the workers' Python from this variable only (SparkContext.pythonExec), not from
+    # spark.pyspark.python: without it local tasks run a system python that lacks our packages.
+    os.environ.setdefault("PYSPARK_PYTHON", settings["spark.pyspark.python"])
     builder = SparkSession.builder.master(master).appName(app_name)
     for key, value in settings.items():
         builder = builder.config(key, value)

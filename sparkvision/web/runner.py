@@ -144,11 +144,9 @@ class Runner:
                     log.exception("cancelJobGroup failed")
 
     def resume_params(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Parameters for running an interrupted job again: training picks up its last checkpoint."""
+        """Parameters for running an interrupted job again: a resumable one picks up its last checkpoint."""
         params = dict(params)
-        if kind in ("train", "pretrain", "finetune"):
-            from sparkvision.train.checkpoint import list_checkpoints
-
+        if KINDS[kind].resumable:
             params["resume"] = bool(list_checkpoints(os.path.join(params["out"], "checkpoints")))
         return params
 

@@ -24,7 +24,6 @@ from sparkvision.web.routes.state import State, StateDep, require_token
 from sparkvision.web.runner import read_metrics_history
 from sparkvision.web.security import ApiError, Settings, safe_path
 
-TRAINING_KINDS = ("train", "pretrain", "finetune", "distill")  # write metrics.jsonl into their "out"
 RESUMABLE_STATES = ("interrupted", "failed", "cancelled")
 
 router = APIRouter(tags=["jobs"])
@@ -141,13 +140,14 @@ async def resume_job(job_id: str, sv: StateDep):
 async def job_metrics(job_id: str, sv: StateDep):
     """Per-epoch history (loss, accuracy, throughput) and the confusion matrix, when there are any."""
     job = job_or_404(sv, job_id)
-    out = job.params.get("out") if job.kind in TRAINING_KINDS else None
+    kind = KINDS.get(job.kind)
+    out = job.params.get("out") if kind is not None and kind.reports_epochs else None
     model_dir = out or job.params.get("model_dir")
     history = read_metrics_history(out) if out else []
     if not history and isinstance(job.result, dict):
         history = job.result.get("history", []) or []
     evaluation = None
-    if job.kind == "evaluate" and isinstance(job.result, dict):
+    if kind is not None and kind.evaluates and isinstance(job.result, dict):
         evaluation = job.result
     elif model_dir and os.path.isfile(os.path.join(model_dir, "evaluation.json")):
         evaluation = browse.read_json(os.path.join(model_dir, "evaluation.json"))

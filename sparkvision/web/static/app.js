@@ -167,7 +167,8 @@ async function refreshDetail() {
     $("#jd-summary").textContent = JSON.stringify(j.result || j.metrics || {}, null, 1);
     $("#jd-cancel").disabled = !["queued", "running", "interrupted"].includes(j.state);
     $("#jd-resume").disabled = !["interrupted", "failed", "cancelled"].includes(j.state);
-    if (["train", "pretrain", "finetune", "evaluate"].includes(j.kind)) {
+    const kd = kinds.find((k) => k.kind === j.kind);
+    if (kd && (kd.reports_epochs || kd.evaluates)) {
       const m = await api(`/api/jobs/${encodeURIComponent(selectedJob)}/metrics`);
       drawCurves(m.history || []);
       $("#jd-confusion").innerHTML = m.confusion ? confusionTable(m.confusion) : "";
