@@ -12,6 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sparkvision.data.images import RejectError
+from sparkvision.spark.session import get_spark, parse_conf
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -27,8 +30,6 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print the summary as one 
 
 
 def spark_from(master: str | None, conf: list[str] | None):
-    from sparkvision.spark.session import get_spark, parse_conf
-
     return get_spark(master, parse_conf(conf or []))
 
 
@@ -74,8 +75,6 @@ def fail(message: str, as_json: bool, code: int = 2) -> None:
 
 def guarded(fn: Callable[[], dict[str, Any]], as_json: bool) -> dict[str, Any]:
     """Run a command body, turning our expected errors into a message and exit code 2."""
-    from sparkvision.data.images import RejectError
-
     try:
         return fn()
     except (ValueError, FileNotFoundError, KeyError, RejectError) as e:

@@ -5,8 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+import uvicorn
 
 from sparkvision.cli.common import Conf, Master, err_console, fail
+from sparkvision.spark.session import parse_conf
+from sparkvision.web.app import create_app
+from sparkvision.web.security import Settings
 
 
 def serve(
@@ -31,12 +35,6 @@ def serve(
     conf: Conf = None,
 ) -> None:
     """Serve the web pages and the REST API (OpenAPI at /docs) with a background job runner."""
-    import uvicorn
-
-    from sparkvision.spark.session import parse_conf
-    from sparkvision.web.app import create_app
-    from sparkvision.web.security import Settings
-
     try:
         settings = Settings(
             host=host, port=port, data_roots=list(data_root or []), db_url=db, model_dir=model, index_dir=index,

@@ -144,6 +144,7 @@ def _takes_image_size(factory: Callable[..., ImageModel]) -> bool:
 
 
 def _load_builtin() -> None:
+    # Here, not at the top: cnn and resnet import this module to register themselves (a cycle).
     from sparkvision.models import cnn, resnet  # noqa: F401 - importing registers them
 
 

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
+from sparkvision.spark.session import get_spark
+
 
 class Params(BaseModel):
     """Base of every operation's parameters: unknown names are an error, never dropped."""
@@ -146,8 +148,6 @@ class Operation:
         """The Python API: ``ops.train(spark, table=..., out=..., epochs=5)``."""
         p = self.validate(values)
         if spark is None and self.wants_spark(p):
-            from sparkvision.spark.session import get_spark  # noqa: PLC0415 - starts a JVM only when asked
-
             spark = get_spark()
         return self.run(spark, p, progress)
 

@@ -8,6 +8,7 @@ suit a single machine; every one of them can be overridden with ``--conf key=val
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 
@@ -34,8 +35,6 @@ def resolve_master(master: str | None = None) -> str:
 
 def cores_of_master(master: str) -> int:
     """Total task slots a master gives on this machine, used to size shuffle partitions."""
-    import re
-
     m = re.fullmatch(r"local\[(\*|\d+)(?:,\s*\d+)?\]", master)
     if m:
         return (os.cpu_count() or 1) if m.group(1) == "*" else int(m.group(1))
