@@ -3,6 +3,9 @@ every validity rule from the operation's parameters model, and all three refuse 
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 from typer.main import get_command
@@ -161,3 +164,12 @@ def test_cli_metadata_is_only_on_the_params():
     """Flags that differ from --field-name sit on the field (Annotated), nowhere else."""
     assert flag_of("pool_split", OPERATIONS["pretrain"].params.model_fields["pool_split"]) == "--pool"
     assert isinstance(cli_meta(OPERATIONS["ingest"].params.model_fields["source"]), Cli)
+
+
+def test_commands_reference_is_generated_from_the_operations():
+    """docs/commands.md is what scripts/commands_doc.py writes now: the reference cannot drift."""
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("commands_doc", root / "scripts" / "commands_doc.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert (root / "docs" / "commands.md").read_text() == mod.render(), "run scripts/commands_doc.py"

@@ -25,7 +25,7 @@ NOT_DISTILL = ("linear", "consistency_weight", "confidence", "unlabeled_ratio", 
                "distill_temperature")
 
 DistillParams = params_model(
-    "DistillParams", "Train a student on the soft labels a teacher gives the unlabelled pool.",
+    "DistillParams", "Distil a fine-tuned teacher into a student on unlabelled images (SimCLRv2's third step).",
     teacher=(Annotated[str, Cli(flags=("--teacher",))], Field(description=(
         "Classifier model directory whose soft labels train the student (e.g. the output of `sparkvision finetune`)."))),
     table=table_in("Image table holding the unlabelled pool."),

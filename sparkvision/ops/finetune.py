@@ -15,7 +15,8 @@ from sparkvision.ssl.config import FinetuneConfig
 from sparkvision.ssl.finetune import finetune
 
 FinetuneParams = params_model(
-    "FinetuneParams", "Fine-tune (or linearly evaluate) an encoder on a label fraction; FinetuneConfig's fields.",
+    "FinetuneParams", "Fine-tune or linearly evaluate a pretrained encoder on a stratified label fraction "
+    "(optionally semi-supervised: FixMatch on an unlabelled split).",
     table=table_in("Labelled image table."),
     out=model_dir_out("Classifier model directory to write."),
     encoder=(str | None, Field(None, description=(

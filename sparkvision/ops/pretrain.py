@@ -21,7 +21,8 @@ from sparkvision.ssl.pretrain import pretrain
 # A field some preset sets defaults to None here, "the preset's value"; the rest keep the recipe's default.
 _fields = config_fields(PretrainConfig, optional=PRESET_FIELDS, exclude=("pool_split",))
 PretrainParams = params_model(
-    "PretrainParams", "Self-supervised pretraining; every field but table, out and preset overrides the preset.",
+    "PretrainParams", "Self-supervised pretraining of an encoder on unlabelled images (DDP on Spark barrier "
+    "tasks); a field left out keeps the preset's value.",
     table=table_in("Image table; pretrains on its pool split (labels ignored)."),
     out=model_dir_out("Encoder model directory to write (checkpoints, logs, weights)."),
     preset=(str, Field("cpu-small", description=f"{' | '.join(PRESETS)} (see docs/ssl.md)")),

@@ -14,7 +14,7 @@ from sparkvision.train.config import TrainConfig
 from sparkvision.train.engine import train
 
 TrainParams = params_model(
-    "TrainParams", "Train a classifier data-parallel; every recipe field of TrainConfig.",
+    "TrainParams", "Train a classifier data-parallel (torch DDP on Spark barrier tasks).",
     table=table_in("Image table to train on (its train split)."),
     out=model_dir_out("Model directory to write (checkpoints, logs, weights)."),
     **config_fields(TrainConfig),
