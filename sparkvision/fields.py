@@ -11,7 +11,7 @@ import functools
 import json
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, TypeAdapter
+from pydantic import BeforeValidator, Field, TypeAdapter
 
 
 def _none_word(v: Any) -> Any:
@@ -84,3 +84,17 @@ class Recipe:
 @functools.cache
 def _adapter(cls: type) -> TypeAdapter:
     return TypeAdapter(cls)
+
+
+# Bounds shared by every recipe and operation that has such a field (each default stays with its
+# recipe or operation: fine-tuning's 40 epochs are not training's 20).
+Epochs = Annotated[int, Field(ge=1, le=100_000)]
+BatchSize = Annotated[int, Field(ge=1, le=65_536)]
+LearningRate = Annotated[float, Field(gt=0, le=10)]
+Momentum = Annotated[float, Field(ge=0, le=1)]
+WeightDecay = Annotated[float, Field(ge=0)]
+Warmup = Annotated[float, Field(ge=0)]
+LabelSmoothing = Annotated[float, Field(ge=0, lt=1)]
+Workers = Annotated[int, Field(ge=1, le=1024)]
+Threads = Annotated[int | None, Field(ge=1, le=1024)]
+Checkpoints = Annotated[int, Field(ge=1)]

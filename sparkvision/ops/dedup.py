@@ -9,7 +9,7 @@ from pyspark.sql import SparkSession
 
 from sparkvision.fields import OptionalSplit
 from sparkvision.ops.base import Cli, Operation, Progress, counting, params_model, register
-from sparkvision.ops.fields import positional
+from sparkvision.ops.fields import inference_batch, positional
 from sparkvision.retrieval.dedup import dedup_table
 
 DedupParams = params_model(
@@ -38,7 +38,7 @@ DedupParams = params_model(
         "Neighbours compared per image (groups grow transitively)."))),
     exact_only=(bool, Field(False, description="Only identical bytes (content id).")),
     split=(OptionalSplit, Field(None, description="Only this split.")),
-    batch_size=(int, Field(512, ge=1, le=65_536, description="Images per model call on the executors.")),
+    batch_size=inference_batch(),
 )
 
 

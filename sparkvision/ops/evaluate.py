@@ -10,7 +10,7 @@ from pyspark.sql import SparkSession
 from sparkvision.fields import OptionalSplit
 from sparkvision.inference.evaluate import evaluate
 from sparkvision.ops.base import Operation, Progress, params_model, register
-from sparkvision.ops.fields import positional
+from sparkvision.ops.fields import inference_batch, positional
 
 EvaluateParams = params_model(
     "EvaluateParams", "Score a model on the labelled rows of a table.",
@@ -18,7 +18,7 @@ EvaluateParams = params_model(
     table=positional("Image table.", "TABLE"),
     split=(OptionalSplit, Field("test", description="Split to evaluate ('all' or 'none' for every labelled row).")),
     out=(str | None, Field(None, description="Where to write evaluation.json and the PNG (default: the model dir).")),
-    batch_size=(int, Field(512, ge=1, le=65_536, description="Images per model call.")),
+    batch_size=inference_batch(),
 )
 
 

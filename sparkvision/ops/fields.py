@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from sparkvision.fields import BatchSize
 from sparkvision.ops.base import Cli
 
 
@@ -24,3 +25,8 @@ def model_dir_out(description: str = "Model directory to write.") -> Any:
 
 def positional(description: str, metavar: str | None = None) -> Any:
     return (Annotated[str, Cli(positional=True, metavar=metavar)], Field(description=description))
+
+
+def inference_batch() -> Any:
+    """Images per model call on the executors: one default for every operation that runs a model."""
+    return (BatchSize, Field(512, description="Images per model call on the executors."))

@@ -8,7 +8,15 @@ from typing import Any
 from pydantic import Field
 from pyspark.sql import SparkSession
 
-from sparkvision.ops.base import Operation, ParamError, Progress, config_fields, config_from, params_model, register
+from sparkvision.ops.base import (
+    Operation,
+    ParamError,
+    Progress,
+    config_fields,
+    config_from,
+    params_model,
+    register,
+)
 from sparkvision.ops.fields import model_dir_out, table_in
 from sparkvision.ops.train import check_model
 from sparkvision.ssl.config import FinetuneConfig

@@ -8,7 +8,15 @@ from pyspark.sql import SparkSession
 
 from sparkvision.models import list_models
 from sparkvision.models.registry import model_arguments
-from sparkvision.ops.base import Operation, ParamError, Progress, config_fields, config_from, params_model, register
+from sparkvision.ops.base import (
+    Operation,
+    ParamError,
+    Progress,
+    config_fields,
+    config_from,
+    params_model,
+    register,
+)
 from sparkvision.ops.fields import model_dir_out, table_in
 from sparkvision.train.config import TrainConfig
 from sparkvision.train.engine import train

@@ -10,7 +10,21 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from sparkvision.fields import JsonObject, OptionalSplit, Recipe
+from sparkvision.fields import (
+    BatchSize,
+    Checkpoints,
+    Epochs,
+    JsonObject,
+    LabelSmoothing,
+    LearningRate,
+    Momentum,
+    OptionalSplit,
+    Recipe,
+    Threads,
+    Warmup,
+    WeightDecay,
+    Workers,
+)
 from sparkvision.train.augment import AugmentConfig, AugmentSpec
 from sparkvision.train.config import RECIPE, Optimizer, Schedule, TrainConfig
 
@@ -30,23 +44,23 @@ class FinetuneConfig(Recipe):
     linear: bool = Field(False, description="Linear evaluation: freeze the encoder, train only a linear head.")
     model: str = Field("cnn", description="Backbone when there is no pretrained encoder (it brings its own).")
     model_kwargs: JsonObject = Field(default_factory=dict, description="Extra model arguments (JSON).")
-    epochs: int = Field(40, ge=1, le=100_000, description="Epochs.")
-    batch_size: int = Field(128, ge=1, le=65_536, description="Global batch size, split over the workers.")
+    epochs: Epochs = Field(40, description="Epochs.")
+    batch_size: BatchSize = Field(128, description="Global batch size, split over the workers.")
     optimizer: Optimizer = Field("adamw", description="adamw | sgd")
-    lr: float = Field(2e-3, gt=0, le=10, description="Peak learning rate of the head.")
+    lr: LearningRate = Field(2e-3, description="Peak learning rate of the head.")
     encoder_lr_scale: float = Field(0.1, ge=0, le=10, description="Encoder LR = lr x this when fine-tuning.")
     projector_layers: int = Field(0, ge=0, description=(
         "Keep this many pretraining projector layers under the head (SimCLRv2's fine-tuning from the projector)."))
-    momentum: float = Field(0.9, ge=0, le=1, description="SGD momentum.")
-    weight_decay: float = Field(5e-4, ge=0, description="Weight decay.")
+    momentum: Momentum = Field(0.9, description="SGD momentum.")
+    weight_decay: WeightDecay = Field(5e-4, description="Weight decay.")
     schedule: Schedule = Field("onecycle", description="onecycle | cosine | constant")
-    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up (cosine / constant).")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing.")
+    warmup_epochs: Warmup = Field(0.0, description="Linear warm-up (cosine / constant).")
+    label_smoothing: LabelSmoothing = Field(0.1, description="Label smoothing.")
     augment: AugmentSpec = Field(default_factory=AugmentConfig, description=(
         "Augmentations as for train's augment (default hflip=0.5,crop_padding=2)."))
     seed: int = Field(0, description="Random seed.")
-    workers: int = Field(1, ge=1, le=1024, description="DDP ranks (Spark barrier tasks).")
-    threads_per_rank: int | None = Field(None, ge=1, le=1024, description="Torch threads per rank.")
+    workers: Workers = Field(1, description="DDP ranks (Spark barrier tasks).")
+    threads_per_rank: Threads = Field(None, description="Torch threads per rank.")
     train_split: str = Field("train", description="Split to sample labelled rows from.")
     eval_split: OptionalSplit = Field("test", description="Split scored every few epochs ('none' to skip).")
     unlabeled_split: str = Field("unlabeled", description=(
@@ -62,7 +76,7 @@ class FinetuneConfig(Recipe):
         "FixMatch: the strong view, as augment (default hflip=0.5,crop_padding=4,brightness=0.3,"
         "contrast=0.3,cutout=0.5)."))
     resume: bool = Field(False, description="Continue from the last checkpoint in the output directory.")
-    keep_checkpoints: int = Field(1, ge=1, description="Checkpoints kept.")
+    keep_checkpoints: Checkpoints = Field(1, description="Checkpoints kept.")
 
     def validate(self) -> None:
         """The rules between fields (each field's own bounds are checked on construction)."""

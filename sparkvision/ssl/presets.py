@@ -8,11 +8,23 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from sparkvision.fields import ImageSize, JsonObject, OptionalSplit, Recipe
+from sparkvision.fields import (
+    Checkpoints,
+    Epochs,
+    ImageSize,
+    JsonObject,
+    LearningRate,
+    Momentum,
+    OptionalSplit,
+    Recipe,
+    Threads,
+    Warmup,
+    WeightDecay,
+    Workers,
+)
 from sparkvision.ssl.methods import Method
 from sparkvision.ssl.views import ViewConfig, ViewSpec
 from sparkvision.train.config import RECIPE, Optimizer, Schedule
-
 
 
 @dataclass(config=RECIPE)
@@ -20,16 +32,16 @@ class PretrainConfig(Recipe):
     method: Method = Field("improved-simclr", description="improved-simclr | simsiam | simclr")
     model: str = Field("resnet18", description="Encoder backbone: any registered model.")
     model_kwargs: JsonObject = Field(default_factory=dict, description="Extra encoder arguments (JSON).")
-    epochs: int = Field(100, ge=1, le=100_000, description="Epochs.")
+    epochs: Epochs = Field(100, description="Epochs.")
     batch_size: int = Field(1024, ge=2, le=65_536, description="Global batch size, split over the ranks.")
     optimizer: Optimizer = Field("sgd", description="sgd | adamw")
-    base_lr: float = Field(0.01, gt=0, le=10, description=(
+    base_lr: LearningRate = Field(0.01, description=(
         "Base learning rate (the paper's 0.01); lr = base_lr x batch_size / 256 with lr_scaling linear."))
     lr_scaling: Literal["none", "linear"] = Field("none", description="none | linear (SimSiam's rule)")
-    momentum: float = Field(0.9, ge=0, le=1, description="SGD momentum.")
-    weight_decay: float = Field(1e-4, ge=0, description="Weight decay.")
+    momentum: Momentum = Field(0.9, description="SGD momentum.")
+    weight_decay: WeightDecay = Field(1e-4, description="Weight decay.")
     schedule: Schedule = Field("cosine", description="cosine | onecycle | constant")
-    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up epochs.")
+    warmup_epochs: Warmup = Field(0.0, description="Linear warm-up epochs.")
     proj_dim: int = Field(1024, ge=1, description="Projector (and improved predictor) output dimension.")
     proj_hidden: int = Field(1024, ge=1, description="Projector hidden width.")
     proj_layers: int = Field(3, ge=1, description="Projector layers.")
@@ -44,12 +56,12 @@ class PretrainConfig(Recipe):
     collapse_ratio: float = Field(0.2, ge=0, description=(
         "Warn when std x sqrt(d) of the normalised outputs falls below this (collapse)."))
     seed: int = Field(0, description="Random seed.")
-    workers: int = Field(1, ge=1, le=1024, description="DDP ranks (Spark barrier tasks).")
-    threads_per_rank: int | None = Field(None, ge=1, le=1024, description="Torch threads per rank.")
+    workers: Workers = Field(1, description="DDP ranks (Spark barrier tasks).")
+    threads_per_rank: Threads = Field(None, description="Torch threads per rank.")
     image_size: ImageSize = Field(None, description="Resize to SIZE x SIZE (default: the table's size).")
     channels: Literal[1, 3] | None = Field(None, description="1 or 3 input channels (default: from the table).")
     resume: bool = Field(False, description="Continue from the last checkpoint in the output directory.")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept.")
+    keep_checkpoints: Checkpoints = Field(2, description="Checkpoints kept.")
     bf16: bool = Field(True, description="bfloat16 autocast (GPU only).")
     channels_last: bool = Field(False, description="channels_last memory format.")
 

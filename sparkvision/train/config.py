@@ -11,7 +11,22 @@ from typing import Literal, get_args
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
-from sparkvision.fields import ImageSize, JsonObject, OptionalSplit, Recipe
+from sparkvision.fields import (
+    BatchSize,
+    Checkpoints,
+    Epochs,
+    ImageSize,
+    JsonObject,
+    LabelSmoothing,
+    LearningRate,
+    Momentum,
+    OptionalSplit,
+    Recipe,
+    Threads,
+    Warmup,
+    WeightDecay,
+    Workers,
+)
 from sparkvision.train.augment import AugmentConfig, AugmentSpec
 
 Optimizer = Literal["sgd", "adamw"]
@@ -26,18 +41,18 @@ RECIPE = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 class TrainConfig(Recipe):
     model: str = Field("cnn", description="Registered model name (see `sparkvision models`).")
     model_kwargs: JsonObject = Field(default_factory=dict, description="Extra model arguments (JSON).")
-    epochs: int = Field(20, ge=1, le=100_000, description="Epochs.")
-    batch_size: int = Field(128, ge=1, le=65_536, description="Global batch size, split evenly over the workers.")
+    epochs: Epochs = Field(20, description="Epochs.")
+    batch_size: BatchSize = Field(128, description="Global batch size, split evenly over the workers.")
     optimizer: Optimizer = Field("adamw", description="sgd | adamw")
-    lr: float = Field(2e-3, gt=0, le=10, description="Peak learning rate.")
-    momentum: float = Field(0.9, ge=0, le=1, description="SGD momentum.")
-    weight_decay: float = Field(5e-4, ge=0, description="Weight decay (not on biases and norms).")
+    lr: LearningRate = Field(2e-3, description="Peak learning rate.")
+    momentum: Momentum = Field(0.9, description="SGD momentum.")
+    weight_decay: WeightDecay = Field(5e-4, description="Weight decay (not on biases and norms).")
     schedule: Schedule = Field("onecycle", description="onecycle | cosine | constant")
-    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up from lr/25 (cosine / constant).")
-    label_smoothing: float = Field(0.05, ge=0, lt=1, description="Label smoothing.")
+    warmup_epochs: Warmup = Field(0.0, description="Linear warm-up from lr/25 (cosine / constant).")
+    label_smoothing: LabelSmoothing = Field(0.05, description="Label smoothing.")
     seed: int = Field(0, description="Random seed.")
-    workers: int = Field(1, ge=1, le=1024, description="DDP ranks, one Spark barrier task each.")
-    threads_per_rank: int | None = Field(None, ge=1, le=1024, description="Torch threads per rank (default: cores per task).")
+    workers: Workers = Field(1, description="DDP ranks, one Spark barrier task each.")
+    threads_per_rank: Threads = Field(None, description="Torch threads per rank (default: cores per task).")
     augment: AugmentSpec = Field(default_factory=AugmentConfig, description=(
         "Augmentations, e.g. 'hflip=0.5,crop_padding=2,rotation=10,scale=0.9:1.1,brightness=0.2,contrast=0.2,"
         "saturation=0.2,hue=0.05,grayscale=0.1,cutout=0.5', or 'none'. Default hflip=0.5,crop_padding=2."))
@@ -48,7 +63,7 @@ class TrainConfig(Recipe):
     resume: bool = Field(False, description="Continue from the last checkpoint in the output directory.")
     bf16: bool = Field(True, description="bfloat16 autocast (GPU only).")
     channels_last: bool = Field(True, description="channels_last memory format.")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept.")
+    keep_checkpoints: Checkpoints = Field(2, description="Checkpoints kept.")
 
     def validate(self) -> None:
         """The rules between fields (each field's own bounds are checked on construction)."""
