@@ -20,8 +20,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sparkvision.cli import app
-from sparkvision.data.ingest import detect_source_kind, ingest
+from sparkvision.data.ingest import ingest
 from sparkvision.data.schema import IMAGE_SCHEMA, REJECT_REASONS
+from sparkvision.data.sources import detect_source_kind
 from sparkvision.data.table import read_meta, read_table
 
 # --------------------------------------------------------------------------- helpers
@@ -98,7 +99,7 @@ def corrupt_ingest(spark, tmp_path_factory):
     def remove_after_listing() -> None:  # we run as root, so chmod 000 would not stop a read
         os.remove(root / "dog" / "vanished.png")
 
-    summary = ingest(spark, str(root), table, max_pixels=1_000_000, _on_listed=remove_after_listing)
+    summary = ingest(spark, str(root), table, max_pixels=1_000_000, on_listed=remove_after_listing)
     return summary, table
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 
-from sparkvision.spark import storage
 from sparkvision.data.schema import IMAGE_SCHEMA, META_FILE, SCHEMA_VERSION
+from sparkvision.spark import storage
 
 
 @dataclass

@@ -42,6 +42,12 @@ def is_dir(spark: SparkSession, uri: str) -> bool:
     return bool(fs.exists(p) and fs.getFileStatus(p).isDirectory())
 
 
+def file_size(spark: SparkSession, uri: str) -> int:
+    """Bytes in the file at ``uri``; raises (a Py4J error) when it is gone or cannot be read."""
+    fs, p = _fs_and_path(spark, uri)
+    return int(fs.getFileStatus(p).getLen())
+
+
 def read_text(spark: SparkSession, uri: str) -> str:
     fs, p = _fs_and_path(spark, uri)
     stream = fs.open(p)

@@ -1,0 +1,170 @@
+"""Executor-side ``mapInArrow`` bodies of :mod:`sparkvision.data.ingest`: bytes in, image rows out.
+
+Each function returns the closure Spark ships to the executors; they see one Arrow batch at a
+time, so a folder of any size is decoded without any image reaching the driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql.types import (
+    BinaryType,
+    IntegerType,
+    LongType,
+    StringType,
+    StructField,
+    StructType,
+)
+
+from sparkvision.data.idx import parse_idx
+from sparkvision.data.images import RejectError, content_id, encode_png, inspect_image
+from sparkvision.data.schema import IMAGE_SCHEMA
+
+ArrowBatches = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
+
+# Decoded rows before label indices are assigned: the image columns plus why a row was rejected.
+# Every column is nullable: a rejected row has no content id, bytes or geometry, and Spark trusts
+# a declared non-null column (a null there fails the task with a NullPointerException).
+DECODED_SCHEMA = StructType(
+    [StructField(f.name, f.dataType, True) for f in IMAGE_SCHEMA.fields if f.name != "label"]
+    + [
+        StructField("reason", StringType(), True),
+        StructField("detail", StringType(), True),
+        StructField("size_bytes", LongType(), True),
+    ]
+)
+
+# One IDX record as raw pixels, between parsing the files (one task) and encoding PNGs (many).
+IDX_RAW_SCHEMA = StructType(
+    [
+        StructField("path", StringType(), False),
+        StructField("split", StringType(), False),
+        StructField("label", IntegerType(), True),
+        StructField("pixels", BinaryType(), False),
+        StructField("height", IntegerType(), False),
+        StructField("width", IntegerType(), False),
+        StructField("channels", IntegerType(), False),
+    ]
+)
+
+
+def arrow_schema(schema: StructType) -> pa.Schema:
+    """The Arrow schema ``mapInArrow`` must yield for a Spark schema of these column types."""
+    mapping = {StringType: pa.string(), BinaryType: pa.binary(), IntegerType: pa.int32(), LongType: pa.int64()}
+    return pa.schema([pa.field(f.name, mapping[type(f.dataType)], nullable=True) for f in schema.fields])
+
+
+def decode_batches(max_pixels: int) -> ArrowBatches:
+    """mapInArrow body: (path, content, split, label_name) -> DECODED_SCHEMA rows."""
+    out_schema = arrow_schema(DECODED_SCHEMA)
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            cols = batch.to_pydict()
+            out: dict[str, list] = {f.name: [] for f in DECODED_SCHEMA.fields}
+            for path, data, split, label_name in zip(
+                cols["path"], cols["content"], cols["split"], cols["label_name"], strict=True
+            ):
+                data = data or b""
+                try:
+                    info = inspect_image(data, max_pixels)
+                    row = (content_id(data), data, info.format, info.height, info.width, info.channels, None, None)
+                except RejectError as e:
+                    row = (None, None, None, None, None, None, e.reason, e.detail)
+                cid, img, fmt, h, w, c, reason, detail = row
+                out["content_id"].append(cid)
+                out["path"].append(path)
+                out["image"].append(img)
+                out["format"].append(fmt)
+                out["height"].append(h)
+                out["width"].append(w)
+                out["channels"].append(c)
+                out["label_name"].append(label_name if split != "unlabeled" else None)
+                out["split"].append(split)
+                out["reason"].append(reason)
+                out["detail"].append(detail)
+                out["size_bytes"].append(len(data))
+            yield pa.RecordBatch.from_pydict(out, schema=out_schema)
+
+    return run
+
+
+def parse_idx_batches(pairs: list[tuple[str, str, str | None]], chunk: int = 4096) -> ArrowBatches:
+    """mapInArrow body: the raw IDX files (one task sees all of them) -> one row per record."""
+    out_schema = arrow_schema(IDX_RAW_SCHEMA)
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        files: dict[str, bytes] = {}
+        for batch in batches:
+            d = batch.to_pydict()
+            files.update(zip(d["path"], d["content"], strict=True))
+        by_name = {p.rsplit("/", 1)[-1]: p for p in files}
+        for split, images_name, labels_name in pairs:
+            images_path = by_name[images_name]
+            images = parse_idx(files[images_path], images_name)
+            if images.dtype != "uint8" or images.ndim not in (3, 4):
+                raise ValueError(f"{images_name}: expected uint8 images of shape (N,H,W[,C]), got {images.shape}")
+            labels = None
+            if labels_name is not None:
+                labels = parse_idx(files[by_name[labels_name]], labels_name).astype("int32")
+                if len(labels) != len(images):
+                    raise ValueError(f"{labels_name}: {len(labels)} labels for {len(images)} images")
+            n, h, w = images.shape[:3]
+            c = images.shape[3] if images.ndim == 4 else 1
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                count = stop - start
+                yield pa.RecordBatch.from_pydict(
+                    {
+                        "path": [f"{images_path}#{i}" for i in range(start, stop)],
+                        "split": [split] * count,
+                        "label": [None] * count if labels is None else labels[start:stop].tolist(),
+                        "pixels": [images[i].tobytes() for i in range(start, stop)],
+                        "height": [h] * count,
+                        "width": [w] * count,
+                        "channels": [c] * count,
+                    },
+                    schema=out_schema,
+                )
+
+    return run
+
+
+def encode_idx_batches(class_names: list[str]) -> ArrowBatches:
+    """mapInArrow body: IDX_RAW_SCHEMA rows -> DECODED_SCHEMA rows, each record as a PNG.
+
+    A label outside ``class_names`` keeps its number as its name rather than being dropped.
+    """
+    out_schema = arrow_schema(DECODED_SCHEMA)
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            d = batch.to_pydict()
+            out: dict[str, list] = {f.name: [] for f in DECODED_SCHEMA.fields}
+            for path, split, label, pixels, h, w, c in zip(
+                d["path"], d["split"], d["label"], d["pixels"], d["height"], d["width"], d["channels"], strict=True
+            ):
+                arr = np.frombuffer(pixels, dtype=np.uint8).reshape((h, w) if c == 1 else (h, w, c))
+                png = encode_png(arr)
+                out["content_id"].append(content_id(png))
+                out["path"].append(path)
+                out["image"].append(png)
+                out["format"].append("PNG")
+                out["height"].append(h)
+                out["width"].append(w)
+                out["channels"].append(c)
+                if label is not None and not 0 <= label < len(class_names):
+                    name = str(label)
+                else:
+                    name = None if label is None else class_names[label]
+                out["label_name"].append(name)
+                out["split"].append(split)
+                out["reason"].append(None)
+                out["detail"].append(None)
+                out["size_bytes"].append(len(png))
+            yield pa.RecordBatch.from_pydict(out, schema=out_schema)
+
+    return run

@@ -1,0 +1,222 @@
+"""What :func:`sparkvision.data.ingest.ingest` reads: image folders, IDX files and image tables,
+each turned into rows of :data:`~sparkvision.data.decode.DECODED_SCHEMA`.
+
+Files are listed and read with Spark's own ``binaryFile`` source, so any URI Spark reads works;
+the driver only ever holds file names and counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from urllib.parse import unquote
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, DataFrameReader, SparkSession
+from pyspark.sql import functions as F
+
+from sparkvision.data.decode import (
+    DECODED_SCHEMA,
+    IDX_RAW_SCHEMA,
+    decode_batches,
+    encode_idx_batches,
+    parse_idx_batches,
+)
+from sparkvision.data.idx import FASHION_MNIST_CLASSES, looks_like_idx, pair_idx_files
+from sparkvision.data.schema import IMAGE_SCHEMA, SPLITS
+from sparkvision.data.table import is_image_table, read_meta, read_table
+from sparkvision.spark import storage
+
+# --------------------------------------------------------------------------- listing
+
+
+def binary_reader(spark: SparkSession, glob: str | None) -> DataFrameReader:
+    """Spark's ``binaryFile`` reader, recursive, skipping files that vanish or cannot be read
+    (:func:`missing_files` turns those into rejects instead of a failed job)."""
+    reader = (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .option("ignoreMissingFiles", "true")
+        .option("ignoreCorruptFiles", "true")
+    )
+    if glob:
+        reader = reader.option("pathGlobFilter", glob)
+    return reader
+
+
+def detect_source_kind(spark: SparkSession, source: str) -> str:
+    """``table``, ``idx`` or ``folder``: what ``kind="auto"`` reads ``source`` as."""
+    if is_image_table(spark, source):
+        return "table"
+    if looks_like_idx(source):
+        return "idx"
+    # A sample of file names from Spark's file index: no job runs, no file is opened.
+    names = binary_reader(spark, None).load(storage.qualify(source)).inputFiles()[:1000]
+    if names and all(looks_like_idx(n) for n in names):
+        return "idx"
+    if names and all(n.endswith(".parquet") for n in names):
+        raise ValueError(
+            f"{source} holds Parquet files but no _sparkvision.json: it is not a sparkvision image table"
+        )
+    return "folder"
+
+
+def qualified_root(spark: SparkSession, uri: str) -> str:
+    """The root as Spark spells the paths it lists (``file:/x``, not ``file:///x``)."""
+    jvm = spark.sparkContext._jvm
+    p = jvm.org.apache.hadoop.fs.Path(storage.qualify(uri))
+    fs = p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    return str(fs.makeQualified(p).toString()).rstrip("/")
+
+
+def read_partitions(slots: int, n_files: int, total_bytes: int) -> int:
+    """Tasks for decoding a folder: at least two per slot, at most ~64 MiB or 4,096 files each."""
+    return max(2 * slots, math.ceil(total_bytes / (64 << 20)), math.ceil(n_files / 4096))
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def layout_columns(df: DataFrame, root: str, split: str | None, labeled: bool) -> DataFrame:
+    """Add ``split`` and ``label_name`` from each file's path relative to ``root``.
+
+    ``root/<split>/<class>/...`` when the first directory is a split name, else
+    ``root/<class>/...``; files directly under ``root`` (or under a split directory) are unlabelled.
+    An explicit ``split`` wins over split directories.
+    """
+    rel = F.expr(f"substring(path, {len(root) + 2})")
+    parts = F.split(rel, "/")
+    first = F.lower(F.element_at(parts, 1))
+    has_split_dir = (F.size(parts) >= 2) & first.isin(*SPLITS)
+    rest = F.when(has_split_dir, F.slice(parts, 2, 1_000_000)).otherwise(parts)
+    dir_split = F.when(has_split_dir, first)
+    label = F.when(F.size(rest) >= 2, F.element_at(rest, 1)) if labeled else F.lit(None).cast("string")
+    split_col = F.coalesce(F.lit(split) if split else F.lit(None).cast("string"), dir_split)
+    split_col = F.coalesce(split_col, F.when(label.isNull(), F.lit("unlabeled")).otherwise(F.lit("train")))
+    label = F.when(split_col == "unlabeled", F.lit(None).cast("string")).otherwise(label)
+    return df.withColumn("split", split_col).withColumn("label_name", label)
+
+
+def decode_folder(
+    spark: SparkSession,
+    source: str,
+    split: str | None,
+    labeled: bool,
+    max_pixels: int,
+    glob: str | None,
+    on_listed: Callable[[], None] | None = None,
+) -> tuple[DataFrame, DataFrame | None, list[str]]:
+    """``(decoded rows, rejects for listed-but-unread files or None, class names)``.
+
+    Every file is read and decoded in one pass; whatever the file index listed but the scan did
+    not return is then looked at one by one on the driver (usually nothing): zero bytes, or
+    unreadable. ``on_listed`` runs between listing and reading (a test removes files there).
+    """
+    root = qualified_root(spark, source)
+    files = binary_reader(spark, glob).load(root)
+    indexed = files.inputFiles()  # the listing Spark already holds on the driver: names only
+    if on_listed is not None:
+        on_listed()
+    # Spark plans one task per ~32 small files (each file "costs" openCostInBytes = 4 MB), which
+    # for folders of thumbnails means thousands of tiny tasks; coalescing keeps reads local.
+    slots = spark.sparkContext.defaultParallelism
+    content = files.select("path", "content").coalesce(read_partitions(slots, len(indexed), _size_in_bytes(files)))
+    content = layout_columns(content, root, split, labeled)
+    decoded = content.select("path", "content", "split", "label_name").mapInArrow(
+        decode_batches(max_pixels), DECODED_SCHEMA
+    )
+    decoded = decoded.persist(StorageLevel.MEMORY_AND_DISK)
+    counts = decoded.groupBy("label_name").count().collect()  # decodes everything, fills the cache
+    names = sorted(r.label_name for r in counts if r.label_name is not None)
+    missing = missing_files(spark, indexed, sum(r["count"] for r in counts), decoded)
+    return decoded, missing, names
+
+
+def _size_in_bytes(df: DataFrame) -> int:
+    """Total size of the files behind ``df``, from the file index (no job runs); 0 if unknown."""
+    try:
+        return int(str(df._jdf.queryExecution().optimizedPlan().stats().sizeInBytes().toString()))
+    except Exception:  # noqa: BLE001 - only a partitioning hint
+        return 0
+
+
+def _spark_path(uri: str) -> str:
+    """``inputFiles()`` spells ``file:///x%20y``; the ``path`` column spells ``file:/x y``."""
+    if uri.startswith("file:///"):
+        uri = "file:/" + uri[len("file:///") :]
+    return unquote(uri)
+
+
+def missing_files(spark: SparkSession, indexed: list[str], n_read: int, decoded: DataFrame) -> DataFrame | None:
+    """Rejects for files the index listed but the scan did not return.
+
+    Spark's file scans silently skip zero-byte files (``empty_file``) and, with
+    ``ignoreMissingFiles``/``ignoreCorruptFiles``, files that vanished or failed to read
+    (``unreadable``). Usually the counts match and nothing else runs.
+    """
+    if len(indexed) == n_read:
+        return None
+    scanned = {r.path for r in decoded.select("path").collect()}
+    rows = []
+    for path in sorted({_spark_path(p) for p in indexed} - scanned):
+        size = _file_size(spark, path)
+        if size == 0:
+            rows.append((path, "empty_file", "0 bytes", 0))
+        else:
+            rows.append((path, "unreadable", "listed but could not be read (permissions, removed, or I/O error)", size))
+    if not rows:
+        return None
+    return spark.createDataFrame(rows, "path string, reason string, detail string, size_bytes long")
+
+
+def _file_size(spark: SparkSession, path: str) -> int | None:
+    try:
+        return storage.file_size(spark, path)
+    except Exception:  # noqa: BLE001 - gone or unreadable: no size
+        return None
+
+
+# --------------------------------------------------------------------------- IDX files and tables
+
+
+def decode_idx(
+    spark: SparkSession, source: str, split: str | None, class_names: list[str] | None
+) -> tuple[DataFrame, list[str]]:
+    """``(decoded rows, class names)`` of the IDX image/label file pairs under ``source``.
+
+    Without ``class_names``, a source whose name says Fashion-MNIST gets its ten names, any other
+    the digits 0-9 (MNIST).
+    """
+    root = storage.qualify(source)
+    files = binary_reader(spark, None).load(root)
+    names = [r.path.rsplit("/", 1)[-1] for r in files.select("path").collect()]  # file names only
+    pairs = pair_idx_files(names)
+    if not pairs:
+        raise ValueError(f"{source}: no IDX image files (*-images-idx3-ubyte[.gz]) found")
+    if split is not None:
+        pairs = [(split, i, lab) for _, i, lab in pairs]
+    wanted = {n for _, i, lab in pairs for n in (i, lab) if n}
+    files = files.where(F.element_at(F.split("path", "/"), -1).isin(*wanted))
+    n_parts = max(2, spark.sparkContext.defaultParallelism * 2)
+    raw = files.select("path", "content").coalesce(1).mapInArrow(parse_idx_batches(pairs), IDX_RAW_SCHEMA)
+    if class_names:
+        names_out = list(class_names)
+    elif "fashion" in source.lower():
+        names_out = list(FASHION_MNIST_CLASSES)
+    else:
+        names_out = [str(i) for i in range(10)]
+    decoded = raw.repartition(n_parts).mapInArrow(encode_idx_batches(names_out), DECODED_SCHEMA)
+    return decoded, names_out
+
+
+def decode_table(spark: SparkSession, source: str) -> tuple[DataFrame, list[str]]:
+    """``(rows, class names)`` of an existing image table, as decoded rows (nothing is re-decoded)."""
+    meta = read_meta(spark, source)
+    df = read_table(spark, source)
+    decoded = df.select(
+        *[c for c in IMAGE_SCHEMA.fieldNames() if c != "label"],
+        F.lit(None).cast("string").alias("reason"),
+        F.lit(None).cast("string").alias("detail"),
+        F.length("image").cast("long").alias("size_bytes"),
+    )
+    return decoded, meta.class_names
