@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
+from sparkvision.errors import ParamError  # defined below the library, which raises it too
 from sparkvision.spark.session import get_spark
 
 
@@ -45,16 +46,6 @@ class Cli:
     positional: bool = False
     metavar: str | None = None
     hidden: bool = False  # a web/Python-only parameter
-
-
-class ParamError(ValueError):
-    """A bad value of one named parameter. Front-ends word ``param`` their own way: the CLI as
-    ``--flag``, the web as the JSON field."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param = param
-        self.message = message
 
 
 def param_errors(e: ValidationError) -> list[tuple[str, str]]:
