@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from sparkvision import api
 from sparkvision.cli import app
 from sparkvision.models.modeldir import load_model_dir
 from sparkvision.ssl.config import FinetuneConfig
@@ -79,3 +80,13 @@ def test_cli_pretrain_and_finetune(spark, tiny_table, tmp_path):
     assert json.loads(r.output.strip().splitlines()[-1])["train_rows"] == 16
     r = runner.invoke(app, ["pretrain", "--method", "byol", "--table", tiny_table, "--out", enc, "--json"])
     assert r.exit_code == 2 and "improved-simclr" in r.output
+
+
+def test_a_first_try_needs_neither_pool_nor_warmup(spark, tiny_table, tmp_path):
+    """`pretrain --epochs 1` on a labelled table: the pool is its train split (it has no unlabeled
+    rows) and the preset's 1-epoch warm-up shrinks with the run, instead of two errors."""
+    s = api.pretrain(spark, table=tiny_table, out=str(tmp_path / "first"), epochs=1, batch_size=32,
+                     monitor_split="test", model_kwargs=TINY["model_kwargs"], proj_dim=64, proj_hidden=64)
+    assert s["pool_split"] == "train" and s["epochs"] == 1 and s["pool_rows"] == 64
+    with open(tmp_path / "first" / "pretrain_config.json") as f:
+        assert 0 < json.load(f)["warmup_epochs"] < 1
