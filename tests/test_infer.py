@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
+from pyspark import cloudpickle
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from sparkvision.data.schema import IMAGE_SCHEMA
 from sparkvision.data.table import TableMeta, read_meta, read_table, write_meta
 from sparkvision.inference.embed import embed_table
 from sparkvision.inference.evaluate import evaluate, metrics_from_confusion
-from sparkvision.inference.predict import predict_table
+from sparkvision.inference.predict import predict_batches, predict_df, predict_table
+from sparkvision.inference.runtime import KEEP_COLUMNS, image_source, read_blob
 from sparkvision.train import AugmentConfig, TrainConfig, train
 from sparkvision.transforms.preprocess import preprocess_batch
 from sparkvision.web.batching import Classifier
@@ -102,3 +106,23 @@ def test_web_and_batch_inference_feed_the_model_the_same_numbers(spark, model_di
     assert errors == [None] * 5 and x_web.shape == (5, *x_batch.shape[1:])
     assert torch.equal(x_web, x_batch)  # bit for bit: one transform for training, batch inference and the web
     assert x_web.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_torch_threads_travel_inside_the_task_function(spark, model_dir, tiny_table):
+    """The thread count reaches the executor in the pickled task function, not the driver's environment."""
+    env = dict(os.environ)
+    predict_df(spark, model_dir, image_source(spark, tiny_table, "test"))
+    assert dict(os.environ) == env
+    rows = [r.asDict() for r in image_source(spark, tiny_table, "test").limit(4).collect()]
+    batch = pa.RecordBatch.from_pylist(rows)
+    broadcast = SimpleNamespace(value=read_blob(model_dir))  # what a task sees of a Broadcast
+    shipped = cloudpickle.loads(cloudpickle.dumps(predict_batches(broadcast, 1, 8, threads=3)))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out = pa.Table.from_batches(list(shipped(iter([batch]))))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert out.num_rows == 4 and out.column("error").null_count == 4
+    assert set(out.column_names) >= set(KEEP_COLUMNS)

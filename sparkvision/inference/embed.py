@@ -37,12 +37,14 @@ EMBED_SCHEMA = (
 )
 
 
-def embed_batches(blob_bc: Broadcast, batch_size: int) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """mapInArrow body: (image, KEEP_COLUMNS) -> EMBED_SCHEMA."""
+def embed_batches(
+    blob_bc: Broadcast, batch_size: int, threads: int = 1
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """mapInArrow body: (image, KEEP_COLUMNS) -> EMBED_SCHEMA, with ``threads`` torch threads."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         blob: ModelBlob = blob_bc.value
-        fn, pre = worker_model(blob, "features")
+        fn, pre = worker_model(blob, "features", threads)
         for batch in rebatch(batches, batch_size):
             x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
             feats = run_model(fn, x).float().numpy()
@@ -59,8 +61,8 @@ def embed_df(spark: SparkSession, model_dir: str, df: DataFrame, batch_size: int
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     blob = spark.sparkContext.broadcast(read_blob(model_dir))
-    configure_workers(spark, batch_size)
-    return df.mapInArrow(embed_batches(blob, batch_size), EMBED_SCHEMA)
+    threads = configure_workers(spark, batch_size)
+    return df.mapInArrow(embed_batches(blob, batch_size, threads), EMBED_SCHEMA)
 
 
 def embed_table(

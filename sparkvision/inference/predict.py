@@ -39,13 +39,13 @@ PREDICT_SCHEMA = (
 
 
 def predict_batches(
-    blob_bc: Broadcast, top_k: int, batch_size: int
+    blob_bc: Broadcast, top_k: int, batch_size: int, threads: int = 1
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """mapInArrow body: (image, KEEP_COLUMNS) -> PREDICT_SCHEMA."""
+    """mapInArrow body: (image, KEEP_COLUMNS) -> PREDICT_SCHEMA, with ``threads`` torch threads."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         blob: ModelBlob = blob_bc.value
-        fn, pre = worker_model(blob, "logits")
+        fn, pre = worker_model(blob, "logits", threads)
         names = blob.class_names
         for batch in rebatch(batches, batch_size):
             x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
@@ -77,8 +77,8 @@ def predict_df(spark: SparkSession, model_dir: str, df: DataFrame, top_k: int = 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     blob = spark.sparkContext.broadcast(read_blob(model_dir))
-    configure_workers(spark, batch_size)
-    return df.mapInArrow(predict_batches(blob, top_k, batch_size), PREDICT_SCHEMA)
+    threads = configure_workers(spark, batch_size)
+    return df.mapInArrow(predict_batches(blob, top_k, batch_size, threads), PREDICT_SCHEMA)
 
 
 def predict_table(

@@ -31,7 +31,6 @@ from sparkvision.models.modeldir import WEIGHTS, ModelSpec, Preprocess, read_spe
 from sparkvision.spark.progress import Timer
 
 KEEP_COLUMNS = ("content_id", "path", "split", "label", "label_name")
-THREADS_ENV = "SPARKVISION_INFER_THREADS"  # torch threads per Python worker (= spark.task.cpus)
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -91,18 +90,23 @@ class FeatureModel(torch.nn.Module):
 
 
 # One entry per Python worker process; Spark reuses workers across tasks.
-_MODELS: dict[tuple[str, str, int], tuple[ModelFn, Preprocess]] = {}
+_MODELS: dict[tuple[str, str], tuple[ModelFn, Preprocess]] = {}
 
 
-def worker_model(blob: ModelBlob, mode: str) -> tuple[ModelFn, Preprocess]:
+def worker_model(blob: ModelBlob, mode: str, threads: int | None = None) -> tuple[ModelFn, Preprocess]:
     """The model for ``mode`` ('logits' or 'features') and its preprocessing, built once per worker
-    process and frozen for the CPU (or moved to the GPU when there is one)."""
-    threads = int(os.environ.get(THREADS_ENV, "1"))
-    cache_key = (blob.key, mode, threads)
+    process and frozen for the CPU (or moved to the GPU when there is one).
+
+    ``threads`` (from :func:`task_threads` on the driver) is set on this process's torch at every
+    call, since a reused Python worker may run tasks of jobs with other settings; ``None`` (the
+    driver, the web server) leaves the process's own setting alone.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cache_key = (blob.key, mode)
     hit = _MODELS.get(cache_key)
     if hit is not None:
         return hit
-    torch.set_num_threads(threads)
     model = ModelSpec(**blob.spec).build()
     model.load_state_dict(st_load(blob.weights))
     model.eval()
@@ -151,10 +155,20 @@ def vectors_column(vectors: np.ndarray, errors: Sequence[str | None]) -> pa.Arra
     return col
 
 
-def configure_workers(spark: SparkSession, batch_size: int) -> None:
-    """Arrow batches of ``batch_size`` rows, and as many torch threads per worker as a task has cores."""
+def task_threads(spark: SparkSession) -> int:
+    """Threads for one task's torch or FAISS: the cores Spark gives a task (``spark.task.cpus``).
+
+    Read on the driver when a job is planned and passed to the executors inside the task's
+    function (which Spark pickles), never through the environment: the driver's environment does
+    not reach the executors of a cluster.
+    """
+    return max(1, int(spark.conf.get("spark.task.cpus", "1")))
+
+
+def configure_workers(spark: SparkSession, batch_size: int) -> int:
+    """Arrow batches of ``batch_size`` rows; returns :func:`task_threads`, for the task's function."""
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
-    os.environ[THREADS_ENV] = str(max(1, int(spark.conf.get("spark.task.cpus", "1"))))
+    return task_threads(spark)
 
 
 def image_source(spark: SparkSession, table: str | DataFrame, split: str | None) -> DataFrame:

@@ -63,6 +63,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from sparkvision.data.table import read_table
+from sparkvision.errors import ParamError
 from sparkvision.inference.runtime import configure_workers, read_blob
 from sparkvision.retrieval.descriptors import DESCRIPTOR_SCHEMA, PIXEL_SIZE, descriptor_batches
 from sparkvision.retrieval.index import build_index, iter_shards, local_path
@@ -120,15 +121,15 @@ def resolve_thresholds(
     if not verify:
         threshold = DEFAULT_THRESHOLD[descriptor] if threshold is None else float(threshold)
         if not -1.0 <= threshold <= 1.0:
-            raise ValueError(f"--threshold {threshold} must be a cosine similarity in [-1, 1]")
+            raise ParamError("threshold", f"{threshold} must be a cosine similarity in [-1, 1]")
         return threshold, threshold, None
     threshold = DEFAULT_VERIFY_THRESHOLD if threshold is None else float(threshold)
     strict = DEFAULT_STRICT_THRESHOLD if strict_threshold is None else float(strict_threshold)
     candidate = DEFAULT_CANDIDATE_THRESHOLD[descriptor] if candidate_threshold is None else float(candidate_threshold)
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"--threshold {threshold} must be a verification score in [0, 1]")
+        raise ParamError("threshold", f"{threshold} must be a verification score in [0, 1]")
     if not -1.0 <= candidate <= 1.0:
-        raise ValueError(f"--candidate-threshold {candidate} must be a cosine similarity in [-1, 1]")
+        raise ParamError("candidate_threshold", f"{candidate} must be a cosine similarity in [-1, 1]")
     return threshold, candidate, strict
 
 
@@ -240,18 +241,18 @@ def dedup_table(
     :data:`DEFAULT_THRESHOLD` (docs/retrieval.md explains how to calibrate them).
     """
     if keep not in KEEP_RULES:
-        raise ValueError(f"--keep {keep!r} is not one of {', '.join(KEEP_RULES)}")
+        raise ParamError("keep", f"{keep!r} is not one of {', '.join(KEEP_RULES)}")
     if link not in LINK_RULES:
-        raise ValueError(f"--link {link!r} is not one of {', '.join(LINK_RULES)}")
+        raise ParamError("link", f"{link!r} is not one of {', '.join(LINK_RULES)}")
     descriptor = "model" if model_dir else "pixels"
     verify = bool(verify) and not exact_only
     threshold, candidate_threshold, strict_threshold = resolve_thresholds(
         descriptor, verify, threshold, candidate_threshold, strict_threshold
     )
     if verify and verify_size < 16:
-        raise ValueError(f"--verify-size must be >= 16 pixels, got {verify_size}")
+        raise ParamError("verify_size", f"must be >= 16 pixels, got {verify_size}")
     if k < 2:
-        raise ValueError(f"k must be >= 2 (itself plus one neighbour), got {k}")
+        raise ParamError("k", f"must be >= 2 (itself plus one neighbour), got {k}")
     timer = Timer()
     times: dict[str, float] = {}
     out_local = local_path(out)
@@ -269,8 +270,10 @@ def dedup_table(
             df.select("content_id", "path", "height", "width").write.mode("overwrite").parquet(storage.qualify(desc_dir))
     else:
         blob = spark.sparkContext.broadcast(read_blob(model_dir)) if model_dir else None
-        configure_workers(spark, batch_size)
-        desc_df = df.mapInArrow(descriptor_batches(blob, batch_size, verify_size if verify else None), DESCRIPTOR_SCHEMA)
+        threads = configure_workers(spark, batch_size)
+        desc_df = df.mapInArrow(
+            descriptor_batches(blob, batch_size, verify_size if verify else None, threads), DESCRIPTOR_SCHEMA
+        )
         with spark_progress(spark, "dedup: descriptors"):
             desc_df.write.mode("overwrite").parquet(storage.qualify(desc_dir))
     times["descriptors_s"] = timer.elapsed

@@ -62,19 +62,19 @@ def gray_thumbnail(data: bytes | None, size: int) -> np.ndarray:
 
 
 def descriptor_batches(
-    blob_bc: Any, batch_size: int, thumb_size: int | None = None
+    blob_bc: Any, batch_size: int, thumb_size: int | None = None, threads: int = 1
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """mapInArrow body: (content_id, path, image, height, width) -> DESCRIPTOR_SCHEMA.
 
     ``blob_bc`` is a broadcast :class:`sparkvision.inference.runtime.ModelBlob`, or None for the
     pixel descriptor. With ``thumb_size`` also the grayscale image at ``thumb_size`` x
-    ``thumb_size`` (raw uint8 bytes) for verification.
+    ``thumb_size`` (raw uint8 bytes) for verification. ``threads``: the model's torch threads.
     """
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         fn = pre = None
         if blob_bc is not None:
-            fn, pre = worker_model(blob_bc.value, "features")
+            fn, pre = worker_model(blob_bc.value, "features", threads)
         for batch in rebatch(batches, batch_size):
             images = batch.column("image").to_pylist()
             errors: list[str | None] = [None] * len(images)

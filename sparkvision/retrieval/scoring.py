@@ -20,7 +20,7 @@ import torch
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from sparkvision.inference.runtime import THREADS_ENV, rebatch
+from sparkvision.inference.runtime import rebatch, task_threads
 from sparkvision.retrieval.verify import VerifyConfig, verify_pairs
 from sparkvision.spark import storage
 from sparkvision.spark.progress import spark_progress
@@ -32,14 +32,17 @@ PAIR_SCHEMA = (
 PAIR_ID_COLUMNS = ("a", "b", "content_id_a", "path_a", "content_id_b", "path_b")
 
 
-def verify_batches(size: int, batch_size: int) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+def verify_batches(
+    size: int, batch_size: int, threads: int = 1
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """mapInArrow body: candidate pairs with both thumbnails -> PAIR_SCHEMA with the verification score.
 
-    Pairs of identical bytes (same content id) score 1 without being computed.
+    Pairs of identical bytes (same content id) score 1 without being computed. ``threads``: torch
+    threads for the scoring (:func:`~sparkvision.inference.runtime.task_threads` on the driver).
     """
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        torch.set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
+        torch.set_num_threads(threads)
         cfg = VerifyConfig(size=size)
         for batch in rebatch(batches, batch_size):
             n = batch.num_rows
@@ -120,7 +123,7 @@ def score_candidates(
         .join(side("b"), ["content_id_b", "path_b"])
     )
     with spark_progress(spark, "dedup: verify pairs"):
-        joined.mapInArrow(verify_batches(size, batch_size), PAIR_SCHEMA).write.mode("overwrite").parquet(
+        joined.mapInArrow(verify_batches(size, batch_size, task_threads(spark)), PAIR_SCHEMA).write.mode("overwrite").parquet(
             storage.qualify(pairs_dir)
         )
     shutil.rmtree(input_dir, ignore_errors=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +23,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from sparkvision.data.table import is_image_table, read_table
+from sparkvision.errors import ParamError
 from sparkvision.inference.embed import embed_df
-from sparkvision.inference.runtime import THREADS_ENV, read_blob, run_model, worker_model
+from sparkvision.inference.runtime import read_blob, run_model, task_threads, worker_model
 from sparkvision.retrieval.codes import Hasher
 from sparkvision.retrieval.index import (
     HASHER_DIR,
@@ -167,7 +168,7 @@ def search_images(
     idx = SearchIndex(index_dir, nprobe=nprobe)
     model_dir = model_dir or idx.model_dir
     if not model_dir:
-        raise ValueError("the index does not record which model made its features; pass --model MODEL_DIR")
+        raise ParamError("model_dir", "required: the index does not record which model made its features")
     images = []
     for p in paths:
         if not os.path.exists(p):
@@ -190,21 +191,24 @@ def search_images(
 _INDEXES: dict[tuple[str, int, int | None], SearchIndex] = {}
 
 
-def _worker_index(directory: str, nprobe: int | None) -> SearchIndex:
+def _worker_index(directory: str, nprobe: int | None, threads: int) -> SearchIndex:
+    faiss.omp_set_num_threads(threads)  # every task: a reused worker may come from another job
     key = (directory, os.stat(os.path.join(directory, INDEX_FILE)).st_mtime_ns, nprobe)
     hit = _INDEXES.get(key)
     if hit is None:
-        faiss.omp_set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
         _INDEXES.clear()
         hit = _INDEXES[key] = SearchIndex(directory, nprobe=nprobe)
     return hit
 
 
-def search_batches(index_dir: str, k: int, nprobe: int | None, exclude_self: bool):
-    """mapInArrow body: (content_id, path, embedding, error) -> one row per (query, neighbour)."""
+def search_batches(
+    index_dir: str, k: int, nprobe: int | None, exclude_self: bool, threads: int = 1
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """mapInArrow body: (content_id, path, embedding, error) -> one row per (query, neighbour),
+    searched with ``threads`` FAISS threads."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        idx = _worker_index(index_dir, nprobe)
+        idx = _worker_index(index_dir, nprobe, threads)
         kk = k + 1 if exclude_self else k
         for batch in batches:
             t = pa.Table.from_batches([batch])
@@ -255,7 +259,9 @@ def search_df(
     index_dir = os.path.abspath(local_path(index_dir))
     SearchIndex(index_dir)  # fail on the driver, with a clear message, before any task starts
     cols = [c for c in ("content_id", "path", "embedding", "error") if c in queries.columns]
-    return queries.select(*cols).mapInArrow(search_batches(index_dir, k, nprobe, exclude_self), RESULT_SCHEMA)
+    return queries.select(*cols).mapInArrow(
+        search_batches(index_dir, k, nprobe, exclude_self, task_threads(spark)), RESULT_SCHEMA
+    )
 
 
 def search_table(
@@ -280,7 +286,7 @@ def search_table(
     if is_image_table(spark, table):
         model_dir = model_dir or SearchIndex(index_dir).model_dir
         if not model_dir:
-            raise ValueError("the index does not record its model; pass --model MODEL_DIR to embed the table")
+            raise ParamError("model_dir", "required to embed the image table: the index does not record its model")
         src = read_table(spark, table, split).select(
             "image", "content_id", "path", "split", "label", "label_name"
         )
