@@ -18,6 +18,7 @@ from sparkvision.cli import app
 from sparkvision.data.images import content_id
 from sparkvision.data.schema import IMAGE_SCHEMA
 from sparkvision.data.table import TableMeta, write_meta
+from sparkvision.errors import ParamError
 from sparkvision.retrieval.dedup import DEFAULT_STRICT_THRESHOLD, DEFAULT_VERIFY_THRESHOLD, dedup_table
 from sparkvision.retrieval.descriptors import pixel_descriptor
 from sparkvision.retrieval.linking import candidate_pairs, keeper, link_pairs, pairs_above, union_find
@@ -249,14 +250,12 @@ def test_dedup_without_verification_is_the_cosine_rule(spark, planted_table, tmp
 def test_dedup_exact_only_and_bad_options(spark, planted_table, tmp_path):
     s = dedup_table(spark, planted_table, str(tmp_path / "exact"), exact_only=True, keep="earliest")
     assert s["exact_groups"] == 1 and s["near_groups"] == 0 and s["rows_to_remove"] == 1
-    with pytest.raises(ValueError, match="keep"):
-        dedup_table(spark, planted_table, str(tmp_path / "x"), keep="biggest")
-    with pytest.raises(ValueError, match="threshold"):
-        dedup_table(spark, planted_table, str(tmp_path / "x"), threshold=2.0)
-    with pytest.raises(ValueError, match="link"):
-        dedup_table(spark, planted_table, str(tmp_path / "x"), link="closest")
-    with pytest.raises(ValueError, match="candidate-threshold"):
-        dedup_table(spark, planted_table, str(tmp_path / "x"), candidate_threshold=3.0)
+    # Each bad value is a ParamError naming the parameter, as every front-end spells it.
+    bad = {"keep": "biggest", "threshold": 2.0, "link": "closest", "candidate_threshold": 3.0, "verify_size": 8, "k": 1}
+    for name, value in bad.items():
+        with pytest.raises(ParamError) as e:
+            dedup_table(spark, planted_table, str(tmp_path / "x"), **{name: value})
+        assert e.value.param == name and "--" not in str(e.value), str(e.value)
     assert not os.path.exists(tmp_path / "x" / "groups.parquet")
 
 

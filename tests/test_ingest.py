@@ -370,7 +370,7 @@ def test_datasets_fashion_mnist_says_how_to_get_the_data():
     )
     assert result.returncode == 2
     assert "apt-get install dataset-fashion-mnist" in result.stderr
-    assert "/nonexistent" in result.stderr and "--source" in result.stderr
+    assert "/nonexistent" in result.stderr and "that folder as source" in result.stderr
 
 
 def test_cli_subprocess_json_stdout_is_clean(tmp_path):

@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from sparkvision.cli import app
+from sparkvision.errors import ParamError
 from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
 from sparkvision.retrieval.embed import embed_with_codes
 from sparkvision.retrieval.index import EXACT_MAX_ROWS, build_index, choose_index, vectors_of
@@ -37,7 +38,7 @@ def test_choose_index_logic():
         choose_index(10, 12, binary=True)
     with pytest.raises(ValueError, match="no usable rows"):
         choose_index(0, 64)
-    with pytest.raises(ValueError, match="--kind"):
+    with pytest.raises(ParamError, match="^kind: 'lsh' is not one of"):
         choose_index(1_000_000, 64, kind="lsh")
 
 

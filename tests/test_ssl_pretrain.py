@@ -56,7 +56,7 @@ def test_simclr_pretraining_lowers_the_loss_and_writes_an_encoder(spark, tiny_ta
                   FinetuneConfig(label_fraction=0.25, epochs=1, batch_size=16, projector_layers=1, encoder_lr_scale=0.0))
     m = load_model_dir(v2["model_dir"]).model
     assert m.arch["neck"] == [64] and torch.equal(m.neck[0].weight, proj["net.0.weight"])
-    with pytest.raises(ValueError, match="projector-layers must be below"):
+    with pytest.raises(ValueError, match="^projector_layers: 5 must be below the depth"):
         finetune(spark, tiny_table, str(tmp_path / "v3"), str(out), FinetuneConfig(projector_layers=5))
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import load as st_load
 
 from sparkvision.data.images import encode_png
 from sparkvision.data.table import read_meta, read_table
+from sparkvision.errors import ParamError
 from sparkvision.models.modeldir import load_model_dir
 from sparkvision.spark import distributed as D
 from sparkvision.train import AugmentConfig, BatchAugment, TrainConfig, parse_augment, train, train_df
@@ -56,7 +57,7 @@ def test_resume_continues_from_saved_epoch(spark, tiny_table, tmp_path):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(spark, tiny_table, tmp_path):
-    with pytest.raises(ValueError, match="no checkpoint"):
+    with pytest.raises(ParamError, match="^resume: no checkpoint"):
         train(spark, tiny_table, str(tmp_path / "none"), TrainConfig(epochs=1, resume=True, **FAST))
 
 
@@ -77,7 +78,7 @@ def test_unequal_partitions_do_not_hang(spark, tiny_table, tmp_path):
 
 
 def test_more_workers_than_slots_is_a_clear_error(spark, tiny_table, tmp_path):
-    with pytest.raises(ValueError, match="workers 8 is more than the 2 task slots"):
+    with pytest.raises(ValueError, match="^workers: 8 is more than the 2 task slots"):
         train(spark, tiny_table, str(tmp_path / "x"), TrainConfig(epochs=1, workers=8, batch_size=16))
 
 
@@ -129,7 +130,7 @@ def test_decode_shard_keeps_order_and_counts_bad_rows():
 
 def test_oversized_shard_is_a_clear_error_before_decoding():
     rows = [(encode_png(np.zeros((8, 8), dtype=np.uint8)), 0, "train")] * 10
-    with pytest.raises(ValueError, match=r"10 images at 3x8x8 needs .* GiB decoded.*--workers.*--image-size"):
+    with pytest.raises(ValueError, match=r"10 images at 3x8x8 needs .* GiB decoded.*more workers.*smaller image_size"):
         decode_shard(_batches(rows), 3, (8, 8), available_bytes=10 * 3 * 8 * 8 - 1)
     shard, _ = decode_shard(_batches(rows), 3, (8, 8), available_bytes=10 * 3 * 8 * 8)  # exactly fits
     assert len(shard) == 10

@@ -32,8 +32,8 @@ def fashion_mnist_dir(source: str | None = None) -> str:
             "  On Debian or Ubuntu:  sudo apt-get install dataset-fashion-mnist\n"
             f"  (installs the four IDX files into {FASHION_MNIST_DIR}).\n"
             "  Elsewhere: download the four *-ubyte.gz files from "
-            "https://github.com/zalandoresearch/fashion-mnist (data/fashion) into a folder and pass\n"
-            "  --source FOLDER or set SPARKVISION_FASHION_MNIST_DIR."
+            "https://github.com/zalandoresearch/fashion-mnist (data/fashion) into a folder and give\n"
+            "  that folder as source, or set SPARKVISION_FASHION_MNIST_DIR."
         )
     return d
 

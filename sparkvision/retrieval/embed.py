@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 
+from sparkvision.errors import ParamError
 from sparkvision.inference.embed import embed_table
 from sparkvision.retrieval.codes import Hasher, fit_hasher
 from sparkvision.retrieval.index import FEATURES_HASHER, FEATURES_META, local_path, vectors_of
@@ -85,7 +86,7 @@ def embed_with_codes(
     """Embed ``table`` with ``model_dir`` into ``out``; with ``bits``, fit a hasher and add codes."""
     timer = Timer()
     if bits is not None and bits not in (32, 64, 128):
-        raise ValueError(f"--bits {bits}: use 32, 64 or 128")
+        raise ParamError("bits", f"{bits} is not 32, 64 or 128")
     out_q = storage.qualify(out)
     target = out_q if bits is None else out_q.rstrip("/") + "_embed_tmp"
     summary = embed_table(spark, model_dir, table, target, batch_size=batch_size, split=split)

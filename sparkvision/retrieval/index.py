@@ -30,6 +30,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from sparkvision.errors import ParamError
+
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
 META_FILE = "index.json"
@@ -81,7 +83,7 @@ def choose_index(n: int, d: int, binary: bool = False, kind: str = "auto") -> In
         if d % 8:
             raise ValueError(f"binary codes of {d} bits are not whole bytes; use 32, 64 or 128 bits")
         if kind in ("flat", "binary_flat") or (kind == "auto" and n <= EXACT_MAX_ROWS_BINARY):
-            why = "forced by --kind" if kind != "auto" else f"{n:,} rows <= {EXACT_MAX_ROWS_BINARY:,}"
+            why = "forced by kind" if kind != "auto" else f"{n:,} rows <= {EXACT_MAX_ROWS_BINARY:,}"
             return IndexChoice(
                 "binary_flat",
                 "BFlat",
@@ -90,7 +92,7 @@ def choose_index(n: int, d: int, binary: bool = False, kind: str = "auto") -> In
                 f"exact Hamming scan ({why}; {n * d // 8 / 1e6:.1f} MB of codes)",
             )
         nlist = _nlist_for(n)
-        why = "forced by --kind" if kind != "auto" else f"{n:,} rows > {EXACT_MAX_ROWS_BINARY:,}"
+        why = "forced by kind" if kind != "auto" else f"{n:,} rows > {EXACT_MAX_ROWS_BINARY:,}"
         return IndexChoice(
             "binary_ivf",
             f"BIVF{nlist}",
@@ -100,7 +102,7 @@ def choose_index(n: int, d: int, binary: bool = False, kind: str = "auto") -> In
         )
     flat_bytes = n * d * 4
     if kind == "flat" or (kind == "auto" and n <= EXACT_MAX_ROWS):
-        why = "forced by --kind" if kind != "auto" else f"{n:,} rows <= {EXACT_MAX_ROWS:,}"
+        why = "forced by kind" if kind != "auto" else f"{n:,} rows <= {EXACT_MAX_ROWS:,}"
         return IndexChoice(
             "flat", "Flat", False, {}, f"exact inner-product search ({why}); results are exact"
         )
@@ -110,14 +112,14 @@ def choose_index(n: int, d: int, binary: bool = False, kind: str = "auto") -> In
             "HNSW32,Flat",
             False,
             {"M": 32, "efConstruction": 80, "efSearch": 64},
-            "HNSW graph (forced by --kind): best recall per query-second, slow to build",
+            "HNSW graph (forced by kind): best recall per query-second, slow to build",
         )
     nlist = _nlist_for(n)
     nprobe = max(1, nlist // 128)
     if kind == "ivfpq" or (kind == "auto" and flat_bytes > FLAT_MAX_BYTES):
         m = next(m for m in (d // 4, d // 8, d // 16, 1) if m >= 1 and d % m == 0)
         why = (
-            "forced by --kind"
+            "forced by kind"
             if kind != "auto"
             else f"{flat_bytes / 2**30:.0f} GiB of raw vectors > {FLAT_MAX_BYTES >> 30} GiB"
         )
@@ -129,8 +131,8 @@ def choose_index(n: int, d: int, binary: bool = False, kind: str = "auto") -> In
             f"IVF with product quantisation ({why}): {m} bytes per vector, {nlist} lists, nprobe {nprobe * 2}",
         )
     if kind not in ("auto", "ivf"):
-        raise ValueError(f"--kind {kind!r} is not one of auto, flat, ivf, ivfpq, hnsw")
-    why = "forced by --kind" if kind != "auto" else f"{n:,} rows > {EXACT_MAX_ROWS:,}"
+        raise ParamError("kind", f"{kind!r} is not one of auto, flat, ivf, ivfpq, hnsw")
+    why = "forced by kind" if kind != "auto" else f"{n:,} rows > {EXACT_MAX_ROWS:,}"
     return IndexChoice(
         "ivf",
         f"IVF{nlist},Flat",

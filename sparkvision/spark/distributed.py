@@ -31,6 +31,7 @@ from pyspark import BarrierTaskContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import BinaryType, StructField, StructType
 
+from sparkvision.errors import ParamError
 from sparkvision.spark.session import cores_of_master
 
 RESULT_SCHEMA = StructType([StructField("result", BinaryType(), True)])
@@ -130,12 +131,13 @@ def run_on_barrier(
     ``repartition=False`` the DataFrame must already have exactly ``workers`` partitions.
     """
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise ParamError("workers", f"must be >= 1, got {workers}")
     slots = barrier_slots(spark)
     if workers > slots:
-        raise ValueError(
-            f"workers {workers} is more than the {slots} task slots of master "
-            f"{spark.sparkContext.master}; lower --workers or add executors/cores"
+        raise ParamError(
+            "workers",
+            f"{workers} is more than the {slots} task slots of master {spark.sparkContext.master}; "
+            "lower it or add executors/cores",
         )
     threads = plan_threads(spark, workers, threads_per_rank)
     if repartition:

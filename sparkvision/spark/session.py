@@ -14,17 +14,20 @@ from collections.abc import Iterable, Mapping
 
 from pyspark.sql import SparkSession
 
+from sparkvision.errors import ParamError
+
 ENV_MASTER = "SPARKVISION_MASTER"
 DEFAULT_MASTER = "local[*]"
 
 
 def parse_conf(pairs: Iterable[str]) -> dict[str, str]:
-    """Turn ``["k=v", ...]`` (as given to ``--conf``) into a dict, naming any malformed pair."""
+    """Turn ``["k=v", ...]`` (the CLI's repeated ``--conf``) into the ``conf`` dict of :func:`get_spark`,
+    naming any malformed pair."""
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--conf {pair!r} is not of the form key=value (e.g. spark.executor.memory=4g)")
+            raise ParamError("conf", f"{pair!r} is not of the form key=value (e.g. spark.executor.memory=4g)")
         out[key.strip()] = value.strip()
     return out
 

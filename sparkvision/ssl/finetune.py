@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 from sparkvision.data.table import read_meta, read_table
+from sparkvision.errors import ParamError
 from sparkvision.models import create_model, model_kwargs_for
 from sparkvision.models.modeldir import ModelSpec, load_model_dir
 from sparkvision.spark import distributed as D
@@ -104,13 +105,13 @@ class FinetuneRank(ClassifierRank):
         counts = D.all_reduce_sum(torch.tensor([len(train), len(self.evals)], dtype=torch.float64))
         if self.semi and D.all_reduce_min(torch.tensor([len(self.pool)], dtype=torch.float64))[0] == 0:
             raise ValueError(f"a rank got no unlabelled rows: split {cfg.unlabeled_split!r} is too small for "
-                             f"{workers} workers; check --unlabeled-split or lower --workers")
+                             f"{workers} workers; check unlabeled_split or lower workers")
         if self.teacher_spec is not None:
             too_few = ("a rank got no rows to distill on: {rows} rows in split " + repr(cfg.unlabeled_split)
-                       + " and the labelled sample for {workers} workers; check --unlabeled-split or lower --workers")
+                       + " and the labelled sample for {workers} workers; check unlabeled_split or lower workers")
         else:
             too_few = ("a rank got no training rows: {rows} rows is too few for {workers} workers; "
-                       "lower --workers or raise --label-fraction")
+                       "lower workers or raise label_fraction")
         check_rows(len(train), counts, self.ctx, too_few.format(rows=0, workers=workers), too_few)
         if self.teacher_spec is None:
             check_labels(train, self.num_classes)
@@ -203,7 +204,7 @@ def projector_neck(encoder_dir: str, layers: int) -> tuple[dict[str, torch.Tenso
     and their widths."""
     path = os.path.join(encoder_dir, PROJECTOR_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: --projector-layers needs an encoder written by "
+        raise FileNotFoundError(f"{path} not found: projector_layers needs an encoder written by "
                                 "`sparkvision pretrain` (or sparkvision.ssl.pretrain.export_projector on its dir)")
     proj = load_file(path)
     out: dict[str, torch.Tensor] = {}
@@ -212,8 +213,8 @@ def projector_neck(encoder_dir: str, layers: int) -> tuple[dict[str, torch.Tenso
         fc, bn = f"net.{3 * i}", f"net.{3 * i + 1}"
         # A hidden layer is FC, BN, ReLU; the output layer has no ReLU (and is not a useful neck).
         if f"{fc}.weight" not in proj or f"{bn}.running_mean" not in proj or f"net.{3 * i + 3}.weight" not in proj:
-            raise ValueError(f"the projector in {encoder_dir} has fewer than {layers + 1} FC + BN layers; "
-                             f"--projector-layers must be below its depth")
+            raise ParamError("projector_layers", f"{layers} must be below the depth of the projector in "
+                             f"{encoder_dir} (it has fewer than {layers + 1} FC + BN layers)")
         out[f"neck.{3 * i}.weight"] = proj[f"{fc}.weight"]
         for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             out[f"neck.{3 * i + 1}.{k}"] = proj[f"{bn}.{k}"]
@@ -224,18 +225,18 @@ def projector_neck(encoder_dir: str, layers: int) -> tuple[dict[str, torch.Tenso
 def check_modes(cfg: FinetuneConfig, encoder: str | None, teacher: str | None) -> None:
     """Refuse combinations of encoder, teacher, linear evaluation and FixMatch that make no sense."""
     if encoder is None and cfg.linear:
-        raise ValueError("--linear needs --encoder (a linear probe of random weights is not a baseline)")
+        raise ParamError("linear", "needs an encoder (a linear probe of random weights is not a baseline)")
     if teacher is not None and cfg.linear:
-        raise ValueError("--teacher distils into a whole student; it cannot be combined with --linear")
+        raise ParamError("linear", "cannot be combined with a teacher: distillation trains a whole student")
     semi = cfg.consistency_weight > 0
     if teacher is not None and semi:
-        raise ValueError("--teacher (distillation) and --consistency-weight (FixMatch) are two ways to use the "
+        raise ParamError("consistency_weight", "FixMatch and a teacher (distillation) are two ways to use the "
                          "unlabelled pool; pick one")
     if (teacher is not None or semi) and cfg.eval_split and cfg.unlabeled_split == cfg.eval_split:
         raise ValueError(f"unlabeled_split {cfg.unlabeled_split!r} is also the eval split: training on the "
-                         "rows that are scored would leak them; pick another --unlabeled-split or --eval-split")
+                         "rows that are scored would leak them; pick another unlabeled_split or eval_split")
     if encoder is None and cfg.projector_layers:
-        raise ValueError("projector_layers needs --encoder (a pretraining run's projector)")
+        raise ParamError("projector_layers", "needs an encoder (a pretraining run's projector)")
 
 
 def teacher_payload(teacher: str, table: str, num_classes: int) -> dict[str, Any]:
@@ -260,7 +261,7 @@ def finetune_rows(df: DataFrame, cfg: FinetuneConfig, table: str, distill: bool)
         pool = df.where(F.col("split") == cfg.unlabeled_split)
         if not pool.limit(1).count():  # a typo would otherwise train on the labelled sample alone
             have = sorted(r[0] for r in df.select("split").distinct().limit(50).collect())
-            raise ValueError(f"table {table} has no rows in split {cfg.unlabeled_split!r} (--unlabeled-split); "
+            raise ParamError("unlabeled_split", f"table {table} has no rows in split {cfg.unlabeled_split!r}; "
                              f"its splits: {', '.join(map(str, have))}")
         if distill and cfg.unlabeled_split != cfg.train_split:
             pool = pool.unionByName(train_rows)  # distillation: the labelled sample is part of the pool

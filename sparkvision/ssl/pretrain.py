@@ -78,7 +78,7 @@ class PretrainRank(RankTraining):
                              queries.labels[: cfg.monitor_query_rows // world])
         counts = D.all_reduce_sum(torch.tensor([len(pool), len(self.bank), len(self.queries)], dtype=torch.float64))
         check_rows(len(pool), counts, self.ctx,
-                   f"no rows in split {cfg.pool_split!r} to pretrain on; choose the pool with --pool",
+                   f"no rows in split {cfg.pool_split!r} to pretrain on; choose another pool_split",
                    "a rank got no pool rows: {rows} rows is too few for {workers} workers")
         return pool, counts
 

@@ -115,8 +115,8 @@ def check_shard_fits(need: int, available: int | None, rows: int, shape: tuple[i
     c, h, w = shape
     raise ValueError(
         f"this rank's shard of {rows:,} images at {c}x{h}x{w} needs {need / 2**30:.2f} GiB decoded, but only "
-        f"{available / 2**30:.2f} GiB of memory is available on its worker: use more workers (--workers), a "
-        "smaller --image-size, a subset of the table, or executors with more memory")
+        f"{available / 2**30:.2f} GiB of memory is available on its worker: use more workers, a smaller "
+        "image_size, a subset of the table, or executors with more memory")
 
 
 def steps_per_epoch(global_count: int, global_batch: int) -> int:

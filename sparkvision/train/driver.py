@@ -21,6 +21,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from safetensors.torch import load as st_load
 
+from sparkvision.errors import ParamError
 from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
 from sparkvision.spark import distributed as D
 from sparkvision.spark.progress import Timer, step_progress
@@ -40,7 +41,7 @@ def prepare_out(out: str, resume: bool) -> tuple[str, str]:
             if os.path.exists(os.path.join(out, stale)):
                 os.remove(os.path.join(out, stale))
     elif not list_checkpoints(ckpt_dir):
-        raise ValueError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
+        raise ParamError("resume", f"no checkpoint in {ckpt_dir} to resume from; start without resume")
     os.makedirs(out, exist_ok=True)
     return out, ckpt_dir
 
