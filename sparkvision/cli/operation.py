@@ -152,12 +152,13 @@ def make_command(op: Operation, render: Callable[[dict[str, Any]], None] | None 
         def body() -> dict[str, Any]:
             try:
                 p = op.validate(values)
-            except ParamError as e:
+                spark = spark_from(master, conf) if op.wants_spark(p) else None
+                with cli_progress(op.name) as progress:
+                    return op.run(spark, p, progress)
+            except ParamError as e:  # from validation or from the library: worded as the flag
                 f = fields.get(e.param.split(".")[0])
-                raise ValueError(f"{flag_of(e.param, f) if f else e.param}: {e.message}") from None
-            spark = spark_from(master, conf) if op.wants_spark(p) else None
-            with cli_progress(op.name) as progress:
-                return op.run(spark, p, progress)
+                flag = flag_of(e.param, f) if f else f"--{e.param.replace('_', '-')}"
+                raise ValueError(f"{flag}: {e.message}") from None
 
         emit(guarded(body, json_out), json_out, render)
 

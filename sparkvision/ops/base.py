@@ -211,7 +211,7 @@ def params_model(name: str, doc: str, **fields: Any) -> type[Params]:
 def config_from(config_cls: type, p: BaseModel, **extra: Any) -> Any:
     """The recipe object of an operation's parameters (the fields the two share)."""
     names = {f.name for f in dataclasses.fields(config_cls)}
-    values = {k: getattr(p, k) for k in p.model_fields if k in names}
+    values = {k: getattr(p, k) for k in type(p).model_fields if k in names}
     return config_cls(**{**values, **extra})
 
 
