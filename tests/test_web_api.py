@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import io
 import json
 import os
@@ -19,6 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import BaseModel, PositiveInt
 
+from sparkvision.cli.serve import serve
 from sparkvision.data.images import content_id
 from sparkvision.models import create_model
 from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
@@ -30,6 +32,7 @@ from sparkvision.web.batching import MicroBatcher
 from sparkvision.web.jobs import JobStore
 from sparkvision.web.kinds import KINDS, Kind
 from sparkvision.web.routes.errors import flags_to_fields, validation_message
+from sparkvision.web.runner import error_message
 from sparkvision.web.security import ApiError, Settings, safe_path
 from sparkvision.web.uploads import parse_simple_multipart
 
@@ -109,7 +112,8 @@ def assert_error(r, status: int, fragment: str = ""):
 
 
 def test_health_openapi_docs_and_page(client):
-    assert client.get("/api/health").json()["ok"] is True
+    health = client.get("/api/health").json()
+    assert health["ok"] is True and health["running_job"] is None
     spec = client.get("/openapi.json").json()
     for path in ("/api/classify", "/api/search", "/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/cancel",
                  "/api/jobs/{job_id}/resume", "/api/models", "/api/tables", "/api/tables/{name}/rows"):
@@ -454,6 +458,20 @@ def test_validation_message_and_flags_to_fields():
     assert flags_to_fields("--linear needs --encoder (or --no-such-flag)", {"linear", "encoder"}) == (
         "linear needs encoder (or --no-such-flag)")
     assert flags_to_fields("--label-fraction 2\nis over 1", ["label_fraction"]) == "label_fraction 2 is over 1"
+    # A job failing at run time: the runner's message, in the same words.
+    assert error_message(ValueError("--keep x is not one of largest\n(see --help)"), ["keep"]) == (
+        "keep x is not one of largest")
+    assert error_message(KeyError("--split test is empty"), ["split"]) == "split test is empty"
+    assert error_message(RuntimeError("--keep lost"), []) == "RuntimeError: --keep lost"
+
+
+def test_serve_flags_default_to_the_settings():
+    flags = {name: p.default for name, p in inspect.signature(serve).parameters.items()}
+    s = Settings()
+    assert (flags["host"], flags["port"], flags["db"], flags["max_pixels"], flags["batch_size"],
+            flags["batch_wait_ms"], flags["torch_threads"]) == (
+        s.host, s.port, s.db_url, s.max_pixels, s.batch_size, s.batch_wait_ms, s.torch_threads)
+    assert int(flags["max_upload_mb"] * 1024 * 1024) == s.max_upload_bytes
 
 
 def test_unknown_job_id(client):
@@ -596,7 +614,14 @@ def test_runner_ingest_job_and_cancel_running_spark_job(spark, root, tmp_path, m
         spark_.sparkContext.parallelize(range(2), 2).map(lambda x: time.sleep(secs) or x).count()
         return {"slept": p.seconds}
 
+    class WarmupParams(Params):
+        warmup_steps: int = 2
+
+    def run_warmup(spark_, p, progress):
+        raise ValueError(f"--warmup-steps {p.warmup_steps} is over --steps")
+
     monkeypatch.setitem(KINDS, "sleep", Kind("sleep", SleepParams, run_sleep, "Sleep in a Spark job."))
+    monkeypatch.setitem(KINDS, "warmup", Kind("warmup", WarmupParams, run_warmup, "Fail at run time."))
     settings = settings_for(root, db_url=f"sqlite:///{tmp_path / 'r.db'}", start_runner=True)
     with TestClient(create_app(settings, spark_factory=lambda: spark)) as c:
         r = c.post("/api/jobs", json={"kind": "ingest", "params": {"source": "folder", "table": "tables/ingested"}})
@@ -609,6 +634,7 @@ def test_runner_ingest_job_and_cancel_running_spark_job(spark, root, tmp_path, m
         assert "tables/ingested" in {t["name"] for t in c.get("/api/tables").json()["tables"]}
         wait_for(c, sleeper, ("running",))
         time.sleep(1.0)  # let the Spark job start inside its job group
+        assert c.get("/api/health").json()["running_job"] == sleeper
         t0 = time.time()
         assert c.post(f"/api/jobs/{sleeper}/cancel").status_code == 200
         j = wait_for(c, sleeper, ("cancelled", "failed", "succeeded"), timeout=30)
@@ -618,3 +644,7 @@ def test_runner_ingest_job_and_cancel_running_spark_job(spark, root, tmp_path, m
                                                                     "epochs": 1}}).json()["id"]
         j = wait_for(c, bad, ("failed", "succeeded"))
         assert j["state"] == "failed" and "not a sparkvision image table" in j["error"] and "Traceback" not in j["error"]
+        # A run-time message names the job's fields, not CLI flags (--steps is no field of this kind).
+        bad = c.post("/api/jobs", json={"kind": "warmup", "params": {}}).json()["id"]
+        j = wait_for(c, bad, ("failed", "succeeded"))
+        assert j["state"] == "failed" and j["error"] == "warmup_steps 2 is over --steps", j

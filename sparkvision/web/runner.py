@@ -16,13 +16,14 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from sparkvision.train.checkpoint import list_checkpoints
 from sparkvision.web.jobs import JobStore
 from sparkvision.web.kinds import KINDS
+from sparkvision.web.routes.errors import flags_to_fields
 
 log = logging.getLogger("sparkvision.web")
 
@@ -47,15 +48,19 @@ def group_of(job_id: str) -> str:
     return f"sparkvision-web-{job_id}"
 
 
-def error_message(e: BaseException) -> str:
-    """One line a user can act on: the library's message, or the first line of a Spark error."""
+def error_message(e: BaseException, fields: Iterable[str] = ()) -> str:
+    """One line a user can act on: the library's message, or the first line of a Spark error.
+
+    The library words its messages for the CLI (``--warmup-steps 2 is over --steps``); a job was
+    submitted as JSON fields, so each flag that is one of ``fields`` is written as the field.
+    """
     if isinstance(e, KeyError) and e.args:
-        return str(e.args[0])
-    msg = str(e).strip() or type(e).__name__
-    first = msg.splitlines()[0]
-    if not isinstance(e, EXPECTED_ERRORS):
-        first = f"{type(e).__name__}: {first}"
-    return first[:500]
+        first = str(e.args[0])
+    else:
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        if not isinstance(e, EXPECTED_ERRORS):
+            first = f"{type(e).__name__}: {first}"
+    return flags_to_fields(first, fields)[:500]
 
 
 def read_train_progress(out: str) -> tuple[float | None, dict[str, Any]]:
@@ -104,6 +109,11 @@ class Runner:
         self._current: str | None = None
         self._cancel = threading.Event()
         self._lock = threading.Lock()
+
+    @property
+    def current_job(self) -> str | None:
+        """The id of the job running now, or None when the runner is idle."""
+        return self._current
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -208,7 +218,7 @@ class Runner:
                 store.append_log(job_id, "cancelled")
                 store.finish(job_id, "cancelled", error="cancelled by request")
             else:
-                msg = error_message(e)
+                msg = error_message(e, kind.params.model_fields)
                 if not isinstance(e, EXPECTED_ERRORS):
                     log.error("job %s failed:\n%s", job_id, "".join(traceback.format_exception(e)))
                 store.append_log(job_id, f"failed: {msg}")

@@ -31,5 +31,5 @@ async def health(sv: StateDep):
         "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,
                    "max_files": settings.max_files},
         "batching": {k: b.stats.to_json() for k, b in sv.batchers.items()},
-        "running_job": sv.runner._current,
+        "running_job": sv.runner.current_job,
     }
