@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import dataclasses
+from typing import Annotated, Any
 
 import typer
 import uvicorn
@@ -12,24 +13,31 @@ from sparkvision.spark.session import parse_conf
 from sparkvision.web.app import create_app
 from sparkvision.web.security import Settings
 
+# Every default is Settings' own: the flags below only name and document them.
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Settings) if f.default is not dataclasses.MISSING}
+MIB = 1024 * 1024
+
 
 def serve(
-    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --token.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --token.")] = DEFAULTS["host"],
+    port: Annotated[int, typer.Option(help="Port.")] = DEFAULTS["port"],
     data_root: Annotated[list[str] | None, typer.Option(
         "--data-root", help="Directory clients may name paths in (tables, models, outputs); repeatable.")] = None,
     db: Annotated[str, typer.Option(help="Job registry: any SQLAlchemy URL (SQLite or PostgreSQL).")]
-        = "sqlite:///sparkvision-jobs.db",
-    model: Annotated[str | None, typer.Option(help="Model directory for /api/classify.")] = None,
-    index: Annotated[str | None, typer.Option(help="Index directory for /api/search.")] = None,
+        = DEFAULTS["db_url"],
+    model: Annotated[str | None, typer.Option(help="Model directory for /api/classify.")] = DEFAULTS["model_dir"],
+    index: Annotated[str | None, typer.Option(help="Index directory for /api/search.")] = DEFAULTS["index_dir"],
     token: Annotated[str | None, typer.Option(
-        help="API token for mutating endpoints (default $SPARKVISION_API_TOKEN).", show_default=False)] = None,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest uploaded file, MiB.")] = 10.0,
-    max_pixels: Annotated[int, typer.Option(help="Largest uploaded image, pixels.")] = 16_777_216,
-    batch_size: Annotated[int, typer.Option(help="Micro-batching: most classify requests per model call.")] = 64,
-    batch_wait_ms: Annotated[float, typer.Option(help="Micro-batching: longest wait for a batch to fill.")] = 5.0,
+        help="API token for mutating endpoints (default $SPARKVISION_API_TOKEN).", show_default=False)] = DEFAULTS["token"],
+    max_upload_mb: Annotated[float, typer.Option(help="Largest uploaded file, MiB.")]
+        = DEFAULTS["max_upload_bytes"] / MIB,
+    max_pixels: Annotated[int, typer.Option(help="Largest uploaded image, pixels.")] = DEFAULTS["max_pixels"],
+    batch_size: Annotated[int, typer.Option(help="Micro-batching: most classify requests per model call.")]
+        = DEFAULTS["batch_size"],
+    batch_wait_ms: Annotated[float, typer.Option(help="Micro-batching: longest wait for a batch to fill.")]
+        = DEFAULTS["batch_wait_ms"],
     torch_threads: Annotated[int, typer.Option(help="Torch intra-op threads for classify/search (0: torch's default).")]
-        = 1,
+        = DEFAULTS["torch_threads"],
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     master: Master = None,
     conf: Conf = None,
@@ -38,7 +46,7 @@ def serve(
     try:
         settings = Settings(
             host=host, port=port, data_roots=list(data_root or []), db_url=db, model_dir=model, index_dir=index,
-            token=token, master=master, conf=parse_conf(conf or []), max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+            token=token, master=master, conf=parse_conf(conf or []), max_upload_bytes=int(max_upload_mb * MIB),
             max_pixels=max_pixels, batch_size=batch_size, batch_wait_ms=batch_wait_ms, torch_threads=torch_threads,
         )
         app = create_app(settings)

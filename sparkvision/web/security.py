@@ -34,6 +34,8 @@ class ApiError(Exception):
 
 @dataclass
 class Settings:
+    """What the server is configured with; its defaults are also ``sparkvision serve``'s (one place)."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     data_roots: list[str] = field(default_factory=list)
@@ -45,7 +47,7 @@ class Settings:
     conf: dict[str, str] = field(default_factory=dict)
     max_upload_bytes: int = 10 * 1024 * 1024  # per file
     max_files: int = 64  # per classify request
-    max_pixels: int = 16_777_216  # 4096 x 4096
+    max_pixels: int = 4096 * 4096  # below ingest's MAX_PIXELS_DEFAULT: a request's image is decoded in the server
     batch_size: int = 64  # micro-batch: most requests per model call
     batch_wait_ms: float = 5.0  # micro-batch: longest wait for more requests
     torch_threads: int = 1  # intra-op threads for serving; more only spin on a busy machine
