@@ -71,14 +71,15 @@ class Recipe:
     """
 
     def to_json(self) -> dict[str, Any]:
-        return _adapter(type(self)).dump_python(self, mode="json")
+        # mypy misreads a class object as unhashable for functools.cache (python/mypy#11470).
+        return _adapter(type(self)).dump_python(self, mode="json")  # type: ignore[arg-type]
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Any:
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))  # type: ignore[attr-defined]
         if unknown:
             raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
-        return _adapter(cls).validate_python(d)
+        return _adapter(cls).validate_python(d)  # type: ignore[arg-type]  # python/mypy#11470, as above
 
 
 @functools.cache

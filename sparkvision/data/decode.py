@@ -69,6 +69,8 @@ def decode_batches(max_pixels: int) -> ArrowBatches:
                 cols["path"], cols["content"], cols["split"], cols["label_name"], strict=True
             ):
                 data = data or b""
+                row: tuple[str | None, bytes | None, str | None, int | None, int | None, int | None,
+                           str | None, str | None]
                 try:
                     info = inspect_image(data, max_pixels)
                     row = (content_id(data), data, info.format, info.height, info.width, info.channels, None, None)
@@ -156,6 +158,7 @@ def encode_idx_batches(class_names: list[str]) -> ArrowBatches:
                 out["height"].append(h)
                 out["width"].append(w)
                 out["channels"].append(c)
+                name: str | None
                 if label is not None and not 0 <= label < len(class_names):
                     name = str(label)
                 else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 from urllib.parse import unquote
 
 from pyspark import StorageLevel
@@ -44,7 +45,7 @@ def binary_reader(spark: SparkSession, glob: str | None) -> DataFrameReader:
     return reader
 
 
-def detect_source_kind(spark: SparkSession, source: str) -> str:
+def detect_source_kind(spark: SparkSession, source: str) -> Literal["table", "idx", "folder"]:
     """``table``, ``idx`` or ``folder``: what ``kind="auto"`` reads ``source`` as."""
     if is_image_table(spark, source):
         return "table"
@@ -64,6 +65,7 @@ def detect_source_kind(spark: SparkSession, source: str) -> str:
 def qualified_root(spark: SparkSession, uri: str) -> str:
     """The root as Spark spells the paths it lists (``file:/x``, not ``file:///x``)."""
     jvm = spark.sparkContext._jvm
+    assert jvm is not None  # set while the SparkContext is running
     p = jvm.org.apache.hadoop.fs.Path(storage.qualify(uri))
     fs = p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
     return str(fs.makeQualified(p).toString()).rstrip("/")
@@ -157,7 +159,7 @@ def missing_files(spark: SparkSession, indexed: list[str], n_read: int, decoded:
     if len(indexed) == n_read:
         return None
     scanned = {r.path for r in decoded.select("path").collect()}
-    rows = []
+    rows: list[tuple[str, str, str, int | None]] = []
     for path in sorted({_spark_path(p) for p in indexed} - scanned):
         size = _file_size(spark, path)
         if size == 0:

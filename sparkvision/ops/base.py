@@ -195,7 +195,7 @@ def config_fields(config_cls: type, *, exclude: Iterable[str] = (), defaults: di
             kw["default"] = defaults[name]
         elif fi.default_factory is not None:
             # A value, not the factory, so the web schema shows it (pydantic copies mutable defaults).
-            kw["default"] = fi.default_factory()
+            kw["default"] = fi.get_default(call_default_factory=True)
         elif not fi.is_required():
             kw["default"] = fi.default
         out[name] = (ann, Field(**kw))

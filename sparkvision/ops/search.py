@@ -38,6 +38,7 @@ def check(p: Any) -> None:
 
 def run(spark: SparkSession | None, p: Any, progress: Progress) -> dict[str, Any]:
     if p.table is not None:
+        assert spark is not None  # spark_when: batch mode is given a session
         return search_table(spark, p.index, p.table, p.out, k=p.k, model_dir=p.model_dir, split=p.split,
                             nprobe=p.nprobe, exclude_self=p.exclude_self, batch_size=p.batch_size)
     return {"index": p.index, "k": p.k, "results": search_images(p.index, list(p.images), p.k, p.model_dir, p.nprobe)}

@@ -221,14 +221,14 @@ def _new_index(choice: IndexChoice, d: int):
         if choice.kind == "binary_flat":
             return faiss.IndexBinaryFlat(d)
         quantizer = faiss.IndexBinaryFlat(d)
-        index = faiss.IndexBinaryIVF(quantizer, d, choice.params["nlist"])
-        index.own_fields = True
-        quantizer.this.disown()
-        return index
+        ivf = faiss.IndexBinaryIVF(quantizer, d, choice.params["nlist"])
+        ivf.own_fields = True
+        quantizer.this.disown()  # type: ignore[attr-defined]  # SWIG's `this` handle is not in faiss's stubs
+        return ivf
     if choice.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, choice.params["M"], faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = choice.params["efConstruction"]
-        return index
+        hnsw = faiss.IndexHNSWFlat(d, choice.params["M"], faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = choice.params["efConstruction"]
+        return hnsw
     return faiss.index_factory(d, choice.factory, faiss.METRIC_INNER_PRODUCT)
 
 

@@ -22,7 +22,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import torch
@@ -77,6 +77,7 @@ def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
 def barrier_slots(spark: SparkSession) -> int:
     """How many tasks the cluster can run at once (what a barrier stage may ask for)."""
     master = spark.sparkContext.master
+    assert master is not None  # a running SparkContext always has one
     if master.startswith("local"):
         return cores_of_master(master)
     return spark.sparkContext.defaultParallelism
@@ -93,9 +94,10 @@ def plan_threads(spark: SparkSession, workers: int, threads_per_rank: int | None
             raise ValueError(f"threads_per_rank must be >= 1, got {threads_per_rank}")
         return threads_per_rank
     master = spark.sparkContext.master
+    assert master is not None  # a running SparkContext always has one
     if master.startswith("local"):
         return max(1, cores_of_master(master) // workers)
-    return max(1, int(spark.conf.get("spark.task.cpus", "1")))
+    return max(1, int(cast(str, spark.conf.get("spark.task.cpus", "1"))))  # str: a default is given
 
 
 def _free_port() -> int:

@@ -27,6 +27,7 @@ def qualify(path: str) -> str:
 
 def _fs_and_path(spark: SparkSession, uri: str):
     jvm = spark.sparkContext._jvm
+    assert jvm is not None  # set while the SparkContext is running
     hconf = spark.sparkContext._jsc.hadoopConfiguration()
     jpath = jvm.org.apache.hadoop.fs.Path(qualify(uri))
     return jpath.getFileSystem(hconf), jpath
@@ -53,6 +54,7 @@ def read_text(spark: SparkSession, uri: str) -> str:
     stream = fs.open(p)
     try:
         jvm = spark.sparkContext._jvm
+        assert jvm is not None  # set while the SparkContext is running
         return str(jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8"))
     finally:
         stream.close()

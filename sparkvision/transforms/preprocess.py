@@ -40,7 +40,7 @@ def decode_image(
             img.draft("L" if channels == 1 else "RGB", (size[1], size[0]))  # decode at reduced scale
         img = img.convert("L" if channels == 1 else "RGB")
         if size is not None and img.size != (size[1], size[0]):
-            img = img.resize((size[1], size[0]), Image.BILINEAR)
+            img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad data
         raise RejectError("truncated", f"{type(e).__name__}: {e}"[:200]) from None
