@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from sparkvision.errors import ParamError  # defined below the library, which raises it too
+from sparkvision.ops.paths import ContinuesFn, check_inputs_exist, check_outputs, never
 from sparkvision.spark.session import get_spark
 
 
@@ -123,6 +124,8 @@ class Operation:
     module: str = "sparkvision"  # the library module it needs (for builds without it)
     check: Callable[[Any], None] | None = None  # cross-field rules, run before any Spark work
     summary_keys: tuple[str, ...] = ()  # scalar results shown as a finished job's metrics
+    writes_into: tuple[str, ...] = ()  # outputs that are directories it adds files to (evaluate's reports)
+    continues: ContinuesFn = never  # (params, out, spark) -> True where writing into existing data is the intent
 
     def validate(self, values: dict[str, Any]) -> Params:
         """Parameters from plain values, then the cross-field rules. Raises :class:`ParamError`."""
@@ -135,12 +138,25 @@ class Operation:
             self.check(p)
         return p
 
+    def preflight(self, p: Any, spark: Any = None) -> None:
+        """The path rules (:mod:`sparkvision.ops.paths`): local paths at once, other URIs once a
+        session is given. Raises :class:`ParamError` before any work starts."""
+        check_inputs_exist(self, p)
+        check_outputs(self, p, spark)
+
+    def execute(self, spark: Any, p: Any, progress: Progress = NO_PROGRESS) -> dict[str, Any]:
+        """What every front-end calls to run validated parameters: the path rules, then ``run``."""
+        progress.check_cancelled()
+        self.preflight(p, spark)
+        return self.run(spark, p, progress)
+
     def __call__(self, spark: Any = None, progress: Progress = NO_PROGRESS, **values: Any) -> dict[str, Any]:
         """The Python API: ``ops.train(spark, table=..., out=..., epochs=5)``."""
         p = self.validate(values)
+        self.preflight(p)  # local paths, before a JVM starts
         if spark is None and self.wants_spark(p):
             spark = get_spark()
-        return self.run(spark, p, progress)
+        return self.execute(spark, p, progress)
 
     def wants_spark(self, p: Any) -> bool:
         return self.spark_when(p) if self.spark_when is not None else self.needs_spark

@@ -9,12 +9,13 @@ from pyspark.sql import SparkSession
 
 from sparkvision.data.datasets import fashion_mnist_dir, ingest_fashion_mnist
 from sparkvision.ops.base import Operation, Progress, params_model, register
-from sparkvision.ops.fields import positional
+from sparkvision.ops.fields import overwrite, positional
 
 FashionMnistParams = params_model(
     "FashionMnistParams", "Fashion-MNIST (Debian package dataset-fashion-mnist) as an image table: 60k train, 10k test.",
     dest=positional("Output image table.", "DEST"),
     source=(str | None, Field(None, description="Folder with the four IDX .gz files (default: the Debian package's).")),
+    overwrite=overwrite(),
 )
 
 

@@ -9,7 +9,7 @@ from pyspark.sql import SparkSession
 
 from sparkvision.fields import OptionalSplit
 from sparkvision.ops.base import Cli, Operation, Progress, counting, params_model, register
-from sparkvision.ops.fields import inference_batch, positional
+from sparkvision.ops.fields import inference_batch, overwrite, positional
 from sparkvision.retrieval.dedup import dedup_table
 
 DedupParams = params_model(
@@ -38,6 +38,7 @@ DedupParams = params_model(
         "Neighbours compared per image (groups grow transitively)."))),
     exact_only=(bool, Field(False, description="Only identical bytes (content id).")),
     split=(OptionalSplit, Field(None, description="Only this split.")),
+    overwrite=overwrite(),
     batch_size=inference_batch(),
 )
 

@@ -14,7 +14,8 @@ from pydantic import Field
 from pyspark.sql import SparkSession
 
 from sparkvision.ops.base import Cli, Operation, Progress, config_fields, config_from, params_model, register
-from sparkvision.ops.fields import model_dir_out, table_in
+from sparkvision.ops.fields import model_dir_out, overwrite, table_in
+from sparkvision.ops.paths import when_resuming
 from sparkvision.ops.train import check_model
 from sparkvision.ssl.config import FinetuneConfig
 from sparkvision.ssl.finetune import finetune
@@ -33,6 +34,7 @@ DistillParams = params_model(
     encoder=(str | None, Field(None, description=(
         "Initialise the student from this encoder model directory (none: the model from random weights)."))),
     temperature=(float, Field(1.0, gt=0, le=100, description="Softmax temperature of teacher and student.")),
+    overwrite=overwrite(),
     **config_fields(FinetuneConfig, exclude=NOT_DISTILL, defaults=RECIPE),
 )
 
@@ -55,6 +57,6 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
 
 OPERATION = register(Operation(
     "distill", DistillParams, run, "Distil a fine-tuned teacher into a student on unlabelled images (SimCLRv2).",
-    inputs=("teacher", "table"), optional_inputs=("encoder",), outputs=("out",), result_key="out", resumable=True,
+    inputs=("teacher", "table"), optional_inputs=("encoder",), outputs=("out",), result_key="out", resumable=True, continues=when_resuming,
     reports_epochs=True, produces_model=True, module="sparkvision.ssl.finetune", check=check,
 ))

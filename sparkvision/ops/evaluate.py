@@ -6,7 +6,10 @@ from typing import Any
 
 from pydantic import Field
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 
+from sparkvision.data.table import read_table
+from sparkvision.errors import ParamError
 from sparkvision.fields import OptionalSplit
 from sparkvision.inference.evaluate import evaluate
 from sparkvision.ops.base import Operation, Progress, params_model, register
@@ -24,11 +27,15 @@ EvaluateParams = params_model(
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
     split = None if p.split == "all" else p.split
+    if read_table(spark, p.table, split).where(F.col("label").isNotNull()).limit(1).count() == 0:
+        # Scoring nothing would replace the model's evaluation with an empty one.
+        raise ParamError("split", f"{p.table} has no labelled rows" + (f" in split {split!r}" if split else ""))
+    progress.check_cancelled()
     return evaluate(spark, p.model_dir, p.table, split, p.out, p.batch_size)
 
 
 OPERATION = register(Operation(
     "evaluate", EvaluateParams, run, "Accuracy, per-class metrics and confusion matrix (written into the model dir).",
-    inputs=("model_dir", "table"), outputs=("out",), result_key="model_dir", module="sparkvision.inference.evaluate", evaluates=True,
+    inputs=("model_dir", "table"), outputs=("out",), result_key="model_dir", module="sparkvision.inference.evaluate", evaluates=True, writes_into=("out",),
     summary_keys=("rows", "accuracy", "macro_f1", "elapsed_s"),
 ))

@@ -30,3 +30,8 @@ def positional(description: str, metavar: str | None = None) -> Any:
 def inference_batch() -> Any:
     """Images per model call on the executors: one default for every operation that runs a model."""
     return (BatchSize, Field(512, description="Images per model call on the executors."))
+
+
+def overwrite() -> Any:
+    """Every operation that writes outputs refuses to replace existing data without it."""
+    return (bool, Field(False, description="Replace an output that already holds data (refused otherwise)."))

@@ -17,7 +17,8 @@ from sparkvision.ops.base import (
     params_model,
     register,
 )
-from sparkvision.ops.fields import model_dir_out, table_in
+from sparkvision.ops.fields import model_dir_out, overwrite, table_in
+from sparkvision.ops.paths import when_resuming
 from sparkvision.ops.train import check_model
 from sparkvision.ssl.config import FinetuneConfig
 from sparkvision.ssl.finetune import finetune
@@ -30,6 +31,7 @@ FinetuneParams = params_model(
     encoder=(str | None, Field(None, description=(
         "Encoder model directory from `sparkvision pretrain` (none: train the model from scratch)."))),
     eval_every=(int, Field(5, ge=1, description="Score eval_split every this many epochs (and at the end).")),
+    overwrite=overwrite(),
     **config_fields(FinetuneConfig, exclude=("distill_temperature",)),
 )
 
@@ -54,6 +56,6 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
 
 OPERATION = register(Operation(
     "finetune", FinetuneParams, run, "Fine-tune a pretrained backbone on labelled images.",
-    inputs=("table",), optional_inputs=("encoder",), outputs=("out",), result_key="out", resumable=True,
+    inputs=("table",), optional_inputs=("encoder",), outputs=("out",), result_key="out", resumable=True, continues=when_resuming,
     reports_epochs=True, produces_model=True, module="sparkvision.ssl.finetune", check=check,
 ))

@@ -8,7 +8,7 @@ from pydantic import Field
 from pyspark.sql import SparkSession
 
 from sparkvision.ops.base import Cli, Operation, Progress, counting, params_model, register
-from sparkvision.ops.fields import positional
+from sparkvision.ops.fields import overwrite, positional
 from sparkvision.retrieval.index import build_index, count_rows
 
 IndexParams = params_model(
@@ -20,6 +20,7 @@ IndexParams = params_model(
     codes=(Annotated[bool, Cli(flags=("--codes",))], Field(False, description="Index the binary `code` column (Hamming).")),
     nprobe=(int | None, Field(None, ge=1, description="IVF lists searched per query (default: chosen).")),
     ef_search=(int | None, Field(None, ge=1, description="HNSW efSearch (default 64).")),
+    overwrite=overwrite(),
 )
 
 

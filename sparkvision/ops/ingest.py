@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import os
+from typing import Annotated, Any
 
 from pydantic import Field
 from pyspark.sql import SparkSession
 
 from sparkvision.data.images import MAX_PIXELS_DEFAULT
 from sparkvision.data.ingest import SourceKind, ingest
-from sparkvision.data.schema import Split
+from sparkvision.data.schema import META_FILE, Split
 from sparkvision.fields import CommaList
 from sparkvision.ops.base import Cli, Operation, Params, Progress, register
+from sparkvision.ops.paths import local_path
+from sparkvision.spark import storage
 
 
 class IngestParams(Params):
@@ -28,19 +31,32 @@ class IngestParams(Params):
     class_names: CommaList = Field(None, description="Class names for IDX labels 0..N-1 (comma-separated).")
     max_pixels: int = Field(MAX_PIXELS_DEFAULT, ge=1, description=(
         "Reject images with more pixels (decompression bombs), checked from the header."))
-    mode: Literal["append", "overwrite"] = Field("append", description=(
-        "append (skips content already in the table) | overwrite"))
+    overwrite: bool = Field(False, description=(
+        "Replace the table. Without it an existing image table is appended to (content already there is "
+        "skipped) and any other existing data is refused."))
     rejects: str | None = Field(None, description="Rejects table (default TABLE_rejects).")
     glob: str | None = Field(None, description="Only files whose name matches, e.g. '*.jpg'.")
 
 
 def run(spark: SparkSession, p: IngestParams, progress: Progress) -> dict[str, Any]:
     return ingest(spark, p.source, p.table, kind=p.kind, split=p.split, labeled=p.labeled, class_names=p.class_names,
-                  max_pixels=p.max_pixels, mode=p.mode, rejects=p.rejects, glob=p.glob).to_json()
+                  max_pixels=p.max_pixels, mode="overwrite" if p.overwrite else "append", rejects=p.rejects,
+                  glob=p.glob).to_json()
+
+
+def appends_to_image_table(p: Any, out: str, spark: Any) -> bool:
+    """Ingest continues an existing image table (appending is its default), and the rejects table
+    Spark wrote beside it; any other data is refused."""
+    marker = META_FILE if out == p.table else "_SUCCESS"
+    local = local_path(out)
+    if local is not None:
+        return os.path.isfile(os.path.join(local, marker))
+    return spark is not None and storage.exists(spark, storage.join(out, marker))
 
 
 OPERATION = register(Operation(
     "ingest", IngestParams, run, "Ingest a folder / IDX files / table into an image table.",
-    inputs=("source",), outputs=("table",), result_key="table", module="sparkvision.data.ingest",
+    inputs=("source",), outputs=("table", "rejects"), result_key="table", module="sparkvision.data.ingest",
+    continues=appends_to_image_table,
     summary_keys=("rows_written", "elapsed_s", "images_per_s"),
 ))

@@ -12,7 +12,7 @@ from pyspark.sql import SparkSession
 from sparkvision.fields import OptionalSplit
 from sparkvision.inference.predict import predict_table
 from sparkvision.ops.base import Cli, Operation, Progress, params_model, register
-from sparkvision.ops.fields import inference_batch, positional
+from sparkvision.ops.fields import inference_batch, overwrite, positional
 
 SOURCE_NOTE = "_sparkvision_source.json"  # beside a derived table: which image table it came from
 
@@ -24,6 +24,7 @@ PredictParams = params_model(
     top_k=(Annotated[int, Cli(flags=("--top-k", "-k"))], Field(3, ge=1, le=1000, description="Probabilities kept per row.")),
     batch_size=inference_batch(),
     split=(OptionalSplit, Field(None, description="Only this split (default: every row).")),
+    overwrite=overwrite(),
 )
 
 

@@ -13,7 +13,8 @@ from pyspark.sql import SparkSession
 
 from sparkvision.data.table import read_table
 from sparkvision.ops.base import Cli, Operation, Progress, config_fields, params_model, register
-from sparkvision.ops.fields import model_dir_out, table_in
+from sparkvision.ops.fields import model_dir_out, overwrite, table_in
+from sparkvision.ops.paths import when_resuming
 from sparkvision.ops.train import check_model
 from sparkvision.ssl.presets import PRESET_FIELDS, PRESETS, PretrainConfig, resolve
 from sparkvision.ssl.pretrain import pretrain
@@ -28,6 +29,7 @@ PretrainParams = params_model(
     preset=(str, Field("cpu-small", description=f"{' | '.join(PRESETS)} (see docs/ssl.md)")),
     pool_split=(Annotated[str | None, Cli(flags=("--pool",))], Field(None, description=(
         "Split of images to pretrain on (labels ignored); default: unlabeled when the table has it, else train."))),
+    overwrite=overwrite(),
     **_fields,
 )
 
@@ -57,6 +59,6 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
 
 OPERATION = register(Operation(
     "pretrain", PretrainParams, run, "Self-supervised pretraining on unlabelled images.",
-    inputs=("table",), outputs=("out",), result_key="out", resumable=True, reports_epochs=True, produces_model=True,
+    inputs=("table",), outputs=("out",), result_key="out", resumable=True, continues=when_resuming, reports_epochs=True, produces_model=True,
     module="sparkvision.ssl.pretrain", check=check,
 ))

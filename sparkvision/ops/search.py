@@ -9,7 +9,7 @@ from pyspark.sql import SparkSession
 
 from sparkvision.fields import OptionalSplit
 from sparkvision.ops.base import Cli, Operation, ParamError, Progress, params_model, register
-from sparkvision.ops.fields import inference_batch, positional
+from sparkvision.ops.fields import inference_batch, overwrite, positional
 from sparkvision.retrieval.search import search_images, search_table
 
 SearchParams = params_model(
@@ -25,6 +25,7 @@ SearchParams = params_model(
     split=(OptionalSplit, Field(None, description="Batch mode: only this split.")),
     nprobe=(int | None, Field(None, ge=1, description="IVF lists searched per query (overrides the index's).")),
     exclude_self=(bool, Field(False, description="Batch mode: drop a query's own row.")),
+    overwrite=overwrite(),
     batch_size=inference_batch(),
 )
 

@@ -17,7 +17,8 @@ from sparkvision.ops.base import (
     params_model,
     register,
 )
-from sparkvision.ops.fields import model_dir_out, table_in
+from sparkvision.ops.fields import model_dir_out, overwrite, table_in
+from sparkvision.ops.paths import when_resuming
 from sparkvision.train.config import TrainConfig
 from sparkvision.train.engine import train
 
@@ -25,6 +26,7 @@ TrainParams = params_model(
     "TrainParams", "Train a classifier data-parallel (torch DDP on Spark barrier tasks).",
     table=table_in("Image table to train on (its train split)."),
     out=model_dir_out("Model directory to write (checkpoints, logs, weights)."),
+    overwrite=overwrite(),
     **config_fields(TrainConfig),
 )
 
@@ -57,6 +59,6 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
 
 OPERATION = register(Operation(
     "train", TrainParams, run, "Train a classifier data-parallel (DDP on Spark barrier tasks).",
-    inputs=("table",), outputs=("out",), result_key="out", resumable=True, reports_epochs=True, produces_model=True,
+    inputs=("table",), outputs=("out",), result_key="out", resumable=True, continues=when_resuming, reports_epochs=True, produces_model=True,
     module="sparkvision.train.engine", check=check,
 ))

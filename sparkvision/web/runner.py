@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sparkvision.train.checkpoint import list_checkpoints
 from sparkvision.web.jobs import JobStore
@@ -32,11 +32,17 @@ class JobCancelled(Exception):
     pass
 
 
+class ProgressUpdate(Protocol):
+    """:meth:`Progress.update <sparkvision.ops.base.Progress.update>` as a callable (note optional)."""
+
+    def __call__(self, percent: float, note: str = "") -> None: ...
+
+
 @dataclass
 class JobProgress:
     """The :class:`~sparkvision.ops.base.Progress` a web job reports to: its row's progress % and log."""
 
-    update: Callable[[float, str], None]
+    update: ProgressUpdate
     log: Callable[[str], None]
     check_cancelled: Callable[[], None]
 
@@ -156,6 +162,9 @@ class Runner:
     def resume_params(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
         """Parameters for running an interrupted job again: a resumable one picks up its last checkpoint."""
         params = dict(params)
+        if "overwrite" in KINDS[kind].params.model_fields:
+            # What its output holds now, this job wrote: its submit was refused had the path held data.
+            params["overwrite"] = True
         if KINDS[kind].resumable:
             params["resume"] = bool(list_checkpoints(os.path.join(params["out"], "checkpoints")))
         return params
@@ -179,8 +188,11 @@ class Runner:
         store.append_log(job_id, f"started {kind_name}")
         live: dict[str, Any] = {"progress": 0.0, "note": ""}
 
-        def progress(pct: float, note: str = "") -> None:
-            live["progress"], live["note"] = max(0.0, min(99.0, pct)), note
+        def progress(percent: float, note: str = "") -> None:
+            live["progress"], live["note"] = max(0.0, min(99.0, percent)), note
+
+        job = store.get(job_id)
+        assert job is not None  # claim_next() just moved this row to running, and rows are never deleted
 
         def check_cancelled() -> None:
             if self._cancel.is_set() or (store.get(job_id) or job).cancel_requested:
@@ -188,7 +200,6 @@ class Runner:
                 raise JobCancelled()
 
         ctx = JobProgress(progress, lambda line: store.append_log(job_id, line), check_cancelled)
-        job = store.get(job_id)
         stop_monitor = threading.Event()
         monitor = threading.Thread(target=self._monitor, args=(job_id, kind_name, params, live, stop_monitor),
                                    daemon=True)
@@ -198,9 +209,9 @@ class Runner:
             spark.sparkContext.setJobGroup(group_of(job_id), f"{kind_name} {job_id}", interruptOnCancel=True)
             monitor.start()
             p = kind.validate(params)
-            if store.get(job_id).cancel_requested:
+            if (store.get(job_id) or job).cancel_requested:
                 raise JobCancelled()
-            result = kind.run(spark, p, ctx)
+            result = kind.execute(spark, p, ctx)
             if self._cancel.is_set():
                 raise JobCancelled()
             stop_monitor.set()
@@ -247,6 +258,14 @@ class Runner:
         out = params.get("out") if KINDS[kind].reports_epochs else None
         last_note, last_epoch = None, 0
         while not stop.wait(self.poll_s):
+            if self._cancel.is_set() and self._spark is not None:
+                # cancelJobGroup stops the Spark jobs running now, not those the job starts later:
+                # a cancel in a job's first second (or between two of its Spark jobs) is repeated
+                # until the job ends, so none of its later Spark work runs.
+                try:
+                    self._spark.sparkContext.cancelJobGroup(group_of(job_id))
+                except Exception:  # noqa: BLE001 - the session may be stopping
+                    log.debug("cancelJobGroup failed", exc_info=True)
             try:
                 fields: dict[str, Any] = {}
                 if out:

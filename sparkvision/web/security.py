@@ -1,12 +1,15 @@
 """The server's security model: settings, the API token, data roots and upload limits.
 
 - Bound to anything but loopback, the server refuses to start without an API token (from
-  ``--token``/settings or ``$SPARKVISION_API_TOKEN``); with a token set, every mutating endpoint
-  (job submit, cancel, resume) requires ``Authorization: Bearer TOKEN`` or ``X-API-Token``.
+  ``--token-file``, ``$SPARKVISION_API_TOKEN`` or ``--token``, which ``ps`` shows); with a token
+  set, every mutating endpoint (job submit, cancel, resume) requires ``Authorization: Bearer
+  TOKEN`` or ``X-API-Token``, checked before the request body is read. A token in a query string
+  is never accepted, and :class:`RedactTokens` keeps one out of the access log.
 - Every server-side path a client names must lie inside a configured data root after resolving
   symlinks; ``..`` is rejected outright and so are URIs with a scheme other than ``file:``.
-- Uploads are limited in bytes (per file and per request) and in pixels (checked from the header,
-  before decoding).
+- Request bodies are limited per endpoint (uploads: per file and per request, counted as they
+  stream in; everything else: ``max_json_bytes``) and uploaded images in pixels (checked from the
+  header, before decoding).
 - Errors are :class:`ApiError` -> ``{"error": message}`` with a 4xx status; never a stack trace.
 """
 
@@ -14,12 +17,16 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 from sparkvision.data.images import RejectError, open_image
 
 ENV_TOKEN = "SPARKVISION_API_TOKEN"
+MULTIPART_OVERHEAD_BYTES = 1024 * 1024  # part headers and boundaries of an upload request
+QUERY_TOKEN = re.compile(r"([?&][\w.-]*(?:token|key|secret|password)[\w.-]*=)[^&#\s]*", re.IGNORECASE)
 
 
 class ApiError(Exception):
@@ -42,10 +49,12 @@ class Settings:
     db_url: str = "sqlite:///sparkvision-jobs.db"
     model_dir: str | None = None  # for /api/classify
     index_dir: str | None = None  # for /api/search
-    token: str | None = None  # default: $SPARKVISION_API_TOKEN
+    token: str | None = None  # default: token_file's content, else $SPARKVISION_API_TOKEN
+    token_file: str | None = None  # a file holding the token: unlike --token, not shown by ps
     master: str | None = None
     conf: dict[str, str] = field(default_factory=dict)
     max_upload_bytes: int = 10 * 1024 * 1024  # per file
+    max_json_bytes: int = 1024 * 1024  # body of every endpoint but the uploads (a job submission)
     max_files: int = 64  # per classify request
     max_pixels: int = 4096 * 4096  # below ingest's MAX_PIXELS_DEFAULT: a request's image is decoded in the server
     batch_size: int = 64  # micro-batch: most requests per model call
@@ -54,13 +63,48 @@ class Settings:
     start_runner: bool = True
 
     def __post_init__(self) -> None:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give the API token once: --token or --token-file, not both")
+        if self.token_file is not None:
+            self.token = read_token_file(self.token_file)
         if self.token is None:
             self.token = os.environ.get(ENV_TOKEN) or None
         self.data_roots = [os.path.realpath(os.path.expanduser(r)) for r in self.data_roots]
 
+    def upload_request_bytes(self, files: int) -> int:
+        """The body limit of an endpoint taking up to ``files`` uploads: their bytes plus room for
+        multipart headers."""
+        return self.max_upload_bytes * files + MULTIPART_OVERHEAD_BYTES
+
     @property
     def max_request_bytes(self) -> int:
-        return self.max_upload_bytes * self.max_files + 1024 * 1024
+        """The body limit of ``/api/classify``, the endpoint taking the most files."""
+        return self.upload_request_bytes(self.max_files)
+
+
+def read_token_file(path: str) -> str:
+    """The API token in ``path`` (surrounding whitespace, e.g. the final newline, removed)."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--token-file {path}: cannot be read ({e})") from None
+    if not token:
+        raise ValueError(f"--token-file {path} is empty")
+    return token
+
+
+class RedactTokens(logging.Filter):
+    """Hide the value of any ``token``-like query parameter in a log record's arguments.
+
+    The API takes its token only from headers, but a client may still put one in a URL
+    (``?token=...``), and uvicorn's access log prints every request's path and query string.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "=" in a for a in record.args):
+            record.args = tuple(QUERY_TOKEN.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        return True
 
 
 def is_loopback(host: str) -> bool:
@@ -105,6 +149,9 @@ def _within(path: str, root: str) -> bool:
         return False
 
 
+GLOB_CHARS = "*?[]{}\\"
+
+
 def safe_path(raw: str, roots: list[str], *, must_exist: bool = False, what: str = "path") -> str:
     """Resolve a client-given path inside one of ``roots`` or raise a 4xx :class:`ApiError`.
 
@@ -122,6 +169,11 @@ def safe_path(raw: str, roots: list[str], *, must_exist: bool = False, what: str
         p = p[len("file:"):]
     elif "://" in p:
         raise ApiError(422, f"{what} {raw!r}: only local paths inside the data roots are accepted", "bad_path")
+    if any(ch in p for ch in GLOB_CHARS):
+        # Spark expands Hadoop glob patterns ({a,b}, *, ?, [..]) in every path it reads or writes:
+        # a pattern would escape the literal check below (issue 15: "{x,../outside}").
+        raise ApiError(422, f"{what} {raw!r} contains a glob character ({GLOB_CHARS}); give a literal path",
+                       "bad_path")
     if ".." in p.replace("\\", "/").split("/"):
         raise ApiError(403, f"{what} {raw!r} contains '..'; give a path inside the data roots", "path_escape")
     if not roots:

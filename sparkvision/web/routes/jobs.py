@@ -11,18 +11,20 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from sparkvision.errors import ParamError
 from sparkvision.web import browse
 from sparkvision.web.jobs import FINAL_STATES, STATES, Job
 from sparkvision.web.kinds import KINDS, Kind
-from sparkvision.web.routes.errors import flags_to_fields, pydantic_message
+from sparkvision.web.routes.errors import flags_to_fields, pydantic_message, validation_message
 from sparkvision.web.routes.state import State, StateDep, require_token
 from sparkvision.web.runner import read_metrics_history
 from sparkvision.web.security import ApiError, Settings, safe_path
+from sparkvision.web.uploads import read_body
 
 RESUMABLE_STATES = ("interrupted", "failed", "cancelled")
 
@@ -32,6 +34,11 @@ router = APIRouter(tags=["jobs"])
 class JobSubmit(BaseModel):
     kind: str = Field(description="One of GET /api/jobs/kinds.")
     params: dict[str, Any] = Field(default_factory=dict, description="Validated against the kind's schema.")
+
+
+# The route reads its body itself (after the token check), so the schema is given here.
+SUBMIT_OPENAPI: dict[str, Any] = {"requestBody": {
+    "content": {"application/json": {"schema": JobSubmit.model_json_schema()}}, "required": True}}
 
 
 def checked_params(kind_name: str, raw: dict[str, Any], settings: Settings) -> tuple[Kind, dict[str, Any]]:
@@ -66,7 +73,21 @@ def checked_params(kind_name: str, raw: dict[str, Any], settings: Settings) -> t
             if values[fname] in settings.data_roots:
                 raise ApiError(422, f"{fname} must be a directory inside a data root, not the root itself",
                                "bad_path")
+    try:
+        kind.preflight(kind.params.model_validate(values))  # inputs exist; no output destroys data
+    except ParamError as e:
+        raise ApiError(409 if "already holds data" in e.message else 422, f"{prefix}: {e}", "invalid_params") from None
     return kind, values
+
+
+async def submitted(request: Request, settings: Settings) -> JobSubmit:
+    """The submission in the request body, read only now: after the token check (the route's
+    dependency), so an unauthenticated body is never read, and at most ``max_json_bytes`` of it."""
+    raw = await read_body(request, settings.max_json_bytes)
+    try:
+        return JobSubmit.model_validate_json(raw)
+    except ValidationError as e:
+        raise ApiError(422, validation_message(list(e.errors(include_url=False))), "invalid_params") from None
 
 
 def job_or_404(sv: State, job_id: str) -> Job:
@@ -82,13 +103,14 @@ async def job_kinds():
     return {"kinds": [k.describe() for k in KINDS.values()]}
 
 
-@router.post("/api/jobs", status_code=201, dependencies=[Depends(require_token)])
-async def submit_job(sv: StateDep, body: JobSubmit = Body(...)):
+@router.post("/api/jobs", status_code=201, dependencies=[Depends(require_token)], openapi_extra=SUBMIT_OPENAPI)
+async def submit_job(request: Request, sv: StateDep):
     """Queue a job; its params are validated against the kind's schema and paths against the roots."""
+    body = await submitted(request, sv.settings)
     kind, values = checked_params(body.kind, body.params, sv.settings)
     job = sv.store.create(kind.name, values, values.get(kind.result_key) if kind.result_key else None)
     sv.runner.wake()
-    return JSONResponse(sv.store.get(job.id).to_json(), status_code=201)
+    return JSONResponse(job_or_404(sv, job.id).to_json(), status_code=201)
 
 
 @router.get("/api/jobs")
@@ -119,7 +141,7 @@ async def cancel_job(job_id: str, sv: StateDep):
     new_state = sv.store.request_cancel(job_id)
     if new_state == "running":
         await run_in_threadpool(sv.runner.cancel, job_id)
-    return sv.store.get(job_id).to_json()
+    return job_or_404(sv, job_id).to_json()
 
 
 @router.post("/api/jobs/{job_id}/resume", dependencies=[Depends(require_token)])
@@ -129,11 +151,14 @@ async def resume_job(job_id: str, sv: StateDep):
     if job.state not in RESUMABLE_STATES:
         raise ApiError(409, f"job {job_id} is {job.state}; only interrupted, failed or cancelled jobs resume",
                        "not_resumable")
-    params = sv.runner.resume_params(job.kind, job.params)
+    # The roots may have changed since the job was submitted (a restart with other --data-root):
+    # its paths are checked again, as at submit.
+    _, checked = checked_params(job.kind, sv.runner.resume_params(job.kind, job.params), sv.settings)
+    params = checked
     sv.store.requeue(job_id, params)
     sv.store.append_log(job_id, "resumed" + (" from checkpoint" if params.get("resume") else ""))
     sv.runner.wake()
-    return sv.store.get(job_id).to_json()
+    return job_or_404(sv, job_id).to_json()
 
 
 @router.get("/api/jobs/{job_id}/metrics")

@@ -1,0 +1,93 @@
+"""The rules every operation's paths obey, whichever front-end gave them.
+
+* An input that is a local path must exist: said at once, before a JVM starts.
+* An output is never one of the operation's inputs, nor inside one, nor around one (writing a
+  directory that holds an input would replace the input).
+* An output that already holds data is refused unless the operation continues it (``resume``
+  of a training run, ``ingest`` appending to an image table) or ``overwrite`` is given: a
+  mistyped ``out`` must not destroy a table, a model or the source images.
+
+Local paths are checked with ``os`` before Spark starts; other URIs (``hdfs://``, ``s3a://``)
+through Spark's Hadoop FileSystem once a session exists.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from sparkvision.errors import ParamError
+from sparkvision.spark import storage
+
+
+def local_path(uri: str) -> str | None:
+    """The filesystem path of a local URI (``/x``, ``file:/x``, ``file:///x``), else None."""
+    if uri.startswith("file://"):
+        return os.path.realpath(uri[len("file://"):])
+    if uri.startswith("file:"):
+        return os.path.realpath(uri[len("file:"):])
+    if "://" in uri:
+        return None
+    return os.path.realpath(os.path.expanduser(uri))
+
+
+def holds_data(path: str) -> bool:
+    """A file, or a directory with anything in it (an empty directory holds nothing to lose)."""
+    if os.path.isdir(path):
+        return any(True for _ in os.scandir(path))
+    return os.path.exists(path)
+
+
+def _nested(a: str, b: str) -> bool:
+    try:
+        return os.path.commonpath([a, b]) in (a, b)
+    except ValueError:
+        return False
+
+
+def check_inputs_exist(op: Any, p: Any) -> None:
+    for name in (*op.inputs, *op.optional_inputs):
+        value = getattr(p, name, None)
+        if isinstance(value, str):
+            local = local_path(value)
+            if local is not None and not os.path.exists(local):
+                raise ParamError(name, f"{value} does not exist")
+
+
+def check_outputs(op: Any, p: Any, spark: Any = None) -> None:
+    """Refuse outputs that would destroy data (see the module docstring). ``spark``: also check
+    non-local URIs, through Hadoop's FileSystem."""
+    inputs = [(n, getattr(p, n)) for n in (*op.inputs, *op.optional_inputs) if isinstance(getattr(p, n, None), str)]
+    overwrite = bool(getattr(p, "overwrite", False))
+    for name in op.outputs:
+        out = getattr(p, name, None)
+        if not isinstance(out, str) or name in op.writes_into:
+            continue
+        local = local_path(out)
+        for in_name, value in inputs:
+            in_local = local_path(value)
+            same = _nested(local, in_local) if local and in_local else storage.qualify(out) == storage.qualify(value)
+            if same:
+                raise ParamError(name, f"{out} overlaps the input {in_name} ({value}); write the output elsewhere")
+        if local is not None:
+            exists = holds_data(local)
+        elif spark is not None:
+            exists = storage.exists(spark, out)
+        else:
+            continue  # a remote URI: checked again once Spark is up
+        if exists and not overwrite and not op.continues(p, out, spark):
+            raise ParamError(name, f"{out} already holds data; choose a new path, or give overwrite "
+                                   "to replace it" + (" (or resume to continue it)" if op.resumable else ""))
+
+
+ContinuesFn = Callable[[Any, str, Any], bool]
+
+
+def never(p: Any, out: str, spark: Any) -> bool:
+    return False
+
+
+def when_resuming(p: Any, out: str, spark: Any) -> bool:
+    """A training run continues its own output directory when asked to resume."""
+    return bool(getattr(p, "resume", False))
