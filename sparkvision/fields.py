@@ -57,7 +57,8 @@ OptionalSplit = Annotated[str | None, BeforeValidator(_none_word)]
 JsonObject = Annotated[dict[str, Any], BeforeValidator(_json_object)]
 """Free-form keyword arguments (e.g. a model's): a dict, or its JSON text on the command line."""
 
-ImageSize = Annotated[tuple[int, int] | None, BeforeValidator(_size)]
+ImageSize = Annotated[tuple[Annotated[int, Field(ge=4, le=2048)], Annotated[int, Field(ge=4, le=2048)]] | None,
+                     BeforeValidator(_size)]
 """Resize target (height, width); one number for a square; None keeps the table's size."""
 
 CommaList = Annotated[list[str] | None, BeforeValidator(_comma_list)]
@@ -93,7 +94,7 @@ Epochs = Annotated[int, Field(ge=1, le=100_000)]
 BatchSize = Annotated[int, Field(ge=1, le=65_536)]
 LearningRate = Annotated[float, Field(gt=0, le=10)]
 Momentum = Annotated[float, Field(ge=0, le=1)]
-WeightDecay = Annotated[float, Field(ge=0)]
+WeightDecay = Annotated[float, Field(ge=0, le=1)]
 Warmup = Annotated[float, Field(ge=0)]
 LabelSmoothing = Annotated[float, Field(ge=0, lt=1)]
 Workers = Annotated[int, Field(ge=1, le=1024)]

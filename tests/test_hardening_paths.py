@@ -173,3 +173,24 @@ def test_evaluate_on_an_empty_split_keeps_the_evaluation(spark, tiny_table, tmp_
     assert e.value.param == "split" and "no labelled rows" in e.value.message
     with open(os.path.join(model, "evaluation.json")) as f:
         assert json.load(f) == before
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"model_kwargs": {"hidden": 1e9}}, "model_kwargs"),  # a float width: cannot be built
+    ({"model_kwargs": {"hidden": 10**9}}, "model_kwargs"),  # trillions of weights: no worker holds them
+    ({"image_size": 4096}, "image_size"),
+    ({"weight_decay": 1e308}, "weight_decay"),
+    ({"epochs": -3}, "epochs"),
+])
+def test_parameters_that_can_never_work_are_refused_at_submit(root, bad, field):
+    with client_for(root) as c:
+        r = submit(c, "train", {"table": "tables/tiny", "out": "models/new", **bad})
+        assert r.status_code == 422 and field in r.json()["error"], r.text
+
+
+def test_a_split_that_does_not_exist_is_refused_before_training(spark, tiny_table, tmp_path):
+    t0 = time.time()
+    with pytest.raises(ParamError) as e:
+        api.train(spark, table=tiny_table, out=str(tmp_path / "m"), epochs=20, eval_split="bogus")
+    assert e.value.param == "eval_split" and "no rows in split 'bogus'" in e.value.message
+    assert time.time() - t0 < 30 and not (tmp_path / "m").exists()

@@ -16,7 +16,7 @@ from pyspark.sql import SparkSession
 from sparkvision.ops.base import Cli, Operation, Progress, config_fields, config_from, params_model, register
 from sparkvision.ops.fields import model_dir_out, overwrite, table_in
 from sparkvision.ops.paths import when_resuming
-from sparkvision.ops.train import check_model
+from sparkvision.ops.train import check_model, check_splits
 from sparkvision.ssl.config import FinetuneConfig
 from sparkvision.ssl.finetune import finetune
 
@@ -52,6 +52,8 @@ def check(p: Any) -> None:
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    check_splits(spark, p.table, unlabeled_split=p.unlabeled_split, eval_split=p.eval_split)
+    progress.check_cancelled()
     return finetune(spark, p.table, p.out, encoder=p.encoder, cfg=config(p), eval_every=1, teacher=p.teacher)
 
 

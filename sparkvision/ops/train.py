@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 
-from sparkvision.models import list_models
+from sparkvision.data.table import read_table
+from sparkvision.models import create_model, list_models
 from sparkvision.models.registry import model_arguments
 from sparkvision.ops.base import (
     Operation,
@@ -31,8 +34,13 @@ TrainParams = params_model(
 )
 
 
+MAX_PARAMETERS = 1_000_000_000  # ~4 GB of float32 weights before gradients and optimizer state
+
+
 def check_model(name: str, model_kwargs: dict[str, Any] | None = None) -> None:
-    """The model is registered and takes every argument given to it."""
+    """The model is registered, takes every argument given to it, and can be built at a size a
+    worker can hold: built on PyTorch's meta device (shapes only, no memory), so a
+    ``{"hidden": 1e9}`` is refused here instead of exhausting an executor after Spark starts."""
     if name not in list_models():
         raise ParamError("model", f"{name!r} is not registered; choose from {', '.join(list_models())}")
     known = model_arguments(name)
@@ -40,6 +48,28 @@ def check_model(name: str, model_kwargs: dict[str, Any] | None = None) -> None:
     if unknown:
         raise ParamError("model_kwargs", f"unknown argument(s) {', '.join(unknown)} of model {name!r}; "
                                          f"it takes {', '.join(known or [])}")
+    try:
+        with torch.device("meta"):
+            model = create_model(name, 10, 3, **(model_kwargs or {}))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ParamError("model_kwargs", f"model {name!r} cannot be built with {model_kwargs}: {e}") from None
+    n = sum(t.numel() for t in model.parameters())
+    if n > MAX_PARAMETERS:
+        raise ParamError("model_kwargs", f"model {name!r} with {model_kwargs} has {n:,} parameters, over the "
+                                         f"{MAX_PARAMETERS:,} a worker can train")
+
+
+def check_splits(spark: SparkSession, table: str, **splits: str | None) -> None:
+    """Each named split has rows, before a training run starts: a typo in ``eval_split`` must not
+    mean 20 epochs without evaluation (one small aggregate over the split column)."""
+    wanted = {name: s for name, s in splits.items() if s is not None}
+    if not wanted:
+        return
+    present = {r["split"] for r in read_table(spark, table).where(F.col("split").isin(list(wanted.values())))
+               .select("split").distinct().collect()}
+    for name, s in wanted.items():
+        if s not in present:
+            raise ParamError(name, f"{table} has no rows in split {s!r}")
 
 
 def config(p: Any) -> TrainConfig:
@@ -54,6 +84,8 @@ def check(p: Any) -> None:
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    check_splits(spark, p.table, train_split=p.train_split, eval_split=p.eval_split)
+    progress.check_cancelled()
     return train(spark, p.table, p.out, config(p))
 
 
