@@ -194,3 +194,42 @@ def test_a_split_that_does_not_exist_is_refused_before_training(spark, tiny_tabl
         api.train(spark, table=tiny_table, out=str(tmp_path / "m"), epochs=20, eval_split="bogus")
     assert e.value.param == "eval_split" and "no rows in split 'bogus'" in e.value.message
     assert time.time() - t0 < 30 and not (tmp_path / "m").exists()
+
+
+def test_outputs_appear_only_when_the_job_succeeds(spark, root, tiny_table, tmp_path):
+    """A staged output is written aside and moved into place at the end: a failure leaves nothing
+    at the output path (nor beside it), an overwrite replaces the old output only on success."""
+    table = tiny_table
+    work = tmp_path / "work"
+    work.mkdir()
+    out = str(work / "preds")
+    s = api.predict(spark, model_dir=str(root / "models" / "cnn"), table=table, out=out)
+    assert "_sparkvision-tmp-" not in json.dumps(s)
+    assert os.path.isfile(os.path.join(out, "_SUCCESS")) and os.listdir(work) == ["preds"]
+    before = snapshot(out)
+    broken = work / "broken_model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(Exception):  # noqa: B017 - any failure of the job: the point is what it leaves
+        api.predict(spark, model_dir=str(broken), table=table, out=out, overwrite=True)
+    assert snapshot(out) == before  # the old output is untouched
+    assert sorted(os.listdir(work)) == ["broken_model", "preds"]  # no temporary left behind
+
+
+def test_a_job_failing_half_way_leaves_the_old_output(spark, tmp_path):
+    """The staging itself: an operation that wrote part of its output and then failed."""
+    class OutParams(Params):
+        out: str
+        overwrite: bool = False
+
+    def run(spark_, p, progress):
+        spark_.range(10).write.parquet(p.out)  # a complete-looking table ...
+        raise RuntimeError("... and then the job dies")
+
+    op = Operation("halfway", OutParams, run, "test", outputs=("out",), staged_outputs=("out",))
+    out = tmp_path / "t"
+    spark.range(3).write.parquet(str(out))
+    before = snapshot(out)
+    with pytest.raises(RuntimeError):
+        op.execute(spark, OutParams(out=str(out), overwrite=True))
+    assert snapshot(out) == before and os.listdir(tmp_path) == ["t"]

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from sparkvision.errors import ParamError  # defined below the library, which raises it too
-from sparkvision.ops.paths import ContinuesFn, check_inputs_exist, check_outputs, never
+from sparkvision.ops.paths import ContinuesFn, check_inputs_exist, check_outputs, never, staged
 from sparkvision.spark.session import get_spark
 
 
@@ -124,6 +124,7 @@ class Operation:
     module: str = "sparkvision"  # the library module it needs (for builds without it)
     check: Callable[[Any], None] | None = None  # cross-field rules, run before any Spark work
     summary_keys: tuple[str, ...] = ()  # scalar results shown as a finished job's metrics
+    staged_outputs: tuple[str, ...] = ()  # outputs produced whole: written aside, moved into place on success
     writes_into: tuple[str, ...] = ()  # outputs that are directories it adds files to (evaluate's reports)
     continues: ContinuesFn = never  # (params, out, spark) -> True where writing into existing data is the intent
 
@@ -145,10 +146,16 @@ class Operation:
         check_outputs(self, p, spark)
 
     def execute(self, spark: Any, p: Any, progress: Progress = NO_PROGRESS) -> dict[str, Any]:
-        """What every front-end calls to run validated parameters: the path rules, then ``run``."""
+        """What every front-end calls to run validated parameters: the path rules, then ``run``,
+        writing :attr:`staged_outputs` aside and moving them into place only on success."""
         progress.check_cancelled()
         self.preflight(p, spark)
-        return self.run(spark, p, progress)
+        if not self.staged_outputs:
+            return self.run(spark, p, progress)
+        with staged(p, self.staged_outputs, spark) as (aside, commit):
+            result = self.run(spark, aside, progress)
+            progress.check_cancelled()  # a cancelled job publishes nothing
+            return commit(result)
 
     def __call__(self, spark: Any = None, progress: Progress = NO_PROGRESS, **values: Any) -> dict[str, Any]:
         """The Python API: ``ops.train(spark, table=..., out=..., epochs=5)``."""

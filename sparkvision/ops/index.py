@@ -37,6 +37,6 @@ def run(spark: SparkSession | None, p: Any, progress: Progress) -> dict[str, Any
 
 OPERATION = register(Operation(
     "index", IndexParams, run, "Build a FAISS index from a features table.",
-    inputs=("features",), outputs=("out",), result_key="out", module="sparkvision.retrieval.index", needs_spark=False,
+    inputs=("features",), outputs=("out",), staged_outputs=("out",), result_key="out", module="sparkvision.retrieval.index", needs_spark=False,
     summary_keys=("kind", "rows", "build_s"),
 ))

@@ -1,5 +1,9 @@
 """The rules every operation's paths obey, whichever front-end gave them.
 
+* An output produced whole (a prediction table, features, an index) is written to a temporary
+  sibling and moved into place only when the operation succeeds: a failed or cancelled job
+  leaves nothing that looks complete, and an overwritten output is replaced only then.
+
 * An input that is a local path must exist: said at once, before a JVM starts.
 * An output is never one of the operation's inputs, nor inside one, nor around one (writing a
   directory that holds an input would replace the input).
@@ -13,8 +17,12 @@ through Spark's Hadoop FileSystem once a session exists.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sparkvision.errors import ParamError
@@ -91,3 +99,77 @@ def never(p: Any, out: str, spark: Any) -> bool:
 def when_resuming(p: Any, out: str, spark: Any) -> bool:
     """A training run continues its own output directory when asked to resume."""
     return bool(getattr(p, "resume", False))
+
+
+def _exists(path: str, spark: Any) -> bool:
+    local = local_path(path)
+    if local is not None:
+        return os.path.lexists(local)
+    return spark is not None and storage.exists(spark, path)
+
+
+def _remove(path: str, spark: Any) -> None:
+    local = local_path(path)
+    if local is not None:
+        if os.path.isdir(local) and not os.path.islink(local):
+            shutil.rmtree(local)
+        elif os.path.lexists(local):
+            os.remove(local)
+    else:
+        storage.delete(spark, path)
+
+
+def _move(src: str, dst: str, spark: Any) -> None:
+    local_src, local_dst = local_path(src), local_path(dst)
+    if local_src is not None and local_dst is not None:
+        os.rename(local_src, local_dst)
+    else:
+        storage.rename(spark, src, dst)
+
+
+def _repoint_metadata(final: str, tmp: str) -> None:
+    """An output's own JSON notes (``_dedup.json`` names its output) name the final path."""
+    local, old = local_path(final), local_path(tmp)
+    if local is None or old is None or not os.path.isdir(local):
+        return
+    for entry in os.scandir(local):
+        if entry.name.endswith(".json") and entry.is_file():
+            with open(entry.path) as f:
+                text = f.read()
+            if old in text or tmp in text:
+                with open(entry.path, "w") as f:
+                    f.write(text.replace(old, local).replace(tmp, final))
+
+
+@contextmanager
+def staged(p: Any, names: tuple[str, ...], spark: Any) -> Iterator[tuple[Any, Callable[[Any], Any]]]:
+    """``(params writing to temporary siblings, commit)``. ``commit(result)`` moves each into place
+    (replacing what ``overwrite`` allowed) and returns the result with the final paths in it; on
+    an exception, or with no commit, the temporaries are removed."""
+    tmp = {n: f"{getattr(p, n).rstrip('/')}._sparkvision-tmp-{uuid.uuid4().hex[:8]}"
+           for n in names if isinstance(getattr(p, n, None), str)}
+    committed = False
+
+    def commit(result: Any) -> Any:
+        nonlocal committed
+        for n, t in tmp.items():
+            final = getattr(p, n)
+            if _exists(final, spark):
+                _remove(final, spark)
+            _move(t, final, spark)
+            _repoint_metadata(final, t)
+        committed = True
+        text = json.dumps(result, default=str)
+        for n, t in tmp.items():
+            text = text.replace(json.dumps(t)[1:-1], json.dumps(getattr(p, n))[1:-1])
+        return json.loads(text)
+
+    try:
+        yield p.model_copy(update=tmp), commit
+    finally:
+        if not committed:
+            for t in tmp.values():
+                try:
+                    _remove(t, spark)
+                except OSError:
+                    pass

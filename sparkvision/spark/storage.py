@@ -83,5 +83,13 @@ def delete(spark: SparkSession, uri: str) -> None:
         fs.delete(p, True)
 
 
+def rename(spark: SparkSession, src: str, dst: str) -> None:
+    """Move ``src`` to ``dst`` (absent) on the same filesystem: one rename on local disks and HDFS."""
+    fs, p = _fs_and_path(spark, src)
+    _, q = _fs_and_path(spark, dst)
+    if not fs.rename(p, q):
+        raise OSError(f"could not move {src} to {dst}")
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
