@@ -65,7 +65,7 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], path: str, title: str
     for i in range(k):
         for j in range(k):
             if cm[i, j]:
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
+                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=6,
                         color="white" if norm[i, j] > 0.5 else "black")
     fig.tight_layout()
     fig.savefig(path)

@@ -24,6 +24,7 @@ class ImageModel(nn.Module):
     num_features: int
     num_classes: int
     in_channels: int
+    head: nn.Module  # a Linear classifier; nn.Identity while an SSL method pretrains the encoder
     arch: dict[str, Any] = {}  # constructor arguments that fix the architecture (saved with the weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D)

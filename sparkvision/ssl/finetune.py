@@ -38,7 +38,7 @@ from safetensors.torch import save as st_save
 
 from sparkvision.data.table import read_meta, read_table
 from sparkvision.errors import ParamError
-from sparkvision.models import create_model, model_kwargs_for
+from sparkvision.models import ImageModel, create_model, model_kwargs_for
 from sparkvision.models.modeldir import ModelSpec, load_model_dir
 from sparkvision.spark import distributed as D
 from sparkvision.spark.progress import Timer
@@ -63,7 +63,7 @@ from sparkvision.train.rank import check_rows, stats_tensor
 POOL_SPLIT = "__sparkvision_pool__"
 
 
-def finetune_groups(model: torch.nn.Module, weight_decay: float, encoder_lr_scale: float, linear: bool) -> list[dict]:
+def finetune_groups(model: ImageModel, weight_decay: float, encoder_lr_scale: float, linear: bool) -> list[dict]:
     """Head and encoder parameters in separate groups (the encoder's at ``lr_scale``), no weight
     decay on biases/norms; with ``linear`` the encoder is frozen and left out."""
     head_ids = {id(p) for p in model.head.parameters()}
@@ -103,7 +103,7 @@ class FinetuneRank(ClassifierRank):
         self.pool = shard.subset(split_mask(splits, POOL_SPLIT)) if self.semi else None  # FixMatch: labels never read
         self.evals = shard.subset(split_mask(splits, cfg.eval_split) & labelled)
         counts = D.all_reduce_sum(torch.tensor([len(train), len(self.evals)], dtype=torch.float64))
-        if self.semi and D.all_reduce_min(torch.tensor([len(self.pool)], dtype=torch.float64))[0] == 0:
+        if self.pool is not None and D.all_reduce_min(torch.tensor([len(self.pool)], dtype=torch.float64))[0] == 0:
             raise ValueError(f"a rank got no unlabelled rows: split {cfg.unlabeled_split!r} is too small for "
                              f"{workers} workers; check unlabeled_split or lower workers")
         if self.teacher_spec is not None:
@@ -167,6 +167,7 @@ class FinetuneRank(ClassifierRank):
                 target = self.teacher(x * self.t_scale + self.t_shift)
             return self.distill_loss(self.net(x), target)
         y = self.rows.labels[b].to(device)
+        assert self.pool is not None  # FixMatch (semi): select() kept the unlabelled pool
         u = self.pool.images[torch.randint(len(self.pool), (cfg.unlabeled_ratio * len(b),), generator=self.pool_gen)]
         x_weak = to_input(u, mean, std, device, self.channels_last, self.augment, self.gen)
         x_strong = to_input(u, mean, std, device, self.channels_last, self.strong, self.gen)
@@ -292,7 +293,8 @@ def student_payload(encoder: str | None, cfg: FinetuneConfig,
         neck_sd, dims = projector_neck(encoder, cfg.projector_layers)
         enc_sd.update(neck_sd)
         model_kwargs["neck"] = dims
-    return lm.preprocess.channels, tuple(lm.preprocess.size), {
+    h, w = lm.preprocess.size
+    return lm.preprocess.channels, (h, w), {
         "model": lm.spec.model, "model_kwargs": model_kwargs, "mean": list(lm.preprocess.mean),
         "std": list(lm.preprocess.std), "encoder_weights": st_save(enc_sd)}
 

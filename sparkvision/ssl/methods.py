@@ -22,6 +22,8 @@ class SSLMethod(nn.Module):
     """Base: holds the encoder. Its classifier head is replaced by the identity while pretraining
     (it is not trained, and DDP must not wait for gradients that never come)."""
 
+    projector: nn.Module  # every method has one (saved with the encoder for SimCLRv2-style fine-tuning)
+
     def __init__(self, encoder: ImageModel) -> None:
         super().__init__()
         self.encoder = encoder

@@ -22,11 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from sparkvision.data.table import read_meta, read_table
-from sparkvision.models import create_model, model_kwargs_for
+from sparkvision.models import ImageModel, create_model, model_kwargs_for
 from sparkvision.models.modeldir import ModelSpec
 from sparkvision.spark import distributed as D
 from sparkvision.spark.progress import Timer
-from sparkvision.ssl.methods import build_method
+from sparkvision.ssl.methods import SSLMethod, build_method
 from sparkvision.ssl.monitor import collapse_warning, knn_accuracy, normalized_std
 from sparkvision.ssl.presets import PretrainConfig, resolve
 from sparkvision.ssl.views import TwoViews
@@ -47,7 +47,7 @@ from sparkvision.transforms.preprocess import normalize, to_unit
 
 
 @torch.no_grad()
-def shard_features(encoder: torch.nn.Module, shard: Shard, mean, std, device, batch_size: int = 512) -> torch.Tensor:
+def shard_features(encoder: ImageModel, shard: Shard, mean, std, device, batch_size: int = 512) -> torch.Tensor:
     """Encoder features of every image of ``shard`` (eval mode, then the mode it was in)."""
     was = encoder.training
     encoder.eval()
@@ -62,6 +62,7 @@ class PretrainRank(RankTraining):
     method's loss; after each epoch the kNN monitor and the collapse signal."""
 
     config_class = PretrainConfig
+    module: SSLMethod  # what build() returns
 
     def __init__(self, ctx: D.RankContext, payload: dict[str, Any]) -> None:
         super().__init__(ctx, payload)
@@ -82,7 +83,7 @@ class PretrainRank(RankTraining):
                    "a rank got no pool rows: {rows} rows is too few for {workers} workers")
         return pool, counts
 
-    def build(self) -> tuple[torch.nn.Module, list[dict]]:
+    def build(self) -> tuple[SSLMethod, list[dict]]:
         cfg = self.cfg
         self.encoder = create_model(cfg.model, self.num_classes, self.channels, **self.payload["model_kwargs"])
         method = build_method(cfg.method, self.encoder, cfg.proj_dim, cfg.proj_hidden, cfg.proj_layers,

@@ -93,7 +93,7 @@ def load_checkpoint(
     tensors = load_file(base + ".safetensors")
     with open(base + ".json") as f:
         meta = json.load(f)
-    target = model.module if hasattr(model, "module") else model
+    target: torch.nn.Module = getattr(model, "module", model)  # unwrap DistributedDataParallel
     target.load_state_dict({k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")})
     if optimizer is not None:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))

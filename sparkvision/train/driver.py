@@ -58,7 +58,9 @@ def infer_image_spec(df: DataFrame, channels: int | None = None,
         if size is None:
             size = (int(rows[0].height), int(rows[0].width))
         if channels is None:
-            max_c = df.agg(F.max("channels")).first()[0]
+            top = df.agg(F.max("channels")).first()
+            assert top is not None  # a global aggregate has exactly one row
+            max_c = top[0]
             channels = 1 if max_c == 1 else 3
     return int(channels), (int(size[0]), int(size[1]))
 
