@@ -39,9 +39,11 @@ def _size(v: Any) -> Any:
         except ValueError:
             raise ValueError(f"expected SIZE or HEIGHTxWIDTH, got {v!r}") from None
         return (nums[0], nums[0]) if len(nums) == 1 else tuple(nums)
-    if isinstance(v, int):
+    if isinstance(v, int) and not isinstance(v, bool):
         return (v, v)
-    return tuple(v)
+    if isinstance(v, (list, tuple)) and len(v) in (1, 2):
+        return (v[0], v[0]) if len(v) == 1 else tuple(v)
+    raise ValueError(f"expected SIZE, HEIGHTxWIDTH or [HEIGHT, WIDTH], got {v!r}")
 
 
 def _comma_list(v: Any) -> Any:

@@ -43,7 +43,8 @@ def local_path(uri: str) -> str | None:
 def holds_data(path: str) -> bool:
     """A file, or a directory with anything in it (an empty directory holds nothing to lose)."""
     if os.path.isdir(path):
-        return any(True for _ in os.scandir(path))
+        with os.scandir(path) as entries:
+            return any(True for _ in entries)
     return os.path.exists(path)
 
 
@@ -132,13 +133,14 @@ def _repoint_metadata(final: str, tmp: str) -> None:
     local, old = local_path(final), local_path(tmp)
     if local is None or old is None or not os.path.isdir(local):
         return
-    for entry in os.scandir(local):
-        if entry.name.endswith(".json") and entry.is_file():
-            with open(entry.path) as f:
-                text = f.read()
-            if old in text or tmp in text:
-                with open(entry.path, "w") as f:
-                    f.write(text.replace(old, local).replace(tmp, final))
+    with os.scandir(local) as it:
+        entries = [e for e in it if e.name.endswith(".json") and e.is_file()]
+    for entry in entries:
+        with open(entry.path) as f:
+            text = f.read()
+        if old in text or tmp in text:
+            with open(entry.path, "w") as f:
+                f.write(text.replace(old, local).replace(tmp, final))
 
 
 @contextmanager

@@ -57,6 +57,10 @@ class ViewConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ViewConfig:
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown views field(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(cls.__dataclass_fields__)}")
         d = dict(d)
         for k in ("crop_scale", "crop_ratio"):
             if k in d:
@@ -64,7 +68,13 @@ class ViewConfig:
         return cls(**d)
 
 
-ViewSpec = Annotated[ViewConfig, BeforeValidator(lambda v: ViewConfig.from_json(v) if isinstance(v, dict) else v)]
+def _views(v: Any) -> Any:
+    if isinstance(v, dict):
+        ViewConfig.from_json(v)  # names unknown fields
+    return v  # pydantic builds the dataclass from a dict, checking each field's type
+
+
+ViewSpec = Annotated[ViewConfig, BeforeValidator(_views)]
 """A :class:`ViewConfig`, or the JSON object a recipe was saved as."""
 
 

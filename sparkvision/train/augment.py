@@ -44,6 +44,10 @@ class AugmentConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> AugmentConfig:
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown augment field(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(cls.__dataclass_fields__)}")
         d = dict(d)
         if "scale" in d:
             d["scale"] = tuple(d["scale"])
@@ -144,7 +148,8 @@ def coerce_augment(v: Any) -> Any:
     if v is None or isinstance(v, str):
         return parse_augment(v)
     if isinstance(v, dict):
-        return AugmentConfig.from_json(v)
+        AugmentConfig.from_json(v)  # names unknown fields
+        return v  # pydantic builds the dataclass from it, checking each field's type
     return v
 
 
