@@ -16,7 +16,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -27,12 +27,24 @@ from pyspark.sql import functions as F
 from safetensors.torch import load as st_load
 
 from sparkvision.data.table import read_table
-from sparkvision.models.modeldir import WEIGHTS, ModelSpec, Preprocess, read_spec
+from sparkvision.models import ImageModel
+from sparkvision.models.modeldir import (
+    WEIGHTS,
+    ModelSpec,
+    Preprocess,
+    check_files,
+    checked_model,
+    read_classes,
+    read_preprocess,
+    read_spec,
+    read_weights,
+)
 from sparkvision.spark.progress import Timer
 
 KEEP_COLUMNS = ("content_id", "path", "split", "label", "label_name")
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
+_CHECKED: set[tuple[str, str, str]] = set()  # models read_blob has checked in this process
 
 
 @dataclass(frozen=True)
@@ -46,24 +58,25 @@ class ModelBlob:
     class_names: list[str]
 
 
-def read_blob(model_dir: str) -> ModelBlob:
-    """Read a model directory into a :class:`ModelBlob`; a clear error names what is missing."""
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    for name in (WEIGHTS, "config.json", "preprocess.json"):
-        if not os.path.exists(os.path.join(model_dir, name)):
-            raise FileNotFoundError(f"{model_dir} is not a sparkvision model directory: {name} is missing")
+def read_blob(model_dir: str, param: str = "model_dir") -> ModelBlob:
+    """Read a model directory into a :class:`ModelBlob`, checked on this (the driver's) side.
+
+    A missing file is a :class:`FileNotFoundError`; weights that are corrupt or do not fit the
+    architecture, or a broken config, are a :class:`~sparkvision.errors.ParamError` on ``param``
+    (see :func:`~sparkvision.models.modeldir.checked_model`), raised before any Spark job starts
+    and before anything is written, instead of a traceback from every executor task.
+    """
+    check_files(model_dir)
     with open(os.path.join(model_dir, WEIGHTS), "rb") as f:
         weights = f.read()
-    spec, _ = read_spec(model_dir)
-    with open(os.path.join(model_dir, "preprocess.json")) as f:
-        pre = json.load(f)
-    classes: list[str] = []
-    if os.path.exists(os.path.join(model_dir, "classes.json")):
-        with open(os.path.join(model_dir, "classes.json")) as f:
-            classes = json.load(f)
+    spec, _ = read_spec(model_dir, param)
+    pre = read_preprocess(model_dir, param)
     key = hashlib.sha1(weights).hexdigest()
-    return ModelBlob(key, weights, spec.__dict__, pre, classes)
+    checked = (key, json.dumps(spec.__dict__, sort_keys=True, default=str), json.dumps(pre.to_json()))
+    if checked not in _CHECKED:  # a search request reads the blob each time: check a model once
+        checked_model(model_dir, spec, read_weights(model_dir, weights, param), pre, param)
+        _CHECKED.add(checked)
+    return ModelBlob(key, weights, spec.__dict__, pre.to_json(), read_classes(model_dir, param))
 
 
 def optimize_for_cpu_inference(model: torch.nn.Module, example: torch.Tensor) -> ModelFn:
@@ -81,7 +94,7 @@ def optimize_for_cpu_inference(model: torch.nn.Module, example: torch.Tensor) ->
 class FeatureModel(torch.nn.Module):
     """A classifier's backbone features, L2-normalised: what embed, search and dedup compare."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: ImageModel) -> None:
         super().__init__()
         self.model = model
 
@@ -162,7 +175,7 @@ def task_threads(spark: SparkSession) -> int:
     function (which Spark pickles), never through the environment: the driver's environment does
     not reach the executors of a cluster.
     """
-    return max(1, int(spark.conf.get("spark.task.cpus", "1")))
+    return max(1, int(cast(str, spark.conf.get("spark.task.cpus", "1"))))  # str: a default is given
 
 
 def configure_workers(spark: SparkSession, batch_size: int) -> int:
@@ -180,6 +193,7 @@ def image_source(spark: SparkSession, table: str | DataFrame, split: str | None)
 def summarise_output(spark: SparkSession, out: str, timer: Timer, kind: str) -> dict[str, Any]:
     """Rows, error rows and throughput of a written result table."""
     agg = spark.read.parquet(out).agg(F.count("*").alias("rows"), F.count("error").alias("errors")).first()
+    assert agg is not None  # a global aggregate has exactly one row
     elapsed = timer.elapsed
     return {
         "output": out,

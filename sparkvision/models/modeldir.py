@@ -17,15 +17,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
+from sparkvision.errors import ParamError
 from sparkvision.models import ImageModel, create_model
 
 WEIGHTS = "model.safetensors"
+REQUIRED_FILES = (WEIGHTS, "config.json", "preprocess.json")
+MAX_REASON_CHARS = 400  # a load error is shown on one line: torch lists every mismatched tensor
 
 
 @dataclass
@@ -103,40 +109,115 @@ def save_model_dir(
     return out
 
 
-def read_spec(path: str) -> tuple[ModelSpec, dict[str, Any]]:
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    spec = ModelSpec(
-        model=cfg["model"],
-        num_classes=int(cfg["num_classes"]),
-        in_channels=int(cfg["in_channels"]),
-        model_kwargs=dict(cfg.get("model_kwargs", {})),
-    )
+def check_files(path: str) -> None:
+    """Raise :class:`FileNotFoundError` naming what is missing, unless ``path`` is a model directory."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    for name in REQUIRED_FILES:
+        if not os.path.exists(os.path.join(path, name)):
+            raise FileNotFoundError(f"{path} is not a sparkvision model directory: {name} is missing")
+
+
+# torch's wording of one mismatched tensor, shortened to "head.weight: [4, 512] in the weights, [5, 512] in the model"
+SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "
+                           r"from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)")
+
+
+def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """A library's (multi-line) error text as one line of at most ``limit`` characters."""
+    text = SIZE_MISMATCH.sub(r"size mismatch for \1: \2 in the weights, \3 in the model", text)
+    flat = "; ".join(part.strip().rstrip(".") for part in text.splitlines() if part.strip())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def read_json(path: str, name: str, param: str = "model_dir") -> Any:
+    """A JSON file of the model directory; unreadable or invalid JSON is a :class:`ParamError`."""
+    try:
+        with open(os.path.join(path, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ParamError(param, f"{path}: {name} cannot be read: {one_line(str(e))}") from None
+
+
+def read_spec(path: str, param: str = "model_dir") -> tuple[ModelSpec, dict[str, Any]]:
+    cfg = read_json(path, "config.json", param)
+    try:
+        spec = ModelSpec(
+            model=cfg["model"],
+            num_classes=int(cfg["num_classes"]),
+            in_channels=int(cfg["in_channels"]),
+            model_kwargs=dict(cfg.get("model_kwargs", {})),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ParamError(param, f"{path}: config.json is not a model config: {e!r}") from None
     return spec, cfg
 
 
-def load_model_dir(path: str, map_location: str = "cpu") -> LoadedModel:
-    """Load a model directory; a clear error names what is missing."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory {path} does not exist")
-    for name in (WEIGHTS, "config.json", "preprocess.json"):
-        if not os.path.exists(os.path.join(path, name)):
-            raise FileNotFoundError(f"{path} is not a sparkvision model directory: {name} is missing")
-    spec, _ = read_spec(path)
-    model = spec.build()
-    model.load_state_dict(load_file(os.path.join(path, WEIGHTS), device=map_location))
+def read_preprocess(path: str, param: str = "model_dir") -> Preprocess:
+    raw = read_json(path, "preprocess.json", param)
+    try:
+        return Preprocess.from_json(raw)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ParamError(param, f"{path}: preprocess.json is not a preprocessing config: {e!r}") from None
+
+
+def read_classes(path: str, param: str = "model_dir") -> list[str]:
+    if not os.path.exists(os.path.join(path, "classes.json")):
+        return []
+    classes = read_json(path, "classes.json", param)
+    if not isinstance(classes, list):
+        raise ParamError(param, f"{path}: classes.json is not a list of class names")
+    return [str(c) for c in classes]
+
+
+def read_weights(path: str, data: bytes | None = None, param: str = "model_dir") -> dict[str, torch.Tensor]:
+    """The state dict in ``path``'s safetensors file (or in ``data``, its bytes already read)."""
+    try:
+        if data is None:
+            with open(os.path.join(path, WEIGHTS), "rb") as f:
+                data = f.read()
+        return load_bytes(data)
+    except (OSError, SafetensorError) as e:
+        raise ParamError(param, f"{path}: {WEIGHTS} is corrupt: {one_line(str(e))}") from None
+
+
+def checked_model(path: str, spec: ModelSpec, weights: dict[str, torch.Tensor], pre: Preprocess,
+                  param: str = "model_dir") -> ImageModel:
+    """The spec's model with ``weights`` loaded strictly, after one forward pass on a blank input.
+
+    Run once on the driver (or in the web server) so that a model that cannot load is one
+    :class:`ParamError` naming the directory and the reason, not a traceback per executor task.
+    """
+    try:
+        model = spec.build()
+    except (KeyError, TypeError, ValueError) as e:
+        raise ParamError(param, f"{path}: config.json describes no model that can be built: {one_line(str(e))}") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # torch's size mismatch / missing / unexpected keys
+        reason = one_line(str(e).split(":", 1)[1] if ":" in str(e) else str(e))
+        raise ParamError(param, f"{path}: weights do not fit the architecture: {reason}") from None
     model.eval()
-    with open(os.path.join(path, "preprocess.json")) as f:
-        pre = Preprocess.from_json(json.load(f))
-    classes: list[str] = []
-    if os.path.exists(os.path.join(path, "classes.json")):
-        with open(os.path.join(path, "classes.json")) as f:
-            classes = json.load(f)
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, pre.channels, *pre.size))
+    except RuntimeError as e:
+        raise ParamError(param, f"{path}: the model cannot take its preprocess.json input "
+                                f"({pre.channels}x{pre.size[0]}x{pre.size[1]}): {one_line(str(e))}") from None
+    return model
+
+
+def load_model_dir(path: str, map_location: str = "cpu", param: str = "model_dir") -> LoadedModel:
+    """Load a model directory, checked (:func:`checked_model`); a missing file is a
+    :class:`FileNotFoundError`, any other fault a :class:`ParamError` on ``param``."""
+    check_files(path)
+    spec, _ = read_spec(path, param)
+    pre = read_preprocess(path, param)
+    model = checked_model(path, spec, read_weights(path, param=param), pre, param).to(map_location)
     metrics: dict[str, Any] = {}
     if os.path.exists(os.path.join(path, "metrics.json")):
-        with open(os.path.join(path, "metrics.json")) as f:
-            metrics = json.load(f)
-    return LoadedModel(model, spec, classes, pre, metrics, path)
+        metrics = read_json(path, "metrics.json", param)
+    return LoadedModel(model, spec, read_classes(path, param), pre, metrics, path)
 
 
 def model_fingerprint(path: str) -> str:

@@ -20,6 +20,7 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from sparkvision.data.images import RejectError
+from sparkvision.errors import ParamError
 from sparkvision.web import browse
 from sparkvision.web.batching import Classifier
 from sparkvision.web.routes.state import get_state
@@ -109,7 +110,10 @@ async def classify(request: Request) -> Response:
         clf, batcher = sv.classifiers[model_dir], sv.batchers[model_dir]
     else:
         await sv.evict_models(keep=settings.model_dir)
-        clf, batcher = await run_in_threadpool(sv.classifier, model_dir)
+        try:
+            clf, batcher = await run_in_threadpool(sv.classifier, model_dir)
+        except (ParamError, FileNotFoundError) as e:  # corrupt weights, weights that do not fit, ...
+            raise ApiError(422, f"model {e.message if isinstance(e, ParamError) else e}", "bad_model") from None
     # Small images decode faster than a hop to a worker thread; big ones must not block the loop.
     if sum(len(d) for _, d in files) <= INLINE_DECODE_BYTES:
         inputs = prepare(clf, files, settings)

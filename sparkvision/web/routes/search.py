@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
+from sparkvision.errors import ParamError
 from sparkvision.retrieval.index import features_meta
 from sparkvision.retrieval.search import SearchIndex, embed_images
 from sparkvision.web import browse
@@ -17,6 +18,7 @@ from sparkvision.web.security import ApiError, Settings, check_image, safe_path
 from sparkvision.web.uploads import UPLOAD_OPENAPI, read_uploads
 
 router = APIRouter(tags=["inference"])
+MAX_FILES = 1  # one query image per request (also sizes the endpoint's body limit)
 
 
 def local(uri: str) -> str:
@@ -30,7 +32,8 @@ def with_thumbs(hits: list[dict[str, Any]], idx: SearchIndex, settings: Settings
     if src and os.path.isdir(local(src)):
         images = browse.images_by_content_id(local(src), [h.get("content_id") for h in hits])
     for h in hits:
-        data = images.get(h.get("content_id"))
+        cid = h.get("content_id")
+        data = images.get(cid) if cid else None
         path = local(h.get("path") or "")
         if data is None and path and os.path.isfile(path):
             try:
@@ -50,7 +53,7 @@ async def search(request: Request, sv: StateDep,
     t0 = time.perf_counter()
     settings = sv.settings
     idx = await run_in_threadpool(sv.search_index)
-    files = await read_uploads(request, settings, ("file", "files"), 1)
+    files = await read_uploads(request, settings, ("file", "files"), MAX_FILES)
     name, data = files[0]
     await run_in_threadpool(check_image, data, settings, name)
     model_dir = idx.model_dir
@@ -58,12 +61,17 @@ async def search(request: Request, sv: StateDep,
         raise ApiError(503, "the index does not record the model that made its features", "no_model")
 
     def run() -> list[dict[str, Any]]:
-        feats, errors = embed_images(model_dir, [data])
+        try:
+            feats, errors = embed_images(model_dir, [data])
+        except (ParamError, FileNotFoundError) as e:  # the server's index names a model that cannot load
+            raise ApiError(503, f"the index's model {e.message if isinstance(e, ParamError) else e}",
+                           "bad_model") from None
         if errors[0]:
             raise ApiError(422, f"{name}: {errors[0]}", "bad_image")
         hits = idx.results(idx.search(feats, k))[0]
         return with_thumbs(hits, idx, settings)
 
     hits = await run_in_threadpool(run)
+    assert settings.index_dir is not None  # search_index() answered 503 without one
     return {"query": name, "k": k, "index": os.path.basename(settings.index_dir.rstrip("/")),
             "neighbours": hits, "latency_ms": round(1000 * (time.perf_counter() - t0), 2)}
