@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sparkvision.spark.session import get_spark
 from sparkvision.web.jobs import JobStore
@@ -31,36 +32,58 @@ from sparkvision.web.routes import classify, data, jobs, pages, search
 from sparkvision.web.routes.errors import error_response, validation_message
 from sparkvision.web.routes.state import State
 from sparkvision.web.runner import Runner
-from sparkvision.web.security import ApiError, Settings, check_startup
+from sparkvision.web.security import ApiError, RedactTokens, Settings, check_startup
 
 log = logging.getLogger("sparkvision.web")
+ACCESS_LOGGER = "uvicorn.access"  # logs each request's path with its query string
 GC_THRESHOLD = (10_000, 20, 20)  # while serving; see lifespan()
 ROUTERS = (pages.router, classify.router, search.router, jobs.router, data.router)
 
 
 class BodyLimit:
-    """Refuse a request whose Content-Length is over the limit before its body is read (pure ASGI)."""
+    """Hold every request body to its endpoint's limit (pure ASGI).
 
-    def __init__(self, app, limit: int) -> None:
+    A Content-Length over the limit is refused before anything is read; a body without one
+    (chunked) is counted as the endpoint reads it and refused (413) as soon as it passes the
+    limit, so no endpoint ever receives, spools or parses more. ``limits`` maps the paths that
+    take uploads to theirs; every other endpoint (a job submission is JSON) gets ``default``.
+    """
+
+    def __init__(self, app: ASGIApp, default: int, limits: dict[str, int]) -> None:
         self.app = app
-        self.limit = limit
+        self.default = default
+        self.limits = limits
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            for key, value in scope["headers"]:
-                if key == b"content-length":
-                    try:
-                        n = int(value)
-                    except ValueError:
-                        n = -1
-                    if n < 0 or n > self.limit:
-                        msg = ("Content-Length is not a number" if n < 0 else
-                               f"request body is {n:,} bytes; the limit is {self.limit:,}")
-                        await error_response(400 if n < 0 else 413, msg, "bad_request" if n < 0 else "too_large")(
-                            scope, receive, send)
-                        return
-                    break
-        await self.app(scope, receive, send)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits.get(scope["path"], self.default)
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    n = int(value)
+                except ValueError:
+                    n = -1
+                if n < 0 or n > limit:
+                    msg = ("Content-Length is not a number" if n < 0 else
+                           f"request body is {n:,} bytes; the limit is {limit:,}")
+                    await error_response(400 if n < 0 else 413, msg, "bad_request" if n < 0 else "too_large")(
+                        scope, receive, send)
+                    return
+                break
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # raised inside the endpoint: the ApiError handler answers 413
+                    raise ApiError(413, f"request body is over the {limit:,}-byte limit", "too_large")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 @asynccontextmanager
@@ -68,6 +91,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Start-up: mark jobs a dead server left running, load ``--model``, start the runner; and undo it."""
     sv: State = app.state.sv
     settings = sv.settings
+    access_log = logging.getLogger(ACCESS_LOGGER)  # uvicorn's, configured by now
+    if not any(isinstance(f, RedactTokens) for f in access_log.filters):
+        access_log.addFilter(RedactTokens())
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)  # batching, not threads, gives throughput
     for job_id in sv.store.mark_interrupted():
@@ -134,11 +160,14 @@ def create_app(settings: Settings, *, store: JobStore | None = None,
     runner = Runner(store, spark_factory or partial(get_spark, settings.master, settings.conf))
     app.state.sv = State(settings, store, runner)
 
-    app.add_exception_handler(ApiError, api_error)
-    app.add_exception_handler(RequestValidationError, invalid_request)
-    app.add_exception_handler(StarletteHTTPException, http_error)
+    # Starlette types a handler as taking any Exception; it calls each with its own class only.
+    app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, internal_error)
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, default=settings.max_json_bytes, limits={
+        "/api/classify": settings.upload_request_bytes(settings.max_files),
+        "/api/search": settings.upload_request_bytes(search.MAX_FILES)})
 
     # The routers' routes go onto the app as they are, not through include_router: FastAPI 0.165
     # resolves an included router on every request, measured at 40-45 us more per request, a sixth
