@@ -9,6 +9,7 @@ import typer
 import uvicorn
 
 from sparkvision.cli.common import Conf, Master, err_console, fail
+from sparkvision.errors import ParamError
 from sparkvision.spark.session import parse_conf
 from sparkvision.web.app import create_app
 from sparkvision.web.security import Settings
@@ -28,7 +29,10 @@ def serve(
     model: Annotated[str | None, typer.Option(help="Model directory for /api/classify.")] = DEFAULTS["model_dir"],
     index: Annotated[str | None, typer.Option(help="Index directory for /api/search.")] = DEFAULTS["index_dir"],
     token: Annotated[str | None, typer.Option(
-        help="API token for mutating endpoints (default $SPARKVISION_API_TOKEN).", show_default=False)] = DEFAULTS["token"],
+        help="API token for mutating endpoints (default $SPARKVISION_API_TOKEN). Visible to every user of the "
+             "machine in ps: prefer --token-file or the variable.", show_default=False)] = DEFAULTS["token"],
+    token_file: Annotated[str | None, typer.Option(
+        help="File holding the API token (e.g. mode 600); not shown by ps.", show_default=False)] = DEFAULTS["token_file"],
     max_upload_mb: Annotated[float, typer.Option(help="Largest uploaded file, MiB.")]
         = DEFAULTS["max_upload_bytes"] / MIB,
     max_pixels: Annotated[int, typer.Option(help="Largest uploaded image, pixels.")] = DEFAULTS["max_pixels"],
@@ -46,10 +50,16 @@ def serve(
     try:
         settings = Settings(
             host=host, port=port, data_roots=list(data_root or []), db_url=db, model_dir=model, index_dir=index,
-            token=token, master=master, conf=parse_conf(conf or []), max_upload_bytes=int(max_upload_mb * MIB),
-            max_pixels=max_pixels, batch_size=batch_size, batch_wait_ms=batch_wait_ms, torch_threads=torch_threads,
+            token=token, token_file=token_file, master=master, conf=parse_conf(conf or []),
+            max_upload_bytes=int(max_upload_mb * MIB), max_pixels=max_pixels, batch_size=batch_size,
+            batch_wait_ms=batch_wait_ms, torch_threads=torch_threads,
         )
         app = create_app(settings)
+        if settings.model_dir:  # loaded now, so a model that cannot load is one line, not a start-up traceback
+            app.state.sv.classifier(settings.model_dir)
+    except ParamError as e:
+        fail(f"--model {e.message}", False)
+        return
     except (ValueError, FileNotFoundError) as e:
         fail(str(e), False)
         return

@@ -26,14 +26,17 @@ States::
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import json
 import math
+import os
 import threading
 import uuid
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, create_engine, select, update
+from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, create_engine, make_url, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
@@ -97,6 +100,23 @@ class SafeString(TypeDecorator):
         return _no_nul(value)
 
 
+def private_sqlite_file(url: str) -> None:
+    """Create the SQLite file of ``url`` readable by its owner only (mode 600), or make an
+    existing one so: job params and logs name the server's files. SQLite gives its journal and
+    WAL files the database file's mode. Other backends (and in-memory SQLite) are left alone."""
+    parsed = make_url(url)
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:" or path.startswith("file:"):
+        return
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)  # mode applies only if the file is new
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077 and st.st_uid == os.getuid():  # another user's file: theirs to guard
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -155,6 +175,7 @@ class JobStore:
         else:
             kwargs["pool_pre_ping"] = True  # a database server restart must not break the next request
         self.url = url
+        private_sqlite_file(url)
         self.engine = create_engine(url, **kwargs)
         Base.metadata.create_all(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
@@ -213,11 +234,12 @@ class JobStore:
                 ).first()
                 if job_id is None:
                     return None
-                res = s.execute(
+                # An UPDATE's result is a CursorResult; Session.execute is typed with the base Result.
+                res = cast(CursorResult[Any], s.execute(
                     update(Job).where(Job.id == job_id, Job.state == "queued").values(
                         state="running", started_at=utcnow(), finished_at=None, attempts=Job.attempts + 1,
                         error=None)
-                )
+                ))
             if res.rowcount == 1:
                 return self.get(job_id)
         return None
@@ -244,7 +266,7 @@ class JobStore:
             values["params"] = params
         self.update(job_id, **values)
 
-    def mark_interrupted(self) -> list[str]:
+    def mark_interrupted(self) -> builtins.list[str]:  # builtins: the method `list` shadows it here
         """On startup: jobs a previous server left running can never finish; say so."""
         with self._session() as s, s.begin():
             ids = list(s.scalars(select(Job.id).where(Job.state == "running")))
