@@ -18,13 +18,16 @@ temporary file, so a too-large upload is refused after at most ``limit`` bytes o
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from sparkvision.web.security import ApiError, Settings
+
+if TYPE_CHECKING:  # python-multipart defines its callback types for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 FAST_MULTIPART_BYTES = 4 * 1024 * 1024  # larger multipart bodies are streamed, not held in memory
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -117,7 +120,7 @@ class UploadParts:
         self.name = ""
         self.data: bytearray | None = None  # the part being kept
 
-    def callbacks(self) -> dict[str, Any]:
+    def callbacks(self) -> MultipartCallbacks:
         return {"on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
                 "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
                 "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
