@@ -233,3 +233,17 @@ def test_a_job_failing_half_way_leaves_the_old_output(spark, tmp_path):
     with pytest.raises(RuntimeError):
         op.execute(spark, OutParams(out=str(out), overwrite=True))
     assert snapshot(out) == before and os.listdir(tmp_path) == ["t"]
+
+
+def test_a_model_that_cannot_load_is_refused_at_submit(root):
+    broken = root / "models" / "broken"
+    broken.mkdir()
+    for f in os.listdir(root / "models" / "cnn"):
+        if os.path.isfile(root / "models" / "cnn" / f):
+            (broken / f).write_bytes((root / "models" / "cnn" / f).read_bytes())
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)  # corrupt weights
+    with client_for(root) as c:
+        r = submit(c, "predict", {"model_dir": "models/broken", "table": "tables/tiny", "out": "preds"})
+        assert r.status_code == 422 and "model_dir" in r.json()["error"], r.text
+        assert "Traceback" not in r.text and "\n" not in r.json()["error"]
+    assert not (root / "preds").exists()

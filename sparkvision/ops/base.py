@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from sparkvision.errors import ParamError  # defined below the library, which raises it too
-from sparkvision.ops.paths import ContinuesFn, check_inputs_exist, check_outputs, never, staged
+from sparkvision.ops.paths import ContinuesFn, check_inputs_exist, check_models, check_outputs, never, staged
 from sparkvision.spark.session import get_spark
 
 
@@ -124,6 +124,7 @@ class Operation:
     module: str = "sparkvision"  # the library module it needs (for builds without it)
     check: Callable[[Any], None] | None = None  # cross-field rules, run before any Spark work
     summary_keys: tuple[str, ...] = ()  # scalar results shown as a finished job's metrics
+    models: tuple[str, ...] = ()  # params naming model directories, loaded once before anything runs
     staged_outputs: tuple[str, ...] = ()  # outputs produced whole: written aside, moved into place on success
     writes_into: tuple[str, ...] = ()  # outputs that are directories it adds files to (evaluate's reports)
     continues: ContinuesFn = never  # (params, out, spark) -> True where writing into existing data is the intent
@@ -143,6 +144,7 @@ class Operation:
         """The path rules (:mod:`sparkvision.ops.paths`): local paths at once, other URIs once a
         session is given. Raises :class:`ParamError` before any work starts."""
         check_inputs_exist(self, p)
+        check_models(self, p)
         check_outputs(self, p, spark)
 
     def execute(self, spark: Any, p: Any, progress: Progress = NO_PROGRESS) -> dict[str, Any]:

@@ -52,6 +52,6 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
 
 OPERATION = register(Operation(
     "dedup", DedupParams, run, "Exact and near-duplicate groups of an image table.",
-    inputs=("table",), optional_inputs=("model_dir",), outputs=("out",), staged_outputs=("out",), result_key="out",
+    inputs=("table",), optional_inputs=("model_dir",), outputs=("out",), staged_outputs=("out",), models=("model_dir",), result_key="out",
     module="sparkvision.retrieval.dedup", summary_keys=("rows", "groups", "duplicates", "elapsed_s"),
 ))

@@ -59,6 +59,6 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
 
 OPERATION = register(Operation(
     "distill", DistillParams, run, "Distil a fine-tuned teacher into a student on unlabelled images (SimCLRv2).",
-    inputs=("teacher", "table"), optional_inputs=("encoder",), outputs=("out",), result_key="out", resumable=True, continues=when_resuming,
+    inputs=("teacher", "table"), optional_inputs=("encoder",), outputs=("out",), models=("teacher", "encoder"), result_key="out", resumable=True, continues=when_resuming,
     reports_epochs=True, produces_model=True, module="sparkvision.ssl.finetune", check=check,
 ))

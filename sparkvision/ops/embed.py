@@ -33,6 +33,6 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
 
 OPERATION = register(Operation(
     "embed", EmbedParams, run, "Backbone features (and binary codes) of a table.",
-    inputs=("model_dir", "table"), outputs=("out",), staged_outputs=("out",), result_key="out", module="sparkvision.retrieval.embed",
+    inputs=("model_dir", "table"), outputs=("out",), staged_outputs=("out",), models=("model_dir",), result_key="out", module="sparkvision.retrieval.embed",
     summary_keys=("rows_written", "rows", "errors", "images_per_s", "elapsed_s"),
 ))

@@ -36,6 +36,6 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
 
 OPERATION = register(Operation(
     "evaluate", EvaluateParams, run, "Accuracy, per-class metrics and confusion matrix (written into the model dir).",
-    inputs=("model_dir", "table"), outputs=("out",), result_key="model_dir", module="sparkvision.inference.evaluate", evaluates=True, writes_into=("out",),
+    inputs=("model_dir", "table"), outputs=("out",), models=("model_dir",), result_key="model_dir", module="sparkvision.inference.evaluate", evaluates=True, writes_into=("out",),
     summary_keys=("rows", "accuracy", "macro_f1", "elapsed_s"),
 ))

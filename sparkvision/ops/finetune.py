@@ -58,6 +58,6 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
 
 OPERATION = register(Operation(
     "finetune", FinetuneParams, run, "Fine-tune a pretrained backbone on labelled images.",
-    inputs=("table",), optional_inputs=("encoder",), outputs=("out",), result_key="out", resumable=True, continues=when_resuming,
+    inputs=("table",), optional_inputs=("encoder",), outputs=("out",), models=("encoder",), result_key="out", resumable=True, continues=when_resuming,
     reports_epochs=True, produces_model=True, module="sparkvision.ssl.finetune", check=check,
 ))

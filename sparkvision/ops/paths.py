@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sparkvision.errors import ParamError
+from sparkvision.inference.runtime import read_blob
 from sparkvision.spark import storage
 
 
@@ -62,6 +63,18 @@ def check_inputs_exist(op: Any, p: Any) -> None:
             local = local_path(value)
             if local is not None and not os.path.exists(local):
                 raise ParamError(name, f"{value} does not exist")
+
+
+def check_models(op: Any, p: Any) -> None:
+    """Each model directory given loads (read once per process, on this side): a corrupt or
+    misfitting model is one line naming the parameter, before a job is queued or Spark starts."""
+    for name in op.models:
+        value = getattr(p, name, None)
+        if isinstance(value, str) and local_path(value) is not None:
+            try:
+                read_blob(local_path(value) or value, param=name)
+            except FileNotFoundError as e:
+                raise ParamError(name, f"{value} is not a model directory: {e}") from None
 
 
 def check_outputs(op: Any, p: Any, spark: Any = None) -> None:

@@ -44,6 +44,6 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
 
 OPERATION = register(Operation(
     "predict", PredictParams, run, "Classify every row of a table.",
-    inputs=("model_dir", "table"), outputs=("out",), staged_outputs=("out",), result_key="out", module="sparkvision.inference.predict",
+    inputs=("model_dir", "table"), outputs=("out",), staged_outputs=("out",), models=("model_dir",), result_key="out", module="sparkvision.inference.predict",
     summary_keys=("rows_written", "rows", "errors", "images_per_s", "elapsed_s", "accuracy_on_labelled_rows"),
 ))

@@ -48,7 +48,7 @@ def run(spark: SparkSession | None, p: Any, progress: Progress) -> dict[str, Any
 # Not a web job kind: its query files are paths on the machine that runs it (the web has /api/search).
 OPERATION = register(Operation(
     "search", SearchParams, run, "Nearest neighbours of image files or of every row of a table.",
-    inputs=("index",), optional_inputs=("table", "model_dir"), outputs=("out",), staged_outputs=("out",), result_key="out",
+    inputs=("index",), optional_inputs=("table", "model_dir"), outputs=("out",), staged_outputs=("out",), models=("model_dir",), result_key="out",
     module="sparkvision.retrieval.search", web=False, check=check,
     needs_spark=False, spark_when=lambda p: p.table is not None,
 ))
