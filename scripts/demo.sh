@@ -11,16 +11,22 @@ PRED=${PRED:-runs/demo-predictions}
 
 step() { printf '\n\033[1m==> sparkvision %s\033[0m\n' "$*"; }
 
-step datasets fashion-mnist "$DATA"
-"$SV" datasets fashion-mnist "$DATA"
+# A re-run keeps the table and replaces the demo's own outputs (--overwrite: without it sparkvision
+# refuses to write over data that is already there).
+if [ -f "$DATA/_sparkvision.json" ]; then
+    printf '\n\033[1m==> %s is already an image table: kept\033[0m\n' "$DATA"
+else
+    step datasets fashion-mnist "$DATA"
+    "$SV" datasets fashion-mnist "$DATA"
+fi
 
-step train --model cnn --table "$DATA" --out "$RUN" --epochs 2
-"$SV" train --model cnn --table "$DATA" --out "$RUN" --epochs 2
+step train --model cnn --table "$DATA" --out "$RUN" --epochs 2 --overwrite
+"$SV" train --model cnn --table "$DATA" --out "$RUN" --epochs 2 --overwrite
 
 step evaluate "$RUN" "$DATA"
 "$SV" evaluate "$RUN" "$DATA"
 
-step predict "$RUN" "$DATA" "$PRED"
-"$SV" predict "$RUN" "$DATA" "$PRED"
+step predict "$RUN" "$DATA" "$PRED" --overwrite
+"$SV" predict "$RUN" "$DATA" "$PRED" --overwrite
 
 printf '\n\033[1mdemo finished:\033[0m table %s, model %s, predictions %s\n' "$DATA" "$RUN" "$PRED"
