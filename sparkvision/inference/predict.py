@@ -51,8 +51,8 @@ def predict_batches(
             x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
             probs = torch.softmax(run_model(fn, x).float(), dim=1)
             k = min(top_k, probs.shape[1])
-            p, idx = probs.topk(k, dim=1)
-            p, idx = p.numpy(), idx.numpy()
+            top = probs.topk(k, dim=1)
+            p, idx = top.values.numpy(), top.indices.numpy()
             ok = np.array([e is None for e in errors])
             pred = [int(i[0]) if good else None for i, good in zip(idx, ok, strict=True)]
             cols = {c: batch.column(c) for c in KEEP_COLUMNS}
@@ -100,8 +100,10 @@ def predict_table(
         preds.write.mode(mode).parquet(out_q)
     summary = summarise_output(spark, out_q, timer, "predict")
     # Compare names, not indices: the table and the model may order their classes differently.
-    acc = spark.read.parquet(out_q).where("label_name is not null and error is null").agg(
+    scored = spark.read.parquet(out_q).where("label_name is not null and error is null").agg(
         F.avg((F.col("label_name") == F.col("pred_name")).cast("double")).alias("acc")
-    ).first().acc
+    ).first()
+    assert scored is not None  # a global aggregate has exactly one row
+    acc = scored.acc
     summary["accuracy_on_labelled_rows"] = None if acc is None else round(float(acc), 5)
     return summary

@@ -184,8 +184,8 @@ def group_table(ids: pa.Table, links: np.ndarray, scores: np.ndarray, keep: str)
     heights = ids.column("height").to_pylist()
     widths = ids.column("width").to_pylist()
     groups: dict[int, list[int]] = {}
-    for r in grouped:
-        groups.setdefault(int(labels[r]), []).append(int(r))
+    for g in grouped:
+        groups.setdefault(int(labels[g]), []).append(int(g))
     rows: dict[str, list[Any]] = {name: [] for name in GROUP_SCHEMA.names}
     n_exact = 0
     for gid, (_, members) in enumerate(sorted(groups.items())):

@@ -90,6 +90,7 @@ def descriptor_batches(
                     except RejectError as e:
                         errors[i] = str(e)
             else:
+                assert pre is not None  # worker_model gives both
                 x, errors = preprocess_batch(images, pre)
                 f = run_model(fn, x) + run_model(fn, x.flip(-1).contiguous())  # (B, D) + mirror
                 f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)

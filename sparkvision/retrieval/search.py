@@ -312,6 +312,7 @@ def search_table(
         )
         .first()
     )
+    assert agg is not None  # a global aggregate has exactly one row
     elapsed = timer.elapsed
     return {
         "output": out,

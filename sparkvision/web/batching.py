@@ -112,7 +112,12 @@ class MicroBatcher:
         """Until an item arrives (``on_first``) or the batch fills, or ``timeout`` seconds pass."""
         self._wake = wake = loop.create_future()
         self._wake_on_first = on_first
-        timer = loop.call_later(timeout, lambda: wake.done() or wake.set_result(None)) if timeout else None
+
+        def wake_up() -> None:
+            if not wake.done():
+                wake.set_result(None)
+
+        timer = loop.call_later(timeout, wake_up) if timeout else None
         try:
             await wake
         finally:

@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -143,7 +144,7 @@ def thumbnail(data: bytes | None, px: int = THUMB_PX) -> str | None:
     if not data:
         return None
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         img.draft("RGB", (px, px))
         img = img.convert("RGB" if img.mode not in ("L", "RGB") else img.mode)
         img.thumbnail((px, px))
@@ -154,8 +155,9 @@ def thumbnail(data: bytes | None, px: int = THUMB_PX) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def images_by_content_id(table_path: str, content_ids: list[str]) -> dict[str, bytes]:
-    """Image bytes for these content ids from an image table (reads only matching row groups)."""
+def images_by_content_id(table_path: str, content_ids: Sequence[str | None]) -> dict[str, bytes]:
+    """Image bytes for these content ids from an image table (reads only matching row groups);
+    missing ids (None) are skipped."""
     ids = [c for c in content_ids if c]
     if not ids:
         return {}

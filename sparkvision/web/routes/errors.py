@@ -9,7 +9,7 @@ kind has a parameter of that name. The library's own messages stay as they are (
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -32,7 +32,7 @@ def one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
-def validation_message(errors: list[dict[str, Any]], prefix: str = "invalid parameters",
+def validation_message(errors: Sequence[Mapping[str, Any]], prefix: str = "invalid parameters",
                        whole: str = "request") -> str:
     """``prefix: field: message; field: message`` from pydantic / FastAPI error dicts, on one line.
 
