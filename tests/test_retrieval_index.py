@@ -156,6 +156,9 @@ def test_cli_index_and_search(features, tiny_table, spark, tmp_path):
     res = json.loads(r.output.strip().splitlines()[-1])["results"][0]
     assert len(res["neighbours"]) == 4 and res["neighbours"][0]["content_id"] == row.content_id
     r = runner.invoke(app, ["search", str(tmp_path / "nope"), str(tmp_path / "q.png"), "--json"])
+    assert r.exit_code == 2 and "INDEX: " in r.output and "does not exist" in r.output  # before any work
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["search", str(tmp_path / "empty"), str(tmp_path / "q.png"), "--json"])
     assert r.exit_code == 2 and "not an index directory" in r.output
 
 
