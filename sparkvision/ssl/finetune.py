@@ -242,7 +242,7 @@ def check_modes(cfg: FinetuneConfig, encoder: str | None, teacher: str | None) -
 
 def teacher_payload(teacher: str, table: str, num_classes: int) -> dict[str, Any]:
     """The teacher model directory as the ranks need it (weights as safetensors bytes)."""
-    tm = load_model_dir(teacher)
+    tm = load_model_dir(teacher, param="teacher")
     if tm.spec.num_classes != num_classes:
         raise ValueError(f"teacher {teacher} predicts {tm.spec.num_classes} classes but table {table} has "
                          f"{num_classes}")
@@ -286,7 +286,7 @@ def student_payload(encoder: str | None, cfg: FinetuneConfig,
         model_kwargs = model_kwargs_for(cfg.model, cfg.model_kwargs, size[0])
         return channels, size, {"model": cfg.model, "model_kwargs": model_kwargs, "mean": None, "std": None,
                                 "encoder_weights": None}
-    lm = load_model_dir(encoder)
+    lm = load_model_dir(encoder, param="encoder")
     model_kwargs = dict(lm.spec.model_kwargs)
     enc_sd = {k: v.contiguous() for k, v in lm.model.state_dict().items()}
     if cfg.projector_layers:
