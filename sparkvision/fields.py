@@ -67,6 +67,14 @@ CommaList = Annotated[list[str] | None, BeforeValidator(_comma_list)]
 """A list of names; ``a,b,c`` on the command line."""
 
 
+def check_known(cls: type, d: dict[str, Any], what: str) -> None:
+    """Unknown keys of a dataclass's JSON are an error that names them, never dropped."""
+    known = list(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {', '.join(unknown)}; known: {', '.join(known)}")
+
+
 class Recipe:
     """JSON round trip of a pydantic-dataclass recipe (saved beside every model it produced).
 
@@ -79,9 +87,7 @@ class Recipe:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Any:
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))  # type: ignore[attr-defined]
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        check_known(cls, d, cls.__name__)
         return _adapter(cls).validate_python(d)  # type: ignore[arg-type]  # python/mypy#11470, as above
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pydantic import BeforeValidator
 from torch import nn
 
+from sparkvision.fields import check_known
 from sparkvision.train.augment import adjust_hue, gray3
 
 
@@ -57,10 +58,7 @@ class ViewConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ViewConfig:
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown views field(s) {', '.join(unknown)}; known: "
-                             f"{', '.join(cls.__dataclass_fields__)}")
+        check_known(cls, d, "views")
         d = dict(d)
         for k in ("crop_scale", "crop_ratio"):
             if k in d:

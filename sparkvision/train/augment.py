@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from pydantic import BeforeValidator
 from torch import nn
 
+from sparkvision.fields import check_known
+
 
 @dataclass
 class AugmentConfig:
@@ -44,10 +46,7 @@ class AugmentConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> AugmentConfig:
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown augment field(s) {', '.join(unknown)}; known: "
-                             f"{', '.join(cls.__dataclass_fields__)}")
+        check_known(cls, d, "augment")
         d = dict(d)
         if "scale" in d:
             d["scale"] = tuple(d["scale"])
