@@ -74,20 +74,26 @@ def test_header_only_is_not_an_image():
     assert _reason(b"\x89PNG\r\n\x1a\n") == "not_an_image"
 
 
-def test_16_bit_png_is_unsupported_mode():
+def test_16_bit_png_is_read_as_gray():
     img = Image.fromarray(np.full((8, 8), 40_000, dtype=np.uint16))
     data = _save(img, "PNG")
     assert Image.open(io.BytesIO(data)).mode.startswith("I")
-    assert _reason(data) == "unsupported_mode"
+    assert inspect_image(data).channels == 1
+    assert decode_image(data, 1)[0, 0, 0] == 40_000 >> 8  # scaled to 8 bits, not clipped to 255
 
 
-def test_cmyk_jpeg_is_unsupported_mode():
+def test_cmyk_jpeg_is_read_as_rgb():
     data = _save(Image.new("CMYK", (8, 8), (0, 50, 100, 0)), "JPEG")
-    assert _reason(data) == "unsupported_mode"
+    assert inspect_image(data).channels == 3
 
 
-def test_float_tiff_is_unsupported_mode():
+def test_float_tiff_is_read_as_gray():
     data = _save(Image.fromarray(np.zeros((4, 4), dtype=np.float32)), "TIFF")
+    assert inspect_image(data).channels == 1
+
+
+def test_lab_tiff_is_unsupported_mode():
+    data = _save(Image.new("LAB", (8, 8)), "TIFF")
     assert _reason(data) == "unsupported_mode"
 
 

@@ -3,7 +3,9 @@
 These run on the executors inside Arrow batches and in the web server's request threads; keeping
 them free of Spark makes every reject rule testable on a laptop with a few bytes. Decoding pixels
 for a model lives in :mod:`sparkvision.transforms.preprocess`, which opens images through
-:func:`open_image` so the pixel limit is applied in one place.
+:func:`open_image` so the pixel limit is applied in one place, and turns every mode into 8 bits
+through :func:`to_8bit`, so 16-bit and float images mean the same to ingest, training, batch
+inference and the web.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -23,8 +26,17 @@ from PIL import Image, UnidentifiedImageError
 # image and we report ``too_many_pixels``.
 MAX_PIXELS_DEFAULT = 64_000_000
 
-# Modes we store; the value is the channel count after expansion (palette -> RGB, bilevel -> L).
-SUPPORTED_MODES = {"1": 1, "L": 1, "LA": 2, "P": 3, "PA": 4, "RGB": 3, "RGBA": 4}
+# Integer gray modes wider than 8 bits, as PIL opens 16-bit PNG/TIFF/PGM and 32-bit TIFF gray.
+WIDE_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+# Modes we store; the value is the channel count after :func:`to_8bit` (palette -> RGB, bilevel,
+# 16-bit, 32-bit and float gray -> L, CMYK/YCbCr/HSV -> RGB). Anything else (LAB, ...) is
+# ``unsupported_mode``.
+SUPPORTED_MODES = {
+    "1": 1, "L": 1, "LA": 2, "P": 3, "PA": 4, "RGB": 3, "RGBA": 4, "RGBa": 4, "RGBX": 3,
+    **dict.fromkeys(WIDE_GRAY_MODES, 1), "F": 1,
+    "CMYK": 3, "YCbCr": 3, "HSV": 3,
+}
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,24 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS_DEFAULT) -> Image.Image
     if width * height > max_pixels:
         raise RejectError("too_many_pixels", f"{width}x{height} = {width * height} > max_pixels {max_pixels}")
     return img
+
+
+def to_8bit(img: Image.Image, mode: Literal["L", "RGB"]) -> Image.Image:
+    """``img`` as 8-bit ``mode``: the one conversion of pixels every reader uses.
+
+    PIL's own ``convert`` clips wider integer gray at 255, which turns a 16-bit scan nearly white.
+    Here 0..65535 keeps its scale: the high byte (``>> 8``), which is also how PIL reads 16-bit
+    RGB(A), so a 16-bit image with values ``v * 257`` gives exactly the pixels of its 8-bit copy
+    ``v``. 32-bit ``I`` is read on the same 16-bit scale (PIL's convention for 16-bit data),
+    clipped to it. Float ``F`` keeps PIL's convention, the 0..255 scale of ``L``, clipped. Alpha is
+    dropped, not composited, as ``convert`` always did here.
+    """
+    if img.mode in WIDE_GRAY_MODES:
+        a = np.asarray(img)
+        if a.dtype.kind == "i":
+            a = np.clip(a, 0, 65535)
+        img = Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8), mode="L")
+    return img if img.mode == mode else img.convert(mode)
 
 
 def inspect_image(data: bytes, max_pixels: int = MAX_PIXELS_DEFAULT) -> ImageInfo:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from sparkvision.data.images import MAX_PIXELS_DEFAULT, RejectError, open_image
+from sparkvision.data.images import MAX_PIXELS_DEFAULT, RejectError, open_image, to_8bit
 from sparkvision.models.modeldir import Preprocess
 
 
@@ -28,7 +28,8 @@ def decode_image(
     data: bytes, channels: int, size: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS_DEFAULT
 ) -> np.ndarray:
     """Encoded image -> uint8 ``(C, H, W)`` with ``channels`` 1 (grayscale) or 3 (RGB), resized to
-    ``size = (H, W)`` when given.
+    ``size = (H, W)`` when given. Any stored mode (16-bit, float, CMYK, palette...) becomes 8 bits
+    through :func:`sparkvision.data.images.to_8bit`.
 
     Raises :class:`sparkvision.data.images.RejectError` (``empty_file``, ``not_an_image``,
     ``too_many_pixels`` from the header, ``truncated`` for a body that fails to decode), so a batch
@@ -38,7 +39,7 @@ def decode_image(
     try:
         if size is not None and img.format == "JPEG":
             img.draft("L" if channels == 1 else "RGB", (size[1], size[0]))  # decode at reduced scale
-        img = img.convert("L" if channels == 1 else "RGB")
+        img = to_8bit(img, "L" if channels == 1 else "RGB")
         if size is not None and img.size != (size[1], size[0]):
             img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)

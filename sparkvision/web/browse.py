@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from PIL import Image
 
+from sparkvision.data.images import WIDE_GRAY_MODES, to_8bit
 from sparkvision.data.schema import META_FILE
 from sparkvision.web.security import ApiError, relative_name
 
@@ -146,7 +147,8 @@ def thumbnail(data: bytes | None, px: int = THUMB_PX) -> str | None:
     try:
         img: Image.Image = Image.open(io.BytesIO(data))
         img.draft("RGB", (px, px))
-        img = img.convert("RGB" if img.mode not in ("L", "RGB") else img.mode)
+        gray = img.mode == "L" or img.mode in WIDE_GRAY_MODES
+        img = to_8bit(img, "L" if gray else "RGB")  # 16-bit scaled like every decode, not clipped
         img.thumbnail((px, px))
         buf = io.BytesIO()
         img.save(buf, format="PNG")
