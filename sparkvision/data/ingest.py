@@ -7,7 +7,8 @@ existing image tables (:mod:`sparkvision.data.sources`). Files are read with Spa
 This module deduplicates, assigns label indices and writes the table, its rejects and the summary.
 
 Bad input never fails the job: every file that cannot go in lands in the rejects table with a
-reason (see :data:`sparkvision.data.schema.REJECT_REASONS`).
+reason (see :data:`sparkvision.data.schema.REJECT_REASONS`), so every file under the source is a
+row or a reject. Directory symlinks are never followed (:mod:`sparkvision.data.listing`).
 """
 
 from __future__ import annotations

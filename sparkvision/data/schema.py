@@ -8,7 +8,8 @@ Schema (one row per image)::
     format      string   PIL's name for the encoding (PNG, JPEG, WEBP, ...)
     height      int
     width       int
-    channels    int      1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) after palette/bilevel expansion
+    channels    int      1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) once decoded to 8 bits: palette -> RGB,
+                         bilevel, 16-bit and float gray -> L, CMYK -> RGB (``images.to_8bit``)
     label       int      index into the class names; null when unlabelled
     label_name  string   the class name; null when unlabelled
     split       string   train | test | val | unlabeled
@@ -65,8 +66,10 @@ REJECT_REASONS = (
     "empty_file",  # zero bytes
     "not_an_image",  # no decoder recognises the bytes
     "truncated",  # header parsed but pixel data ends early or is corrupt
-    "unsupported_mode",  # e.g. 16-bit, float or CMYK pixels
+    "unsupported_mode",  # pixels with no 8-bit reading, e.g. LAB (16-bit, float, CMYK are read)
     "too_many_pixels",  # over the decompression-bomb limit
-    "unreadable",  # listed but could not be read (permissions, vanished, I/O error)
+    "unreadable",  # could not be read: permissions, vanished, I/O error, broken symlink, unlistable dir
     "duplicate",  # same content_id as another image in this ingest or already in the table
+    "bad_name",  # its path is not valid UTF-8 (Spark cannot name it)
+    "symlinked_dir",  # a directory symlink, never followed (no loops, nothing outside the source)
 )

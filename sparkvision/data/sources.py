@@ -2,12 +2,15 @@
 each turned into rows of :data:`~sparkvision.data.decode.DECODED_SCHEMA`.
 
 Files are listed and read with Spark's own ``binaryFile`` source, so any URI Spark reads works;
-the driver only ever holds file names and counts.
+the driver only ever holds file names and counts. A local folder is walked first
+(:mod:`sparkvision.data.listing`): directory symlinks are never followed, and what Spark would skip
+without a word (names that are not UTF-8, broken links) becomes a reject.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Literal
 from urllib.parse import unquote
@@ -24,6 +27,7 @@ from sparkvision.data.decode import (
     parse_idx_batches,
 )
 from sparkvision.data.idx import FASHION_MNIST_CLASSES, looks_like_idx, pair_idx_files
+from sparkvision.data.listing import RejectRow, escape_glob, list_local_folder
 from sparkvision.data.schema import IMAGE_SCHEMA, SPLITS
 from sparkvision.data.table import is_image_table, read_meta, read_table
 from sparkvision.spark import storage
@@ -52,7 +56,7 @@ def detect_source_kind(spark: SparkSession, source: str) -> Literal["table", "id
     if looks_like_idx(source):
         return "idx"
     # A sample of file names from Spark's file index: no job runs, no file is opened.
-    names = binary_reader(spark, None).load(storage.qualify(source)).inputFiles()[:1000]
+    names = binary_reader(spark, None).load(list_source(spark, source, None)[1]).inputFiles()[:1000]
     if names and all(looks_like_idx(n) for n in names):
         return "idx"
     if names and all(n.endswith(".parquet") for n in names):
@@ -69,6 +73,34 @@ def qualified_root(spark: SparkSession, uri: str) -> str:
     p = jvm.org.apache.hadoop.fs.Path(storage.qualify(uri))
     fs = p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
     return str(fs.makeQualified(p).toString()).rstrip("/")
+
+
+def list_source(spark: SparkSession, source: str, glob: str | None) -> tuple[str, list[str], list[RejectRow]]:
+    """``(root as Spark spells it, paths to hand Spark's reader, rejects found while listing)``.
+
+    A local directory is walked by :func:`sparkvision.data.listing.list_local_folder` so Spark
+    never follows a directory symlink; any other source (a file, HDFS, an object store: no
+    symlinks there) is handed to Spark as it is.
+    """
+    root = qualified_root(spark, source)
+    local = root[len("file:") :] if root.startswith("file:/") else None
+    if local is None or not os.path.isdir(local):
+        return root, [root], []
+    listing = list_local_folder(local, glob_filter(spark, glob))
+    if listing.paths == [os.path.normpath(local)]:
+        return root, [root], listing.rejects
+    return root, ["file:" + escape_glob(p) for p in listing.paths], listing.rejects
+
+
+def glob_filter(spark: SparkSession, glob: str | None) -> Callable[[str], bool]:
+    """Whether a file name passes ``pathGlobFilter``: Hadoop's own pattern (what its ``GlobFilter``
+    matches each name against), so braces and escapes mean what they mean to Spark."""
+    if not glob:
+        return lambda name: True
+    jvm = spark.sparkContext._jvm
+    assert jvm is not None  # set while the SparkContext is running
+    pattern = jvm.org.apache.hadoop.fs.GlobPattern(glob)
+    return lambda name: bool(pattern.matches(name))
 
 
 def read_partitions(slots: int, n_files: int, total_bytes: int) -> int:
@@ -108,14 +140,15 @@ def decode_folder(
     glob: str | None,
     on_listed: Callable[[], None] | None = None,
 ) -> tuple[DataFrame, DataFrame | None, list[str]]:
-    """``(decoded rows, rejects for listed-but-unread files or None, class names)``.
+    """``(decoded rows, rejects for files not read or None, class names)``.
 
     Every file is read and decoded in one pass; whatever the file index listed but the scan did
     not return is then looked at one by one on the driver (usually nothing): zero bytes, or
-    unreadable. ``on_listed`` runs between listing and reading (a test removes files there).
+    unreadable. Those join the rejects of the walk (:func:`list_source`). ``on_listed`` runs
+    between listing and reading (a test removes files there).
     """
-    root = qualified_root(spark, source)
-    files = binary_reader(spark, glob).load(root)
+    root, paths, rejects = list_source(spark, source, glob)
+    files = binary_reader(spark, glob).load(paths)
     indexed = files.inputFiles()  # the listing Spark already holds on the driver: names only
     if on_listed is not None:
         on_listed()
@@ -130,8 +163,10 @@ def decode_folder(
     decoded = decoded.persist(StorageLevel.MEMORY_AND_DISK)
     counts = decoded.groupBy("label_name").count().collect()  # decodes everything, fills the cache
     names = sorted(r.label_name for r in counts if r.label_name is not None)
-    missing = missing_files(spark, indexed, sum(r["count"] for r in counts), decoded)
-    return decoded, missing, names
+    rejects += missing_files(spark, indexed, sum(r["count"] for r in counts), decoded)
+    if not rejects:
+        return decoded, None, names
+    return decoded, spark.createDataFrame(rejects, "path string, reason string, detail string, size_bytes long"), names
 
 
 def _size_in_bytes(df: DataFrame) -> int:
@@ -149,7 +184,7 @@ def _spark_path(uri: str) -> str:
     return unquote(uri)
 
 
-def missing_files(spark: SparkSession, indexed: list[str], n_read: int, decoded: DataFrame) -> DataFrame | None:
+def missing_files(spark: SparkSession, indexed: list[str], n_read: int, decoded: DataFrame) -> list[RejectRow]:
     """Rejects for files the index listed but the scan did not return.
 
     Spark's file scans silently skip zero-byte files (``empty_file``) and, with
@@ -157,18 +192,16 @@ def missing_files(spark: SparkSession, indexed: list[str], n_read: int, decoded:
     (``unreadable``). Usually the counts match and nothing else runs.
     """
     if len(indexed) == n_read:
-        return None
+        return []
     scanned = {r.path for r in decoded.select("path").collect()}
-    rows: list[tuple[str, str, str, int | None]] = []
+    rows: list[RejectRow] = []
     for path in sorted({_spark_path(p) for p in indexed} - scanned):
         size = _file_size(spark, path)
         if size == 0:
             rows.append((path, "empty_file", "0 bytes", 0))
         else:
             rows.append((path, "unreadable", "listed but could not be read (permissions, removed, or I/O error)", size))
-    if not rows:
-        return None
-    return spark.createDataFrame(rows, "path string, reason string, detail string, size_bytes long")
+    return rows
 
 
 def _file_size(spark: SparkSession, path: str) -> int | None:
@@ -189,8 +222,7 @@ def decode_idx(
     Without ``class_names``, a source whose name says Fashion-MNIST gets its ten names, any other
     the digits 0-9 (MNIST).
     """
-    root = storage.qualify(source)
-    files = binary_reader(spark, None).load(root)
+    files = binary_reader(spark, None).load(list_source(spark, source, None)[1])
     names = [r.path.rsplit("/", 1)[-1] for r in files.select("path").collect()]  # file names only
     pairs = pair_idx_files(names)
     if not pairs:
