@@ -103,10 +103,11 @@ def test_float_keeps_pil_scale_and_alpha_is_dropped():
     assert to_8bit(rgba, "RGB").getpixel((0, 0)) == (10, 20, 30)
 
 
-def test_mode_without_an_8_bit_reading_is_unsupported():
+@pytest.mark.parametrize("read", [inspect_image, lambda d: decode_image(d, 3, (4, 4))], ids=["ingest", "decoder"])
+def test_mode_without_an_8_bit_reading_is_unsupported_for_ingest_and_decoder_alike(read):
     data = _save(Image.new("LAB", (8, 8)), "TIFF")
     with pytest.raises(RejectError) as e:
-        inspect_image(data)
+        read(data)
     assert e.value.reason == "unsupported_mode" and "LAB" in e.value.detail
 
 

@@ -84,6 +84,16 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS_DEFAULT) -> Image.Image
     return img
 
 
+def mode_channels(img: Image.Image) -> int:
+    """Channels ``img`` has once read as 8 bits; ``unsupported_mode`` if it has no such reading.
+
+    The one mode check, so ingest and the decoder for models accept and refuse the same images.
+    """
+    if img.mode not in SUPPORTED_MODES:
+        raise RejectError("unsupported_mode", f"mode {img.mode}; supported: {', '.join(SUPPORTED_MODES)}")
+    return SUPPORTED_MODES[img.mode]
+
+
 def to_8bit(img: Image.Image, mode: Literal["L", "RGB"]) -> Image.Image:
     """``img`` as 8-bit ``mode``: the one conversion of pixels every reader uses.
 
@@ -109,8 +119,7 @@ def inspect_image(data: bytes, max_pixels: int = MAX_PIXELS_DEFAULT) -> ImageInf
     """
     img = open_image(data, max_pixels)
     width, height = img.size
-    if img.mode not in SUPPORTED_MODES:
-        raise RejectError("unsupported_mode", f"mode {img.mode}; supported: {', '.join(SUPPORTED_MODES)}")
+    channels = mode_channels(img)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -119,7 +128,7 @@ def inspect_image(data: bytes, max_pixels: int = MAX_PIXELS_DEFAULT) -> ImageInf
         raise RejectError("truncated", f"{type(e).__name__}: {e}"[:200]) from None
     if width <= 0 or height <= 0:
         raise RejectError("truncated", f"size {width}x{height}")
-    return ImageInfo(format=img.format, height=height, width=width, channels=SUPPORTED_MODES[img.mode])
+    return ImageInfo(format=img.format, height=height, width=width, channels=channels)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from sparkvision.data.images import MAX_PIXELS_DEFAULT, RejectError, open_image, to_8bit
+from sparkvision.data.images import MAX_PIXELS_DEFAULT, RejectError, mode_channels, open_image, to_8bit
 from sparkvision.models.modeldir import Preprocess
 
 
@@ -32,10 +32,11 @@ def decode_image(
     through :func:`sparkvision.data.images.to_8bit`.
 
     Raises :class:`sparkvision.data.images.RejectError` (``empty_file``, ``not_an_image``,
-    ``too_many_pixels`` from the header, ``truncated`` for a body that fails to decode), so a batch
-    can write an error row instead of failing.
+    ``too_many_pixels`` from the header, ``unsupported_mode``, ``truncated`` for a body that fails
+    to decode), so a batch can write an error row instead of failing.
     """
     img = open_image(data, max_pixels)
+    mode_channels(img)  # the modes ingest accepts, no other
     try:
         if size is not None and img.format == "JPEG":
             img.draft("L" if channels == 1 else "RGB", (size[1], size[0]))  # decode at reduced scale
