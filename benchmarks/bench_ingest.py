@@ -113,7 +113,9 @@ def run(files: int, master: str) -> dict:
         # ---------------------------------------------------------------- generated folder
         root = work / "folder"
         size, gen_s = timed(lambda: generate_folder(root, files))
-        summary, spark_s = timed(lambda: ingest(spark, str(root), str(work / "folder_table"), mode="overwrite"))
+        summary, spark_s = timed(
+            lambda: ingest(spark, str(root), str(work / "folder_table"), mode="overwrite")
+        )
         n_plain, plain_s = timed(lambda: plain_folder(root))
         assert n_plain == files
         entry = _entry(files, spark_s, plain_s, summary.rows_written)

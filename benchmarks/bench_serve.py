@@ -60,14 +60,19 @@ def free_port() -> int:
 def make_model(path: str) -> None:
     import torch
 
-    from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
     from sparkvision.models import create_model
+    from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
 
     torch.manual_seed(0)
     classes = [f"class{i}" for i in range(10)]
     model = create_model("cnn", num_classes=10, in_channels=1, image_size=28)
-    save_model_dir(path, model, ModelSpec("cnn", 10, 1, {"image_size": 28}), classes,
-                   Preprocess(channels=1, size=(28, 28), mean=(0.286,), std=(0.353,)))
+    save_model_dir(
+        path,
+        model,
+        ModelSpec("cnn", 10, 1, {"image_size": 28}),
+        classes,
+        Preprocess(channels=1, size=(28, 28), mean=(0.286,), std=(0.353,)),
+    )
 
 
 def make_images(n: int) -> list[bytes]:
@@ -97,11 +102,17 @@ def build_request(port: int, data: bytes, body: str, i: int) -> bytes:
     if body == "raw":
         payload, ctype = data, b"image/png"
     else:
-        payload = (b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="files"; filename="%d.png"\r\n'
-                   b"Content-Type: image/png\r\n\r\n" % i + data + b"\r\n--" + BOUNDARY + b"--\r\n")
+        payload = (
+            b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="files"; filename="%d.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" % i + data + b"\r\n--" + BOUNDARY + b"--\r\n"
+        )
         ctype = b"multipart/form-data; boundary=" + BOUNDARY
-    head = (b"POST /api/classify HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
-            % (HOST.encode(), port, ctype, len(payload)))
+    head = b"POST /api/classify HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (
+        HOST.encode(),
+        port,
+        ctype,
+        len(payload),
+    )
     return head + payload
 
 
@@ -127,7 +138,9 @@ class Conn(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(HttpError("connection closed" + (f": {type(exc).__name__}" if exc else "")))
+            self.waiter.set_exception(
+                HttpError("connection closed" + (f": {type(exc).__name__}" if exc else ""))
+            )
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -142,15 +155,15 @@ class Conn(asyncio.Protocol):
             try:
                 self._status = int(head[9:12])
                 at = head.index(b"\r\ncontent-length:") + 17
-                length = int(head[at:head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0 else None])
+                length = int(head[at : head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0 else None])
             except ValueError:
                 w.set_exception(HttpError("unparseable response head (no Content-Length?)"))
                 return
             self._body_at = end + 4
             self._need = self._body_at + length
         if len(self.buf) >= self._need:
-            body = bytes(self.buf[self._body_at:self._need])
-            del self.buf[:self._need]
+            body = bytes(self.buf[self._body_at : self._need])
+            del self.buf[: self._need]
             self._need = -1
             w.set_result((self._status, body))
 
@@ -160,8 +173,16 @@ class Conn(asyncio.Protocol):
         return self.waiter
 
 
-async def load_raw(port: int, requests_bytes: list[bytes], clients: int, requests: int, max_seconds: float,
-                   timeout: float, warmup: int, server_pid: int) -> dict:
+async def load_raw(
+    port: int,
+    requests_bytes: list[bytes],
+    clients: int,
+    requests: int,
+    max_seconds: float,
+    timeout: float,
+    warmup: int,
+    server_pid: int,
+) -> dict:
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -224,8 +245,17 @@ async def load_raw(port: int, requests_bytes: list[bytes], clients: int, request
     return summarise(latencies, errors, sent, wall, cpu_server, cpu_client)
 
 
-async def load_httpx(port: int, images: list[bytes], clients: int, requests: int, max_seconds: float, body: str,
-                     timeout: float, warmup: int, server_pid: int) -> dict:
+async def load_httpx(
+    port: int,
+    images: list[bytes],
+    clients: int,
+    requests: int,
+    max_seconds: float,
+    body: str,
+    timeout: float,
+    warmup: int,
+    server_pid: int,
+) -> dict:
     """The older client: one httpx.AsyncClient shared by all clients (costly in CPU; kept for comparison)."""
     import httpx
 
@@ -271,8 +301,14 @@ async def load_httpx(port: int, images: list[bytes], clients: int, requests: int
     return summarise(latencies, errors, sent, wall, cpu_server, cpu_client)
 
 
-def summarise(latencies: list[float], errors: dict[str, int], sent: int, wall: float, cpu_server: float,
-              cpu_client: float) -> dict:
+def summarise(
+    latencies: list[float],
+    errors: dict[str, int],
+    sent: int,
+    wall: float,
+    cpu_server: float,
+    cpu_client: float,
+) -> dict:
     lat = np.array(latencies) * 1000
 
     def pct(q: float) -> float | None:
@@ -285,11 +321,17 @@ def summarise(latencies: list[float], errors: dict[str, int], sent: int, wall: f
         "error_kinds": errors,
         "wall_s": round(wall, 3),
         "requests_per_s": round(len(lat) / wall, 1),
-        "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99),
-                       "max": round(float(lat.max()), 1) if len(lat) else None,
-                       "mean": round(float(lat.mean()), 1) if len(lat) else None},
-        "cpu_ms_per_request": {"server": round(1000 * cpu_server / max(len(lat), 1), 3),
-                               "client": round(1000 * cpu_client / max(len(lat), 1), 3)},
+        "latency_ms": {
+            "p50": pct(50),
+            "p90": pct(90),
+            "p99": pct(99),
+            "max": round(float(lat.max()), 1) if len(lat) else None,
+            "mean": round(float(lat.mean()), 1) if len(lat) else None,
+        },
+        "cpu_ms_per_request": {
+            "server": round(1000 * cpu_server / max(len(lat), 1), 3),
+            "client": round(1000 * cpu_client / max(len(lat), 1), 3),
+        },
     }
 
 
@@ -315,23 +357,43 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--max-seconds", type=float, default=120.0, help="Stop sending after this long.")
-    ap.add_argument("--timeout", type=float, default=30.0, help="Per-request limit; a request over it is an error.")
+    ap.add_argument(
+        "--timeout", type=float, default=30.0, help="Per-request limit; a request over it is an error."
+    )
     ap.add_argument("--body", choices=("multipart", "raw"), default="multipart")
-    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
-                    help="raw: asyncio protocol with pre-built requests (cheap); httpx: httpx.AsyncClient.")
-    ap.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop",
-                    help="Event loop of the client (uvloop when installed).")
-    ap.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto",
-                    help="Server HTTP parser; auto: start the CLI (uvicorn picks httptools when installed).")
-    ap.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="Server event loop.")
+    ap.add_argument(
+        "--client",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="raw: asyncio protocol with pre-built requests (cheap); httpx: httpx.AsyncClient.",
+    )
+    ap.add_argument(
+        "--client-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="Event loop of the client (uvloop when installed).",
+    )
+    ap.add_argument(
+        "--http",
+        choices=("auto", "h11", "httptools"),
+        default="auto",
+        help="Server HTTP parser; auto: start the CLI (uvicorn picks httptools when installed).",
+    )
+    ap.add_argument(
+        "--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="Server event loop."
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=400)
     ap.add_argument("--note", default="", help="Free text stored with the run.")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "serve"))
-    ap.add_argument("--append", action="store_true", help="Add this run to the current results (else replace "
-                    "them; runs marked older are always kept as history).")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="Add this run to the current results (else replace "
+        "them; runs marked older are always kept as history).",
+    )
     ap.add_argument("--render", action="store_true", help="Only re-render the .md from the .json.")
     args = ap.parse_args()
     if args.render:
@@ -346,13 +408,44 @@ def main() -> None:
     url = f"http://{HOST}:{port}"
     env = dict(os.environ, SPARKVISION_API_TOKEN="")
     if args.http == "auto" and args.loop == "auto":
-        cmd = [sys.executable, "-m", "sparkvision.cli", "serve", "--host", HOST, "--port", str(port),
-               "--data-root", work, "--db", f"sqlite:///{work}/jobs.db", "--model", model_dir,
-               "--batch-size", str(args.batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
-               "--torch-threads", str(args.torch_threads), "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sparkvision.cli",
+            "serve",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--data-root",
+            work,
+            "--db",
+            f"sqlite:///{work}/jobs.db",
+            "--model",
+            model_dir,
+            "--batch-size",
+            str(args.batch_size),
+            "--batch-wait-ms",
+            str(args.batch_wait_ms),
+            "--torch-threads",
+            str(args.torch_threads),
+            "--log-level",
+            "warning",
+        ]
     else:
-        cmd = [sys.executable, "-c", SERVE_DIRECT, str(port), work, model_dir, str(args.batch_size),
-               str(args.batch_wait_ms), str(args.torch_threads), args.http, args.loop]
+        cmd = [
+            sys.executable,
+            "-c",
+            SERVE_DIRECT,
+            str(port),
+            work,
+            model_dir,
+            str(args.batch_size),
+            str(args.batch_wait_ms),
+            str(args.torch_threads),
+            args.http,
+            args.loop,
+        ]
     server = subprocess.Popen(cmd, cwd=ROOT, env=env)
     try:
         t0 = time.time()
@@ -374,11 +467,32 @@ def main() -> None:
                 args.client_loop = "asyncio"
         if args.client == "raw":
             reqs = [build_request(port, data, args.body, i) for i, data in enumerate(images)]
-            result = asyncio.run(load_raw(port, reqs, args.clients, args.requests, args.max_seconds, args.timeout,
-                                          args.warmup, server.pid))
+            result = asyncio.run(
+                load_raw(
+                    port,
+                    reqs,
+                    args.clients,
+                    args.requests,
+                    args.max_seconds,
+                    args.timeout,
+                    args.warmup,
+                    server.pid,
+                )
+            )
         else:
-            result = asyncio.run(load_httpx(port, images, args.clients, args.requests, args.max_seconds, args.body,
-                                            args.timeout, args.warmup, server.pid))
+            result = asyncio.run(
+                load_httpx(
+                    port,
+                    images,
+                    args.clients,
+                    args.requests,
+                    args.max_seconds,
+                    args.body,
+                    args.timeout,
+                    args.warmup,
+                    server.pid,
+                )
+            )
         load_avg = round(os.getloadavg()[0], 2)
         health = get_json(url + "/api/health")
     finally:
@@ -396,9 +510,14 @@ def main() -> None:
         "body": args.body,
         "client": args.client,
         "client_loop": args.client_loop,
-        "server": {"via": "sparkvision serve" if args.http == "auto" and args.loop == "auto" else "uvicorn.run",
-                   "http": args.http, "loop": args.loop, "uvicorn": uvicorn.__version__,
-                   "httptools": _have("httptools"), "uvloop": _have("uvloop")},
+        "server": {
+            "via": "sparkvision serve" if args.http == "auto" and args.loop == "auto" else "uvicorn.run",
+            "http": args.http,
+            "loop": args.loop,
+            "uvicorn": uvicorn.__version__,
+            "httptools": _have("httptools"),
+            "uvloop": _have("uvloop"),
+        },
         "clients": args.clients,
         "requests": args.requests,
         "max_seconds": args.max_seconds,
@@ -410,7 +529,8 @@ def main() -> None:
         "server_batching": next(iter(health.get("batching", {}).values()), None),
         "stopped_by_time_limit": result["requests_sent"] < args.requests,
         "target": {"errors": 0, "p99_ms": 250},
-        "target_met": result["errors"] == 0 and (result["latency_ms"]["p99"] or 1e9) < 250
+        "target_met": result["errors"] == 0
+        and (result["latency_ms"]["p99"] or 1e9) < 250
         and result["requests_sent"] >= args.requests,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_1m_at_end": load_avg},
         "note": args.note,
@@ -440,8 +560,10 @@ def write_results(out: str, run: dict | None, append: bool) -> None:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".json", "w") as f:
         json.dump({"runs": runs}, f, indent=2)
-    head = ("| body | client | server http/loop | clients | requests ok | errors | req/s | p50 ms | p90 ms | p99 ms | "
-            "max ms | CPU ms/req server / client | mean batch | target | load avg | note |")
+    head = (
+        "| body | client | server http/loop | clients | requests ok | errors | req/s | p50 ms | p90 ms | p99 ms | "
+        "max ms | CPU ms/req server / client | mean batch | target | load avg | note |"
+    )
     rule = "|" + "---|" * 16
 
     def row(r: dict) -> str:
@@ -449,31 +571,53 @@ def write_results(out: str, run: dict | None, append: bool) -> None:
         srv = r.get("server") or {}
         server = f"{srv.get('http', 'h11')}/{srv.get('loop', 'asyncio')}"
         if srv.get("http") == "auto":
-            server = ("httptools" if srv.get("httptools") else "h11") + "/" + \
-                     ("uvloop" if srv.get("uvloop") else "asyncio") + " (auto)"
+            server = (
+                ("httptools" if srv.get("httptools") else "h11")
+                + "/"
+                + ("uvloop" if srv.get("uvloop") else "asyncio")
+                + " (auto)"
+            )
         cpu = r.get("cpu_ms_per_request") or {}
         lat = r["latency_ms"]
-        return (f"| {r['body']} | {r.get('client', 'httpx')} | {server} | {r['clients']} | "
-                f"{r['ok']:,} / {r['requests']:,} | {r['errors']} | {r['requests_per_s']:,.0f} | {lat['p50']} | "
-                f"{lat['p90']} | {lat['p99']} | {lat['max']} | {cpu.get('server', 0):.2f} / {cpu.get('client', 0):.2f} | "
-                f"{b.get('mean_batch')} | {'met' if r['target_met'] else 'missed'} | "
-                f"{r['machine']['load_avg_1m_at_end']} | {r.get('note', '')} |")
+        return (
+            f"| {r['body']} | {r.get('client', 'httpx')} | {server} | {r['clients']} | "
+            f"{r['ok']:,} / {r['requests']:,} | {r['errors']} | {r['requests_per_s']:,.0f} | {lat['p50']} | "
+            f"{lat['p90']} | {lat['p99']} | {lat['max']} | {cpu.get('server', 0):.2f} / {cpu.get('client', 0):.2f} | "
+            f"{b.get('mean_batch')} | {'met' if r['target_met'] else 'missed'} | "
+            f"{r['machine']['load_avg_1m_at_end']} | {r.get('note', '')} |"
+        )
 
     current = [r for r in runs if not r.get("older")]
     older = [r for r in runs if r.get("older")]
-    lines = ["# Serving benchmark: POST /api/classify on loopback", "",
-             "`.venv/bin/python benchmarks/bench_serve.py` (server: `sparkvision serve`, a separate process, "
-             "unless the server column names a parser and loop without `(auto)`; client: `raw` = asyncio "
-             "protocol with pre-built HTTP/1.1 keep-alive requests, `httpx` = httpx.AsyncClient). 200 clients, "
-             "5,000 requests of one 28x28 PNG each, small CNN. Client and server share the machine's 2 cores; "
-             "`load avg` is the 1-minute load average at the end of the run (above 2 means the run was "
-             "contended). Target: zero errors and p99 < 250 ms.",
-             "", "## Current", "", head, rule, *[row(r) for r in current]]
+    lines = [
+        "# Serving benchmark: POST /api/classify on loopback",
+        "",
+        "`.venv/bin/python benchmarks/bench_serve.py` (server: `sparkvision serve`, a separate process, "
+        "unless the server column names a parser and loop without `(auto)`; client: `raw` = asyncio "
+        "protocol with pre-built HTTP/1.1 keep-alive requests, `httpx` = httpx.AsyncClient). 200 clients, "
+        "5,000 requests of one 28x28 PNG each, small CNN. Client and server share the machine's 2 cores; "
+        "`load avg` is the 1-minute load average at the end of the run (above 2 means the run was "
+        "contended). Target: zero errors and p99 < 250 ms.",
+        "",
+        "## Current",
+        "",
+        head,
+        rule,
+        *[row(r) for r in current],
+    ]
     if older:
-        lines += ["", "## Older runs (history)", "",
-                  "Earlier server code (uvicorn's pure-Python h11 parser and asyncio loop) measured with the "
-                  "httpx client, whose own CPU cost (6.6-10 ms per request) was most of the bottleneck; kept for "
-                  "comparison.", "", head, rule, *[row(r) for r in older]]
+        lines += [
+            "",
+            "## Older runs (history)",
+            "",
+            "Earlier server code (uvicorn's pure-Python h11 parser and asyncio loop) measured with the "
+            "httpx client, whose own CPU cost (6.6-10 ms per request) was most of the bottleneck; kept for "
+            "comparison.",
+            "",
+            head,
+            rule,
+            *[row(r) for r in older],
+        ]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -35,13 +35,23 @@ def _table(n: int, size: int):
     yy, xx = np.mgrid[0:size, 0:size]
     pool = []
     for k in range(50):
-        rgb = np.stack([(128 + 100 * np.sin(xx / (3 + k) + c) * np.cos(yy / (5 + c))).astype(np.uint8)
-                        for c in range(3)], -1)
+        rgb = np.stack(
+            [
+                (128 + 100 * np.sin(xx / (3 + k) + c) * np.cos(yy / (5 + c))).astype(np.uint8)
+                for c in range(3)
+            ],
+            -1,
+        )
         buf = io.BytesIO()
         Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
         pool.append(buf.getvalue())
-    return pa.table({"image": [pool[i % 50] for i in range(n)], "label": [i % 10 for i in range(n)],
-                     "split": ["train"] * n})
+    return pa.table(
+        {
+            "image": [pool[i % 50] for i in range(n)],
+            "label": [i % 10 for i in range(n)],
+            "split": ["train"] * n,
+        }
+    )
 
 
 def _plain(batches, channels: int, size: tuple[int, int]):
@@ -50,8 +60,11 @@ def _plain(batches, channels: int, size: tuple[int, int]):
 
     from sparkvision.transforms.preprocess import decode_image
 
-    arrays = [decode_image(data, channels, size).transpose(1, 2, 0)  # HWC: the old stack-then-permute path
-              for b in batches for data in b.column("image").to_pylist()]
+    arrays = [
+        decode_image(data, channels, size).transpose(1, 2, 0)  # HWC: the old stack-then-permute path
+        for b in batches
+        for data in b.column("image").to_pylist()
+    ]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -69,8 +82,16 @@ def _child(variant: str, n: int, size: int) -> None:
         images = decode_shard(iter(batches), 3, (size, size))[0].images
     seconds = time.perf_counter() - t0
     rise = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
-    print(json.dumps({"variant": variant, "decoded_bytes": images.numel(), "peak_rise_bytes": rise,
-                      "seconds": round(seconds, 2)}))
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "decoded_bytes": images.numel(),
+                "peak_rise_bytes": rise,
+                "seconds": round(seconds, 2),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -84,29 +105,61 @@ def main() -> None:
         return
     rows = {}
     for variant in ("plain", "decode_shard"):
-        out = subprocess.run([sys.executable, __file__, "--child", variant, "--images", str(args.images),
-                              "--size", str(args.size)], check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                variant,
+                "--images",
+                str(args.images),
+                "--size",
+                str(args.size),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         rows[variant] = r = json.loads(out.strip().splitlines()[-1])
         r["peak_over_decoded"] = round(r["peak_rise_bytes"] / r["decoded_bytes"], 2)
-        print(f"{variant:>13}: decoded {r['decoded_bytes'] / 2**20:.0f} MiB, peak rise "
-              f"{r['peak_rise_bytes'] / 2**20:.0f} MiB ({r['peak_over_decoded']}x), {r['seconds']} s")
-    res = {"images": args.images, "size": [3, args.size, args.size], "rows": rows,
-           "peak_ratio_decode_shard_vs_plain": round(rows["decode_shard"]["peak_rise_bytes"]
-                                                     / rows["plain"]["peak_rise_bytes"], 3),
-           "time_ratio_decode_shard_vs_plain": round(rows["decode_shard"]["seconds"] / rows["plain"]["seconds"], 3),
-           "machine": f"{os.cpu_count()} CPU cores (shared)"}
+        print(
+            f"{variant:>13}: decoded {r['decoded_bytes'] / 2**20:.0f} MiB, peak rise "
+            f"{r['peak_rise_bytes'] / 2**20:.0f} MiB ({r['peak_over_decoded']}x), {r['seconds']} s"
+        )
+    res = {
+        "images": args.images,
+        "size": [3, args.size, args.size],
+        "rows": rows,
+        "peak_ratio_decode_shard_vs_plain": round(
+            rows["decode_shard"]["peak_rise_bytes"] / rows["plain"]["peak_rise_bytes"], 3
+        ),
+        "time_ratio_decode_shard_vs_plain": round(
+            rows["decode_shard"]["seconds"] / rows["plain"]["seconds"], 3
+        ),
+        "machine": f"{os.cpu_count()} CPU cores (shared)",
+    }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "shard_memory.json"), "w") as f:
         json.dump(res, f, indent=2)
-    lines = ["# Shard decoding: peak memory and time", "",
-             f"{args.images:,} JPEG images decoded to 3x{args.size}x{args.size} uint8, one process per variant "
-             "(`benchmarks/bench_shard_memory.py`).", "",
-             "| variant | decoded | peak RSS rise | peak / decoded | time |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "# Shard decoding: peak memory and time",
+        "",
+        f"{args.images:,} JPEG images decoded to 3x{args.size}x{args.size} uint8, one process per variant "
+        "(`benchmarks/bench_shard_memory.py`).",
+        "",
+        "| variant | decoded | peak RSS rise | peak / decoded | time |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['decoded_bytes'] / 2**20:.0f} MiB | {r['peak_rise_bytes'] / 2**20:.0f} MiB | "
-                     f"{r['peak_over_decoded']}x | {r['seconds']} s |")
-    lines += ["", f"decode_shard / plain: peak {res['peak_ratio_decode_shard_vs_plain']}, "
-              f"time {res['time_ratio_decode_shard_vs_plain']}."]
+        lines.append(
+            f"| {name} | {r['decoded_bytes'] / 2**20:.0f} MiB | {r['peak_rise_bytes'] / 2**20:.0f} MiB | "
+            f"{r['peak_over_decoded']}x | {r['seconds']} s |"
+        )
+    lines += [
+        "",
+        f"decode_shard / plain: peak {res['peak_ratio_decode_shard_vs_plain']}, "
+        f"time {res['time_ratio_decode_shard_vs_plain']}.",
+    ]
     with open(os.path.join(HERE, "results", "shard_memory.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(lines[-1])

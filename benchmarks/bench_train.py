@@ -40,7 +40,11 @@ def load_plain(table: str) -> tuple[torch.Tensor, torch.Tensor]:
 
     t = pq.read_table(table.replace("file://", ""), columns=["image", "label", "split"])
     d = t.to_pydict()
-    imgs = [decode_image(b, 1, (28, 28)).transpose(1, 2, 0) for b, s in zip(d["image"], d["split"], strict=True) if s == "train"]
+    imgs = [
+        decode_image(b, 1, (28, 28)).transpose(1, 2, 0)
+        for b, s in zip(d["image"], d["split"], strict=True)
+        if s == "train"
+    ]
     labels = [lab for lab, s in zip(d["label"], d["split"], strict=True) if s == "train"]
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor(labels, dtype=torch.int64)
@@ -91,20 +95,29 @@ def main() -> None:
 
         ingest_fashion_mnist(spark, args.table)
     cores = os.cpu_count() or 1
-    results: dict = {"machine": {"cores": cores, "torch": torch.__version__}, "created": time.strftime("%Y-%m-%d %H:%M")}
+    results: dict = {
+        "machine": {"cores": cores, "torch": torch.__version__},
+        "created": time.strftime("%Y-%m-%d %H:%M"),
+    }
     if os.path.exists(args.results):
         with open(args.results) as f:
             results = {**json.load(f), **results}
 
-    cfg = TrainConfig(epochs=args.epochs, workers=args.workers, label_smoothing=args.label_smoothing,
-                      model_kwargs=json.loads(args.model_kwargs))
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        workers=args.workers,
+        label_smoothing=args.label_smoothing,
+        model_kwargs=json.loads(args.model_kwargs),
+    )
     if not args.skip_accuracy:
         t0 = time.perf_counter()
         summary = train(spark, args.table, args.out, cfg)
         results["accuracy"] = {
             "config": cfg.to_json(),
-            "per_epoch": [{k: h[k] for k in ("epoch", "test_acc", "train_loss", "images_per_s", "epoch_time_s")}
-                          for h in summary["history"]],
+            "per_epoch": [
+                {k: h[k] for k in ("epoch", "test_acc", "train_loss", "images_per_s", "epoch_time_s")}
+                for h in summary["history"]
+            ],
             "final_test_acc": summary["test_acc"],
             "best_test_acc": max(h["test_acc"] for h in summary["history"]),
             "total_time_s": round(time.perf_counter() - t0, 1),
@@ -129,20 +142,29 @@ def main() -> None:
         if args.workers != 1:
             cfg1 = TrainConfig(epochs=1, workers=1, label_smoothing=args.label_smoothing)
             sv1 = train(spark, args.table, os.path.join(args.out + "-throughput"), cfg1)["images_per_s"]
-        rounds.append({"plain_images_per_s": round(plain, 1), "sparkvision_images_per_s": sv["images_per_s"],
-                       "sparkvision_1worker_images_per_s": sv1,
-                       "sparkvision_wall_s": round(wall, 1), "sparkvision_data_load_s": sv["data_load_s"],
-                       "ratio": round(sv["images_per_s"] / plain, 3),
-                       "ratio_1worker": round(sv1 / plain, 3) if sv1 else None,
-                       "ratio_end_to_end": round(len(x) / wall / plain, 3)})
+        rounds.append(
+            {
+                "plain_images_per_s": round(plain, 1),
+                "sparkvision_images_per_s": sv["images_per_s"],
+                "sparkvision_1worker_images_per_s": sv1,
+                "sparkvision_wall_s": round(wall, 1),
+                "sparkvision_data_load_s": sv["data_load_s"],
+                "ratio": round(sv["images_per_s"] / plain, 3),
+                "ratio_1worker": round(sv1 / plain, 3) if sv1 else None,
+                "ratio_end_to_end": round(len(x) / wall / plain, 3),
+            }
+        )
         print(rounds[-1])
     results["throughput"] = {
         "rounds": rounds,
         "workers": args.workers,
         "cores": cores,
         "ratio": round(float(np.median([r["ratio"] for r in rounds])), 3),
-        "ratio_1worker": (round(float(np.median([r["ratio_1worker"] for r in rounds])), 3)
-                          if rounds and rounds[0]["ratio_1worker"] else None),
+        "ratio_1worker": (
+            round(float(np.median([r["ratio_1worker"] for r in rounds])), 3)
+            if rounds and rounds[0]["ratio_1worker"]
+            else None
+        ),
         "ratio_end_to_end": round(float(np.median([r["ratio_end_to_end"] for r in rounds])), 3),
         "target": 0.95,
     }
@@ -157,23 +179,44 @@ def _save(path: str, results: dict) -> None:
         json.dump(results, f, indent=2)
     acc = results.get("accuracy", {})
     thr = results.get("throughput", {})
-    lines = ["# Training benchmark (Fashion-MNIST, cnn, CPU)", "", f"Run {results['created']}, "
-             f"{results['machine']['cores']} cores, torch {results['machine']['torch']}.", ""]
+    lines = [
+        "# Training benchmark (Fashion-MNIST, cnn, CPU)",
+        "",
+        f"Run {results['created']}, "
+        f"{results['machine']['cores']} cores, torch {results['machine']['torch']}.",
+        "",
+    ]
     if acc:
-        lines += [f"- Test accuracy after {len(acc['per_epoch'])} epochs: **{acc['final_test_acc']:.2%}** "
-                  f"(best {acc['best_test_acc']:.2%}; target 93.0%: {'met' if acc['met'] else 'MISSED'}), "
-                  f"total {acc['total_time_s']:.0f} s.", "", "| epoch | test acc | train loss | images/s |",
-                  "|---:|---:|---:|---:|"]
-        lines += [f"| {h['epoch']} | {h['test_acc']:.4f} | {h['train_loss']:.4f} | {h['images_per_s']:.0f} |"
-                  for h in acc["per_epoch"]]
+        lines += [
+            f"- Test accuracy after {len(acc['per_epoch'])} epochs: **{acc['final_test_acc']:.2%}** "
+            f"(best {acc['best_test_acc']:.2%}; target 93.0%: {'met' if acc['met'] else 'MISSED'}), "
+            f"total {acc['total_time_s']:.0f} s.",
+            "",
+            "| epoch | test acc | train loss | images/s |",
+            "|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {h['epoch']} | {h['test_acc']:.4f} | {h['train_loss']:.4f} | {h['images_per_s']:.0f} |"
+            for h in acc["per_epoch"]
+        ]
     if thr:
-        lines += ["", f"- Throughput ratio sparkvision / plain PyTorch (per-epoch training images/s, "
-                  f"{thr['workers']} DDP ranks vs one process, {thr['cores']} cores in all): **{thr['ratio']}** "
-                  f"(target 0.95: {'met' if thr['met'] else 'MISSED'}); 1 rank: {thr['ratio_1worker']}; "
-                  f"end to end incl. Spark read + decode: {thr['ratio_end_to_end']}.", ""]
-        lines += ["| round | plain img/s | sparkvision img/s | 1-rank img/s | ratio |", "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {i + 1} | {r['plain_images_per_s']} | {r['sparkvision_images_per_s']} | "
-                  f"{r['sparkvision_1worker_images_per_s']} | {r['ratio']} |" for i, r in enumerate(thr["rounds"])]
+        lines += [
+            "",
+            f"- Throughput ratio sparkvision / plain PyTorch (per-epoch training images/s, "
+            f"{thr['workers']} DDP ranks vs one process, {thr['cores']} cores in all): **{thr['ratio']}** "
+            f"(target 0.95: {'met' if thr['met'] else 'MISSED'}); 1 rank: {thr['ratio_1worker']}; "
+            f"end to end incl. Spark read + decode: {thr['ratio_end_to_end']}.",
+            "",
+        ]
+        lines += [
+            "| round | plain img/s | sparkvision img/s | 1-rank img/s | ratio |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {i + 1} | {r['plain_images_per_s']} | {r['sparkvision_images_per_s']} | "
+            f"{r['sparkvision_1worker_images_per_s']} | {r['ratio']} |"
+            for i, r in enumerate(thr["rounds"])
+        ]
     with open(path.replace(".json", ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from pyspark.sql import functions as F  # noqa: E402
 
+from sparkvision.data.table import is_image_table, read_meta, read_table, write_meta  # noqa: E402
 from sparkvision.spark.session import get_spark  # noqa: E402
 from sparkvision.ssl.config import FinetuneConfig  # noqa: E402
 from sparkvision.ssl.finetune import finetune  # noqa: E402
-from sparkvision.data.table import is_image_table, read_meta, read_table, write_meta  # noqa: E402
 from sparkvision.train.augment import parse_augment  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "ssl_tune.json")
@@ -54,15 +54,38 @@ RECIPES: dict[str, tuple[bool, dict]] = {
     "ftv2-0.3": (True, {"encoder_lr_scale": 0.3, "projector_layers": 1}),
     # FixMatch on the (train-minus-val) pool, labels never read.
     "fixmatch-scratch": (False, {"consistency_weight": 1.0, "unlabeled_split": "train"}),
-    "fixmatch-ft-1.0": (True, {"encoder_lr_scale": 1.0, "consistency_weight": 1.0, "unlabeled_split": "train"}),
-    "fixmatch-ft-1.0-tau-0.8": (True, {"encoder_lr_scale": 1.0, "consistency_weight": 1.0,
-                                       "unlabeled_split": "train", "confidence": 0.8}),
+    "fixmatch-ft-1.0": (
+        True,
+        {"encoder_lr_scale": 1.0, "consistency_weight": 1.0, "unlabeled_split": "train"},
+    ),
+    "fixmatch-ft-1.0-tau-0.8": (
+        True,
+        {"encoder_lr_scale": 1.0, "consistency_weight": 1.0, "unlabeled_split": "train", "confidence": 0.8},
+    ),
     # Label smoothing 0.1 caps the softmax near 0.91, under FixMatch's 0.95 threshold (the paper uses none).
-    "fixmatch-ft-1.0-ls-0": (True, {"encoder_lr_scale": 1.0, "consistency_weight": 1.0, "unlabeled_split": "train",
-                                    "label_smoothing": 0.0}),
-    "fixmatch-ft-1.0-ls-0-3x-epochs": (True, {"encoder_lr_scale": 1.0, "consistency_weight": 1.0,
-                                              "unlabeled_split": "train", "label_smoothing": 0.0, "epochs_x": 3}),
-    "fixmatch-scratch-ls-0": (False, {"consistency_weight": 1.0, "unlabeled_split": "train", "label_smoothing": 0.0}),
+    "fixmatch-ft-1.0-ls-0": (
+        True,
+        {
+            "encoder_lr_scale": 1.0,
+            "consistency_weight": 1.0,
+            "unlabeled_split": "train",
+            "label_smoothing": 0.0,
+        },
+    ),
+    "fixmatch-ft-1.0-ls-0-3x-epochs": (
+        True,
+        {
+            "encoder_lr_scale": 1.0,
+            "consistency_weight": 1.0,
+            "unlabeled_split": "train",
+            "label_smoothing": 0.0,
+            "epochs_x": 3,
+        },
+    ),
+    "fixmatch-scratch-ls-0": (
+        False,
+        {"consistency_weight": 1.0, "unlabeled_split": "train", "label_smoothing": 0.0},
+    ),
 }
 
 
@@ -72,7 +95,9 @@ def val_table(spark, table: str, out: str) -> str:
         return out
     df = read_table(spark, table)
     pick = (F.pmod(F.xxhash64(F.lit(7), F.col("content_id")), F.lit(10)) == 0) & (F.col("split") == "train")
-    df.withColumn("split", F.when(pick, F.lit("val")).otherwise(F.col("split"))).write.mode("overwrite").parquet(out)
+    df.withColumn("split", F.when(pick, F.lit("val")).otherwise(F.col("split"))).write.mode(
+        "overwrite"
+    ).parquet(out)
     write_meta(spark, out, read_meta(spark, table))
     return out
 
@@ -80,7 +105,9 @@ def val_table(spark, table: str, out: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--table", default="data/fashion-mnist")
-    ap.add_argument("--encoder", default=os.path.join(HERE, "out", "ssl", "pretrain-improved-simclr-cpu-small"))
+    ap.add_argument(
+        "--encoder", default=os.path.join(HERE, "out", "ssl", "pretrain-improved-simclr-cpu-small")
+    )
     ap.add_argument("--fraction", type=float, default=0.01)
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--master", default="local[2]")
@@ -105,15 +132,35 @@ def main() -> None:
         ep = epochs * over.pop("epochs_x", 1)
         if "augment" in over:
             over["augment"] = parse_augment(over["augment"])
-        cfg = FinetuneConfig(label_fraction=args.fraction, epochs=ep, batch_size=batch, eval_split="val", **over)
+        cfg = FinetuneConfig(
+            label_fraction=args.fraction, epochs=ep, batch_size=batch, eval_split="val", **over
+        )
         t0 = time.time()
         s = finetune(spark, table, os.path.join(args.out_dir, name), enc, cfg, eval_every=ep)
-        res[key] = {"recipe": name, "encoder": enc and os.path.relpath(enc, HERE), "fraction": args.fraction,
-                    "val_acc": s["test_acc"], "train_rows": s["train_rows"], "epochs": ep, "batch_size": batch,
-                    "wall_s": round(time.time() - t0, 1), "config": {k: v for k, v in cfg.to_json().items()
-                                                                     if k in ("lr", "encoder_lr_scale", "augment",
-                                                                              "label_smoothing", "epochs",
-                                                                              "consistency_weight", "confidence")}}
+        res[key] = {
+            "recipe": name,
+            "encoder": enc and os.path.relpath(enc, HERE),
+            "fraction": args.fraction,
+            "val_acc": s["test_acc"],
+            "train_rows": s["train_rows"],
+            "epochs": ep,
+            "batch_size": batch,
+            "wall_s": round(time.time() - t0, 1),
+            "config": {
+                k: v
+                for k, v in cfg.to_json().items()
+                if k
+                in (
+                    "lr",
+                    "encoder_lr_scale",
+                    "augment",
+                    "label_smoothing",
+                    "epochs",
+                    "consistency_weight",
+                    "confidence",
+                )
+            },
+        }
         print(f"{key}: val_acc {s['test_acc']} ({res[key]['wall_s']} s)", flush=True)
         os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
         with open(RESULTS, "w") as f:

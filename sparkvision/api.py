@@ -26,5 +26,18 @@ index = OPERATIONS["index"]
 search = OPERATIONS["search"]
 dedup = OPERATIONS["dedup"]
 
-__all__ = ["dedup", "distill", "embed", "evaluate", "fashion_mnist", "finetune", "get_spark", "index", "ingest",
-           "predict", "pretrain", "search", "train"]
+__all__ = [
+    "dedup",
+    "distill",
+    "embed",
+    "evaluate",
+    "fashion_mnist",
+    "finetune",
+    "get_spark",
+    "index",
+    "ingest",
+    "predict",
+    "pretrain",
+    "search",
+    "train",
+]

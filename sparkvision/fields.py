@@ -59,8 +59,10 @@ OptionalSplit = Annotated[str | None, BeforeValidator(_none_word)]
 JsonObject = Annotated[dict[str, Any], BeforeValidator(_json_object)]
 """Free-form keyword arguments (e.g. a model's): a dict, or its JSON text on the command line."""
 
-ImageSize = Annotated[tuple[Annotated[int, Field(ge=4, le=2048)], Annotated[int, Field(ge=4, le=2048)]] | None,
-                     BeforeValidator(_size)]
+ImageSize = Annotated[
+    tuple[Annotated[int, Field(ge=4, le=2048)], Annotated[int, Field(ge=4, le=2048)]] | None,
+    BeforeValidator(_size),
+]
 """Resize target (height, width); one number for a square; None keeps the table's size."""
 
 CommaList = Annotated[list[str] | None, BeforeValidator(_comma_list)]

@@ -91,8 +91,10 @@ def postgres_server():
         _pg_unavailable("psycopg is not installed (pip install 'psycopg[binary]', the postgres/test extras)")
     bindir = find_pg_bin()
     if bindir is None:
-        _pg_unavailable("PostgreSQL server binaries (initdb, postgres) not found: apt-get install "
-                        "postgresql, or set SPARKVISION_PG_BIN")
+        _pg_unavailable(
+            "PostgreSQL server binaries (initdb, postgres) not found: apt-get install "
+            "postgresql, or set SPARKVISION_PG_BIN"
+        )
     server = PgServer(bindir).start()
     try:
         yield server

@@ -130,30 +130,74 @@ class PgServer:
                 try:
                     pw = pwd.getpwnam("postgres")
                 except KeyError:
-                    raise PgServerError("running as root and there is no 'postgres' user to run the server as") from None
+                    raise PgServerError(
+                        "running as root and there is no 'postgres' user to run the server as"
+                    ) from None
                 os.chown(self.tmp, pw.pw_uid, pw.pw_gid)
                 self._creds = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
             with open(os.path.join(self.tmp, "initdb.log"), "w+b") as out:
                 try:
-                    p = subprocess.run([self._exe("initdb"), "-D", self.data, "-U", self.user, "-A", "trust",
-                                        "-E", "UTF8", "--locale=C", "--no-sync"], stdin=subprocess.DEVNULL,
-                                       stdout=out, stderr=subprocess.STDOUT, cwd=self.tmp, timeout=120,
-                                       **self._creds)
+                    p = subprocess.run(
+                        [
+                            self._exe("initdb"),
+                            "-D",
+                            self.data,
+                            "-U",
+                            self.user,
+                            "-A",
+                            "trust",
+                            "-E",
+                            "UTF8",
+                            "--locale=C",
+                            "--no-sync",
+                        ],
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        cwd=self.tmp,
+                        timeout=120,
+                        **self._creds,
+                    )
                 except subprocess.TimeoutExpired as e:
                     raise PgServerError("initdb took more than 120 s") from e
                 if p.returncode != 0:
                     out.seek(0)
-                    raise PgServerError(f"initdb failed ({p.returncode}):\n{out.read().decode(errors='replace')}")
+                    raise PgServerError(
+                        f"initdb failed ({p.returncode}):\n{out.read().decode(errors='replace')}"
+                    )
             last = ""
             for _ in range(3):  # a port found free may be taken before the server binds it
                 self.port = free_port()
                 with open(self.logfile, "ab") as log:
                     self._proc = subprocess.Popen(
-                        [self._exe("postgres"), "-D", self.data, "-p", str(self.port), "-k", self.tmp,
-                         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-                         "-c", "full_page_writes=off", "-c", "max_connections=40", "-c", "shared_buffers=16MB"],
-                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp,
-                        start_new_session=True, **self._creds)  # Ctrl-C goes to pytest, which tears down
+                        [
+                            self._exe("postgres"),
+                            "-D",
+                            self.data,
+                            "-p",
+                            str(self.port),
+                            "-k",
+                            self.tmp,
+                            "-c",
+                            "listen_addresses=127.0.0.1",
+                            "-c",
+                            "fsync=off",
+                            "-c",
+                            "synchronous_commit=off",
+                            "-c",
+                            "full_page_writes=off",
+                            "-c",
+                            "max_connections=40",
+                            "-c",
+                            "shared_buffers=16MB",
+                        ],
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        cwd=self.tmp,
+                        start_new_session=True,
+                        **self._creds,
+                    )  # Ctrl-C goes to pytest, which tears down
                 self._start_watchdog()
                 deadline = time.monotonic() + self.start_timeout_s
                 while time.monotonic() < deadline and self._proc.poll() is None:
@@ -164,8 +208,9 @@ class PgServer:
                         time.sleep(0.2)
                 last = self._log_tail()
                 if self._proc.poll() is None:
-                    raise PgServerError(f"postgres did not accept connections within {self.start_timeout_s:.0f} s:"
-                                        f"\n{last}")
+                    raise PgServerError(
+                        f"postgres did not accept connections within {self.start_timeout_s:.0f} s:\n{last}"
+                    )
                 self._reap()
             raise PgServerError(f"postgres would not start:\n{last}")
         except BaseException:
@@ -201,8 +246,12 @@ class PgServer:
     def _start_watchdog(self) -> None:
         self._watchdog = subprocess.Popen(
             [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(self._proc.pid), self.tmp],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, cwd="/")
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd="/",
+        )
 
     def _log_tail(self) -> str:
         try:

@@ -21,13 +21,23 @@ from test_web_api import root, settings_for, write_training_output  # noqa: F401
 from sparkvision.web.app import create_app
 
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing: apt-get install -y chromium"),
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing: apt-get install -y chromium"
+    ),
 ]
 
 
@@ -44,7 +54,9 @@ def free_port() -> int:
 def server(spark, root, tmp_path_factory):  # noqa: F811
     """uvicorn on a free loopback port, in a thread, with the runner on the test session's Spark."""
     db = tmp_path_factory.mktemp("browser-db") / "jobs.db"
-    app = create_app(settings_for(root, db_url=f"sqlite:///{db}", start_runner=True), spark_factory=lambda: spark)
+    app = create_app(
+        settings_for(root, db_url=f"sqlite:///{db}", start_runner=True), spark_factory=lambda: spark
+    )
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -94,8 +106,10 @@ def test_search_and_table_browser(page, tmp_path):
     page.wait_for_selector("#rows-grid .cell img", timeout=20_000)
     assert "of 20" in page.inner_text("#rows-range")
     page.click("#rows-next")
-    page.wait_for_function("document.querySelector('#rows-range').innerText.startsWith('21') || "
-                           "document.querySelector('#rows-range').innerText.startsWith('1–20')")
+    page.wait_for_function(
+        "document.querySelector('#rows-range').innerText.startsWith('21') || "
+        "document.querySelector('#rows-range').innerText.startsWith('1–20')"
+    )
     page.screenshot(path=os.path.join(ARTIFACTS, "tables.png"), full_page=True)
 
 
@@ -108,7 +122,9 @@ def test_submit_job_and_watch_it_succeed(page):
     page.wait_for_selector("#jobs-table tbody tr .state", timeout=10_000)
     page.wait_for_function(
         "[...document.querySelectorAll('#jobs-table tbody tr')].some(tr => tr.innerText.includes('ingest') && "
-        "tr.querySelector('.state').innerText === 'succeeded')", timeout=120_000)
+        "tr.querySelector('.state').innerText === 'succeeded')",
+        timeout=120_000,
+    )
     page.wait_for_selector("#jd-state:has-text('succeeded')", timeout=10_000)  # the detail pane follows
     page.wait_for_selector("#jd-log:has-text('succeeded')")
     page.screenshot(path=os.path.join(ARTIFACTS, "jobs.png"), full_page=True)

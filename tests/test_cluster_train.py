@@ -27,9 +27,27 @@ def run_cli(*args: str, timeout: int = 400) -> dict:
 def test_train_and_predict_on_local_cluster(tiny_table, tmp_path):
     master = "local-cluster[2,1,1024]"
     out = str(tmp_path / "m")
-    s = run_cli("train", "--table", tiny_table, "--out", out, "--epochs", "5", "--workers", "2",
-                "--batch-size", "16", "--lr", "0.003", "--augment", "none",
-                "--model-kwargs", '{"widths": [8, 16], "hidden": 32, "dropout": 0.0}', "--master", master)
+    s = run_cli(
+        "train",
+        "--table",
+        tiny_table,
+        "--out",
+        out,
+        "--epochs",
+        "5",
+        "--workers",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.003",
+        "--augment",
+        "none",
+        "--model-kwargs",
+        '{"widths": [8, 16], "hidden": 32, "dropout": 0.0}',
+        "--master",
+        master,
+    )
     assert s["workers"] == 2 and s["threads_per_rank"] == 1
     assert s["test_acc"] >= 0.75, s
     p = run_cli("predict", out, tiny_table, str(tmp_path / "pred"), "--split", "test", "--master", master)

@@ -251,7 +251,14 @@ def test_dedup_exact_only_and_bad_options(spark, planted_table, tmp_path):
     s = dedup_table(spark, planted_table, str(tmp_path / "exact"), exact_only=True, keep="earliest")
     assert s["exact_groups"] == 1 and s["near_groups"] == 0 and s["rows_to_remove"] == 1
     # Each bad value is a ParamError naming the parameter, as every front-end spells it.
-    bad = {"keep": "biggest", "threshold": 2.0, "link": "closest", "candidate_threshold": 3.0, "verify_size": 8, "k": 1}
+    bad = {
+        "keep": "biggest",
+        "threshold": 2.0,
+        "link": "closest",
+        "candidate_threshold": 3.0,
+        "verify_size": 8,
+        "k": 1,
+    }
     for name, value in bad.items():
         with pytest.raises(ParamError) as e:
             dedup_table(spark, planted_table, str(tmp_path / "x"), **{name: value})

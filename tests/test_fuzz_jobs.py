@@ -16,9 +16,30 @@ from sparkvision.web.app import create_app
 from sparkvision.web.kinds import KINDS
 from sparkvision.web.security import Settings
 
-PATHS = ["folder", "tables/tiny", "models/cnn", "new/out", "../outside", "folder/../../outside", "/etc",
-         "link_out", "link_out/x", "{folder,../outside}", "fold*", "file:///etc/passwd", "hdfs://nn/x", "",
-         " ", "a\x00b", "folder/a", "tables", ".", "~/x", "new/../../outside", "nested/deep/new"]
+PATHS = [
+    "folder",
+    "tables/tiny",
+    "models/cnn",
+    "new/out",
+    "../outside",
+    "folder/../../outside",
+    "/etc",
+    "link_out",
+    "link_out/x",
+    "{folder,../outside}",
+    "fold*",
+    "file:///etc/passwd",
+    "hdfs://nn/x",
+    "",
+    " ",
+    "a\x00b",
+    "folder/a",
+    "tables",
+    ".",
+    "~/x",
+    "new/../../outside",
+    "nested/deep/new",
+]
 VALUES = [0, -1, 1, 2, 10**12, 1e308, float("nan"), True, None, "none", "x" * 5000, [], {}, {"a": 1}, [1, 2]]
 
 
@@ -37,15 +58,22 @@ def test_fuzzed_job_parameters_stay_inside_the_roots(tmp_path):
     write_image_folder(outside, {"s": 2})
     (root / "tables" / "tiny").mkdir(parents=True)
     (root / "tables" / "tiny" / "_sparkvision.json").write_text("{}")
-    save_model_dir(str(root / "models" / "cnn"), create_model("cnn", num_classes=2, in_channels=1, image_size=16),
-                   ModelSpec("cnn", 2, 1, {"image_size": 16}), ["a", "b"],
-                   Preprocess(channels=1, size=(16, 16), mean=(0.2,), std=(0.3,)), {})
+    save_model_dir(
+        str(root / "models" / "cnn"),
+        create_model("cnn", num_classes=2, in_channels=1, image_size=16),
+        ModelSpec("cnn", 2, 1, {"image_size": 16}),
+        ["a", "b"],
+        Preprocess(channels=1, size=(16, 16), mean=(0.2,), std=(0.3,)),
+        {},
+    )
     os.symlink(outside, root / "link_out")
     before_root, before_out = snapshot(root), snapshot(outside)
     real_root = os.path.realpath(root)
     rng = random.Random(15)
     statuses: dict[int, int] = {}
-    with TestClient(create_app(Settings(data_roots=[str(root)], db_url="sqlite://", start_runner=False))) as c:
+    with TestClient(
+        create_app(Settings(data_roots=[str(root)], db_url="sqlite://", start_runner=False))
+    ) as c:
         for _ in range(400):
             name = rng.choice(sorted(KINDS))
             kind = KINDS[name]
@@ -61,7 +89,11 @@ def test_fuzzed_job_parameters_stay_inside_the_roots(tmp_path):
                     params[f] = rng.choice(VALUES + PATHS)
             if rng.random() < 0.1:
                 params["no_such_param"] = 1
-            r = c.post("/api/jobs", json={"kind": name, "params": params}) if "nan" not in repr(params) else None
+            r = (
+                c.post("/api/jobs", json={"kind": name, "params": params})
+                if "nan" not in repr(params)
+                else None
+            )
             if r is None:
                 continue
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
@@ -78,6 +110,10 @@ def test_fuzzed_job_parameters_stay_inside_the_roots(tmp_path):
                 v = job["params"].get(f)
                 if v is not None and f not in kind.writes_into and not job["params"].get("overwrite"):
                     holds = os.path.isdir(v) and os.listdir(v) or os.path.isfile(v)
-                    assert not holds or kind.continues(kind.params.model_validate(job["params"]), v, None), (name, f, v)
+                    assert not holds or kind.continues(kind.params.model_validate(job["params"]), v, None), (
+                        name,
+                        f,
+                        v,
+                    )
     assert snapshot(root) == before_root and snapshot(outside) == before_out
     assert statuses.get(201, 0) >= 5 and sum(statuses.values()) > 300, statuses  # both sides were exercised

@@ -66,7 +66,10 @@ def test_16_bit_png_decodes_like_its_8_bit_copy(channels, size):
 
 @pytest.mark.parametrize(
     "img",
-    [Image.fromarray(np.arange(-1, 63, dtype=np.int32).reshape(8, 8) * 1100), Image.new("I;16B", (8, 8), 40_000)],
+    [
+        Image.fromarray(np.arange(-1, 63, dtype=np.int32).reshape(8, 8) * 1100),
+        Image.new("I;16B", (8, 8), 40_000),
+    ],
     ids=["I", "I;16B"],
 )
 def test_wide_integer_gray_keeps_its_16_bit_scale(img):
@@ -78,14 +81,16 @@ def test_wide_integer_gray_keeps_its_16_bit_scale(img):
 
 @pytest.mark.parametrize(
     ("img", "fmt", "channels"),
-    [(Image.new("I;16", (8, 8), 40_000), "PNG", 1),
-     (Image.fromarray(np.linspace(0, 255, 64, dtype=np.float32).reshape(8, 8)), "TIFF", 1),
-     (Image.new("CMYK", (8, 8), (0, 50, 100, 0)), "JPEG", 3),
-     (Image.new("CMYK", (8, 8), (0, 50, 100, 0)), "TIFF", 3),
-     (Image.new("YCbCr", (8, 8), (100, 128, 128)), "TIFF", 3),
-     (Image.new("P", (8, 8), 3), "PNG", 3),
-     (Image.new("LA", (8, 8), (90, 10)), "PNG", 2),
-     (Image.new("RGBA", (8, 8), (1, 2, 3, 0)), "PNG", 4)],
+    [
+        (Image.new("I;16", (8, 8), 40_000), "PNG", 1),
+        (Image.fromarray(np.linspace(0, 255, 64, dtype=np.float32).reshape(8, 8)), "TIFF", 1),
+        (Image.new("CMYK", (8, 8), (0, 50, 100, 0)), "JPEG", 3),
+        (Image.new("CMYK", (8, 8), (0, 50, 100, 0)), "TIFF", 3),
+        (Image.new("YCbCr", (8, 8), (100, 128, 128)), "TIFF", 3),
+        (Image.new("P", (8, 8), 3), "PNG", 3),
+        (Image.new("LA", (8, 8), (90, 10)), "PNG", 2),
+        (Image.new("RGBA", (8, 8), (1, 2, 3, 0)), "PNG", 4),
+    ],
     ids=["I;16", "F", "CMYK-jpeg", "CMYK-tiff", "YCbCr", "P", "LA", "RGBA"],
 )
 def test_every_stored_mode_is_inspected_and_decoded(img, fmt, channels):
@@ -103,7 +108,9 @@ def test_float_keeps_pil_scale_and_alpha_is_dropped():
     assert to_8bit(rgba, "RGB").getpixel((0, 0)) == (10, 20, 30)
 
 
-@pytest.mark.parametrize("read", [inspect_image, lambda d: decode_image(d, 3, (4, 4))], ids=["ingest", "decoder"])
+@pytest.mark.parametrize(
+    "read", [inspect_image, lambda d: decode_image(d, 3, (4, 4))], ids=["ingest", "decoder"]
+)
 def test_mode_without_an_8_bit_reading_is_unsupported_for_ingest_and_decoder_alike(read):
     data = _save(Image.new("LAB", (8, 8)), "TIFF")
     with pytest.raises(RejectError) as e:
@@ -122,7 +129,9 @@ def test_walk_keeps_directory_symlinks_and_bad_names_from_spark(tmp_path):
     os.symlink("/nonexistent", tmp_path / "b" / "broken.png")
     _write_bytes_path(bytes(tmp_path / "b") + b"/" + BAD_NAME, make_image(0))
     listing = list_local_folder(str(tmp_path))
-    assert listing.paths == sorted([str(tmp_path / "a" / "0.png"), str(tmp_path / "a" / "1.png"), str(tmp_path / "b")])
+    assert listing.paths == sorted(
+        [str(tmp_path / "a" / "0.png"), str(tmp_path / "a" / "1.png"), str(tmp_path / "b")]
+    )
     reasons = {r[0].rsplit("/", 1)[-1]: r[1:3] for r in listing.rejects}
     assert reasons["up"][0] == reasons["out"][0] == "symlinked_dir"
     assert "back into the source" in reasons["up"][1] and "outside the source" in reasons["out"][1]
@@ -161,7 +170,9 @@ def test_symlinks_to_the_parent_are_not_followed(spark, tmp_path, links):
     paths = sorted(r.path.split("/src/", 1)[1] for r in rows)
     assert paths == ["a/0.png", "a/1.png", "a/2.png", "b/0.png", "b/1.png"]  # each file once
     assert {(r.label_name, r.path.rsplit("/", 2)[-2]) for r in rows} == {("a", "a"), ("b", "b")}
-    assert sorted(r.path.split("/src/", 1)[1] for r in rejects) == (["a/up", "a_again"] + ["b/up"] * (links == 2))
+    assert sorted(r.path.split("/src/", 1)[1] for r in rejects) == (
+        ["a/up", "a_again"] + ["b/up"] * (links == 2)
+    )
     assert {r.reason for r in rejects} == {"symlinked_dir"}
     assert summary.rows_by_class == {"a": 3, "b": 2}
     assert elapsed < 60
@@ -181,9 +192,19 @@ def test_every_file_is_a_row_or_a_reject(spark, tmp_path):
 
     files_on_disk = sum(len(names) for _, _, names in os.walk(root))
     assert files_on_disk == 10
-    assert summary.rows_written + sum(summary.rejects_by_reason.values()) == files_on_disk == len(rows) + len(rejects)
-    assert sorted(r.path.rsplit("/", 1)[-1] for r in rows) == ["0.png", "0.png", "1.png", "1.png", "cmyk.jpg",
-                                                               "wide16.png"]
+    assert (
+        summary.rows_written + sum(summary.rejects_by_reason.values())
+        == files_on_disk
+        == len(rows) + len(rejects)
+    )
+    assert sorted(r.path.rsplit("/", 1)[-1] for r in rows) == [
+        "0.png",
+        "0.png",
+        "1.png",
+        "1.png",
+        "cmyk.jpg",
+        "wide16.png",
+    ]
     by_name = {r.path.split("/src/", 1)[1]: (r.reason, r.detail) for r in rejects}
     assert by_name["b/\\xff\\xfe.png"][0] == by_name["\\xffdir/in.png"][0] == "bad_name"
     assert "UTF-8" in by_name["b/\\xff\\xfe.png"][1]
@@ -220,9 +241,17 @@ def client(tmp_path_factory):
     root = tmp_path_factory.mktemp("hardening_web")
     torch.manual_seed(0)
     model = create_model("cnn", num_classes=3, in_channels=1, image_size=16)
-    save_model_dir(str(root / "cnn"), model, ModelSpec("cnn", 3, 1, {"image_size": 16}), ["a", "b", "c"],
-                   Preprocess(channels=1, size=(16, 16), mean=(0.5,), std=(0.25,)), {})
-    settings = Settings(data_roots=[str(root)], db_url="sqlite://", model_dir=str(root / "cnn"), start_runner=False)
+    save_model_dir(
+        str(root / "cnn"),
+        model,
+        ModelSpec("cnn", 3, 1, {"image_size": 16}),
+        ["a", "b", "c"],
+        Preprocess(channels=1, size=(16, 16), mean=(0.5,), std=(0.25,)),
+        {},
+    )
+    settings = Settings(
+        data_roots=[str(root)], db_url="sqlite://", model_dir=str(root / "cnn"), start_runner=False
+    )
     with TestClient(create_app(settings)) as c:
         yield c
 

@@ -34,8 +34,14 @@ def root(tmp_path):
     root = tmp_path / "root"
     torch.manual_seed(0)
     model = create_model("cnn", num_classes=4, in_channels=1, image_size=16)
-    save_model_dir(str(root / "models" / "cnn"), model, ModelSpec("cnn", 4, 1, {"image_size": 16}), CLASSES,
-                   Preprocess(channels=1, size=(16, 16), mean=(0.2,), std=(0.3,)), {"test_acc": 0.25})
+    save_model_dir(
+        str(root / "models" / "cnn"),
+        model,
+        ModelSpec("cnn", 4, 1, {"image_size": 16}),
+        CLASSES,
+        Preprocess(channels=1, size=(16, 16), mean=(0.2,), std=(0.3,)),
+        {"test_acc": 0.25},
+    )
     write_image_table(str(root / "tables" / "tiny"))
     write_image_folder(root / "folder", {"a": 3, "b": 3})
     (tmp_path / "outside" / "secret").mkdir(parents=True)
@@ -44,7 +50,9 @@ def root(tmp_path):
 
 
 def client_for(root, **kw):
-    return TestClient(create_app(Settings(data_roots=[str(root)], db_url="sqlite://", start_runner=False, **kw)))
+    return TestClient(
+        create_app(Settings(data_roots=[str(root)], db_url="sqlite://", start_runner=False, **kw))
+    )
 
 
 def submit(c, kind, params):
@@ -60,7 +68,9 @@ def snapshot(path) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.parametrize("source", ["{folder,../outside/secret}", "folder/*", "fold?r", "[f]older", "fold\\er"])
+@pytest.mark.parametrize(
+    "source", ["{folder,../outside/secret}", "folder/*", "fold?r", "[f]older", "fold\\er"]
+)
 def test_a_glob_never_reaches_spark(root, source):
     with client_for(root) as c:
         r = submit(c, "ingest", {"source": source, "table": "tables/stolen"})
@@ -68,16 +78,25 @@ def test_a_glob_never_reaches_spark(root, source):
     assert not (root / "tables" / "stolen").exists()
 
 
-@pytest.mark.parametrize("kind, params", [
-    ("predict", {"model_dir": "models/cnn", "table": "tables/tiny", "out": "folder"}),  # the source images
-    ("predict", {"model_dir": "models/cnn", "table": "tables/tiny", "out": "tables/tiny"}),  # its own input
-    ("embed", {"model_dir": "models/cnn", "table": "tables/tiny", "out": "models/cnn"}),  # a model dir
-    ("train", {"table": "tables/tiny", "out": "models/cnn", "epochs": 1}),
-    ("ingest", {"source": "folder", "table": "models/cnn"}),
-    ("ingest", {"source": "folder", "table": "folder/a"}),  # inside its input
-    ("dedup", {"table": "tables/tiny", "out": "tables"}),  # around its input
-    ("index", {"features": "tables/tiny", "out": "folder"}),
-])
+@pytest.mark.parametrize(
+    "kind, params",
+    [
+        (
+            "predict",
+            {"model_dir": "models/cnn", "table": "tables/tiny", "out": "folder"},
+        ),  # the source images
+        (
+            "predict",
+            {"model_dir": "models/cnn", "table": "tables/tiny", "out": "tables/tiny"},
+        ),  # its own input
+        ("embed", {"model_dir": "models/cnn", "table": "tables/tiny", "out": "models/cnn"}),  # a model dir
+        ("train", {"table": "tables/tiny", "out": "models/cnn", "epochs": 1}),
+        ("ingest", {"source": "folder", "table": "models/cnn"}),
+        ("ingest", {"source": "folder", "table": "folder/a"}),  # inside its input
+        ("dedup", {"table": "tables/tiny", "out": "tables"}),  # around its input
+        ("index", {"features": "tables/tiny", "out": "folder"}),
+    ],
+)
 def test_web_outputs_never_destroy_data(root, kind, params):
     before = snapshot(root)
     with client_for(root) as c:
@@ -90,8 +109,11 @@ def test_web_outputs_never_destroy_data(root, kind, params):
 
 def test_overwrite_is_the_one_way_to_replace(root):
     with client_for(root) as c:
-        r = submit(c, "predict", {"model_dir": "models/cnn", "table": "tables/tiny", "out": "folder",
-                                  "overwrite": True})
+        r = submit(
+            c,
+            "predict",
+            {"model_dir": "models/cnn", "table": "tables/tiny", "out": "folder", "overwrite": True},
+        )
         assert r.status_code == 201, r.text
         # Appending to an image table is ingest's purpose, not a destruction: accepted.
         r = submit(c, "ingest", {"source": "folder", "table": "tables/tiny"})
@@ -100,20 +122,44 @@ def test_overwrite_is_the_one_way_to_replace(root):
 
 def test_cli_and_python_refuse_too_before_spark_starts(root):
     before = snapshot(root)
-    r = CliRunner().invoke(app, ["predict", str(root / "models" / "cnn"), str(root / "tables" / "tiny"),
-                                 str(root / "folder"), "--master", "bogus://never-started"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(root / "models" / "cnn"),
+            str(root / "tables" / "tiny"),
+            str(root / "folder"),
+            "--master",
+            "bogus://never-started",
+        ],
+    )
     out = " ".join(r.output.split())  # rich wraps long lines
     assert r.exit_code == 2 and "OUT: " in out and "already holds data" in out, out
-    r = CliRunner().invoke(app, ["train", "--table", str(root / "tables" / "tiny"), "--out",
-                                 str(root / "models" / "cnn"), "--master", "bogus://never-started"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--table",
+            str(root / "tables" / "tiny"),
+            "--out",
+            str(root / "models" / "cnn"),
+            "--master",
+            "bogus://never-started",
+        ],
+    )
     assert r.exit_code == 2 and "--out: " in " ".join(r.output.split()), r.output
-    r = CliRunner().invoke(app, ["ingest", str(root / "nope"), str(root / "tables" / "x"),
-                                 "--master", "bogus://never-started"])
+    r = CliRunner().invoke(
+        app, ["ingest", str(root / "nope"), str(root / "tables" / "x"), "--master", "bogus://never-started"]
+    )
     out = " ".join(r.output.split())
     assert r.exit_code == 2 and "SOURCE: " in out and "does not exist" in out, out
     with pytest.raises(ParamError) as e:
-        api.embed(spark=None, model_dir=str(root / "models" / "cnn"), table=str(root / "tables" / "tiny"),
-                  out=str(root / "tables" / "tiny" / "features"))
+        api.embed(
+            spark=None,
+            model_dir=str(root / "models" / "cnn"),
+            table=str(root / "tables" / "tiny"),
+            out=str(root / "tables" / "tiny" / "features"),
+        )
     assert e.value.param == "out" and "overlaps" in e.value.message
     assert snapshot(root) == before
 
@@ -121,7 +167,9 @@ def test_cli_and_python_refuse_too_before_spark_starts(root):
 def test_resume_rechecks_paths_against_todays_roots(root, tmp_path):
     db = f"sqlite:///{tmp_path / 'jobs.db'}"
     with TestClient(create_app(Settings(data_roots=[str(root)], db_url=db, start_runner=False))) as c:
-        jid = submit(c, "predict", {"model_dir": "models/cnn", "table": "tables/tiny", "out": "preds"}).json()["id"]
+        jid = submit(
+            c, "predict", {"model_dir": "models/cnn", "table": "tables/tiny", "out": "preds"}
+        ).json()["id"]
         assert c.post(f"/api/jobs/{jid}/cancel").json()["state"] == "cancelled"
     other = tmp_path / "other_root"
     other.mkdir()
@@ -163,8 +211,13 @@ def test_a_cancel_in_the_first_second_cancels(spark, root, tmp_path, monkeypatch
 
 def test_evaluate_on_an_empty_split_keeps_the_evaluation(spark, tiny_table, tmp_path):
     model = str(tmp_path / "m")
-    finetune(spark, tiny_table, model, None, FinetuneConfig(epochs=1, batch_size=16,
-                                                             model_kwargs={"widths": [8, 16], "hidden": 32}))
+    finetune(
+        spark,
+        tiny_table,
+        model,
+        None,
+        FinetuneConfig(epochs=1, batch_size=16, model_kwargs={"widths": [8, 16], "hidden": 32}),
+    )
     api.evaluate(spark, model_dir=model, table=tiny_table, split="test")
     with open(os.path.join(model, "evaluation.json")) as f:
         before = json.load(f)
@@ -175,13 +228,16 @@ def test_evaluate_on_an_empty_split_keeps_the_evaluation(spark, tiny_table, tmp_
         assert json.load(f) == before
 
 
-@pytest.mark.parametrize("bad, field", [
-    ({"model_kwargs": {"hidden": 1e9}}, "model_kwargs"),  # a float width: cannot be built
-    ({"model_kwargs": {"hidden": 10**9}}, "model_kwargs"),  # trillions of weights: no worker holds them
-    ({"image_size": 4096}, "image_size"),
-    ({"weight_decay": 1e308}, "weight_decay"),
-    ({"epochs": -3}, "epochs"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"model_kwargs": {"hidden": 1e9}}, "model_kwargs"),  # a float width: cannot be built
+        ({"model_kwargs": {"hidden": 10**9}}, "model_kwargs"),  # trillions of weights: no worker holds them
+        ({"image_size": 4096}, "image_size"),
+        ({"weight_decay": 1e308}, "weight_decay"),
+        ({"epochs": -3}, "epochs"),
+    ],
+)
 def test_parameters_that_can_never_work_are_refused_at_submit(root, bad, field):
     with client_for(root) as c:
         r = submit(c, "train", {"table": "tables/tiny", "out": "models/new", **bad})
@@ -218,6 +274,7 @@ def test_outputs_appear_only_when_the_job_succeeds(spark, root, tiny_table, tmp_
 
 def test_a_job_failing_half_way_leaves_the_old_output(spark, tmp_path):
     """The staging itself: an operation that wrote part of its output and then failed."""
+
     class OutParams(Params):
         out: str
         overwrite: bool = False

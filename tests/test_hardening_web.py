@@ -73,8 +73,13 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("hardroot")
     torch.manual_seed(0)
     good = root / "models" / "good"
-    save_model_dir(str(good), create_model("cnn", num_classes=4, in_channels=1, image_size=16),
-                   ModelSpec("cnn", 4, 1, {"image_size": 16}), CLASSES, Preprocess(1, (16, 16), (0.2,), (0.3,)))
+    save_model_dir(
+        str(good),
+        create_model("cnn", num_classes=4, in_channels=1, image_size=16),
+        ModelSpec("cnn", 4, 1, {"image_size": 16}),
+        CLASSES,
+        Preprocess(1, (16, 16), (0.2,), (0.3,)),
+    )
     shape = root / "models" / "shape"  # config says 5 classes, the weights hold 4
     shutil.copytree(good, shape)
     cfg = json.loads((shape / "config.json").read_text())
@@ -89,20 +94,42 @@ def root(tmp_path_factory):
     rows = []
     for k, name in enumerate(CLASSES):
         data = make_image(k, seed=k)
-        rows.append({"content_id": content_id(data), "path": f"file:/x/{name}.png", "image": data, "format": "PNG",
-                     "height": 16, "width": 16, "channels": 1, "label": k, "label_name": name, "split": "test"})
+        rows.append(
+            {
+                "content_id": content_id(data),
+                "path": f"file:/x/{name}.png",
+                "image": data,
+                "format": "PNG",
+                "height": 16,
+                "width": 16,
+                "channels": 1,
+                "label": k,
+                "label_name": name,
+                "split": "test",
+            }
+        )
     (root / "tables" / "tiny").mkdir(parents=True)
-    types = {"height": pa.int32(), "width": pa.int32(), "channels": pa.int32(), "label": pa.int32()}  # Spark's ints
+    types = {
+        "height": pa.int32(),
+        "width": pa.int32(),
+        "channels": pa.int32(),
+        "label": pa.int32(),
+    }  # Spark's ints
     schema = pa.schema([(k, types.get(k, pa.binary() if k == "image" else pa.string())) for k in rows[0]])
     pq.write_table(pa.Table.from_pylist(rows, schema), str(root / "tables" / "tiny" / "part-0.parquet"))
     (root / "tables" / "tiny" / "_sparkvision.json").write_text(
-        json.dumps({"class_names": CLASSES, "schema_version": 1, "sources": []}))
+        json.dumps({"class_names": CLASSES, "schema_version": 1, "sources": []})
+    )
     return root
 
 
 def settings_for(root, **kw) -> Settings:
-    base = dict(data_roots=[str(root)], db_url="sqlite://", model_dir=str(root / "models" / "good"),
-                start_runner=False)
+    base = dict(
+        data_roots=[str(root)],
+        db_url="sqlite://",
+        model_dir=str(root / "models" / "good"),
+        start_runner=False,
+    )
     return Settings(**{**base, **kw})
 
 
@@ -110,7 +137,7 @@ def settings_for(root, **kw) -> Settings:
 
 BAD_MODELS = {
     "shape": "weights do not fit the architecture: size mismatch for head.weight: [4, 512] in the weights, "
-             "[5, 512] in the model",
+    "[5, 512] in the model",
     "corrupt": f"{WEIGHTS} is corrupt",
     "size": "cannot take its preprocess.json input (1x28x28)",
 }
@@ -148,8 +175,9 @@ def test_web_model_that_cannot_load_is_a_422(root):
 
 
 def test_serve_with_a_bad_model_is_one_line(cli, root):
-    code, output = cli(["serve", "--model", str(root / "models" / "shape"), "--data-root", str(root),
-                        "--db", "sqlite://"])
+    code, output = cli(
+        ["serve", "--model", str(root / "models" / "shape"), "--data-root", str(root), "--db", "sqlite://"]
+    )
     assert code == 2, output
     line = one_line_error(output)
     assert line.startswith(f"error: --model {root / 'models' / 'shape'}: weights do not fit"), line
@@ -158,8 +186,9 @@ def test_serve_with_a_bad_model_is_one_line(cli, root):
 # ----------------------------------------------------------------------------- 10. limits per endpoint
 
 
-def post_streamed(app, path: str, total: int, headers: dict[str, str], first: bytes = b"",
-                  chunk: int = MIB) -> tuple[httpx.Response, int]:
+def post_streamed(
+    app, path: str, total: int, headers: dict[str, str], first: bytes = b"", chunk: int = MIB
+) -> tuple[httpx.Response, int]:
     """POST ``total`` bytes (``first``, then zeros) as a stream through the ASGI app; returns the
     response and how many bytes the app pulled from the stream before answering."""
     pulled = 0
@@ -168,8 +197,8 @@ def post_streamed(app, path: str, total: int, headers: dict[str, str], first: by
         nonlocal pulled
         data = first
         while pulled < total:
-            piece = (data or b"\0" * chunk)[:min(chunk, total - pulled)]
-            data = data[len(piece):]
+            piece = (data or b"\0" * chunk)[: min(chunk, total - pulled)]
+            data = data[len(piece) :]
             pulled += len(piece)
             yield piece
 
@@ -192,20 +221,25 @@ def test_a_big_upload_is_refused_while_it_streams(root):
     # the rest is never read.
     size = FAST_MULTIPART_BYTES + MIB // 2
     r, pulled = post_streamed(app, "/api/classify", size, {**mp, "content-length": str(size)}, head)
-    assert r.status_code == 413 and "big.png is over the 1,048,576-byte upload limit" in r.json()["error"], r.text
+    assert r.status_code == 413 and "big.png is over the 1,048,576-byte upload limit" in r.json()["error"], (
+        r.text
+    )
     assert pulled <= 3 * MIB  # the limit, the chunk that passed it and the part headers
     r, pulled = post_streamed(app, "/api/classify", 200 * MIB, mp, head)  # chunked: no length at all
     assert r.status_code == 413 and pulled <= 3 * MIB, r.text
     # A part the endpoint does not take is dropped as it streams, and the request cap still holds.
     other = head.replace(b'name="files"', b'name="other"')
     r, pulled = post_streamed(app, "/api/classify", 200 * MIB, mp, other)
-    assert r.status_code == 413 and "request body is over the 5,242,880-byte limit" in r.json()["error"], r.text
+    assert r.status_code == 413 and "request body is over the 5,242,880-byte limit" in r.json()["error"], (
+        r.text
+    )
     assert pulled <= 6 * MIB
     r, pulled = post_streamed(app, "/api/classify", 200 * MIB, {**mp, "content-length": str(200 * MIB)}, head)
     assert r.status_code == 413 and pulled == 0, r.text  # declared over the cap: nothing read
     # /api/search takes one file: its body limit is one file's (2 MiB with headers), not classify's.
-    r, pulled = post_streamed(app, "/api/search", 3 * MIB, {"content-type": "image/png",
-                                                            "content-length": str(3 * MIB)})
+    r, pulled = post_streamed(
+        app, "/api/search", 3 * MIB, {"content-type": "image/png", "content-length": str(3 * MIB)}
+    )
     assert r.status_code == 413 and pulled == 0 and "limit is 2,097,152" in r.json()["error"], r.text
 
 
@@ -215,15 +249,23 @@ def test_json_bodies_have_a_small_cap(root):
     js = {"content-type": "application/json"}
     r, pulled = post_streamed(app, "/api/jobs", 150 * MIB, {**js, "content-length": str(150 * MIB)})
     assert r.status_code == 413 and pulled == 0 and "limit is 65,536" in r.json()["error"], r.text
-    r, pulled = post_streamed(app, "/api/jobs", 150 * MIB, js, b'{"kind": "ingest", "params": {"x": "', chunk=16384)
+    r, pulled = post_streamed(
+        app, "/api/jobs", 150 * MIB, js, b'{"kind": "ingest", "params": {"x": "', chunk=16384
+    )
     assert r.status_code == 413 and pulled <= 128 * 1024, r.text
     with TestClient(app) as c:  # a body under the cap is still read and checked as before
-        r = c.post("/api/jobs", json={"kind": "ingest", "params": {"source": "models", "table": "tables/new"}})
+        r = c.post(
+            "/api/jobs", json={"kind": "ingest", "params": {"source": "models", "table": "tables/new"}}
+        )
         assert r.status_code == 201, r.text
         r = c.post("/api/jobs", json={"params": {}})
-        assert r.status_code == 422 and r.json()["error"] == "invalid parameters: kind: Field required", r.text
+        assert r.status_code == 422 and r.json()["error"] == "invalid parameters: kind: Field required", (
+            r.text
+        )
         assert c.post("/api/jobs", content=b"{not json", headers=js).status_code == 422
-    schema = app.openapi()["paths"]["/api/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    schema = app.openapi()["paths"]["/api/jobs"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
     assert set(schema["properties"]) == {"kind", "params"}
 
 

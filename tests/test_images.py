@@ -40,8 +40,19 @@ def _reason(data: bytes, **kw) -> str:
 
 @pytest.mark.parametrize(
     ("mode", "fmt", "channels"),
-    [("L", "PNG", 1), ("RGB", "PNG", 3), ("RGBA", "PNG", 4), ("LA", "PNG", 2), ("P", "PNG", 3), ("1", "PNG", 1),
-     ("L", "JPEG", 1), ("RGB", "JPEG", 3), ("RGB", "WEBP", 3), ("RGB", "BMP", 3), ("RGB", "GIF", 3)],
+    [
+        ("L", "PNG", 1),
+        ("RGB", "PNG", 3),
+        ("RGBA", "PNG", 4),
+        ("LA", "PNG", 2),
+        ("P", "PNG", 3),
+        ("1", "PNG", 1),
+        ("L", "JPEG", 1),
+        ("RGB", "JPEG", 3),
+        ("RGB", "WEBP", 3),
+        ("RGB", "BMP", 3),
+        ("RGB", "GIF", 3),
+    ],
 )
 def test_good_images_report_their_geometry(mode, fmt, channels):
     data = make_image(1, size=20, mode=mode, fmt=fmt)
@@ -141,10 +152,17 @@ def png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
-@pytest.mark.parametrize("side", [9_000, 100_000])  # above our default; the second above PIL's own ceiling too
+@pytest.mark.parametrize(
+    "side", [9_000, 100_000]
+)  # above our default; the second above PIL's own ceiling too
 def test_too_large_header_is_rejected_before_decoding(side):
     data = png_header(side, side)
     assert side * side > MAX_PIXELS_DEFAULT
@@ -152,7 +170,10 @@ def test_too_large_header_is_rejected_before_decoding(side):
         with pytest.raises(RejectError) as e:
             check(data)
         assert e.value.reason == "too_many_pixels"
-    assert open_image(png_header(4_000, 4_000)).size == (4_000, 4_000)  # under the limit: header only, no decode
+    assert open_image(png_header(4_000, 4_000)).size == (
+        4_000,
+        4_000,
+    )  # under the limit: header only, no decode
 
 
 def test_importing_leaves_pil_pixel_limit_alone():

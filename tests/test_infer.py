@@ -23,8 +23,12 @@ from sparkvision.train import AugmentConfig, TrainConfig, train
 from sparkvision.transforms.preprocess import preprocess_batch
 from sparkvision.web.batching import Classifier
 
-FAST = dict(batch_size=16, lr=3e-3, model_kwargs={"widths": [8, 16], "hidden": 32, "dropout": 0.0},
-            augment=AugmentConfig.none())
+FAST = dict(
+    batch_size=16,
+    lr=3e-3,
+    model_kwargs={"widths": [8, 16], "hidden": 32, "dropout": 0.0},
+    augment=AugmentConfig.none(),
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,9 @@ def table_with_corrupt_row(spark, tiny_table, tmp_path_factory):
     return path
 
 
-def test_predict_writes_rows_and_an_error_for_the_corrupt_one(spark, model_dir, table_with_corrupt_row, tmp_path):
+def test_predict_writes_rows_and_an_error_for_the_corrupt_one(
+    spark, model_dir, table_with_corrupt_row, tmp_path
+):
     out = str(tmp_path / "pred")
     s = predict_table(spark, model_dir, table_with_corrupt_row, out, top_k=2)
     assert s["rows"] == 33 and s["errors"] == 1

@@ -35,18 +35,24 @@ def _save(img: Image.Image, fmt: str) -> bytes:
 
 
 def _rows(spark, table):
-    return {r.path.rsplit("/", 1)[-1] if "#" not in r.path else r.path.rsplit("/", 1)[-1]: r
-            for r in read_table(spark, table).drop("image").collect()}
+    return {
+        r.path.rsplit("/", 1)[-1] if "#" not in r.path else r.path.rsplit("/", 1)[-1]: r
+        for r in read_table(spark, table).drop("image").collect()
+    }
 
 
 def _rejects(spark, rejects_table) -> dict[str, tuple[str, str]]:
     """file name -> (reason, detail) from a rejects table."""
-    return {r.path.rsplit("/", 1)[-1]: (r.reason, r.detail) for r in spark.read.parquet(rejects_table).collect()}
+    return {
+        r.path.rsplit("/", 1)[-1]: (r.reason, r.detail) for r in spark.read.parquet(rejects_table).collect()
+    }
 
 
 def write_idx(path, array: np.ndarray, gz: bool) -> None:
     """An IDX file (the MNIST format): magic 0x0000 0x08 ndim, big-endian dims, uint8 data."""
-    data = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape) + array.tobytes()
+    data = (
+        bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape) + array.tobytes()
+    )
     path.write_bytes(gzip.compress(data) if gz else data)
 
 
@@ -74,7 +80,9 @@ def _write_bad_files(root) -> None:
         "cat/half.png": big[: len(big) // 2],
         "dog/half.jpg": big_jpg[: len(big_jpg) // 2],
         "dog/notes.jpg": b"shopping list: milk, eggs\n",
-        "cat/lab.tif": _save(Image.new("LAB", (8, 8)), "TIFF"),  # 16-bit and CMYK are read: test_hardening_input
+        "cat/lab.tif": _save(
+            Image.new("LAB", (8, 8)), "TIFF"
+        ),  # 16-bit and CMYK are read: test_hardening_input
         "cat/bomb.png": _save(Image.new("L", (4000, 4000)), "PNG"),  # 16 Mpx in a few kB
         "dog/vanished.png": make_image(1, seed=99),
         "cat/copy_of_0.png": (root / "cat" / "0.png").read_bytes(),
@@ -123,7 +131,9 @@ def test_summary_counts_every_reject_by_reason(corrupt_ingest):
     assert set(summary.rejects_by_reason) <= set(REJECT_REASONS)
 
 
-@pytest.mark.parametrize(("name", "reason"), sorted(BAD_FILES.items()), ids=lambda v: str(v).replace("/", "_"))
+@pytest.mark.parametrize(
+    ("name", "reason"), sorted(BAD_FILES.items()), ids=lambda v: str(v).replace("/", "_")
+)
 def test_bad_file_is_in_rejects_table_with_its_reason(spark, corrupt_ingest, name, reason):
     summary, _ = corrupt_ingest
     rejects = _rejects(spark, summary.rejects_table)
@@ -159,7 +169,9 @@ def test_labelled_class_folders(spark, tmp_path):
     for r in df.collect():
         assert names[r.label] == r.label_name == r.path.split("/")[-2]
         assert (r.height, r.width, r.channels) == (16, 16, 1)
-        assert r.image == (root / r.label_name / r.path.rsplit("/", 1)[-1]).read_bytes()  # bytes kept as they came
+        assert (
+            r.image == (root / r.label_name / r.path.rsplit("/", 1)[-1]).read_bytes()
+        )  # bytes kept as they came
 
 
 def test_split_then_class_folders(spark, tmp_path):
@@ -241,7 +253,9 @@ def test_idx_images_without_labels(spark, tmp_path, idx_arrays):
     write_idx(src / "t10k-images-idx3-ubyte.gz", idx_arrays["test"][0], gz=True)
     s = ingest(spark, str(src / "t10k-images-idx3-ubyte.gz"), str(tmp_path / "t"))  # a single file works too
     assert s.rows_written == 3
-    assert {(r.label, r.label_name) for r in read_table(spark, str(tmp_path / "t")).collect()} == {(None, None)}
+    assert {(r.label, r.label_name) for r in read_table(spark, str(tmp_path / "t")).collect()} == {
+        (None, None)
+    }
 
 
 # --------------------------------------------------------------------------- appends and duplicates
@@ -270,7 +284,9 @@ def test_append_skips_content_already_in_the_table(spark, tmp_path):
 def test_overwrite_replaces_the_table(spark, tmp_path):
     table = str(tmp_path / "t")
     ingest(spark, str(write_image_folder(tmp_path / "a", {"a": 3})), table)
-    s = ingest(spark, str(write_image_folder(tmp_path / "b", {"b": 2}, start_seed=9)), table, mode="overwrite")
+    s = ingest(
+        spark, str(write_image_folder(tmp_path / "b", {"b": 2}, start_seed=9)), table, mode="overwrite"
+    )
     assert s.rows_written == 2 == read_table(spark, table).count()
 
 
@@ -297,8 +313,12 @@ def test_table_source_copies_rows_and_class_names(spark, tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"split": "nonsense"}, "split 'nonsense'"), ({"max_pixels": 0}, "max_pixels"),
-     ({"kind": "zip"}, "kind 'zip'"), ({"mode": "merge"}, "mode 'merge'")],
+    [
+        ({"split": "nonsense"}, "split 'nonsense'"),
+        ({"max_pixels": 0}, "max_pixels"),
+        ({"kind": "zip"}, "kind 'zip'"),
+        ({"mode": "merge"}, "mode 'merge'"),
+    ],
 )
 def test_bad_arguments_name_the_parameter(spark, tmp_path, kwargs, message):
     root = write_image_folder(tmp_path / "src", {"a": 1})
@@ -339,7 +359,11 @@ def test_cli_human_summary(spark, tmp_path):
 
 @pytest.mark.parametrize(
     ("args", "named"),
-    [(["--split", "nonsense"], "--split"), (["--max-pixels", "0"], "--max-pixels"), (["--kind", "zip"], "--kind")],
+    [
+        (["--split", "nonsense"], "--split"),
+        (["--max-pixels", "0"], "--max-pixels"),
+        (["--kind", "zip"], "--kind"),
+    ],
 )
 def test_cli_bad_parameter_exits_2_naming_it(spark, tmp_path, args, named):
     root = write_image_folder(tmp_path / "src", {"a": 1})
@@ -349,7 +373,9 @@ def test_cli_bad_parameter_exits_2_naming_it(spark, tmp_path, args, named):
 
 
 def test_cli_missing_source_exits_2(spark, tmp_path):
-    result = runner.invoke(app, ["ingest", str(tmp_path / "nowhere"), str(tmp_path / "t")], env={"COLUMNS": "200"})
+    result = runner.invoke(
+        app, ["ingest", str(tmp_path / "nowhere"), str(tmp_path / "t")], env={"COLUMNS": "200"}
+    )
     assert result.exit_code == 2
     assert "nowhere" in result.output and "does not exist" in result.output
 
@@ -362,9 +388,11 @@ def test_cli_missing_source_json_is_an_error_object(spark, tmp_path):
 
 def test_datasets_fashion_mnist_says_how_to_get_the_data():
     result = subprocess.run(
-        [SPARKVISION, "datasets", "fashion-mnist", "/tmp/never-written",
-         "--source", "/nonexistent"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+        [SPARKVISION, "datasets", "fashion-mnist", "/tmp/never-written", "--source", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
     )
     assert result.returncode == 2
     assert "apt-get install dataset-fashion-mnist" in result.stderr
@@ -375,9 +403,21 @@ def test_cli_subprocess_json_stdout_is_clean(tmp_path):
     """A real process: JVM banners and progress must stay off stdout, which holds one JSON object."""
     root = write_image_folder(tmp_path / "src", {"a": 2})
     result = subprocess.run(
-        [SPARKVISION, "ingest", str(root), str(tmp_path / "t"), "--json",
-         "--master", "local[1]", "--conf", "spark.driver.memory=1g"],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "SPARKVISION_PROGRESS": "1"},
+        [
+            SPARKVISION,
+            "ingest",
+            str(root),
+            str(tmp_path / "t"),
+            "--json",
+            "--master",
+            "local[1]",
+            "--conf",
+            "spark.driver.memory=1g",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "SPARKVISION_PROGRESS": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["rows_written"] == 2

@@ -28,9 +28,14 @@ def store(job_db_url):
 
 
 PARAMS = {
-    "table": "/data/tables/tiny", "epochs": 3, "lr": 0.05, "resume": False, "note": None,
-    "classes": ["a", "b", "ü ñ 漢字 🙂"], "nested": {"k": [1, 2.5, {"deep": True}], "big": 2**53},
-    "quote": "it's \"quoted\" \\ and \n newline",
+    "table": "/data/tables/tiny",
+    "epochs": 3,
+    "lr": 0.05,
+    "resume": False,
+    "note": None,
+    "classes": ["a", "b", "ü ñ 漢字 🙂"],
+    "nested": {"k": [1, 2.5, {"deep": True}], "big": 2**53},
+    "quote": 'it\'s "quoted" \\ and \n newline',
 }
 
 
@@ -88,8 +93,12 @@ def test_claim_finish_and_state_transitions(store):
     # Requeue (resume): new params, flags reset; claimed again, attempts counts runs.
     store.requeue(b.id, {"n": 2, "resume": True})
     again = store.get(b.id)
-    assert (again.state, again.error, again.finished_at, again.params) == ("queued", None, None,
-                                                                         {"n": 2, "resume": True})
+    assert (again.state, again.error, again.finished_at, again.params) == (
+        "queued",
+        None,
+        None,
+        {"n": 2, "resume": True},
+    )
     assert store.claim_next().attempts == 2
 
 
@@ -189,8 +198,12 @@ def test_non_finite_numbers_and_nul_characters(store):
     """NaN/inf (a diverged loss) are not JSON, and PostgreSQL text cannot hold NUL: both are stored safely."""
     j = store.create("train", {"lr": float("nan"), "s": "nul \x00 in json"})
     store.update(j.id, metrics={"loss": float("nan"), "best": float("inf"), "acc": 0.5})
-    store.finish(j.id, "failed", result={"history": [{"epoch": 1, "train_loss": float("-inf")}]},
-                 error="bad byte \x00 in message")
+    store.finish(
+        j.id,
+        "failed",
+        result={"history": [{"epoch": 1, "train_loss": float("-inf")}]},
+        error="bad byte \x00 in message",
+    )
     store.append_log(j.id, "a line with \x00 inside")
     got = store.get(j.id)
     assert got.params == {"lr": None, "s": "nul \x00 in json"}  # escaped as \u0000 in JSON: kept
@@ -206,6 +219,7 @@ def test_non_finite_numbers_and_nul_characters(store):
 
 def test_runner_end_to_end_without_spark(job_db_url, monkeypatch):
     """The real runner thread on this backend: claim, progress, logs, a result with a NaN and a datetime."""
+
     class FakeParams(Params):
         steps: int = 3
 
@@ -217,9 +231,13 @@ def test_runner_end_to_end_without_spark(job_db_url, monkeypatch):
         return {"steps": p.steps, "loss": float("nan"), "when": dt.datetime(2024, 1, 2)}
 
     monkeypatch.setitem(KINDS, "fake", Kind("fake", FakeParams, run_fake, "A fake job."))
-    fake_spark = SimpleNamespace(sparkContext=SimpleNamespace(
-        setJobGroup=lambda *a, **k: None, cancelJobGroup=lambda *a: None,
-        statusTracker=lambda: SimpleNamespace(getJobIdsForGroup=lambda g: [])))
+    fake_spark = SimpleNamespace(
+        sparkContext=SimpleNamespace(
+            setJobGroup=lambda *a, **k: None,
+            cancelJobGroup=lambda *a: None,
+            statusTracker=lambda: SimpleNamespace(getJobIdsForGroup=lambda g: []),
+        )
+    )
     store = JobStore(job_db_url)
     runner = Runner(store, lambda: fake_spark, poll_s=0.02)
     try:
@@ -230,7 +248,11 @@ def test_runner_end_to_end_without_spark(job_db_url, monkeypatch):
             time.sleep(0.05)
         done = store.get(job.id)
         assert done.state == "succeeded", (done.state, done.error)
-        assert done.progress == 100.0 and done.result == {"steps": 3, "loss": None, "when": "2024-01-02 00:00:00"}
+        assert done.progress == 100.0 and done.result == {
+            "steps": 3,
+            "loss": None,
+            "when": "2024-01-02 00:00:00",
+        }
         assert done.metrics == {}  # the fake kind's summary has none of the final-metric keys
         log = done.log
         for i in (1, 2, 3):

@@ -78,7 +78,9 @@ def test_model_dir_pins_the_architecture_even_when_the_spec_omits_it(tmp_path):
     from sparkvision.models.modeldir import ModelSpec, Preprocess, load_model_dir, save_model_dir
 
     m = create_model("cnn", 3, 1, hidden=48)
-    save_model_dir(str(tmp_path), m, ModelSpec("cnn", 3, 1, {"image_size": 28}), ["a", "b", "c"], Preprocess())
+    save_model_dir(
+        str(tmp_path), m, ModelSpec("cnn", 3, 1, {"image_size": 28}), ["a", "b", "c"], Preprocess()
+    )
     assert load_model_dir(str(tmp_path)).model.num_features == 48
 
 
@@ -90,7 +92,9 @@ def test_model_kwargs_for_adds_the_size_only_where_the_factory_takes_it():
 
     @register_model("no-size")
     def no_size(num_classes: int = 10, in_channels: int = 1) -> ImageModel:
-        return wrap_module(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), in_channels, num_classes, in_channels)
+        return wrap_module(
+            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), in_channels, num_classes, in_channels
+        )
 
     try:
         assert model_kwargs_for("no-size", {}, 28) == {}
@@ -106,11 +110,19 @@ def test_neck_sits_between_features_and_head_and_survives_the_model_dir(name, tm
     x = torch.rand(3, 1, 16, 16)
     f = m.forward_features(x)
     assert torch.allclose(m(x), m.forward_head(m.neck(f)))  # features -> FC+BN+ReLU -> head
-    assert m.head.in_features == 24 and isinstance(m.neck[0], nn.Linear) and m.neck[0].in_features == f.shape[1]
+    assert (
+        m.head.in_features == 24 and isinstance(m.neck[0], nn.Linear) and m.neck[0].in_features == f.shape[1]
+    )
     m.reset_head(2)
     assert m(x).shape == (3, 2)
-    save_model_dir(str(tmp_path / "m"), m, ModelSpec(name, 2, 1, {"image_size": 16} if name == "cnn" else {}),
-                   ["a", "b"], Preprocess(channels=1, size=(16, 16), mean=(0.5,), std=(0.5,)), {})
+    save_model_dir(
+        str(tmp_path / "m"),
+        m,
+        ModelSpec(name, 2, 1, {"image_size": 16} if name == "cnn" else {}),
+        ["a", "b"],
+        Preprocess(channels=1, size=(16, 16), mean=(0.5,), std=(0.5,)),
+        {},
+    )
     back = load_model_dir(str(tmp_path / "m")).model.eval()
     assert torch.allclose(back(x), m(x), atol=1e-6)
     with pytest.raises(ValueError, match="neck"):

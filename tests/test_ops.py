@@ -47,8 +47,19 @@ def click_command(name: str):
 
 def test_every_operation_is_on_the_cli_the_web_and_the_python_api():
     names = set(OPERATIONS)
-    assert {"ingest", "train", "evaluate", "predict", "pretrain", "finetune", "distill", "embed", "index", "search",
-            "dedup"} <= names
+    assert {
+        "ingest",
+        "train",
+        "evaluate",
+        "predict",
+        "pretrain",
+        "finetune",
+        "distill",
+        "embed",
+        "index",
+        "search",
+        "dedup",
+    } <= names
     for name, op in OPERATIONS.items():
         assert click_command(name) is not None
         assert getattr(api, name.replace("-", "_")) is op  # the Python API is the operation itself
@@ -84,8 +95,11 @@ def test_cli_refuses_an_unknown_option_and_names_a_bad_value(name):
     r = CliRunner().invoke(app, [*CLI_NAMES.get(name, (name,)), *args, "--no-such-option", "1"])
     assert r.exit_code == 2 and "no-such-option" in r.output
     # A bounded integer out of range: one line naming the flag, no traceback, before Spark starts.
-    bounded = [(k, f) for k, f in op.params.model_fields.items()
-               if any(getattr(m, "ge", None) == 1 for m in f.metadata) and not cli_meta(f).positional]
+    bounded = [
+        (k, f)
+        for k, f in op.params.model_fields.items()
+        if any(getattr(m, "ge", None) == 1 for m in f.metadata) and not cli_meta(f).positional
+    ]
     if bounded:
         k, f = bounded[0]
         r = CliRunner().invoke(app, [*CLI_NAMES.get(name, (name,)), *args, flag_of(k, f), "0", "--json"])
@@ -137,7 +151,9 @@ def test_shared_rules_worded_per_front_end():
     assert e.value.param == "model_kwargs" and "widht" in str(e.value)
     r = CliRunner().invoke(app, ["train", "--table", "t", "--out", "o", "--model-kwargs", '{"widht": 3}'])
     assert r.exit_code == 2 and "--model-kwargs" in r.output and "widht" in r.output
-    r = CliRunner().invoke(app, ["pretrain", "--table", "t", "--out", "o", "--pool", "train", "--epochs", "0"])
+    r = CliRunner().invoke(
+        app, ["pretrain", "--table", "t", "--out", "o", "--pool", "train", "--epochs", "0"]
+    )
     assert r.exit_code == 2 and "--epochs" in r.output
 
 

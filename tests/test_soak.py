@@ -45,7 +45,10 @@ def requests_mix(rng: random.Random, n: int) -> list[tuple[str, str, dict]]:
         "corrupt": good[: len(good) // 2],
         "text": b"not an image at all",
         "empty": b"",
-        "bomb": b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (100000).to_bytes(4, "big") * 2 + b"\x08\x00\x00\x00\x00",
+        "bomb": b"\x89PNG\r\n\x1a\n"
+        + b"\x00\x00\x00\rIHDR"
+        + (100000).to_bytes(4, "big") * 2
+        + b"\x08\x00\x00\x00\x00",
     }
     out = []
     for _ in range(n):
@@ -54,21 +57,58 @@ def requests_mix(rng: random.Random, n: int) -> list[tuple[str, str, dict]]:
             out.append(("POST", "/api/classify", {"files": [("files", ("g.png", good, "image/png"))]}))
         elif r < 0.55:
             name = rng.choice(sorted(bad))
-            out.append(("POST", "/api/classify", {"files": [("files", (f"{name}.png", bad[name], "image/png"))]}))
+            out.append(
+                ("POST", "/api/classify", {"files": [("files", (f"{name}.png", bad[name], "image/png"))]})
+            )
         elif r < 0.65:
-            out.append(("POST", "/api/jobs", {"json": {"kind": "ingest", "params": {
-                "source": rng.choice(["{folder,../x}", "../../etc", "nope", "/etc"]), "table": "t"}}}))
+            out.append(
+                (
+                    "POST",
+                    "/api/jobs",
+                    {
+                        "json": {
+                            "kind": "ingest",
+                            "params": {
+                                "source": rng.choice(["{folder,../x}", "../../etc", "nope", "/etc"]),
+                                "table": "t",
+                            },
+                        }
+                    },
+                )
+            )
         elif r < 0.72:
-            out.append(("POST", "/api/jobs", {"content": b"{" * rng.randint(1, 5000),
-                                              "headers": {"content-type": "application/json"}}))
+            out.append(
+                (
+                    "POST",
+                    "/api/jobs",
+                    {"content": b"{" * rng.randint(1, 5000), "headers": {"content-type": "application/json"}},
+                )
+            )
         elif r < 0.8:
             out.append(("GET", rng.choice(["/api/jobs", "/api/health", "/api/models", "/api/tables"]), {}))
         elif r < 0.88:
-            out.append(("GET", rng.choice(["/api/tables/../../etc/rows", "/api/nope", "/api/jobs/%00",
-                                           "/api/tables/x/rows?limit=-5"]), {}))
+            out.append(
+                (
+                    "GET",
+                    rng.choice(
+                        [
+                            "/api/tables/../../etc/rows",
+                            "/api/nope",
+                            "/api/jobs/%00",
+                            "/api/tables/x/rows?limit=-5",
+                        ]
+                    ),
+                    {},
+                )
+            )
         else:
-            out.append(("POST", "/api/classify?top_k=" + rng.choice(["0", "x", "100000", "3"]),
-                        {"files": [("files", ("g.png", good, "image/png"))]}))
+            out.append(
+                (
+                    "POST",
+                    "/api/classify?top_k=" + rng.choice(["0", "x", "100000", "3"]),
+                    {"files": [("files", ("g.png", good, "image/png"))]},
+                )
+            )
     return out
 
 
@@ -76,11 +116,23 @@ def requests_mix(rng: random.Random, n: int) -> list[tuple[str, str, dict]]:
 def test_soak_1000_mixed_requests_50_clients(tmp_path):
     root = tmp_path / "root"
     torch.manual_seed(0)
-    save_model_dir(str(root / "models" / "cnn"), create_model("cnn", num_classes=4, in_channels=1, image_size=16),
-                   ModelSpec("cnn", 4, 1, {"image_size": 16}), CLASSES,
-                   Preprocess(channels=1, size=(16, 16), mean=(0.2,), std=(0.3,)), {})
-    app = create_app(Settings(data_roots=[str(root)], db_url="sqlite://", model_dir=str(root / "models" / "cnn"),
-                              start_runner=False, max_pixels=100_000))
+    save_model_dir(
+        str(root / "models" / "cnn"),
+        create_model("cnn", num_classes=4, in_channels=1, image_size=16),
+        ModelSpec("cnn", 4, 1, {"image_size": 16}),
+        CLASSES,
+        Preprocess(channels=1, size=(16, 16), mean=(0.2,), std=(0.3,)),
+        {},
+    )
+    app = create_app(
+        Settings(
+            data_roots=[str(root)],
+            db_url="sqlite://",
+            model_dir=str(root / "models" / "cnn"),
+            start_runner=False,
+            max_pixels=100_000,
+        )
+    )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -103,9 +155,11 @@ def test_soak_1000_mixed_requests_50_clients(tmp_path):
     async def run(batch: list[tuple[str, str, dict]]) -> None:
         sem = asyncio.Semaphore(50)
         async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+
             async def guarded(m, p, kw):
                 async with sem:
                     await one(client, m, p, kw)
+
             await asyncio.gather(*(guarded(m, p, kw) for m, p, kw in batch))
 
     try:
@@ -125,7 +179,9 @@ def test_soak_1000_mixed_requests_50_clients(tmp_path):
         thread.join(10)
     assert not problems, problems[:5]
     assert sum(statuses.values()) == 1100 and not any(s >= 500 for s in statuses), statuses
-    assert statuses.get(200, 0) > 300 and sum(v for s, v in statuses.items() if 400 <= s < 500) > 300, statuses
+    assert statuses.get(200, 0) > 300 and sum(v for s, v in statuses.items() if 400 <= s < 500) > 300, (
+        statuses
+    )
     # Memory back near its baseline: what 1,000 requests leave behind is bounded, not growing with them.
     assert after - baseline < 64, (baseline, after, elapsed)
     print(f"soak: 1000 requests in {elapsed:.1f} s, RSS {baseline:.0f} -> {after:.0f} MiB, {statuses}")

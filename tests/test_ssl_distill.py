@@ -55,12 +55,31 @@ def test_distillation_loss_rejects_bad_input():
 
 def test_student_learns_the_teacher_from_unlabelled_rows(spark, tiny_table, tmp_path):
     teacher_dir = str(tmp_path / "teacher")
-    finetune(spark, tiny_table, teacher_dir, None,
-             FinetuneConfig(label_fraction=0.25, epochs=8, batch_size=16, lr=5e-3, model_kwargs=CNN))
-    s = finetune(spark, tiny_table, str(tmp_path / "student"), None,
-                 FinetuneConfig(label_fraction=0.25, epochs=12, batch_size=16, lr=5e-3, model_kwargs=CNN,
-                                unlabeled_split="train", label_smoothing=0.0, workers=2, seed=3),
-                 teacher=teacher_dir)
+    finetune(
+        spark,
+        tiny_table,
+        teacher_dir,
+        None,
+        FinetuneConfig(label_fraction=0.25, epochs=8, batch_size=16, lr=5e-3, model_kwargs=CNN),
+    )
+    s = finetune(
+        spark,
+        tiny_table,
+        str(tmp_path / "student"),
+        None,
+        FinetuneConfig(
+            label_fraction=0.25,
+            epochs=12,
+            batch_size=16,
+            lr=5e-3,
+            model_kwargs=CNN,
+            unlabeled_split="train",
+            label_smoothing=0.0,
+            workers=2,
+            seed=3,
+        ),
+        teacher=teacher_dir,
+    )
     # Every train row distils (not just the 16 labelled ones), on two ranks, scored on test.
     assert s["mode"] == "distill" and s["train_rows"] == 64 and s["teacher"] == teacher_dir
     assert s["test_acc"] is not None
@@ -70,8 +89,12 @@ def test_student_learns_the_teacher_from_unlabelled_rows(spark, tiny_table, tmp_
     rows = read_table(spark, tiny_table).where("split = 'test'").select("image", "label", "split").toArrow()
     shard, _ = decode_shard(iter(rows.to_batches()), 1, (16, 16))
     x = shard.images.float().div(255)
-    tx = (x - torch.tensor(teacher.preprocess.mean).view(1, -1, 1, 1)) / torch.tensor(teacher.preprocess.std).view(1, -1, 1, 1)
-    sx = (x - torch.tensor(student.preprocess.mean).view(1, -1, 1, 1)) / torch.tensor(student.preprocess.std).view(1, -1, 1, 1)
+    tx = (x - torch.tensor(teacher.preprocess.mean).view(1, -1, 1, 1)) / torch.tensor(
+        teacher.preprocess.std
+    ).view(1, -1, 1, 1)
+    sx = (x - torch.tensor(student.preprocess.mean).view(1, -1, 1, 1)) / torch.tensor(
+        student.preprocess.std
+    ).view(1, -1, 1, 1)
     teacher.model.eval(), student.model.eval(), fresh.eval()
     with torch.no_grad():
         t_pred = teacher.model(tx).argmax(1)
@@ -82,30 +105,87 @@ def test_student_learns_the_teacher_from_unlabelled_rows(spark, tiny_table, tmp_
 
 def test_distillation_errors_name_the_problem(spark, tiny_table, tmp_path):
     teacher_dir = str(tmp_path / "teacher")
-    finetune(spark, tiny_table, teacher_dir, None, FinetuneConfig(label_fraction=0.25, epochs=1, batch_size=16,
-                                                                 model_kwargs=CNN))
+    finetune(
+        spark,
+        tiny_table,
+        teacher_dir,
+        None,
+        FinetuneConfig(label_fraction=0.25, epochs=1, batch_size=16, model_kwargs=CNN),
+    )
     with pytest.raises(ValueError, match="unlabeled_split 'test' is also the eval split"):
-        finetune(spark, tiny_table, str(tmp_path / "s1"), None, FinetuneConfig(unlabeled_split="test"),
-                 teacher=teacher_dir)
+        finetune(
+            spark,
+            tiny_table,
+            str(tmp_path / "s1"),
+            None,
+            FinetuneConfig(unlabeled_split="test"),
+            teacher=teacher_dir,
+        )
     with pytest.raises(ValueError, match="linear"):
-        finetune(spark, tiny_table, str(tmp_path / "s2"), teacher_dir, FinetuneConfig(linear=True),
-                 teacher=teacher_dir)
+        finetune(
+            spark,
+            tiny_table,
+            str(tmp_path / "s2"),
+            teacher_dir,
+            FinetuneConfig(linear=True),
+            teacher=teacher_dir,
+        )
     with pytest.raises(ValueError, match="distill_temperature"):
         FinetuneConfig(distill_temperature=0).validate()
 
 
 def test_cli_distill(spark, tiny_table, tmp_path):
     teacher_dir = str(tmp_path / "teacher")
-    finetune(spark, tiny_table, teacher_dir, None, FinetuneConfig(label_fraction=0.25, epochs=1, batch_size=16,
-                                                                 model_kwargs=CNN))
+    finetune(
+        spark,
+        tiny_table,
+        teacher_dir,
+        None,
+        FinetuneConfig(label_fraction=0.25, epochs=1, batch_size=16, model_kwargs=CNN),
+    )
     runner = CliRunner()
-    r = runner.invoke(app, ["distill", "--teacher", teacher_dir, "--table", tiny_table, "--out", str(tmp_path / "s"),
-                            "--encoder", teacher_dir, "--unlabeled-split", "train", "--epochs", "1",
-                            "--batch-size", "16", "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "distill",
+            "--teacher",
+            teacher_dir,
+            "--table",
+            tiny_table,
+            "--out",
+            str(tmp_path / "s"),
+            "--encoder",
+            teacher_dir,
+            "--unlabeled-split",
+            "train",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
     assert out["mode"] == "distill" and out["train_rows"] == 64 and len(out["history"]) == 1
     # A pool split the table does not have is an error that names it, not a crash or a hang.
-    r = runner.invoke(app, ["distill", "--teacher", teacher_dir, "--table", tiny_table, "--out", str(tmp_path / "s2"),
-                            "--unlabeled-split", "nosuch", "--label-fraction", "0.0001", "--epochs", "1", "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "distill",
+            "--teacher",
+            teacher_dir,
+            "--table",
+            tiny_table,
+            "--out",
+            str(tmp_path / "s2"),
+            "--unlabeled-split",
+            "nosuch",
+            "--label-fraction",
+            "0.0001",
+            "--epochs",
+            "1",
+            "--json",
+        ],
+    )
     assert r.exit_code != 0 and "nosuch" in r.output, r.output

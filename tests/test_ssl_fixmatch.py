@@ -56,7 +56,9 @@ def test_fixmatch_gradient_reaches_the_strong_view_only_and_unconfident_images_a
 
 def test_cutout_erases_one_square_per_image_at_its_own_place():
     x = torch.zeros(64, 1, 20, 20)
-    y = BatchAugment(AugmentConfig(hflip=0.0, crop_padding=0, cutout=0.25))(x, torch.Generator().manual_seed(0))
+    y = BatchAugment(AugmentConfig(hflip=0.0, crop_padding=0, cutout=0.25))(
+        x, torch.Generator().manual_seed(0)
+    )
     grey = y == 0.5
     assert set(torch.unique(y).tolist()) <= {0.0, 0.5}
     counts = grey.flatten(1).sum(1)
@@ -75,8 +77,12 @@ def test_cutout_erases_one_square_per_image_at_its_own_place():
 def pool_table(spark, tiny_table, tmp_path_factory):
     """The tiny table plus an 'unlabeled' split: the train images again with their labels removed."""
     df = read_table(spark, tiny_table)
-    pool = (df.where("split = 'train'").withColumn("label", SF.lit(None).cast("int"))
-            .withColumn("label_name", SF.lit(None).cast("string")).withColumn("split", SF.lit("unlabeled")))
+    pool = (
+        df.where("split = 'train'")
+        .withColumn("label", SF.lit(None).cast("int"))
+        .withColumn("label_name", SF.lit(None).cast("string"))
+        .withColumn("split", SF.lit("unlabeled"))
+    )
     out = str(tmp_path_factory.mktemp("tables") / "with_pool")
     df.unionByName(pool).write.parquet(out)
     write_meta(spark, out, read_meta(spark, tiny_table))
@@ -84,8 +90,18 @@ def pool_table(spark, tiny_table, tmp_path_factory):
 
 
 def test_fixmatch_trains_on_the_unlabelled_pool_on_two_ranks(spark, pool_table, tmp_path):
-    cfg = FinetuneConfig(label_fraction=0.25, epochs=6, batch_size=16, lr=5e-3, model_kwargs=CNN, workers=2,
-                         consistency_weight=1.0, confidence=0.6, unlabeled_ratio=3, unlabeled_split="unlabeled")
+    cfg = FinetuneConfig(
+        label_fraction=0.25,
+        epochs=6,
+        batch_size=16,
+        lr=5e-3,
+        model_kwargs=CNN,
+        workers=2,
+        consistency_weight=1.0,
+        confidence=0.6,
+        unlabeled_ratio=3,
+        unlabeled_split="unlabeled",
+    )
     s = finetune(spark, pool_table, str(tmp_path / "fm"), None, cfg, eval_every=6)
     # 16 labelled rows set the epoch; the unlabelled rows (labels null) come on top through the loss.
     assert s["fixmatch"] and s["mode"] == "scratch" and s["train_rows"] == 16
@@ -100,26 +116,66 @@ def test_fixmatch_trains_on_the_unlabelled_pool_on_two_ranks(spark, pool_table, 
 
 def test_fixmatch_errors_name_the_problem(spark, pool_table, tmp_path):
     with pytest.raises(ValueError, match="no rows in split 'nosuch'"):
-        finetune(spark, pool_table, str(tmp_path / "a"), None,
-                 FinetuneConfig(consistency_weight=1.0, unlabeled_split="nosuch", label_fraction=0.25, epochs=1))
+        finetune(
+            spark,
+            pool_table,
+            str(tmp_path / "a"),
+            None,
+            FinetuneConfig(consistency_weight=1.0, unlabeled_split="nosuch", label_fraction=0.25, epochs=1),
+        )
     with pytest.raises(ValueError, match="unlabeled_split 'test' is also the eval split"):
-        finetune(spark, pool_table, str(tmp_path / "b"), None,
-                 FinetuneConfig(consistency_weight=1.0, unlabeled_split="test"))
+        finetune(
+            spark,
+            pool_table,
+            str(tmp_path / "b"),
+            None,
+            FinetuneConfig(consistency_weight=1.0, unlabeled_split="test"),
+        )
     with pytest.raises(ValueError, match="pick one"):
-        finetune(spark, pool_table, str(tmp_path / "c"), None, FinetuneConfig(consistency_weight=1.0),
-                 teacher=str(tmp_path / "whatever"))
-    for kwargs, name in (({"consistency_weight": -1}, "consistency_weight"), ({"confidence": 1.0}, "confidence"),
-                         ({"unlabeled_ratio": 0}, "unlabeled_ratio"),
-                         ({"consistency_weight": 1.0, "linear": True}, "linear")):
+        finetune(
+            spark,
+            pool_table,
+            str(tmp_path / "c"),
+            None,
+            FinetuneConfig(consistency_weight=1.0),
+            teacher=str(tmp_path / "whatever"),
+        )
+    for kwargs, name in (
+        ({"consistency_weight": -1}, "consistency_weight"),
+        ({"confidence": 1.0}, "confidence"),
+        ({"unlabeled_ratio": 0}, "unlabeled_ratio"),
+        ({"consistency_weight": 1.0, "linear": True}, "linear"),
+    ):
         with pytest.raises(ValueError, match=name):
             FinetuneConfig(**kwargs).validate()
 
 
 def test_cli_finetune_with_fixmatch(spark, pool_table, tmp_path):
-    r = CliRunner().invoke(app, ["finetune", "--table", pool_table, "--out", str(tmp_path / "m"),
-                                 "--label-fraction", "0.25", "--epochs", "1", "--batch-size", "16",
-                                 "--consistency-weight", "1", "--unlabeled-split", "unlabeled",
-                                 "--unlabeled-ratio", "2", "--strong-augment", "hflip=0.5,cutout=0.3", "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "finetune",
+            "--table",
+            pool_table,
+            "--out",
+            str(tmp_path / "m"),
+            "--label-fraction",
+            "0.25",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--consistency-weight",
+            "1",
+            "--unlabeled-split",
+            "unlabeled",
+            "--unlabeled-ratio",
+            "2",
+            "--strong-augment",
+            "hflip=0.5,cutout=0.3",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
     assert out["fixmatch"] and "pseudo_label_rate" in out["history"][0]

@@ -98,6 +98,8 @@ def test_heads_shapes_and_structure():
     assert isinstance(pred.net[-1], torch.nn.ReLU)  # the paper keeps the final ReLU
     assert (pred(proj(x)) >= 0).all()
     bott = BottleneckPredictor(48)
-    assert bott.net[0].out_features == 12 and isinstance(bott.net[-1], torch.nn.Linear)  # width / 4, plain output
+    assert bott.net[0].out_features == 12 and isinstance(
+        bott.net[-1], torch.nn.Linear
+    )  # width / 4, plain output
     assert SimCLRProjectionHead(32, 64, 16)(x).shape == (4, 16)
     assert ImprovedPredictor().out_dim == 1024 and ProjectionMLP(512).out_dim == 1024  # the paper's 1024

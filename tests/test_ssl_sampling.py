@@ -41,6 +41,8 @@ def test_spark_sampling_is_stratified_and_reproducible(spark):
     got = Counter(r.label for r in a.collect())
     assert got == {0: 9, 1: 9, 2: 9, 3: 13}
     ids = sorted(r.content_id for r in a.collect())
-    assert ids == sorted(r.content_id for r in sample_label_fraction(df.repartition(3), 0.1, seed=0).collect())
+    assert ids == sorted(
+        r.content_id for r in sample_label_fraction(df.repartition(3), 0.1, seed=0).collect()
+    )
     assert ids != sorted(r.content_id for r in sample_label_fraction(df, 0.1, seed=5).collect())
     assert sample_label_fraction(df, 1.0).count() == 400

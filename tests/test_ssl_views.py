@@ -61,8 +61,17 @@ def test_per_sample_hue_matches_torchvision():
 
 
 def test_hue_jitter_changes_colour_not_gray():
-    cfg = ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0, jitter_p=1.0, brightness=0.0,
-                     contrast=0.0, saturation=0.0, hue=0.5, grayscale=0.0)
+    cfg = ViewConfig(
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        hflip=0.0,
+        jitter_p=1.0,
+        brightness=0.0,
+        contrast=0.0,
+        saturation=0.0,
+        hue=0.5,
+        grayscale=0.0,
+    )
     g = torch.Generator().manual_seed(1)
     colour = torch.rand(6, 3, 8, 8, generator=g)
     assert (RandomView(cfg)(colour, torch.Generator().manual_seed(2)) - colour).abs().amax() > 0.1

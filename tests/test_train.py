@@ -28,8 +28,12 @@ from sparkvision.train.data import (
 from sparkvision.train.optim import lr_factor
 from sparkvision.train.rank import RankTraining
 
-FAST = dict(batch_size=16, lr=3e-3, model_kwargs={"widths": [8, 16], "hidden": 32, "dropout": 0.0},
-            augment=AugmentConfig.none())
+FAST = dict(
+    batch_size=16,
+    lr=3e-3,
+    model_kwargs={"widths": [8, 16], "hidden": 32, "dropout": 0.0},
+    augment=AugmentConfig.none(),
+)
 
 
 def test_two_ranks_learn_a_separable_set(spark, tiny_table, tmp_path):
@@ -72,8 +76,14 @@ def test_unequal_partitions_do_not_hang(spark, tiny_table, tmp_path):
     skewed = df.withColumn("_k", F.when(small, a).otherwise(b)).repartition(2, "_k").drop("_k")
     sizes = skewed.rdd.glom().map(len).collect()
     assert len(sizes) == 2 and min(sizes) > 0 and max(sizes) > 4 * min(sizes), sizes
-    s = train_df(spark, skewed, read_meta(spark, tiny_table).class_names, str(tmp_path / "s"),
-                 TrainConfig(epochs=1, workers=2, **FAST), repartition=False)
+    s = train_df(
+        spark,
+        skewed,
+        read_meta(spark, tiny_table).class_names,
+        str(tmp_path / "s"),
+        TrainConfig(epochs=1, workers=2, **FAST),
+        repartition=False,
+    )
     assert s["epochs"] == 1
 
 
@@ -109,15 +119,23 @@ def test_steps_are_equal_and_epochs_reshuffle():
 
 def _batches(rows):
     cols = {"image": [r[0] for r in rows], "label": [r[1] for r in rows], "split": [r[2] for r in rows]}
-    table = pa.table(cols, schema=pa.schema([("image", pa.binary()), ("label", pa.int32()), ("split", pa.string())]))
+    table = pa.table(
+        cols, schema=pa.schema([("image", pa.binary()), ("label", pa.int32()), ("split", pa.string())])
+    )
     return iter(table.to_batches(max_chunksize=2))
 
 
 def test_decode_shard_keeps_order_and_counts_bad_rows():
     rng = np.random.default_rng(0)
     pixels = [rng.integers(0, 256, (6, 5), dtype=np.uint8) for _ in range(4)]
-    rows = [(encode_png(pixels[0]), 3, "train"), (b"not an image", 1, "train"), (encode_png(pixels[1]), None, "unlabeled"),
-            (None, 2, "test"), (encode_png(pixels[2]), 0, "test"), (encode_png(pixels[3]), 9, "val")]
+    rows = [
+        (encode_png(pixels[0]), 3, "train"),
+        (b"not an image", 1, "train"),
+        (encode_png(pixels[1]), None, "unlabeled"),
+        (None, 2, "test"),
+        (encode_png(pixels[2]), 0, "test"),
+        (encode_png(pixels[3]), 9, "val"),
+    ]
     shard, splits = decode_shard(_batches(rows), 1, (6, 5))
     assert shard.bad_rows == 2 and len(shard) == 4 and shard.images.shape == (4, 1, 6, 5)
     assert splits == ["train", "unlabeled", "test", "val"]
@@ -130,7 +148,9 @@ def test_decode_shard_keeps_order_and_counts_bad_rows():
 
 def test_oversized_shard_is_a_clear_error_before_decoding():
     rows = [(encode_png(np.zeros((8, 8), dtype=np.uint8)), 0, "train")] * 10
-    with pytest.raises(ValueError, match=r"10 images at 3x8x8 needs .* GiB decoded.*more workers.*smaller image_size"):
+    with pytest.raises(
+        ValueError, match=r"10 images at 3x8x8 needs .* GiB decoded.*more workers.*smaller image_size"
+    ):
         decode_shard(_batches(rows), 3, (8, 8), available_bytes=10 * 3 * 8 * 8 - 1)
     shard, _ = decode_shard(_batches(rows), 3, (8, 8), available_bytes=10 * 3 * 8 * 8)  # exactly fits
     assert len(shard) == 10
@@ -201,9 +221,17 @@ def test_rank_skeleton_trains_logs_checkpoints_and_resumes_in_one_process(tmp_pa
     ctx = D.RankContext(rank=0, world_size=1, threads=1, device=torch.device("cpu"), attempt=0)
 
     def run(epochs, ctx):
-        cfg = TrainConfig(epochs=epochs, batch_size=8, lr=0.05, schedule="constant", augment=AugmentConfig.none())
-        payload = {"cfg": cfg.to_json(), "out": str(tmp_path), "checkpoint_dir": str(tmp_path / "checkpoints"),
-                   "channels": 1, "size": [4, 4], "num_classes": 2}
+        cfg = TrainConfig(
+            epochs=epochs, batch_size=8, lr=0.05, schedule="constant", augment=AugmentConfig.none()
+        )
+        payload = {
+            "cfg": cfg.to_json(),
+            "out": str(tmp_path),
+            "checkpoint_dir": str(tmp_path / "checkpoints"),
+            "channels": 1,
+            "size": [4, 4],
+            "num_classes": 2,
+        }
         return D.decode_result(_BrightnessRank.main(ctx, _batches(rows), payload))
 
     info, blobs = run(4, ctx)
@@ -213,7 +241,9 @@ def test_rank_skeleton_trains_logs_checkpoints_and_resumes_in_one_process(tmp_pa
     assert history[-1]["train_loss"] < history[0]["train_loss"] / 2, history
     assert info["mean"][0] == pytest.approx(float(np.mean([p for p, _ in pixels])) / 255, abs=1e-6)
     assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == history
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == [f"epoch-{e}.{x}" for e in (3, 4) for x in ("json", "safetensors")]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [
+        f"epoch-{e}.{x}" for e in (3, 4) for x in ("json", "safetensors")
+    ]
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
     model.load_state_dict(st_load(blobs["weights"]))
     # A re-run of the stage by Spark (attempt 1) resumes from the last checkpoint, not from scratch.

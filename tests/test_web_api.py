@@ -45,9 +45,20 @@ def write_image_table(path, n_per_class: int = 5) -> list[str]:
     for k, name in enumerate(CLASSES):
         for i in range(n_per_class):
             data = make_image(k, seed=100 * k + i)
-            rows.append({"content_id": content_id(data), "path": f"file:/x/{name}/{i}.png", "image": data,
-                         "format": "PNG", "height": 16, "width": 16, "channels": 1, "label": k, "label_name": name,
-                         "split": "train" if i < n_per_class - 1 else "test"})
+            rows.append(
+                {
+                    "content_id": content_id(data),
+                    "path": f"file:/x/{name}/{i}.png",
+                    "image": data,
+                    "format": "PNG",
+                    "height": 16,
+                    "width": 16,
+                    "channels": 1,
+                    "label": k,
+                    "label_name": name,
+                    "split": "train" if i < n_per_class - 1 else "test",
+                }
+            )
     os.makedirs(path, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(path, "part-0.parquet"))
     with open(os.path.join(path, "_sparkvision.json"), "w") as f:
@@ -61,24 +72,47 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("webroot")
     torch.manual_seed(0)
     model = create_model("cnn", num_classes=4, in_channels=1, image_size=16)
-    save_model_dir(str(root / "models" / "cnn"), model, ModelSpec("cnn", 4, 1, {"image_size": 16}), CLASSES,
-                   Preprocess(channels=1, size=(16, 16), mean=(0.2,), std=(0.3,)),
-                   {"test_acc": 0.25, "history": [{"epoch": 1, "train_loss": 1.4, "test_acc": 0.25}]})
+    save_model_dir(
+        str(root / "models" / "cnn"),
+        model,
+        ModelSpec("cnn", 4, 1, {"image_size": 16}),
+        CLASSES,
+        Preprocess(channels=1, size=(16, 16), mean=(0.2,), std=(0.3,)),
+        {"test_acc": 0.25, "history": [{"epoch": 1, "train_loss": 1.4, "test_acc": 0.25}]},
+    )
     ids = write_image_table(str(root / "tables" / "tiny"))
     # A prediction table keeps ids, not bytes: thumbnails come from its source image table.
-    preds = [{"content_id": c, "path": "p", "split": "train", "label": 0, "label_name": "a", "pred_label": 1,
-              "pred_name": "b", "confidence": 0.5, "error": None} for c in ids]
+    preds = [
+        {
+            "content_id": c,
+            "path": "p",
+            "split": "train",
+            "label": 0,
+            "label_name": "a",
+            "pred_label": 1,
+            "pred_name": "b",
+            "confidence": 0.5,
+            "error": None,
+        }
+        for c in ids
+    ]
     os.makedirs(root / "tables" / "preds")
     pq.write_table(pa.Table.from_pylist(preds), str(root / "tables" / "preds" / "part-0.parquet"))
     # Features and an index, built with the library (no Spark needed for this size).
     images = pq.read_table(str(root / "tables" / "tiny")).to_pylist()
     feats, _ = embed_images(str(root / "models" / "cnn"), [r["image"] for r in images])
     os.makedirs(root / "features")
-    pq.write_table(pa.table({
-        "content_id": [r["content_id"] for r in images], "path": [r["path"] for r in images],
-        "label_name": [r["label_name"] for r in images],
-        "embedding": pa.array([list(map(float, f)) for f in feats], pa.list_(pa.float32())),
-    }), str(root / "features" / "part-0.parquet"))
+    pq.write_table(
+        pa.table(
+            {
+                "content_id": [r["content_id"] for r in images],
+                "path": [r["path"] for r in images],
+                "label_name": [r["label_name"] for r in images],
+                "embedding": pa.array([list(map(float, f)) for f in feats], pa.list_(pa.float32())),
+            }
+        ),
+        str(root / "features" / "part-0.parquet"),
+    )
     with open(root / "features" / "_retrieval.json", "w") as f:
         json.dump({"model_dir": str(root / "models" / "cnn"), "table": str(root / "tables" / "tiny")}, f)
     build_index(str(root / "features"), str(root / "index"))
@@ -88,8 +122,13 @@ def root(tmp_path_factory):
 
 
 def settings_for(root, **kw) -> Settings:
-    base = dict(data_roots=[str(root)], db_url="sqlite://", model_dir=str(root / "models" / "cnn"),
-                index_dir=str(root / "index"), start_runner=False)
+    base = dict(
+        data_roots=[str(root)],
+        db_url="sqlite://",
+        model_dir=str(root / "models" / "cnn"),
+        index_dir=str(root / "index"),
+        start_runner=False,
+    )
     base.update(kw)
     return Settings(**base)
 
@@ -115,8 +154,17 @@ def test_health_openapi_docs_and_page(client):
     health = client.get("/api/health").json()
     assert health["ok"] is True and health["running_job"] is None
     spec = client.get("/openapi.json").json()
-    for path in ("/api/classify", "/api/search", "/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/cancel",
-                 "/api/jobs/{job_id}/resume", "/api/models", "/api/tables", "/api/tables/{name}/rows"):
+    for path in (
+        "/api/classify",
+        "/api/search",
+        "/api/jobs",
+        "/api/jobs/{job_id}",
+        "/api/jobs/{job_id}/cancel",
+        "/api/jobs/{job_id}/resume",
+        "/api/models",
+        "/api/tables",
+        "/api/tables/{name}/rows",
+    ):
         assert path in spec["paths"], path
     assert client.get("/docs").status_code == 200
     page = client.get("/")
@@ -151,31 +199,65 @@ def test_classify_bad_inputs(client, root):
     pixels = np.zeros((400, 400), np.uint8)  # 160k px > max_pixels 100k, small file
     pbuf = io.BytesIO()
     Image.fromarray(pixels).save(pbuf, format="PNG")
-    assert_error(client.post("/api/classify", files=[("files", ("p.png", pbuf.getvalue(), "image/png"))]), 413,
-                 "too_many_pixels")
-    assert_error(client.post("/api/classify", files=[("files", ("big.bin", b"x" * 250_000, "image/png"))]), 413,
-                 "limit")
-    assert_error(client.post("/api/classify", files=[("files", ("bad.png", b"not an image at all", "image/png"))]),
-                 422, "not_an_image")
+    assert_error(
+        client.post("/api/classify", files=[("files", ("p.png", pbuf.getvalue(), "image/png"))]),
+        413,
+        "too_many_pixels",
+    )
+    assert_error(
+        client.post("/api/classify", files=[("files", ("big.bin", b"x" * 250_000, "image/png"))]),
+        413,
+        "limit",
+    )
+    assert_error(
+        client.post("/api/classify", files=[("files", ("bad.png", b"not an image at all", "image/png"))]),
+        422,
+        "not_an_image",
+    )
     truncated = make_image(0)[:60]
-    assert_error(client.post("/api/classify", files=[("files", ("t.png", truncated, "image/png"))]), 422, "t.png")
-    assert_error(client.post("/api/classify", content=b"", headers={"content-type": "image/png"}), 422, "empty")
-    assert_error(client.post("/api/classify?top_k=0", files=[("files", ("a.png", make_image(0), "image/png"))]),
-                 422, "top_k")
-    assert_error(client.post("/api/classify", content=b"{}", headers={"content-type": "application/json"}), 415)
-    assert_error(client.post("/api/classify", files=[("other", ("a.png", make_image(0), "image/png"))]), 422,
-                 "no image")
-    assert_error(client.post("/api/classify?model=../models/cnn", files=[("files", ("a.png", make_image(0)))]),
-                 403, "..")
-    assert_error(client.post("/api/classify?model=tables/tiny", files=[("files", ("a.png", make_image(0)))]),
-                 404, "not a sparkvision model")
-    assert_error(client.post("/api/classify", content=b"--x\r\ngarbage", headers={
-        "content-type": "multipart/form-data; boundary=x"}), 422)
+    assert_error(
+        client.post("/api/classify", files=[("files", ("t.png", truncated, "image/png"))]), 422, "t.png"
+    )
+    assert_error(
+        client.post("/api/classify", content=b"", headers={"content-type": "image/png"}), 422, "empty"
+    )
+    assert_error(
+        client.post("/api/classify?top_k=0", files=[("files", ("a.png", make_image(0), "image/png"))]),
+        422,
+        "top_k",
+    )
+    assert_error(
+        client.post("/api/classify", content=b"{}", headers={"content-type": "application/json"}), 415
+    )
+    assert_error(
+        client.post("/api/classify", files=[("other", ("a.png", make_image(0), "image/png"))]),
+        422,
+        "no image",
+    )
+    assert_error(
+        client.post("/api/classify?model=../models/cnn", files=[("files", ("a.png", make_image(0)))]),
+        403,
+        "..",
+    )
+    assert_error(
+        client.post("/api/classify?model=tables/tiny", files=[("files", ("a.png", make_image(0)))]),
+        404,
+        "not a sparkvision model",
+    )
+    assert_error(
+        client.post(
+            "/api/classify",
+            content=b"--x\r\ngarbage",
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        ),
+        422,
+    )
     too_many = [("files", (f"{i}.png", make_image(0), "image/png")) for i in range(65)]  # max_files 64
     assert_error(client.post("/api/classify", files=too_many), 400, "too many files")
     # Content-Length over the request limit is refused before the body is read.
-    huge = client.post("/api/classify", content=b"x", headers={"content-type": "image/png",
-                                                                "content-length": str(10**10)})
+    huge = client.post(
+        "/api/classify", content=b"x", headers={"content-type": "image/png", "content-length": str(10**10)}
+    )
     assert_error(huge, 413, "limit")
 
 
@@ -207,10 +289,12 @@ def test_micro_batching_shares_model_calls():
 def test_classify_multipart_fast_path_and_fallback(client):
     """Plain bodies take the fast splitter; anything unusual goes through Starlette's parser, same answers."""
     img = make_image(1)
-    plain = (b'--bnd\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
-             b'--bnd\r\nContent-Disposition: form-data; name="files"; filename="a;b \\"c\\".png"\r\n'
-             b"Content-Type: image/png\r\n\r\n" + img + b"\r\n--bnd--\r\n")
-    parts = parse_simple_multipart(plain[plain.index(b"--bnd"):], b"bnd", 64, 74)
+    plain = (
+        b'--bnd\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+        b'--bnd\r\nContent-Disposition: form-data; name="files"; filename="a;b \\"c\\".png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + img + b"\r\n--bnd--\r\n"
+    )
+    parts = parse_simple_multipart(plain[plain.index(b"--bnd") :], b"bnd", 64, 74)
     assert parts == [("note", None, b"hello"), ("files", 'a;b "c".png', img)]
     with_epilogue = plain + b"an epilogue"  # legal, rare: the general parser handles it
     assert parse_simple_multipart(with_epilogue, b"bnd", 64, 74) is None
@@ -225,7 +309,9 @@ def test_classify_multipart_fast_path_and_fallback(client):
     # Shapes the fast path refuses (None): no name, no Content-Disposition, no close delimiter, an
     # epilogue, more files than allowed.
     part = b'Content-Disposition: form-data; name="files"; filename="x.png"\r\n\r\nDATA\r\n'
-    assert parse_simple_multipart(b'--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--', b"b", 4, 4) is None
+    assert (
+        parse_simple_multipart(b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--", b"b", 4, 4) is None
+    )
     assert parse_simple_multipart(b"--b\r\nContent-Type: image/png\r\n\r\nx\r\n--b--", b"b", 4, 4) is None
     assert parse_simple_multipart(b"--b\r\n" + part, b"b", 4, 4) is None
     assert parse_simple_multipart(b"--b\r\n" + part + b"--b--\r\nepilogue", b"b", 4, 4) is None
@@ -236,10 +322,16 @@ def test_classify_multipart_fast_path_and_fallback(client):
 def test_classify_query_and_body_limits(root):
     app = create_app(settings_for(root, max_upload_bytes=1000, max_files=1))
     with TestClient(app) as c:
-        assert_error(c.post("/api/classify?top_k=two", content=make_image(0), headers={"content-type": "image/png"}),
-                     422, "top_k")
-        assert_error(c.post("/api/classify?top_k=1001", content=make_image(0),
-                            headers={"content-type": "image/png"}), 422, "top_k")
+        assert_error(
+            c.post("/api/classify?top_k=two", content=make_image(0), headers={"content-type": "image/png"}),
+            422,
+            "top_k",
+        )
+        assert_error(
+            c.post("/api/classify?top_k=1001", content=make_image(0), headers={"content-type": "image/png"}),
+            422,
+            "top_k",
+        )
         r = c.post("/api/classify?top_k=1", content=make_image(0), headers={"content-type": "image/png"})
         assert r.status_code == 200 and len(r.json()["results"][0]["top_k"]) == 1
         assert r.headers["content-type"] == "application/json"
@@ -249,10 +341,19 @@ def test_classify_query_and_body_limits(root):
             for _ in range(40):
                 yield b"x" * 65536
 
-        assert_error(c.post("/api/classify", content=chunks(), headers={"content-type": "image/png"}), 413, "limit")
+        assert_error(
+            c.post("/api/classify", content=chunks(), headers={"content-type": "image/png"}), 413, "limit"
+        )
         start = b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
-        assert_error(c.post("/api/classify", content=chunks(start),
-                            headers={"content-type": "multipart/form-data; boundary=b"}), 413, "limit")
+        assert_error(
+            c.post(
+                "/api/classify",
+                content=chunks(start),
+                headers={"content-type": "multipart/form-data; boundary=b"},
+            ),
+            413,
+            "limit",
+        )
     spec = app.openapi()["paths"]["/api/classify"]["post"]
     assert {p["name"] for p in spec["parameters"]} == {"top_k", "model"}
 
@@ -311,7 +412,11 @@ def test_models_and_tables(client, root):
     assert page["total"] == 20 and len(page["rows"]) == 5
     assert all(r["thumb"].startswith("data:image/png") for r in page["rows"])
     preds = client.get("/api/tables/tables/preds/rows?limit=3&source=tables/tiny").json()
-    assert len(preds["rows"]) == 3 and all(r["thumb"] for r in preds["rows"]) and preds["rows"][0]["pred_name"] == "b"
+    assert (
+        len(preds["rows"]) == 3
+        and all(r["thumb"] for r in preds["rows"])
+        and preds["rows"][0]["pred_name"] == "b"
+    )
     assert client.get("/api/tables/tables/tiny").json()["class_names"] == CLASSES
     assert_error(client.get("/api/tables/tables/tiny/rows?limit=0"), 422, "limit")
     assert_error(client.get("/api/tables/tables/tiny/rows?offset=-1"), 422, "offset")
@@ -332,8 +437,16 @@ def test_safe_path_rejects_escapes(root, tmp_path):
     link = root / "link_out"
     if not link.exists():
         os.symlink(outside, link)
-    for bad, status in (("../x", 403), ("tables/../../x", 403), ("/etc/passwd", 403), (str(link), 403),
-                        ("link_out/y", 403), ("hdfs://nn/x", 422), ("", 422), ("a\x00b", 422)):
+    for bad, status in (
+        ("../x", 403),
+        ("tables/../../x", 403),
+        ("/etc/passwd", 403),
+        (str(link), 403),
+        ("link_out/y", 403),
+        ("hdfs://nn/x", 422),
+        ("", 422),
+        ("a\x00b", 422),
+    ):
         with pytest.raises(ApiError) as e:
             safe_path(bad, roots)
         assert e.value.status == status, bad
@@ -364,65 +477,235 @@ def test_job_paths_confined_to_roots(client, root, tmp_path):
 
 def test_job_params_validated(client):
     assert_error(client.post("/api/jobs", json={"kind": "bake", "params": {}}), 422, "unknown job kind")
-    assert_error(client.post("/api/jobs", json={"kind": "train", "params": {"table": "tables/tiny"}}), 422, "out")
-    assert_error(client.post("/api/jobs", json={"kind": "train", "params": {
-        "table": "tables/tiny", "out": "models/new", "epochs": 0}}), 422, "epochs")
-    assert_error(client.post("/api/jobs", json={"kind": "train", "params": {
-        "table": "tables/tiny", "out": "models/new", "optimizer": "adam"}}), 422, "optimizer")
-    assert_error(client.post("/api/jobs", json={"kind": "ingest", "params": {
-        "source": "folder", "table": "t", "unknown_option": 1}}), 422, "unknown_option")
+    assert_error(
+        client.post("/api/jobs", json={"kind": "train", "params": {"table": "tables/tiny"}}), 422, "out"
+    )
+    assert_error(
+        client.post(
+            "/api/jobs",
+            json={"kind": "train", "params": {"table": "tables/tiny", "out": "models/new", "epochs": 0}},
+        ),
+        422,
+        "epochs",
+    )
+    assert_error(
+        client.post(
+            "/api/jobs",
+            json={
+                "kind": "train",
+                "params": {"table": "tables/tiny", "out": "models/new", "optimizer": "adam"},
+            },
+        ),
+        422,
+        "optimizer",
+    )
+    assert_error(
+        client.post(
+            "/api/jobs",
+            json={"kind": "ingest", "params": {"source": "folder", "table": "t", "unknown_option": 1}},
+        ),
+        422,
+        "unknown_option",
+    )
     assert_error(client.post("/api/jobs", json={"params": {}}), 422, "kind")
-    assert_error(client.post("/api/jobs", content=b"{not json", headers={"content-type": "application/json"}), 422)
+    assert_error(
+        client.post("/api/jobs", content=b"{not json", headers={"content-type": "application/json"}), 422
+    )
     assert_error(client.get("/api/jobs?state=bogus"), 422, "state")
-    assert_error(client.post("/api/jobs", json={"kind": "train", "params": {  # the library's own check
-        "table": "tables/tiny", "out": "models/new", "batch_size": 10, "workers": 3}}), 422, "not divisible")
-    assert_error(client.post("/api/jobs", json={"kind": "train", "params": {
-        "table": "tables/tiny", "out": "models/new", "model": "vgg99"}}), 422, "not registered")
-    assert_error(client.post("/api/jobs", json={"kind": "pretrain", "params": {
-        "table": "tables/tiny", "out": "models/enc", "epochs": 1, "warmup_epochs": 5}}), 422, "warmup_epochs")
-    assert_error(client.post("/api/jobs", json={"kind": "pretrain", "params": {
-        "table": "tables/tiny", "out": "models/enc", "method": "byol"}}), 422, "method")
-    assert_error(client.post("/api/jobs", json={"kind": "finetune", "params": {
-        "table": "tables/tiny", "out": "models/ft", "encoder": "../enc"}}), 403, "..")
-    ft = client.post("/api/jobs", json={"kind": "finetune", "params": {
-        "table": "tables/tiny", "out": "models/ft", "encoder": "models/cnn", "label_fraction": 0.1}})
+    assert_error(
+        client.post(
+            "/api/jobs",
+            json={
+                "kind": "train",
+                "params": {  # the library's own check
+                    "table": "tables/tiny",
+                    "out": "models/new",
+                    "batch_size": 10,
+                    "workers": 3,
+                },
+            },
+        ),
+        422,
+        "not divisible",
+    )
+    assert_error(
+        client.post(
+            "/api/jobs",
+            json={"kind": "train", "params": {"table": "tables/tiny", "out": "models/new", "model": "vgg99"}},
+        ),
+        422,
+        "not registered",
+    )
+    assert_error(
+        client.post(
+            "/api/jobs",
+            json={
+                "kind": "pretrain",
+                "params": {"table": "tables/tiny", "out": "models/enc", "epochs": 1, "warmup_epochs": 5},
+            },
+        ),
+        422,
+        "warmup_epochs",
+    )
+    assert_error(
+        client.post(
+            "/api/jobs",
+            json={
+                "kind": "pretrain",
+                "params": {"table": "tables/tiny", "out": "models/enc", "method": "byol"},
+            },
+        ),
+        422,
+        "method",
+    )
+    assert_error(
+        client.post(
+            "/api/jobs",
+            json={
+                "kind": "finetune",
+                "params": {"table": "tables/tiny", "out": "models/ft", "encoder": "../enc"},
+            },
+        ),
+        403,
+        "..",
+    )
+    ft = client.post(
+        "/api/jobs",
+        json={
+            "kind": "finetune",
+            "params": {
+                "table": "tables/tiny",
+                "out": "models/ft",
+                "encoder": "models/cnn",
+                "label_fraction": 0.1,
+            },
+        },
+    )
     assert ft.status_code == 201 and ft.json()["params"]["encoder"].endswith("models/cnn")
     client.post(f"/api/jobs/{ft.json()['id']}/cancel")
     # FixMatch fields, a nested AugmentConfig dict among them, are checked by the recipe's own model.
-    assert_error(client.post("/api/jobs", json={"kind": "finetune", "params": {
-        "table": "tables/tiny", "out": "models/fm", "consistency_weight": 1.0,
-        "strong_augment": {"cutout": 2.0}}}), 422, "cutout")
-    assert_error(client.post("/api/jobs", json={"kind": "finetune", "params": {
-        "table": "tables/tiny", "out": "models/fm", "confidance": 0.9}}), 422, "confidance")
-    fm = client.post("/api/jobs", json={"kind": "finetune", "params": {
-        "table": "tables/tiny", "out": "models/fm", "consistency_weight": 1.0, "unlabeled_split": "train",
-        "confidence": 0.9, "strong_augment": {"hflip": 0.5, "cutout": 0.4}}})
+    assert_error(
+        client.post(
+            "/api/jobs",
+            json={
+                "kind": "finetune",
+                "params": {
+                    "table": "tables/tiny",
+                    "out": "models/fm",
+                    "consistency_weight": 1.0,
+                    "strong_augment": {"cutout": 2.0},
+                },
+            },
+        ),
+        422,
+        "cutout",
+    )
+    assert_error(
+        client.post(
+            "/api/jobs",
+            json={
+                "kind": "finetune",
+                "params": {"table": "tables/tiny", "out": "models/fm", "confidance": 0.9},
+            },
+        ),
+        422,
+        "confidance",
+    )
+    fm = client.post(
+        "/api/jobs",
+        json={
+            "kind": "finetune",
+            "params": {
+                "table": "tables/tiny",
+                "out": "models/fm",
+                "consistency_weight": 1.0,
+                "unlabeled_split": "train",
+                "confidence": 0.9,
+                "strong_augment": {"hflip": 0.5, "cutout": 0.4},
+            },
+        },
+    )
     assert fm.status_code == 201 and fm.json()["params"]["consistency_weight"] == 1.0
     client.post(f"/api/jobs/{fm.json()['id']}/cancel")
-    assert_error(client.post("/api/jobs", json={"kind": "distill", "params": {
-        "teacher": "../ft", "table": "tables/tiny", "out": "models/st"}}), 403, "..")
-    assert_error(client.post("/api/jobs", json={"kind": "distill", "params": {
-        "teacher": "models/cnn", "table": "tables/tiny", "out": "models/st", "temperature": 0}}), 422,
-        "temperature: Input should be greater than 0")
-    st = client.post("/api/jobs", json={"kind": "distill", "params": {
-        "teacher": "models/cnn", "table": "tables/tiny", "out": "models/st", "unlabeled_split": "train"}})
+    assert_error(
+        client.post(
+            "/api/jobs",
+            json={
+                "kind": "distill",
+                "params": {"teacher": "../ft", "table": "tables/tiny", "out": "models/st"},
+            },
+        ),
+        403,
+        "..",
+    )
+    assert_error(
+        client.post(
+            "/api/jobs",
+            json={
+                "kind": "distill",
+                "params": {
+                    "teacher": "models/cnn",
+                    "table": "tables/tiny",
+                    "out": "models/st",
+                    "temperature": 0,
+                },
+            },
+        ),
+        422,
+        "temperature: Input should be greater than 0",
+    )
+    st = client.post(
+        "/api/jobs",
+        json={
+            "kind": "distill",
+            "params": {
+                "teacher": "models/cnn",
+                "table": "tables/tiny",
+                "out": "models/st",
+                "unlabeled_split": "train",
+            },
+        },
+    )
     assert st.status_code == 201 and st.json()["params"]["teacher"].endswith("models/cnn")
     client.post(f"/api/jobs/{st.json()['id']}/cancel")
     kinds = {k["kind"]: k for k in client.get("/api/jobs/kinds").json()["kinds"]}
-    assert set(kinds) >= {"ingest", "train", "pretrain", "finetune", "distill", "evaluate", "predict", "embed",
-                          "index", "dedup"}
+    assert set(kinds) >= {
+        "ingest",
+        "train",
+        "pretrain",
+        "finetune",
+        "distill",
+        "evaluate",
+        "predict",
+        "embed",
+        "index",
+        "dedup",
+    }
     assert kinds["train"]["schema"]["properties"]["epochs"]["minimum"] == 1
 
 
 def test_unavailable_kind(client, monkeypatch):
-    monkeypatch.setitem(KINDS, "finetune", dataclasses.replace(KINDS["finetune"], module="sparkvision.not_built_yet"))
-    assert_error(client.post("/api/jobs", json={"kind": "finetune", "params": {
-        "table": "tables/tiny", "out": "m", "encoder": "models/cnn"}}), 422, "not available in this build")
+    monkeypatch.setitem(
+        KINDS, "finetune", dataclasses.replace(KINDS["finetune"], module="sparkvision.not_built_yet")
+    )
+    assert_error(
+        client.post(
+            "/api/jobs",
+            json={
+                "kind": "finetune",
+                "params": {"table": "tables/tiny", "out": "m", "encoder": "models/cnn"},
+            },
+        ),
+        422,
+        "not available in this build",
+    )
 
 
 def test_job_errors_name_the_field_on_one_line(client, monkeypatch):
     """Pydantic errors read ``field: message``; a library message naming a CLI flag names the field."""
-    r = client.post("/api/jobs", json={"kind": "dedup", "params": {"table": "tables/tiny", "out": "d", "keep": "x"}})
+    r = client.post(
+        "/api/jobs", json={"kind": "dedup", "params": {"table": "tables/tiny", "out": "d", "keep": "x"}}
+    )
     assert_error(r, 422, "invalid dedup parameters: keep: Input should be 'largest' or 'earliest'")
 
     class StepParams(Params):
@@ -445,22 +728,32 @@ def test_job_errors_name_the_field_on_one_line(client, monkeypatch):
     r = client.post("/api/jobs", json={"kind": "step", "params": {"steps": 0}})
     assert_error(r, 422, "invalid step parameters: steps: Input should be greater than 0")
     assert "\n" not in r.json()["error"]
-    assert_error(client.post("/api/jobs", json={"kind": "step", "params": {"steps": 101}}), 422,
-                 "invalid step parameters: steps: at most 100")
+    assert_error(
+        client.post("/api/jobs", json={"kind": "step", "params": {"steps": 101}}),
+        422,
+        "invalid step parameters: steps: at most 100",
+    )
 
 
 def test_validation_message_and_flags_to_fields():
-    errors = [{"loc": ("body", "params", "epochs"), "msg": "Input should be\n  greater than 0"},
-              {"loc": (), "msg": "Value error, batch_size 10 is not divisible by workers 3"}]
+    errors = [
+        {"loc": ("body", "params", "epochs"), "msg": "Input should be\n  greater than 0"},
+        {"loc": (), "msg": "Value error, batch_size 10 is not divisible by workers 3"},
+    ]
     assert validation_message(errors, "invalid train parameters", "params") == (
         "invalid train parameters: params.epochs: Input should be greater than 0; "
-        "params: batch_size 10 is not divisible by workers 3")
+        "params: batch_size 10 is not divisible by workers 3"
+    )
     assert flags_to_fields("--linear needs --encoder (or --no-such-flag)", {"linear", "encoder"}) == (
-        "linear needs encoder (or --no-such-flag)")
-    assert flags_to_fields("--label-fraction 2\nis over 1", ["label_fraction"]) == "label_fraction 2 is over 1"
+        "linear needs encoder (or --no-such-flag)"
+    )
+    assert (
+        flags_to_fields("--label-fraction 2\nis over 1", ["label_fraction"]) == "label_fraction 2 is over 1"
+    )
     # A job failing at run time: the runner's message, in the same words.
     assert error_message(ValueError("--keep x is not one of largest\n(see --help)"), ["keep"]) == (
-        "keep x is not one of largest")
+        "keep x is not one of largest"
+    )
     assert error_message(KeyError("--split test is empty"), ["split"]) == "split test is empty"
     assert error_message(RuntimeError("--keep lost"), []) == "RuntimeError: --keep lost"
 
@@ -468,9 +761,15 @@ def test_validation_message_and_flags_to_fields():
 def test_serve_flags_default_to_the_settings():
     flags = {name: p.default for name, p in inspect.signature(serve).parameters.items()}
     s = Settings()
-    assert (flags["host"], flags["port"], flags["db"], flags["max_pixels"], flags["batch_size"],
-            flags["batch_wait_ms"], flags["torch_threads"]) == (
-        s.host, s.port, s.db_url, s.max_pixels, s.batch_size, s.batch_wait_ms, s.torch_threads)
+    assert (
+        flags["host"],
+        flags["port"],
+        flags["db"],
+        flags["max_pixels"],
+        flags["batch_size"],
+        flags["batch_wait_ms"],
+        flags["torch_threads"],
+    ) == (s.host, s.port, s.db_url, s.max_pixels, s.batch_size, s.batch_wait_ms, s.torch_threads)
     assert int(flags["max_upload_mb"] * 1024 * 1024) == s.max_upload_bytes
 
 
@@ -499,11 +798,29 @@ def write_training_output(out) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         for e in range(1, 6):
-            f.write(json.dumps({"epoch": e, "train_loss": 1.4 / e, "test_acc": 0.5 + 0.08 * e, "test_loss": 1.5 / e,
-                                "images_per_s": 900 + 20 * e, "epoch_time_s": 1.0}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "epoch": e,
+                        "train_loss": 1.4 / e,
+                        "test_acc": 0.5 + 0.08 * e,
+                        "test_loss": 1.5 / e,
+                        "images_per_s": 900 + 20 * e,
+                        "epoch_time_s": 1.0,
+                    }
+                )
+                + "\n"
+            )
     with open(os.path.join(out, "evaluation.json"), "w") as f:
-        json.dump({"accuracy": 0.9, "split": "test", "class_names": CLASSES,
-                   "confusion_matrix": [[9, 1, 0, 0], [0, 10, 0, 0], [1, 0, 8, 1], [0, 0, 1, 9]]}, f)
+        json.dump(
+            {
+                "accuracy": 0.9,
+                "split": "test",
+                "class_names": CLASSES,
+                "confusion_matrix": [[9, 1, 0, 0], [0, 10, 0, 0], [1, 0, 8, 1], [0, 0, 1, 9]],
+            },
+            f,
+        )
 
 
 def test_training_job_metrics_and_confusion(client, root):
@@ -530,7 +847,9 @@ def test_non_loopback_needs_token(root, monkeypatch):
     with TestClient(create_app(settings_for(root, host="0.0.0.0", token="s3cret"))) as c:
         body = {"kind": "ingest", "params": {"source": "folder", "table": "tables/t"}}
         assert_error(c.post("/api/jobs", json=body), 401, "token")
-        assert_error(c.post("/api/jobs", json={"kind": 3}), 401, "token")  # no token: the body is not even read
+        assert_error(
+            c.post("/api/jobs", json={"kind": 3}), 401, "token"
+        )  # no token: the body is not even read
         assert_error(c.post("/api/jobs", json=body, headers={"Authorization": "Bearer wrong"}), 403, "wrong")
         r = c.post("/api/jobs", json=body, headers={"Authorization": "Bearer s3cret"})
         assert r.status_code == 201
@@ -624,7 +943,9 @@ def test_runner_ingest_job_and_cancel_running_spark_job(spark, root, tmp_path, m
     monkeypatch.setitem(KINDS, "warmup", Kind("warmup", WarmupParams, run_warmup, "Fail at run time."))
     settings = settings_for(root, db_url=f"sqlite:///{tmp_path / 'r.db'}", start_runner=True)
     with TestClient(create_app(settings, spark_factory=lambda: spark)) as c:
-        r = c.post("/api/jobs", json={"kind": "ingest", "params": {"source": "folder", "table": "tables/ingested"}})
+        r = c.post(
+            "/api/jobs", json={"kind": "ingest", "params": {"source": "folder", "table": "tables/ingested"}}
+        )
         jid = r.json()["id"]
         sleeper = c.post("/api/jobs", json={"kind": "sleep", "params": {"seconds": 60}}).json()["id"]
         j = wait_for(c, jid, ("succeeded", "failed"))
@@ -640,10 +961,16 @@ def test_runner_ingest_job_and_cancel_running_spark_job(spark, root, tmp_path, m
         j = wait_for(c, sleeper, ("cancelled", "failed", "succeeded"), timeout=30)
         assert j["state"] == "cancelled" and time.time() - t0 < 20, j
         # A failing job: the library's message, no stack trace.
-        bad = c.post("/api/jobs", json={"kind": "train", "params": {"table": "tables/preds", "out": "models/x",
-                                                                    "epochs": 1}}).json()["id"]
+        bad = c.post(
+            "/api/jobs",
+            json={"kind": "train", "params": {"table": "tables/preds", "out": "models/x", "epochs": 1}},
+        ).json()["id"]
         j = wait_for(c, bad, ("failed", "succeeded"))
-        assert j["state"] == "failed" and "not a sparkvision image table" in j["error"] and "Traceback" not in j["error"]
+        assert (
+            j["state"] == "failed"
+            and "not a sparkvision image table" in j["error"]
+            and "Traceback" not in j["error"]
+        )
         # A run-time message names the job's fields, not CLI flags (--steps is no field of this kind).
         bad = c.post("/api/jobs", json={"kind": "warmup", "params": {}}).json()["id"]
         j = wait_for(c, bad, ("failed", "succeeded"))

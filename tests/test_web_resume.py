@@ -33,20 +33,39 @@ def wait_for(c, jid, pred, timeout=300):
 def test_distill_job_interrupted_resumes_from_its_checkpoint(spark, tiny_table, tmp_path):
     root = os.path.dirname(os.path.dirname(tiny_table))  # holds the table; the jobs write beside it
     teacher = os.path.join(root, "teacher")
-    finetune(spark, tiny_table, teacher, None,
-             FinetuneConfig(label_fraction=0.5, epochs=3, batch_size=16, lr=5e-3, model_kwargs=CNN))
+    finetune(
+        spark,
+        tiny_table,
+        teacher,
+        None,
+        FinetuneConfig(label_fraction=0.5, epochs=3, batch_size=16, lr=5e-3, model_kwargs=CNN),
+    )
     out = os.path.join(root, "student")
     settings = Settings(data_roots=[root], db_url=f"sqlite:///{tmp_path / 'jobs.db'}", start_runner=True)
-    params = {"teacher": teacher, "table": tiny_table, "out": out, "unlabeled_split": "train", "epochs": EPOCHS,
-              "batch_size": 16, "model_kwargs": CNN, "eval_split": "test"}
+    params = {
+        "teacher": teacher,
+        "table": tiny_table,
+        "out": out,
+        "unlabeled_split": "train",
+        "epochs": EPOCHS,
+        "batch_size": 16,
+        "model_kwargs": CNN,
+        "eval_split": "test",
+    }
 
     with TestClient(create_app(settings, spark_factory=lambda: spark)) as c:
         r = c.post("/api/jobs", json={"kind": "distill", "params": params})
         assert r.status_code == 201, r.text
         jid = r.json()["id"]
         # Progress is shown while it runs: the epoch, of how many, and the last epoch's metrics.
-        j = wait_for(c, jid, lambda j: j["state"] in ("failed", "succeeded")
-                     or j["metrics"].get("last_epoch", {}).get("epoch", 0) >= 2)
+        j = wait_for(
+            c,
+            jid,
+            lambda j: (
+                j["state"] in ("failed", "succeeded")
+                or j["metrics"].get("last_epoch", {}).get("epoch", 0) >= 2
+            ),
+        )
         assert j["state"] == "running", j
         assert j["metrics"]["epochs"] == EPOCHS and 0 < j["progress"] < 100
         assert any(" epoch {" in line for line in j["log_tail"]), j["log_tail"]
@@ -64,7 +83,10 @@ def test_distill_job_interrupted_resumes_from_its_checkpoint(spark, tiny_table, 
     with TestClient(create_app(settings, spark_factory=lambda: spark)) as c:
         r = c.post(f"/api/jobs/{jid}/resume")
         assert r.status_code == 200, r.text
-        assert r.json()["params"]["resume"] is True, (checkpoints, os.listdir(os.path.join(out, "checkpoints")))
+        assert r.json()["params"]["resume"] is True, (
+            checkpoints,
+            os.listdir(os.path.join(out, "checkpoints")),
+        )
         seen_running = wait_for(c, jid, lambda j: j["state"] != "queued")
         j = wait_for(c, jid, lambda j: j["state"] in ("failed", "succeeded", "cancelled"))
         assert j["state"] == "succeeded", j
@@ -75,4 +97,6 @@ def test_distill_job_interrupted_resumes_from_its_checkpoint(spark, tiny_table, 
         assert j["progress"] == 100
     with open(os.path.join(out, "metrics.jsonl")) as f:
         epochs = [json.loads(line)["epoch"] for line in f if line.strip()]
-    assert epochs == list(range(1, EPOCHS + 1))  # the checkpoint's history, then the epochs after it, once each
+    assert epochs == list(
+        range(1, EPOCHS + 1)
+    )  # the checkpoint's history, then the epochs after it, once each

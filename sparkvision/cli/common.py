@@ -20,7 +20,9 @@ err_console = Console(stderr=True)
 
 Master = Annotated[
     str | None,
-    typer.Option("--master", help="Spark master URL (default $SPARKVISION_MASTER or local[*]).", show_default=False),
+    typer.Option(
+        "--master", help="Spark master URL (default $SPARKVISION_MASTER or local[*]).", show_default=False
+    ),
 ]
 Conf = Annotated[
     list[str] | None,
@@ -33,7 +35,9 @@ def spark_from(master: str | None, conf: list[str] | None):
     return get_spark(master, parse_conf(conf or []))
 
 
-def emit(summary: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], None] | None = None) -> None:
+def emit(
+    summary: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], None] | None = None
+) -> None:
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
         sys.stdout.flush()

@@ -64,8 +64,11 @@ def _cli_type(ann: Any) -> tuple[Any, bool]:
 
 def _default_text(value: Any) -> str:
     if dataclasses.is_dataclass(value):
-        changed = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
-                   if getattr(value, f.name) not in (0, 0.0, (1.0, 1.0), None)}
+        changed = {
+            f.name: getattr(value, f.name)
+            for f in dataclasses.fields(value)
+            if getattr(value, f.name) not in (0, 0.0, (1.0, 1.0), None)
+        }
         return ",".join(f"{k}={v}" for k, v in changed.items()) or "none"
     if isinstance(value, dict) and not value:
         return "{}"
@@ -79,7 +82,10 @@ def _parameters(op: Operation) -> tuple[list[inspect.Parameter], dict[str, Any]]
         if meta.hidden:
             continue
         typ, simple = _cli_type(f.annotation if not f.metadata else f.rebuild_annotation())
-        if not meta.positional and list in (typing.get_origin(typ), *map(typing.get_origin, typing.get_args(typ))):
+        if not meta.positional and list in (
+            typing.get_origin(typ),
+            *map(typing.get_origin, typing.get_args(typ)),
+        ):
             typ, simple = str | None, False  # an option's list is one comma-separated value ("a,b,c")
         required = f.is_required()
         default = None if required else f.get_default(call_default_factory=True)
@@ -92,12 +98,17 @@ def _parameters(op: Operation) -> tuple[list[inspect.Parameter], dict[str, Any]]
             typ = typ if typing.get_origin(typ) is list else str | None
             default = None
         if meta.positional:
-            info = typer.Argument(... if required else default, help=help_, metavar=meta.metavar,
-                                  show_default=not isinstance(default, list) and default is not None)
+            info = typer.Argument(
+                ... if required else default,
+                help=help_,
+                metavar=meta.metavar,
+                show_default=not isinstance(default, list) and default is not None,
+            )
         else:
             flags = meta.flags or (f"--{name.replace('_', '-')}",)
-            info = typer.Option(... if required else default, *flags, help=help_,
-                                show_default=default is not None)
+            info = typer.Option(
+                ... if required else default, *flags, help=help_, show_default=default is not None
+            )
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=typ))
         annotations[name] = typ
     return params, annotations
@@ -107,8 +118,15 @@ def _parameters(op: Operation) -> tuple[list[inspect.Parameter], dict[str, Any]]
 def cli_progress(label: str) -> Iterator[Any]:
     """A :class:`~sparkvision.ops.base.Progress` drawn on stderr: operations that step through
     work outside Spark (index builds, dedup's phases) report to it; a Ctrl-C cancels."""
-    bar = Progress(TextColumn(f"[bold]{label}[/bold]"), BarColumn(), TaskProgressColumn(),
-                   TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True)
+    bar = Progress(
+        TextColumn(f"[bold]{label}[/bold]"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
 
     class _Report:
         task = None
@@ -134,11 +152,16 @@ def cli_progress(label: str) -> Iterator[Any]:
 def values_from_cli(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The parameter values a command line gave: an option left out is absent, so the model's
     default applies (the CLI shows that default but holds no copy of it for complex fields)."""
-    return {k: v for k, v in kwargs.items()
-            if v is not None and v != [] and v != () and k not in ("json_out", "master", "conf")}
+    return {
+        k: v
+        for k, v in kwargs.items()
+        if v is not None and v != [] and v != () and k not in ("json_out", "master", "conf")
+    }
 
 
-def make_command(op: Operation, render: Callable[[dict[str, Any]], None] | None = None) -> Callable[..., None]:
+def make_command(
+    op: Operation, render: Callable[[dict[str, Any]], None] | None = None
+) -> Callable[..., None]:
     """The typer command of ``op``: its options from the parameters model, then validate, run, emit."""
     params, annotations = _parameters(op)
     fields = op.params.model_fields
@@ -163,15 +186,38 @@ def make_command(op: Operation, render: Callable[[dict[str, Any]], None] | None 
 
         emit(guarded(body, json_out), json_out, render)
 
-    extra = [inspect.Parameter("json_out", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                               default=typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."))]
+    extra = [
+        inspect.Parameter(
+            "json_out",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
+        )
+    ]
     annotations["json_out"] = bool
     if spark_opts:
         extra += [
-            inspect.Parameter("master", inspect.Parameter.KEYWORD_ONLY, annotation=str | None, default=typer.Option(
-                None, "--master", help="Spark master URL (default $SPARKVISION_MASTER or local[*]).", show_default=False)),
-            inspect.Parameter("conf", inspect.Parameter.KEYWORD_ONLY, annotation=list[str] | None, default=typer.Option(
-                None, "--conf", help="Spark setting key=value; repeatable, overrides sparkvision's defaults.")),
+            inspect.Parameter(
+                "master",
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=str | None,
+                default=typer.Option(
+                    None,
+                    "--master",
+                    help="Spark master URL (default $SPARKVISION_MASTER or local[*]).",
+                    show_default=False,
+                ),
+            ),
+            inspect.Parameter(
+                "conf",
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=list[str] | None,
+                default=typer.Option(
+                    None,
+                    "--conf",
+                    help="Spark setting key=value; repeatable, overrides sparkvision's defaults.",
+                ),
+            ),
         ]
         annotations.update(master=str | None, conf=list[str] | None)
     command.__signature__ = inspect.Signature(params + extra)  # type: ignore[attr-defined]
@@ -181,8 +227,12 @@ def make_command(op: Operation, render: Callable[[dict[str, Any]], None] | None 
     return command
 
 
-def register(app: typer.Typer, op: Operation, render: Callable[[dict[str, Any]], None] | None = None,
-             name: str | None = None) -> None:
+def register(
+    app: typer.Typer,
+    op: Operation,
+    render: Callable[[dict[str, Any]], None] | None = None,
+    name: str | None = None,
+) -> None:
     app.command(name or op.name)(make_command(op, render))
 
 

@@ -15,33 +15,58 @@ from sparkvision.web.app import create_app
 from sparkvision.web.security import Settings
 
 # Every default is Settings' own: the flags below only name and document them.
-DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Settings) if f.default is not dataclasses.MISSING}
+DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(Settings) if f.default is not dataclasses.MISSING
+}
 MIB = 1024 * 1024
 
 
 def serve(
-    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --token.")] = DEFAULTS["host"],
+    host: Annotated[
+        str, typer.Option(help="Address to bind; anything but loopback needs --token.")
+    ] = DEFAULTS["host"],
     port: Annotated[int, typer.Option(help="Port.")] = DEFAULTS["port"],
-    data_root: Annotated[list[str] | None, typer.Option(
-        "--data-root", help="Directory clients may name paths in (tables, models, outputs); repeatable.")] = None,
-    db: Annotated[str, typer.Option(help="Job registry: any SQLAlchemy URL (SQLite or PostgreSQL).")]
-        = DEFAULTS["db_url"],
-    model: Annotated[str | None, typer.Option(help="Model directory for /api/classify.")] = DEFAULTS["model_dir"],
-    index: Annotated[str | None, typer.Option(help="Index directory for /api/search.")] = DEFAULTS["index_dir"],
-    token: Annotated[str | None, typer.Option(
-        help="API token for mutating endpoints (default $SPARKVISION_API_TOKEN). Visible to every user of the "
-             "machine in ps: prefer --token-file or the variable.", show_default=False)] = DEFAULTS["token"],
-    token_file: Annotated[str | None, typer.Option(
-        help="File holding the API token (e.g. mode 600); not shown by ps.", show_default=False)] = DEFAULTS["token_file"],
-    max_upload_mb: Annotated[float, typer.Option(help="Largest uploaded file, MiB.")]
-        = DEFAULTS["max_upload_bytes"] / MIB,
+    data_root: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data-root", help="Directory clients may name paths in (tables, models, outputs); repeatable."
+        ),
+    ] = None,
+    db: Annotated[
+        str, typer.Option(help="Job registry: any SQLAlchemy URL (SQLite or PostgreSQL).")
+    ] = DEFAULTS["db_url"],
+    model: Annotated[str | None, typer.Option(help="Model directory for /api/classify.")] = DEFAULTS[
+        "model_dir"
+    ],
+    index: Annotated[str | None, typer.Option(help="Index directory for /api/search.")] = DEFAULTS[
+        "index_dir"
+    ],
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="API token for mutating endpoints (default $SPARKVISION_API_TOKEN). Visible to every user of the "
+            "machine in ps: prefer --token-file or the variable.",
+            show_default=False,
+        ),
+    ] = DEFAULTS["token"],
+    token_file: Annotated[
+        str | None,
+        typer.Option(help="File holding the API token (e.g. mode 600); not shown by ps.", show_default=False),
+    ] = DEFAULTS["token_file"],
+    max_upload_mb: Annotated[float, typer.Option(help="Largest uploaded file, MiB.")] = DEFAULTS[
+        "max_upload_bytes"
+    ]
+    / MIB,
     max_pixels: Annotated[int, typer.Option(help="Largest uploaded image, pixels.")] = DEFAULTS["max_pixels"],
-    batch_size: Annotated[int, typer.Option(help="Micro-batching: most classify requests per model call.")]
-        = DEFAULTS["batch_size"],
-    batch_wait_ms: Annotated[float, typer.Option(help="Micro-batching: longest wait for a batch to fill.")]
-        = DEFAULTS["batch_wait_ms"],
-    torch_threads: Annotated[int, typer.Option(help="Torch intra-op threads for classify/search (0: torch's default).")]
-        = DEFAULTS["torch_threads"],
+    batch_size: Annotated[
+        int, typer.Option(help="Micro-batching: most classify requests per model call.")
+    ] = DEFAULTS["batch_size"],
+    batch_wait_ms: Annotated[
+        float, typer.Option(help="Micro-batching: longest wait for a batch to fill.")
+    ] = DEFAULTS["batch_wait_ms"],
+    torch_threads: Annotated[
+        int, typer.Option(help="Torch intra-op threads for classify/search (0: torch's default).")
+    ] = DEFAULTS["torch_threads"],
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     master: Master = None,
     conf: Conf = None,
@@ -49,13 +74,26 @@ def serve(
     """Serve the web pages and the REST API (OpenAPI at /docs) with a background job runner."""
     try:
         settings = Settings(
-            host=host, port=port, data_roots=list(data_root or []), db_url=db, model_dir=model, index_dir=index,
-            token=token, token_file=token_file, master=master, conf=parse_conf(conf or []),
-            max_upload_bytes=int(max_upload_mb * MIB), max_pixels=max_pixels, batch_size=batch_size,
-            batch_wait_ms=batch_wait_ms, torch_threads=torch_threads,
+            host=host,
+            port=port,
+            data_roots=list(data_root or []),
+            db_url=db,
+            model_dir=model,
+            index_dir=index,
+            token=token,
+            token_file=token_file,
+            master=master,
+            conf=parse_conf(conf or []),
+            max_upload_bytes=int(max_upload_mb * MIB),
+            max_pixels=max_pixels,
+            batch_size=batch_size,
+            batch_wait_ms=batch_wait_ms,
+            torch_threads=torch_threads,
         )
         app = create_app(settings)
-        if settings.model_dir:  # loaded now, so a model that cannot load is one line, not a start-up traceback
+        if (
+            settings.model_dir
+        ):  # loaded now, so a model that cannot load is one line, not a start-up traceback
             app.state.sv.classifier(settings.model_dir)
     except ParamError as e:
         fail(f"--model {e.message}", False)

@@ -18,9 +18,17 @@ def render_pretrain(s: dict[str, Any]) -> None:
         t.add_column(col, justify="right")
     for h in s["history"]:
         knn = "-" if h["knn_acc"] is None else f"{h['knn_acc']:.4f}"
-        std = f"{h['output_std_x_sqrt_d']:.3f}" + (" [red]collapse?[/red]" if h.get("collapse_warning") else "")
-        t.add_row(str(h["epoch"]), f"{h['train_loss']:.4f}", knn, std, f"{h['images_per_s']:.0f}",
-                  f"{h['epoch_time_s']:.1f}")
+        std = f"{h['output_std_x_sqrt_d']:.3f}" + (
+            " [red]collapse?[/red]" if h.get("collapse_warning") else ""
+        )
+        t.add_row(
+            str(h["epoch"]),
+            f"{h['train_loss']:.4f}",
+            knn,
+            std,
+            f"{h['images_per_s']:.0f}",
+            f"{h['epoch_time_s']:.1f}",
+        )
     console.print(t)
     render_kv({k: v for k, v in s.items() if k != "history"})
 

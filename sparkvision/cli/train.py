@@ -19,7 +19,13 @@ def render_train(s: dict[str, Any]) -> None:
         t.add_column(col, justify="right")
     for h in s["history"]:
         acc = "-" if h["test_acc"] is None else f"{h['test_acc']:.4f}"
-        t.add_row(str(h["epoch"]), f"{h['train_loss']:.4f}", acc, f"{h['images_per_s']:.0f}", f"{h['epoch_time_s']:.1f}")
+        t.add_row(
+            str(h["epoch"]),
+            f"{h['train_loss']:.4f}",
+            acc,
+            f"{h['images_per_s']:.0f}",
+            f"{h['epoch_time_s']:.1f}",
+        )
     console.print(t)
     render_kv({k: v for k, v in s.items() if k != "history"})
 
@@ -31,8 +37,14 @@ def render_evaluate(s: dict[str, Any]) -> None:
     for name, m in s["per_class"].items():
         t.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
     console.print(t)
-    render_kv({"evaluation": s["evaluation_json"], "confusion matrix": s["confusion_matrix_png"],
-               "undecodable rows": s["undecodable_rows"], "elapsed": f"{s['elapsed_s']:.1f} s"})
+    render_kv(
+        {
+            "evaluation": s["evaluation_json"],
+            "confusion matrix": s["confusion_matrix_png"],
+            "undecodable rows": s["undecodable_rows"],
+            "elapsed": f"{s['elapsed_s']:.1f} s",
+        }
+    )
 
 
 def models(json_out: JsonOut = False) -> None:

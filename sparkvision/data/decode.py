@@ -53,7 +53,12 @@ IDX_RAW_SCHEMA = StructType(
 
 def arrow_schema(schema: StructType) -> pa.Schema:
     """The Arrow schema ``mapInArrow`` must yield for a Spark schema of these column types."""
-    mapping = {StringType: pa.string(), BinaryType: pa.binary(), IntegerType: pa.int32(), LongType: pa.int64()}
+    mapping = {
+        StringType: pa.string(),
+        BinaryType: pa.binary(),
+        IntegerType: pa.int32(),
+        LongType: pa.int64(),
+    }
     return pa.schema([pa.field(f.name, mapping[type(f.dataType)], nullable=True) for f in schema.fields])
 
 
@@ -69,11 +74,28 @@ def decode_batches(max_pixels: int) -> ArrowBatches:
                 cols["path"], cols["content"], cols["split"], cols["label_name"], strict=True
             ):
                 data = data or b""
-                row: tuple[str | None, bytes | None, str | None, int | None, int | None, int | None,
-                           str | None, str | None]
+                row: tuple[
+                    str | None,
+                    bytes | None,
+                    str | None,
+                    int | None,
+                    int | None,
+                    int | None,
+                    str | None,
+                    str | None,
+                ]
                 try:
                     info = inspect_image(data, max_pixels)
-                    row = (content_id(data), data, info.format, info.height, info.width, info.channels, None, None)
+                    row = (
+                        content_id(data),
+                        data,
+                        info.format,
+                        info.height,
+                        info.width,
+                        info.channels,
+                        None,
+                        None,
+                    )
                 except RejectError as e:
                     row = (None, None, None, None, None, None, e.reason, e.detail)
                 cid, img, fmt, h, w, c, reason, detail = row
@@ -108,7 +130,9 @@ def parse_idx_batches(pairs: list[tuple[str, str, str | None]], chunk: int = 409
             images_path = by_name[images_name]
             images = parse_idx(files[images_path], images_name)
             if images.dtype != "uint8" or images.ndim not in (3, 4):
-                raise ValueError(f"{images_name}: expected uint8 images of shape (N,H,W[,C]), got {images.shape}")
+                raise ValueError(
+                    f"{images_name}: expected uint8 images of shape (N,H,W[,C]), got {images.shape}"
+                )
             labels = None
             if labels_name is not None:
                 labels = parse_idx(files[by_name[labels_name]], labels_name).astype("int32")
@@ -147,7 +171,14 @@ def encode_idx_batches(class_names: list[str]) -> ArrowBatches:
             d = batch.to_pydict()
             out: dict[str, list] = {f.name: [] for f in DECODED_SCHEMA.fields}
             for path, split, label, pixels, h, w, c in zip(
-                d["path"], d["split"], d["label"], d["pixels"], d["height"], d["width"], d["channels"], strict=True
+                d["path"],
+                d["split"],
+                d["label"],
+                d["pixels"],
+                d["height"],
+                d["width"],
+                d["channels"],
+                strict=True,
             ):
                 arr = np.frombuffer(pixels, dtype=np.uint8).reshape((h, w) if c == 1 else (h, w, c))
                 png = encode_png(arr)

@@ -33,9 +33,20 @@ WIDE_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 # 16-bit, 32-bit and float gray -> L, CMYK/YCbCr/HSV -> RGB). Anything else (LAB, ...) is
 # ``unsupported_mode``.
 SUPPORTED_MODES = {
-    "1": 1, "L": 1, "LA": 2, "P": 3, "PA": 4, "RGB": 3, "RGBA": 4, "RGBa": 4, "RGBX": 3,
-    **dict.fromkeys(WIDE_GRAY_MODES, 1), "F": 1,
-    "CMYK": 3, "YCbCr": 3, "HSV": 3,
+    "1": 1,
+    "L": 1,
+    "LA": 2,
+    "P": 3,
+    "PA": 4,
+    "RGB": 3,
+    "RGBA": 4,
+    "RGBa": 4,
+    "RGBX": 3,
+    **dict.fromkeys(WIDE_GRAY_MODES, 1),
+    "F": 1,
+    "CMYK": 3,
+    "YCbCr": 3,
+    "HSV": 3,
 }
 
 

@@ -97,7 +97,9 @@ def ingest(
 
     with spark_progress(spark, f"ingest {kind}"):
         if kind == "folder":
-            decoded, unreadable, names = decode_folder(spark, source, split, labeled, max_pixels, glob, on_listed)
+            decoded, unreadable, names = decode_folder(
+                spark, source, split, labeled, max_pixels, glob, on_listed
+            )
         elif kind == "idx":
             decoded, names = decode_idx(spark, source, split, class_names)
             unreadable = None
@@ -167,12 +169,17 @@ def _finish(
     label_map = F.create_map(*[x for i, n in enumerate(class_names) for x in (F.lit(n), F.lit(i))])
     label_col = label_map[F.col("label_name")] if class_names else F.lit(None)
     rows = keep.select(
-        *[label_col.cast("int").alias("label") if c == "label" else F.col(c) for c in IMAGE_SCHEMA.fieldNames()]
+        *[
+            label_col.cast("int").alias("label") if c == "label" else F.col(c)
+            for c in IMAGE_SCHEMA.fieldNames()
+        ]
     )
 
     # Rejects are written before the rows: writing the table makes Spark re-cache every plan that
     # reads it, and the "already in the table" drops would then count this ingest's own rows.
-    reject_parts = [decoded.where(F.col("reason").isNotNull()).select("path", "reason", "detail", "size_bytes")]
+    reject_parts = [
+        decoded.where(F.col("reason").isNotNull()).select("path", "reason", "detail", "size_bytes")
+    ]
     reject_parts.append(drops.select("path", "reason", "detail", "size_bytes"))
     if unreadable is not None:
         reject_parts.append(unreadable)

@@ -90,7 +90,9 @@ def list_local_folder(root: str, wanted: Callable[[str], bool] = lambda name: Tr
         except OSError as e:
             if d == root:
                 raise  # nothing to ingest: the caller reports it, rather than an empty table
-            rejects.append((spark_spelling(d), "unreadable", f"directory cannot be listed: {e.strerror}", None))
+            rejects.append(
+                (spark_spelling(d), "unreadable", f"directory cannot be listed: {e.strerror}", None)
+            )
             kept_out.add(d)
             continue
         for entry in entries:
@@ -100,9 +102,14 @@ def list_local_folder(root: str, wanted: Callable[[str], bool] = lambda name: Tr
             elif entry.is_symlink() and os.path.isdir(entry.path):
                 target = os.path.realpath(entry.path) + os.sep
                 where = "back into the source" if target.startswith(real_root) else "outside the source"
-                rejects.append((spark_spelling(entry.path), "symlinked_dir",
-                                f"directory symlink not followed (it points {where}); ingest its target on its own",
-                                None))
+                rejects.append(
+                    (
+                        spark_spelling(entry.path),
+                        "symlinked_dir",
+                        f"directory symlink not followed (it points {where}); ingest its target on its own",
+                        None,
+                    )
+                )
                 kept_out.add(entry.path)
             elif not ok or (entry.is_symlink() and not os.path.exists(entry.path)):
                 # Files Spark would skip without a word; ``wanted`` only runs on these few.
@@ -111,9 +118,14 @@ def list_local_folder(root: str, wanted: Callable[[str], bool] = lambda name: Tr
                 if ok:
                     rejects.append((spark_spelling(entry.path), "unreadable", "broken symlink", None))
                 else:
-                    rejects.append((spark_spelling(entry.path), "bad_name",
-                                    "the path is not valid UTF-8, which Spark cannot read; rename it",
-                                    _lsize(entry.path)))
+                    rejects.append(
+                        (
+                            spark_spelling(entry.path),
+                            "bad_name",
+                            "the path is not valid UTF-8, which Spark cannot read; rename it",
+                            _lsize(entry.path),
+                        )
+                    )
     return FolderListing(paths=_subtrees(root, kept_out), rejects=rejects)
 
 

@@ -155,7 +155,9 @@ def decode_folder(
     # Spark plans one task per ~32 small files (each file "costs" openCostInBytes = 4 MB), which
     # for folders of thumbnails means thousands of tiny tasks; coalescing keeps reads local.
     slots = spark.sparkContext.defaultParallelism
-    content = files.select("path", "content").coalesce(read_partitions(slots, len(indexed), _size_in_bytes(files)))
+    content = files.select("path", "content").coalesce(
+        read_partitions(slots, len(indexed), _size_in_bytes(files))
+    )
     content = layout_columns(content, root, split, labeled)
     decoded = content.select("path", "content", "split", "label_name").mapInArrow(
         decode_batches(max_pixels), DECODED_SCHEMA
@@ -166,7 +168,11 @@ def decode_folder(
     rejects += missing_files(spark, indexed, sum(r["count"] for r in counts), decoded)
     if not rejects:
         return decoded, None, names
-    return decoded, spark.createDataFrame(rejects, "path string, reason string, detail string, size_bytes long"), names
+    return (
+        decoded,
+        spark.createDataFrame(rejects, "path string, reason string, detail string, size_bytes long"),
+        names,
+    )
 
 
 def _size_in_bytes(df: DataFrame) -> int:
@@ -184,7 +190,9 @@ def _spark_path(uri: str) -> str:
     return unquote(uri)
 
 
-def missing_files(spark: SparkSession, indexed: list[str], n_read: int, decoded: DataFrame) -> list[RejectRow]:
+def missing_files(
+    spark: SparkSession, indexed: list[str], n_read: int, decoded: DataFrame
+) -> list[RejectRow]:
     """Rejects for files the index listed but the scan did not return.
 
     Spark's file scans silently skip zero-byte files (``empty_file``) and, with
@@ -200,7 +208,14 @@ def missing_files(spark: SparkSession, indexed: list[str], n_read: int, decoded:
         if size == 0:
             rows.append((path, "empty_file", "0 bytes", 0))
         else:
-            rows.append((path, "unreadable", "listed but could not be read (permissions, removed, or I/O error)", size))
+            rows.append(
+                (
+                    path,
+                    "unreadable",
+                    "listed but could not be read (permissions, removed, or I/O error)",
+                    size,
+                )
+            )
     return rows
 
 

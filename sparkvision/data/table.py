@@ -18,7 +18,11 @@ class TableMeta:
     sources: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"class_names": self.class_names, "schema_version": self.schema_version, "sources": self.sources}
+        return {
+            "class_names": self.class_names,
+            "schema_version": self.schema_version,
+            "sources": self.sources,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TableMeta:

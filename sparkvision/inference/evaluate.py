@@ -31,8 +31,12 @@ def metrics_from_confusion(cm: np.ndarray, class_names: list[str]) -> dict[str, 
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
     total = cm.sum()
     per_class = {
-        name: {"precision": round(float(p), 5), "recall": round(float(r), 5), "f1": round(float(f), 5),
-               "support": int(s)}
+        name: {
+            "precision": round(float(p), 5),
+            "recall": round(float(r), 5),
+            "f1": round(float(f), 5),
+            "support": int(s),
+        }
         for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
     }
     return {
@@ -43,7 +47,9 @@ def metrics_from_confusion(cm: np.ndarray, class_names: list[str]) -> dict[str, 
     }
 
 
-def plot_confusion(cm: np.ndarray, class_names: list[str], path: str, title: str = "Confusion matrix") -> None:
+def plot_confusion(
+    cm: np.ndarray, class_names: list[str], path: str, title: str = "Confusion matrix"
+) -> None:
     """Row-normalised confusion matrix as a PNG, counts written in the cells.
 
     Matplotlib's object API (a bare ``Figure``) needs no backend switch or pyplot state. Imported
@@ -65,8 +71,15 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], path: str, title: str
     for i in range(k):
         for j in range(k):
             if cm[i, j]:
-                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=6,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(int(cm[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     fig.tight_layout()
     fig.savefig(path)
 
@@ -85,8 +98,13 @@ def evaluate(
     with open(os.path.join(model_dir, "classes.json")) as f:
         model_classes = json.load(f)
     df = read_table(spark, table, split).where(F.col("label").isNotNull())
-    preds = predict_df(spark, model_dir, df.select("image", "content_id", "path", "split", "label", "label_name"),
-                       top_k=1, batch_size=batch_size)
+    preds = predict_df(
+        spark,
+        model_dir,
+        df.select("image", "content_id", "path", "split", "label", "label_name"),
+        top_k=1,
+        batch_size=batch_size,
+    )
     # Map the table's label names onto the model's class indices (tables may order classes differently).
     index = {n: i for i, n in enumerate(model_classes)}
     unknown = sorted(set(meta.class_names) - set(index))
@@ -106,15 +124,28 @@ def evaluate(
     for r in counts:
         cm[int(r.t), int(r.p)] += r["count"]
     result = metrics_from_confusion(cm, model_classes)
-    result.update({"split": split, "table": table, "model_dir": model_dir, "undecodable_rows": errors,
-                   "classes_not_in_model": unknown, "confusion_matrix": cm.tolist(), "class_names": model_classes,
-                   "elapsed_s": round(timer.elapsed, 3)})
+    result.update(
+        {
+            "split": split,
+            "table": table,
+            "model_dir": model_dir,
+            "undecodable_rows": errors,
+            "classes_not_in_model": unknown,
+            "confusion_matrix": cm.tolist(),
+            "class_names": model_classes,
+            "elapsed_s": round(timer.elapsed, 3),
+        }
+    )
     out = out or model_dir
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "evaluation.json"), "w") as f:
         json.dump(result, f, indent=2)
-    plot_confusion(cm, model_classes, os.path.join(out, "confusion_matrix.png"),
-                   f"{os.path.basename(model_dir.rstrip('/'))} on {split or 'all'}: acc {result['accuracy']}")
+    plot_confusion(
+        cm,
+        model_classes,
+        os.path.join(out, "confusion_matrix.png"),
+        f"{os.path.basename(model_dir.rstrip('/'))} on {split or 'all'}: acc {result['accuracy']}",
+    )
     result["confusion_matrix_png"] = os.path.join(out, "confusion_matrix.png")
     result["evaluation_json"] = os.path.join(out, "evaluation.json")
     return result

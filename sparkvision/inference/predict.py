@@ -57,20 +57,29 @@ def predict_batches(
             pred = [int(i[0]) if good else None for i, good in zip(idx, ok, strict=True)]
             cols = {c: batch.column(c) for c in KEEP_COLUMNS}
             cols["pred_label"] = pa.array(pred, pa.int32())
-            cols["pred_name"] = pa.array([names[i] if i is not None and i < len(names) else None for i in pred])
-            cols["confidence"] = pa.array([float(pp[0]) if good else None for pp, good in zip(p, ok, strict=True)],
-                                          pa.float32())
-            cols["topk_labels"] = pa.array([[int(v) for v in ii] if good else None for ii, good in zip(idx, ok, strict=True)],
-                                           pa.list_(pa.int32()))
-            cols["topk_probs"] = pa.array([[float(v) for v in pp] if good else None for pp, good in zip(p, ok, strict=True)],
-                                          pa.list_(pa.float32()))
+            cols["pred_name"] = pa.array(
+                [names[i] if i is not None and i < len(names) else None for i in pred]
+            )
+            cols["confidence"] = pa.array(
+                [float(pp[0]) if good else None for pp, good in zip(p, ok, strict=True)], pa.float32()
+            )
+            cols["topk_labels"] = pa.array(
+                [[int(v) for v in ii] if good else None for ii, good in zip(idx, ok, strict=True)],
+                pa.list_(pa.int32()),
+            )
+            cols["topk_probs"] = pa.array(
+                [[float(v) for v in pp] if good else None for pp, good in zip(p, ok, strict=True)],
+                pa.list_(pa.float32()),
+            )
             cols["error"] = pa.array(errors, pa.string())
             yield pa.RecordBatch.from_pydict(cols)
 
     return run
 
 
-def predict_df(spark: SparkSession, model_dir: str, df: DataFrame, top_k: int = 3, batch_size: int = 512) -> DataFrame:
+def predict_df(
+    spark: SparkSession, model_dir: str, df: DataFrame, top_k: int = 3, batch_size: int = 512
+) -> DataFrame:
     """Lazy predictions for an image DataFrame (columns image + KEEP_COLUMNS)."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -100,9 +109,12 @@ def predict_table(
         preds.write.mode(mode).parquet(out_q)
     summary = summarise_output(spark, out_q, timer, "predict")
     # Compare names, not indices: the table and the model may order their classes differently.
-    scored = spark.read.parquet(out_q).where("label_name is not null and error is null").agg(
-        F.avg((F.col("label_name") == F.col("pred_name")).cast("double")).alias("acc")
-    ).first()
+    scored = (
+        spark.read.parquet(out_q)
+        .where("label_name is not null and error is null")
+        .agg(F.avg((F.col("label_name") == F.col("pred_name")).cast("double")).alias("acc"))
+        .first()
+    )
     assert scored is not None  # a global aggregate has exactly one row
     acc = scored.acc
     summary["accuracy_on_labelled_rows"] = None if acc is None else round(float(acc), 5)

@@ -10,4 +10,12 @@ from sparkvision.models.registry import (
     wrap_module,
 )
 
-__all__ = ["ImageModel", "create_model", "list_models", "model_kwargs_for", "register_model", "unregister_model", "wrap_module"]
+__all__ = [
+    "ImageModel",
+    "create_model",
+    "list_models",
+    "model_kwargs_for",
+    "register_model",
+    "unregister_model",
+    "wrap_module",
+]

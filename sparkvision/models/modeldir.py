@@ -119,8 +119,10 @@ def check_files(path: str) -> None:
 
 
 # torch's wording of one mismatched tensor, shortened to "head.weight: [4, 512] in the weights, [5, 512] in the model"
-SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "
-                           r"from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)")
+SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "
+    r"from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)"
+)
 
 
 def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
@@ -181,8 +183,9 @@ def read_weights(path: str, data: bytes | None = None, param: str = "model_dir")
         raise ParamError(param, f"{path}: {WEIGHTS} is corrupt: {one_line(str(e))}") from None
 
 
-def checked_model(path: str, spec: ModelSpec, weights: dict[str, torch.Tensor], pre: Preprocess,
-                  param: str = "model_dir") -> ImageModel:
+def checked_model(
+    path: str, spec: ModelSpec, weights: dict[str, torch.Tensor], pre: Preprocess, param: str = "model_dir"
+) -> ImageModel:
     """The spec's model with ``weights`` loaded strictly, after one forward pass on a blank input.
 
     Run once on the driver (or in the web server) so that a model that cannot load is one
@@ -191,7 +194,9 @@ def checked_model(path: str, spec: ModelSpec, weights: dict[str, torch.Tensor], 
     try:
         model = spec.build()
     except (KeyError, TypeError, ValueError) as e:
-        raise ParamError(param, f"{path}: config.json describes no model that can be built: {one_line(str(e))}") from None
+        raise ParamError(
+            param, f"{path}: config.json describes no model that can be built: {one_line(str(e))}"
+        ) from None
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:  # torch's size mismatch / missing / unexpected keys
@@ -202,8 +207,11 @@ def checked_model(path: str, spec: ModelSpec, weights: dict[str, torch.Tensor], 
         with torch.inference_mode():
             model(torch.zeros(1, pre.channels, *pre.size))
     except RuntimeError as e:
-        raise ParamError(param, f"{path}: the model cannot take its preprocess.json input "
-                                f"({pre.channels}x{pre.size[0]}x{pre.size[1]}): {one_line(str(e))}") from None
+        raise ParamError(
+            param,
+            f"{path}: the model cannot take its preprocess.json input "
+            f"({pre.channels}x{pre.size[0]}x{pre.size[1]}): {one_line(str(e))}",
+        ) from None
     return model
 
 

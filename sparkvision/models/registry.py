@@ -100,7 +100,9 @@ def create_model(
     if image_size is not None and _takes_image_size(factory):
         kwargs["image_size"] = image_size
     neck = kwargs.pop("neck", None)  # any model: see ImageModel.attach_neck
-    if neck is not None and (not isinstance(neck, (list, tuple)) or not all(isinstance(d, int) and d > 0 for d in neck)):
+    if neck is not None and (
+        not isinstance(neck, (list, tuple)) or not all(isinstance(d, int) and d > 0 for d in neck)
+    ):
         raise ValueError(f"neck must be a list of positive layer widths, got {neck!r}")
     model = factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
     if not isinstance(model, ImageModel):

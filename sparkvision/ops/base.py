@@ -127,7 +127,9 @@ class Operation:
     models: tuple[str, ...] = ()  # params naming model directories, loaded once before anything runs
     staged_outputs: tuple[str, ...] = ()  # outputs produced whole: written aside, moved into place on success
     writes_into: tuple[str, ...] = ()  # outputs that are directories it adds files to (evaluate's reports)
-    continues: ContinuesFn = never  # (params, out, spark) -> True where writing into existing data is the intent
+    continues: ContinuesFn = (
+        never  # (params, out, spark) -> True where writing into existing data is the intent
+    )
 
     def validate(self, values: dict[str, Any]) -> Params:
         """Parameters from plain values, then the cross-field rules. Raises :class:`ParamError`."""
@@ -186,19 +188,32 @@ class Operation:
 
     def describe(self) -> dict[str, Any]:
         why = self.unavailable()
-        return {"kind": self.name, "description": self.description, "available": why is None, "reason": why,
-                "inputs": list(self.inputs), "optional_inputs": list(self.optional_inputs),
-                "outputs": list(self.outputs), "resumable": self.resumable, "reports_epochs": self.reports_epochs,
-                "evaluates": self.evaluates,
-                "schema": self.params.model_json_schema()}
+        return {
+            "kind": self.name,
+            "description": self.description,
+            "available": why is None,
+            "reason": why,
+            "inputs": list(self.inputs),
+            "optional_inputs": list(self.optional_inputs),
+            "outputs": list(self.outputs),
+            "resumable": self.resumable,
+            "reports_epochs": self.reports_epochs,
+            "evaluates": self.evaluates,
+            "schema": self.params.model_json_schema(),
+        }
 
     @property
     def extra(self) -> dict[str, Any]:
         return {"optional_inputs": self.optional_inputs}
 
 
-def config_fields(config_cls: type, *, exclude: Iterable[str] = (), defaults: dict[str, Any] | None = None,
-                  optional: Iterable[str] = ()) -> dict[str, Any]:
+def config_fields(
+    config_cls: type,
+    *,
+    exclude: Iterable[str] = (),
+    defaults: dict[str, Any] | None = None,
+    optional: Iterable[str] = (),
+) -> dict[str, Any]:
     """The fields of a pydantic-dataclass recipe, ready for :func:`params_model`.
 
     ``defaults`` changes a default for this operation only (distill's recipe is fine-tuning's
@@ -248,4 +263,3 @@ def register(op: Operation) -> Operation:
         raise ValueError(f"operation {op.name!r} is registered twice")
     OPERATIONS[op.name] = op
     return op
-

@@ -12,9 +12,13 @@ from sparkvision.ops.base import Operation, Progress, params_model, register
 from sparkvision.ops.fields import overwrite, positional
 
 FashionMnistParams = params_model(
-    "FashionMnistParams", "Fashion-MNIST (Debian package dataset-fashion-mnist) as an image table: 60k train, 10k test.",
+    "FashionMnistParams",
+    "Fashion-MNIST (Debian package dataset-fashion-mnist) as an image table: 60k train, 10k test.",
     dest=positional("Output image table.", "DEST"),
-    source=(str | None, Field(None, description="Folder with the four IDX .gz files (default: the Debian package's).")),
+    source=(
+        str | None,
+        Field(None, description="Folder with the four IDX .gz files (default: the Debian package's)."),
+    ),
     overwrite=overwrite(),
 )
 
@@ -28,7 +32,16 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
 
 
 # Not a web job kind: the web ingests any IDX folder inside its data roots through ``ingest``.
-OPERATION = register(Operation(
-    "fashion-mnist", FashionMnistParams, run, "Fashion-MNIST from the Debian package as an image table.",
-    outputs=("dest",), result_key="dest", module="sparkvision.data.datasets", web=False, check=check,
-))
+OPERATION = register(
+    Operation(
+        "fashion-mnist",
+        FashionMnistParams,
+        run,
+        "Fashion-MNIST from the Debian package as an image table.",
+        outputs=("dest",),
+        result_key="dest",
+        module="sparkvision.data.datasets",
+        web=False,
+        check=check,
+    )
+)

@@ -22,17 +22,38 @@ from sparkvision.ssl.finetune import finetune
 
 RECIPE = {"batch_size": 256, "epochs": 10, "label_smoothing": 0.0, "encoder_lr_scale": 1.0}
 # FixMatch, linear evaluation and the projector neck are fine-tuning's, not distillation's.
-NOT_DISTILL = ("linear", "consistency_weight", "confidence", "unlabeled_ratio", "strong_augment", "projector_layers",
-               "distill_temperature")
+NOT_DISTILL = (
+    "linear",
+    "consistency_weight",
+    "confidence",
+    "unlabeled_ratio",
+    "strong_augment",
+    "projector_layers",
+    "distill_temperature",
+)
 
 DistillParams = params_model(
-    "DistillParams", "Distil a fine-tuned teacher into a student on unlabelled images (SimCLRv2's third step).",
-    teacher=(Annotated[str, Cli(flags=("--teacher",))], Field(description=(
-        "Classifier model directory whose soft labels train the student (e.g. the output of `sparkvision finetune`)."))),
+    "DistillParams",
+    "Distil a fine-tuned teacher into a student on unlabelled images (SimCLRv2's third step).",
+    teacher=(
+        Annotated[str, Cli(flags=("--teacher",))],
+        Field(
+            description=(
+                "Classifier model directory whose soft labels train the student (e.g. the output of `sparkvision finetune`)."
+            )
+        ),
+    ),
     table=table_in("Image table holding the unlabelled pool."),
     out=model_dir_out("Student classifier model directory to write."),
-    encoder=(str | None, Field(None, description=(
-        "Initialise the student from this encoder model directory (none: the model from random weights)."))),
+    encoder=(
+        str | None,
+        Field(
+            None,
+            description=(
+                "Initialise the student from this encoder model directory (none: the model from random weights)."
+            ),
+        ),
+    ),
     temperature=(float, Field(1.0, gt=0, le=100, description="Softmax temperature of teacher and student.")),
     overwrite=overwrite(),
     **config_fields(FinetuneConfig, exclude=NOT_DISTILL, defaults=RECIPE),
@@ -57,8 +78,22 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
     return finetune(spark, p.table, p.out, encoder=p.encoder, cfg=config(p), eval_every=1, teacher=p.teacher)
 
 
-OPERATION = register(Operation(
-    "distill", DistillParams, run, "Distil a fine-tuned teacher into a student on unlabelled images (SimCLRv2).",
-    inputs=("teacher", "table"), optional_inputs=("encoder",), outputs=("out",), models=("teacher", "encoder"), result_key="out", resumable=True, continues=when_resuming,
-    reports_epochs=True, produces_model=True, module="sparkvision.ssl.finetune", check=check,
-))
+OPERATION = register(
+    Operation(
+        "distill",
+        DistillParams,
+        run,
+        "Distil a fine-tuned teacher into a student on unlabelled images (SimCLRv2).",
+        inputs=("teacher", "table"),
+        optional_inputs=("encoder",),
+        outputs=("out",),
+        models=("teacher", "encoder"),
+        result_key="out",
+        resumable=True,
+        continues=when_resuming,
+        reports_epochs=True,
+        produces_model=True,
+        module="sparkvision.ssl.finetune",
+        check=check,
+    )
+)

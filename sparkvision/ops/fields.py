@@ -15,8 +15,10 @@ from sparkvision.ops.base import Cli
 
 
 def table_in(description: str = "Image table.", positional: bool = False) -> Any:
-    return (Annotated[str, Cli(positional=positional, flags=() if positional else ("--table",))],
-            Field(description=description))
+    return (
+        Annotated[str, Cli(positional=positional, flags=() if positional else ("--table",))],
+        Field(description=description),
+    )
 
 
 def model_dir_out(description: str = "Model directory to write.") -> Any:

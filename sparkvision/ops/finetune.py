@@ -24,12 +24,20 @@ from sparkvision.ssl.config import FinetuneConfig
 from sparkvision.ssl.finetune import finetune
 
 FinetuneParams = params_model(
-    "FinetuneParams", "Fine-tune or linearly evaluate a pretrained encoder on a stratified label fraction "
+    "FinetuneParams",
+    "Fine-tune or linearly evaluate a pretrained encoder on a stratified label fraction "
     "(optionally semi-supervised: FixMatch on an unlabelled split).",
     table=table_in("Labelled image table."),
     out=model_dir_out("Classifier model directory to write."),
-    encoder=(str | None, Field(None, description=(
-        "Encoder model directory from `sparkvision pretrain` (none: train the model from scratch)."))),
+    encoder=(
+        str | None,
+        Field(
+            None,
+            description=(
+                "Encoder model directory from `sparkvision pretrain` (none: train the model from scratch)."
+            ),
+        ),
+    ),
     eval_every=(int, Field(5, ge=1, description="Score eval_split every this many epochs (and at the end).")),
     overwrite=overwrite(),
     **config_fields(FinetuneConfig, exclude=("distill_temperature",)),
@@ -56,8 +64,22 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
     return finetune(spark, p.table, p.out, encoder=p.encoder, cfg=config(p), eval_every=p.eval_every)
 
 
-OPERATION = register(Operation(
-    "finetune", FinetuneParams, run, "Fine-tune a pretrained backbone on labelled images.",
-    inputs=("table",), optional_inputs=("encoder",), outputs=("out",), models=("encoder",), result_key="out", resumable=True, continues=when_resuming,
-    reports_epochs=True, produces_model=True, module="sparkvision.ssl.finetune", check=check,
-))
+OPERATION = register(
+    Operation(
+        "finetune",
+        FinetuneParams,
+        run,
+        "Fine-tune a pretrained backbone on labelled images.",
+        inputs=("table",),
+        optional_inputs=("encoder",),
+        outputs=("out",),
+        models=("encoder",),
+        result_key="out",
+        resumable=True,
+        continues=when_resuming,
+        reports_epochs=True,
+        produces_model=True,
+        module="sparkvision.ssl.finetune",
+        check=check,
+    )
+)

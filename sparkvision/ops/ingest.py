@@ -21,27 +21,49 @@ class IngestParams(Params):
     """Images into a Parquet image table; files that cannot go in become reject rows with a reason."""
 
     source: Annotated[str, Cli(positional=True)] = Field(
-        description="Image folder, IDX file/folder or image table (any Spark URI).")
+        description="Image folder, IDX file/folder or image table (any Spark URI)."
+    )
     table: Annotated[str, Cli(positional=True)] = Field(
-        description="Output image table (Parquet directory, any Spark URI).")
+        description="Output image table (Parquet directory, any Spark URI)."
+    )
     kind: SourceKind = Field("auto", description="auto | folder | idx | table")
-    split: Split | None = Field(None, description="Force every row into this split (train/test/val/unlabeled).")
+    split: Split | None = Field(
+        None, description="Force every row into this split (train/test/val/unlabeled)."
+    )
     labeled: Annotated[bool, Cli(flags=("--labeled/--unlabeled",))] = Field(
-        True, description="Read class folders as labels (--unlabeled ignores them).")
+        True, description="Read class folders as labels (--unlabeled ignores them)."
+    )
     class_names: CommaList = Field(None, description="Class names for IDX labels 0..N-1 (comma-separated).")
-    max_pixels: int = Field(MAX_PIXELS_DEFAULT, ge=1, description=(
-        "Reject images with more pixels (decompression bombs), checked from the header."))
-    overwrite: bool = Field(False, description=(
-        "Replace the table. Without it an existing image table is appended to (content already there is "
-        "skipped) and any other existing data is refused."))
+    max_pixels: int = Field(
+        MAX_PIXELS_DEFAULT,
+        ge=1,
+        description=("Reject images with more pixels (decompression bombs), checked from the header."),
+    )
+    overwrite: bool = Field(
+        False,
+        description=(
+            "Replace the table. Without it an existing image table is appended to (content already there is "
+            "skipped) and any other existing data is refused."
+        ),
+    )
     rejects: str | None = Field(None, description="Rejects table (default TABLE_rejects).")
     glob: str | None = Field(None, description="Only files whose name matches, e.g. '*.jpg'.")
 
 
 def run(spark: SparkSession, p: IngestParams, progress: Progress) -> dict[str, Any]:
-    return ingest(spark, p.source, p.table, kind=p.kind, split=p.split, labeled=p.labeled, class_names=p.class_names,
-                  max_pixels=p.max_pixels, mode="overwrite" if p.overwrite else "append", rejects=p.rejects,
-                  glob=p.glob).to_json()
+    return ingest(
+        spark,
+        p.source,
+        p.table,
+        kind=p.kind,
+        split=p.split,
+        labeled=p.labeled,
+        class_names=p.class_names,
+        max_pixels=p.max_pixels,
+        mode="overwrite" if p.overwrite else "append",
+        rejects=p.rejects,
+        glob=p.glob,
+    ).to_json()
 
 
 def appends_to_image_table(p: Any, out: str, spark: Any) -> bool:
@@ -54,9 +76,17 @@ def appends_to_image_table(p: Any, out: str, spark: Any) -> bool:
     return spark is not None and storage.exists(spark, storage.join(out, marker))
 
 
-OPERATION = register(Operation(
-    "ingest", IngestParams, run, "Ingest a folder / IDX files / table into an image table.",
-    inputs=("source",), outputs=("table", "rejects"), result_key="table", module="sparkvision.data.ingest",
-    continues=appends_to_image_table,
-    summary_keys=("rows_written", "elapsed_s", "images_per_s"),
-))
+OPERATION = register(
+    Operation(
+        "ingest",
+        IngestParams,
+        run,
+        "Ingest a folder / IDX files / table into an image table.",
+        inputs=("source",),
+        outputs=("table", "rejects"),
+        result_key="table",
+        module="sparkvision.data.ingest",
+        continues=appends_to_image_table,
+        summary_keys=("rows_written", "elapsed_s", "images_per_s"),
+    )
+)

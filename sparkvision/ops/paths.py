@@ -33,9 +33,9 @@ from sparkvision.spark import storage
 def local_path(uri: str) -> str | None:
     """The filesystem path of a local URI (``/x``, ``file:/x``, ``file:///x``), else None."""
     if uri.startswith("file://"):
-        return os.path.realpath(uri[len("file://"):])
+        return os.path.realpath(uri[len("file://") :])
     if uri.startswith("file:"):
-        return os.path.realpath(uri[len("file:"):])
+        return os.path.realpath(uri[len("file:") :])
     if "://" in uri:
         return None
     return os.path.realpath(os.path.expanduser(uri))
@@ -80,7 +80,9 @@ def check_models(op: Any, p: Any) -> None:
 def check_outputs(op: Any, p: Any, spark: Any = None) -> None:
     """Refuse outputs that would destroy data (see the module docstring). ``spark``: also check
     non-local URIs, through Hadoop's FileSystem."""
-    inputs = [(n, getattr(p, n)) for n in (*op.inputs, *op.optional_inputs) if isinstance(getattr(p, n, None), str)]
+    inputs = [
+        (n, getattr(p, n)) for n in (*op.inputs, *op.optional_inputs) if isinstance(getattr(p, n, None), str)
+    ]
     overwrite = bool(getattr(p, "overwrite", False))
     for name in op.outputs:
         out = getattr(p, name, None)
@@ -89,9 +91,15 @@ def check_outputs(op: Any, p: Any, spark: Any = None) -> None:
         local = local_path(out)
         for in_name, value in inputs:
             in_local = local_path(value)
-            same = _nested(local, in_local) if local and in_local else storage.qualify(out) == storage.qualify(value)
+            same = (
+                _nested(local, in_local)
+                if local and in_local
+                else storage.qualify(out) == storage.qualify(value)
+            )
             if same:
-                raise ParamError(name, f"{out} overlaps the input {in_name} ({value}); write the output elsewhere")
+                raise ParamError(
+                    name, f"{out} overlaps the input {in_name} ({value}); write the output elsewhere"
+                )
         if local is not None:
             exists = holds_data(local)
         elif spark is not None:
@@ -99,8 +107,11 @@ def check_outputs(op: Any, p: Any, spark: Any = None) -> None:
         else:
             continue  # a remote URI: checked again once Spark is up
         if exists and not overwrite and not op.continues(p, out, spark):
-            raise ParamError(name, f"{out} already holds data; choose a new path, or give overwrite "
-                                   "to replace it" + (" (or resume to continue it)" if op.resumable else ""))
+            raise ParamError(
+                name,
+                f"{out} already holds data; choose a new path, or give overwrite "
+                "to replace it" + (" (or resume to continue it)" if op.resumable else ""),
+            )
 
 
 ContinuesFn = Callable[[Any, str, Any], bool]
@@ -161,8 +172,11 @@ def staged(p: Any, names: tuple[str, ...], spark: Any) -> Iterator[tuple[Any, Ca
     """``(params writing to temporary siblings, commit)``. ``commit(result)`` moves each into place
     (replacing what ``overwrite`` allowed) and returns the result with the final paths in it; on
     an exception, or with no commit, the temporaries are removed."""
-    tmp = {n: f"{getattr(p, n).rstrip('/')}._sparkvision-tmp-{uuid.uuid4().hex[:8]}"
-           for n in names if isinstance(getattr(p, n, None), str)}
+    tmp = {
+        n: f"{getattr(p, n).rstrip('/')}._sparkvision-tmp-{uuid.uuid4().hex[:8]}"
+        for n in names
+        if isinstance(getattr(p, n, None), str)
+    }
     committed = False
 
     def commit(result: Any) -> Any:

@@ -22,13 +22,21 @@ from sparkvision.ssl.pretrain import pretrain
 # A field some preset sets defaults to None here, "the preset's value"; the rest keep the recipe's default.
 _fields = config_fields(PretrainConfig, optional=PRESET_FIELDS, exclude=("pool_split",))
 PretrainParams = params_model(
-    "PretrainParams", "Self-supervised pretraining of an encoder on unlabelled images (DDP on Spark barrier "
+    "PretrainParams",
+    "Self-supervised pretraining of an encoder on unlabelled images (DDP on Spark barrier "
     "tasks); a field left out keeps the preset's value.",
     table=table_in("Image table; pretrains on its pool split (labels ignored)."),
     out=model_dir_out("Encoder model directory to write (checkpoints, logs, weights)."),
     preset=(str, Field("cpu-small", description=f"{' | '.join(PRESETS)} (see docs/ssl.md)")),
-    pool_split=(Annotated[str | None, Cli(flags=("--pool",))], Field(None, description=(
-        "Split of images to pretrain on (labels ignored); default: unlabeled when the table has it, else train."))),
+    pool_split=(
+        Annotated[str | None, Cli(flags=("--pool",))],
+        Field(
+            None,
+            description=(
+                "Split of images to pretrain on (labels ignored); default: unlabeled when the table has it, else train."
+            ),
+        ),
+    ),
     overwrite=overwrite(),
     **_fields,
 )
@@ -57,8 +65,20 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
     return pretrain(spark, p.table, p.out, preset=p.preset, **given)
 
 
-OPERATION = register(Operation(
-    "pretrain", PretrainParams, run, "Self-supervised pretraining on unlabelled images.",
-    inputs=("table",), outputs=("out",), result_key="out", resumable=True, continues=when_resuming, reports_epochs=True, produces_model=True,
-    module="sparkvision.ssl.pretrain", check=check,
-))
+OPERATION = register(
+    Operation(
+        "pretrain",
+        PretrainParams,
+        run,
+        "Self-supervised pretraining on unlabelled images.",
+        inputs=("table",),
+        outputs=("out",),
+        result_key="out",
+        resumable=True,
+        continues=when_resuming,
+        reports_epochs=True,
+        produces_model=True,
+        module="sparkvision.ssl.pretrain",
+        check=check,
+    )
+)

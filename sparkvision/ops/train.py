@@ -26,7 +26,8 @@ from sparkvision.train.config import TrainConfig
 from sparkvision.train.engine import train
 
 TrainParams = params_model(
-    "TrainParams", "Train a classifier data-parallel (torch DDP on Spark barrier tasks).",
+    "TrainParams",
+    "Train a classifier data-parallel (torch DDP on Spark barrier tasks).",
     table=table_in("Image table to train on (its train split)."),
     out=model_dir_out("Model directory to write (checkpoints, logs, weights)."),
     overwrite=overwrite(),
@@ -46,8 +47,10 @@ def check_model(name: str, model_kwargs: dict[str, Any] | None = None) -> None:
     known = model_arguments(name)
     unknown = sorted(set(model_kwargs or {}) - set(known)) if known is not None else []
     if unknown:
-        raise ParamError("model_kwargs", f"unknown argument(s) {', '.join(unknown)} of model {name!r}; "
-                                         f"it takes {', '.join(known or [])}")
+        raise ParamError(
+            "model_kwargs",
+            f"unknown argument(s) {', '.join(unknown)} of model {name!r}; it takes {', '.join(known or [])}",
+        )
     try:
         with torch.device("meta"):
             model = create_model(name, 10, 3, **(model_kwargs or {}))
@@ -55,8 +58,11 @@ def check_model(name: str, model_kwargs: dict[str, Any] | None = None) -> None:
         raise ParamError("model_kwargs", f"model {name!r} cannot be built with {model_kwargs}: {e}") from None
     n = sum(t.numel() for t in model.parameters())
     if n > MAX_PARAMETERS:
-        raise ParamError("model_kwargs", f"model {name!r} with {model_kwargs} has {n:,} parameters, over the "
-                                         f"{MAX_PARAMETERS:,} a worker can train")
+        raise ParamError(
+            "model_kwargs",
+            f"model {name!r} with {model_kwargs} has {n:,} parameters, over the "
+            f"{MAX_PARAMETERS:,} a worker can train",
+        )
 
 
 def check_splits(spark: SparkSession, table: str, **splits: str | None) -> None:
@@ -65,8 +71,14 @@ def check_splits(spark: SparkSession, table: str, **splits: str | None) -> None:
     wanted = {name: s for name, s in splits.items() if s is not None}
     if not wanted:
         return
-    present = {r["split"] for r in read_table(spark, table).where(F.col("split").isin(list(wanted.values())))
-               .select("split").distinct().collect()}
+    present = {
+        r["split"]
+        for r in read_table(spark, table)
+        .where(F.col("split").isin(list(wanted.values())))
+        .select("split")
+        .distinct()
+        .collect()
+    }
     for name, s in wanted.items():
         if s not in present:
             raise ParamError(name, f"{table} has no rows in split {s!r}")
@@ -89,8 +101,20 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
     return train(spark, p.table, p.out, config(p))
 
 
-OPERATION = register(Operation(
-    "train", TrainParams, run, "Train a classifier data-parallel (DDP on Spark barrier tasks).",
-    inputs=("table",), outputs=("out",), result_key="out", resumable=True, continues=when_resuming, reports_epochs=True, produces_model=True,
-    module="sparkvision.train.engine", check=check,
-))
+OPERATION = register(
+    Operation(
+        "train",
+        TrainParams,
+        run,
+        "Train a classifier data-parallel (DDP on Spark barrier tasks).",
+        inputs=("table",),
+        outputs=("out",),
+        result_key="out",
+        resumable=True,
+        continues=when_resuming,
+        reports_epochs=True,
+        produces_model=True,
+        module="sparkvision.train.engine",
+        check=check,
+    )
+)

@@ -237,7 +237,9 @@ class DeepBitLoss(nn.Module):
     cost (docs/retrieval.md). ``gamma`` and ``delta`` were set by hand, not searched.
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 20.0, gamma: float = 0.5, delta: float = 4.0) -> None:
+    def __init__(
+        self, alpha: float = 1.0, beta: float = 20.0, gamma: float = 0.5, delta: float = 4.0
+    ) -> None:
         super().__init__()
         self.alpha, self.beta, self.gamma, self.delta = alpha, beta, gamma, delta
 

@@ -125,7 +125,9 @@ def resolve_thresholds(
         return threshold, threshold, None
     threshold = DEFAULT_VERIFY_THRESHOLD if threshold is None else float(threshold)
     strict = DEFAULT_STRICT_THRESHOLD if strict_threshold is None else float(strict_threshold)
-    candidate = DEFAULT_CANDIDATE_THRESHOLD[descriptor] if candidate_threshold is None else float(candidate_threshold)
+    candidate = (
+        DEFAULT_CANDIDATE_THRESHOLD[descriptor] if candidate_threshold is None else float(candidate_threshold)
+    )
     if not 0.0 <= threshold <= 1.0:
         raise ParamError("threshold", f"{threshold} must be a verification score in [0, 1]")
     if not -1.0 <= candidate <= 1.0:
@@ -169,7 +171,9 @@ def exact_pairs(content_ids: list[str], duplicated: set[str]) -> np.ndarray:
     return np.array(out, np.int64).reshape(-1, 2)
 
 
-def group_table(ids: pa.Table, links: np.ndarray, scores: np.ndarray, keep: str) -> tuple[pa.Table, dict[str, int]]:
+def group_table(
+    ids: pa.Table, links: np.ndarray, scores: np.ndarray, keep: str
+) -> tuple[pa.Table, dict[str, int]]:
     """Rows in a group of two or more (connected components of ``links``), one kept per group,
     each with the best score of its links; and the counts for the summary."""
     n = ids.num_rows
@@ -267,7 +271,9 @@ def dedup_table(
     pairs_dir = os.path.join(out_local, "_pairs")
     if exact_only:
         with spark_progress(spark, "dedup: list rows"):
-            df.select("content_id", "path", "height", "width").write.mode("overwrite").parquet(storage.qualify(desc_dir))
+            df.select("content_id", "path", "height", "width").write.mode("overwrite").parquet(
+                storage.qualify(desc_dir)
+            )
     else:
         blob = spark.sparkContext.broadcast(read_blob(model_dir)) if model_dir else None
         threads = configure_workers(spark, batch_size)
@@ -286,13 +292,17 @@ def dedup_table(
     if exact_only:
         ids = pq.read_table(desc_dir, columns=id_columns)
     else:
-        n, a, b, cosine, index_summary = search_candidates(desc_dir, index_dir, k, candidate_threshold, progress)
+        n, a, b, cosine, index_summary = search_candidates(
+            desc_dir, index_dir, k, candidate_threshold, progress
+        )
         ids = pq.read_table(os.path.join(index_dir, "ids.parquet"), columns=id_columns)
         times["search_s"] = timer.elapsed - sum(times.values())
         if verify:
             score = np.zeros(0, np.float32)
             if len(a):
-                score = score_candidates(spark, desc_dir, pairs_dir, ids, a, b, cosine, verify_size, batch_size)
+                score = score_candidates(
+                    spark, desc_dir, pairs_dir, ids, a, b, cosine, verify_size, batch_size
+                )
             times["verify_s"] = timer.elapsed - sum(times.values())
             linked = link_pairs(n, a, b, score, threshold, link, strict_threshold)
         else:

@@ -47,7 +47,9 @@ def verify_batches(
         for batch in rebatch(batches, batch_size):
             n = batch.num_rows
             same = np.asarray(
-                pc.equal(batch.column("content_id_a"), batch.column("content_id_b")).to_numpy(zero_copy_only=False),
+                pc.equal(batch.column("content_id_a"), batch.column("content_id_b")).to_numpy(
+                    zero_copy_only=False
+                ),
                 bool,
             )
             score = np.ones(n, np.float32)
@@ -112,7 +114,9 @@ def score_candidates(
 
     def side(s: str):
         return thumbs.select(
-            F.col("content_id").alias(f"content_id_{s}"), F.col("path").alias(f"path_{s}"), F.col("thumb").alias(f"thumb_{s}")
+            F.col("content_id").alias(f"content_id_{s}"),
+            F.col("path").alias(f"path_{s}"),
+            F.col("thumb").alias(f"thumb_{s}"),
         )
 
     n_parts = max(1, min(len(a) // 2000 + 1, 4 * spark.sparkContext.defaultParallelism))
@@ -123,9 +127,9 @@ def score_candidates(
         .join(side("b"), ["content_id_b", "path_b"])
     )
     with spark_progress(spark, "dedup: verify pairs"):
-        joined.mapInArrow(verify_batches(size, batch_size, task_threads(spark)), PAIR_SCHEMA).write.mode("overwrite").parquet(
-            storage.qualify(pairs_dir)
-        )
+        joined.mapInArrow(verify_batches(size, batch_size, task_threads(spark)), PAIR_SCHEMA).write.mode(
+            "overwrite"
+        ).parquet(storage.qualify(pairs_dir))
     shutil.rmtree(input_dir, ignore_errors=True)
     got = pq.read_table(pairs_dir, columns=["a", "b", "score"])
     ga, gb, gs = (got.column(c).to_numpy() for c in ("a", "b", "score"))

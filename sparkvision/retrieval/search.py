@@ -286,7 +286,9 @@ def search_table(
     if is_image_table(spark, table):
         model_dir = model_dir or SearchIndex(index_dir).model_dir
         if not model_dir:
-            raise ParamError("model_dir", "required to embed the image table: the index does not record its model")
+            raise ParamError(
+                "model_dir", "required to embed the image table: the index does not record its model"
+            )
         src = read_table(spark, table, split).select(
             "image", "content_id", "path", "split", "label", "label_name"
         )

@@ -203,8 +203,12 @@ def rank_error(e: Exception) -> Exception:
     """
     text = str(e)
     found = [(m.group(1).rsplit(".", 1)[-1], m.group(2).strip()) for m in _ERROR_LINE.finditer(text)]
-    found = [(k, msg) for k, msg in found if k not in ("Py4JJavaError", "PythonException", "SparkException")
-             and not msg.startswith("An error occurred while calling")]
+    found = [
+        (k, msg)
+        for k, msg in found
+        if k not in ("Py4JJavaError", "PythonException", "SparkException")
+        and not msg.startswith("An error occurred while calling")
+    ]
     py = [(k, msg) for k, msg in found if k in _PY_ERRORS]
     kind, msg = (py or found or [("", "")])[-1 if py else 0]
     if not kind:

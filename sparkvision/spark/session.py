@@ -108,14 +108,18 @@ def reuse(spark: SparkSession, master: str | None, conf: Mapping[str, str]) -> N
     """Check that the running ``spark`` can serve a request for ``master`` and ``conf``."""
     running = spark.conf.get("spark.master", None)
     if master is not None and running is not None and master != running:
-        raise ValueError(f"master: a SparkSession on {running} is already running in this process; "
-                         f"{master} needs a new process (or stop_spark() first)")
+        raise ValueError(
+            f"master: a SparkSession on {running} is already running in this process; "
+            f"{master} needs a new process (or stop_spark() first)"
+        )
     for key, value in conf.items():
         if spark.conf.get(key, None) == value:
             continue
         if not spark.conf.isModifiable(key):
-            raise ValueError(f"conf: {key} is fixed when the SparkSession starts and the running one has "
-                             f"{spark.conf.get(key, None)!r}; set it in a new process")
+            raise ValueError(
+                f"conf: {key} is fixed when the SparkSession starts and the running one has "
+                f"{spark.conf.get(key, None)!r}; set it in a new process"
+            )
         spark.conf.set(key, value)
 
 

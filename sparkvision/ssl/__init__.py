@@ -8,7 +8,21 @@ from sparkvision.ssl.sampling import sample_label_fraction, stratified_sample
 from sparkvision.ssl.views import RandomView, TwoViews, ViewConfig
 
 __all__ = [
-    "METHODS", "PRESETS", "BottleneckPredictor", "DistillationLoss", "ImprovedPredictor", "NTXentLoss", "NegativeCosineSimilarity",
-    "PretrainConfig", "ProjectionMLP", "RandomView", "SimCLRProjectionHead", "TwoViews", "ViewConfig",
-    "build_method", "resolve", "sample_label_fraction", "stratified_sample",
+    "METHODS",
+    "PRESETS",
+    "BottleneckPredictor",
+    "DistillationLoss",
+    "ImprovedPredictor",
+    "NTXentLoss",
+    "NegativeCosineSimilarity",
+    "PretrainConfig",
+    "ProjectionMLP",
+    "RandomView",
+    "SimCLRProjectionHead",
+    "TwoViews",
+    "ViewConfig",
+    "build_method",
+    "resolve",
+    "sample_label_fraction",
+    "stratified_sample",
 ]

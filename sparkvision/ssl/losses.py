@@ -33,7 +33,9 @@ class NegativeCosineSimilarity(nn.Module):
     def pair(self, p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``D(p, z)`` averaged over the batch; gradients flow into ``p`` only."""
         if p.shape != z.shape or p.ndim != 2:
-            raise ValueError(f"expected two (B, D) tensors of the same shape, got {tuple(p.shape)} and {tuple(z.shape)}")
+            raise ValueError(
+                f"expected two (B, D) tensors of the same shape, got {tuple(p.shape)} and {tuple(z.shape)}"
+            )
         return -F.cosine_similarity(p, z.detach(), dim=1, eps=self.eps).mean()
 
     def forward(self, p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,9 @@ class NTXentLoss(nn.Module):
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         if z1.shape != z2.shape or z1.ndim != 2:
-            raise ValueError(f"expected two (B, D) tensors of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+            raise ValueError(
+                f"expected two (B, D) tensors of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"
+            )
         z1 = F.normalize(gather_with_grad(z1), dim=1)  # (N, D), N = global batch
         z2 = F.normalize(gather_with_grad(z2), dim=1)
         n = z1.shape[0]
@@ -117,8 +121,10 @@ class DistillationLoss(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
-            raise ValueError(f"expected two (B, K) logit tensors of the same shape, got "
-                             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+            raise ValueError(
+                f"expected two (B, K) logit tensors of the same shape, got "
+                f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+            )
         target = F.softmax(teacher_logits.detach().float() / self.temperature, dim=1)
         return F.cross_entropy(student_logits.float() / self.temperature, target)
 
@@ -147,8 +153,10 @@ class FixMatchLoss(nn.Module):
 
     def forward(self, strong_logits: torch.Tensor, weak_logits: torch.Tensor) -> torch.Tensor:
         if strong_logits.shape != weak_logits.shape or strong_logits.ndim != 2:
-            raise ValueError(f"expected two (B, K) logit tensors of the same shape, got "
-                             f"{tuple(strong_logits.shape)} and {tuple(weak_logits.shape)}")
+            raise ValueError(
+                f"expected two (B, K) logit tensors of the same shape, got "
+                f"{tuple(strong_logits.shape)} and {tuple(weak_logits.shape)}"
+            )
         conf, pseudo = F.softmax(weak_logits.detach().float(), dim=1).max(1)
         mask = (conf >= self.threshold).float()
         self.last_mask_rate = float(mask.mean())

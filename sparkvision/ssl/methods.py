@@ -78,11 +78,15 @@ def build_method(
     ``proj_dim``) + NT-Xent."""
     d = encoder.num_features
     if name == "improved-simclr":
-        return SiameseMethod(encoder, ProjectionMLP(d, proj_hidden, proj_dim, proj_layers),
-                             ImprovedPredictor(proj_dim, proj_hidden, proj_dim))
+        return SiameseMethod(
+            encoder,
+            ProjectionMLP(d, proj_hidden, proj_dim, proj_layers),
+            ImprovedPredictor(proj_dim, proj_hidden, proj_dim),
+        )
     if name == "simsiam":
-        return SiameseMethod(encoder, ProjectionMLP(d, proj_hidden, proj_dim, proj_layers),
-                             BottleneckPredictor(proj_dim))
+        return SiameseMethod(
+            encoder, ProjectionMLP(d, proj_hidden, proj_dim, proj_layers), BottleneckPredictor(proj_dim)
+        )
     if name == "simclr":
         return SimCLR(encoder, SimCLRProjectionHead(d, proj_hidden, proj_dim), temperature)
     raise ValueError(f"method {name!r} is not one of {', '.join(METHODS)}")

@@ -17,8 +17,15 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
-                k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+def knn_predict(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """Predicted labels ``(Q,)`` of ``queries (Q, D)`` from ``bank (N, D)`` with labels ``(N,)``."""
     if bank.shape[0] == 0:
         raise ValueError("kNN monitor: the bank is empty")
@@ -34,8 +41,14 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
-def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-                 k: int = 20, temperature: float = 0.07) -> float:
+def knn_accuracy(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> float:
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     pred = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
     return float((pred == query_labels).float().mean()) if len(query_labels) else float("nan")
@@ -51,6 +64,8 @@ def collapse_warning(std: float, dim: int, ratio: float = 0.2) -> str | None:
     """A message when ``std`` is below ``ratio / sqrt(dim)`` (healthy outputs give ~1/sqrt(dim))."""
     healthy = 1 / math.sqrt(dim)
     if std < ratio * healthy:
-        return (f"possible collapse: std of normalised outputs {std:.4f} is below {ratio:g} x 1/sqrt({dim}) = "
-                f"{ratio * healthy:.4f}; lower the learning rate or check the predictor/augmentations")
+        return (
+            f"possible collapse: std of normalised outputs {std:.4f} is below {ratio:g} x 1/sqrt({dim}) = "
+            f"{ratio * healthy:.4f}; lower the learning rate or check the predictor/augmentations"
+        )
     return None

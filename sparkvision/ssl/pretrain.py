@@ -47,12 +47,16 @@ from sparkvision.transforms.preprocess import normalize, to_unit
 
 
 @torch.no_grad()
-def shard_features(encoder: ImageModel, shard: Shard, mean, std, device, batch_size: int = 512) -> torch.Tensor:
+def shard_features(
+    encoder: ImageModel, shard: Shard, mean, std, device, batch_size: int = 512
+) -> torch.Tensor:
     """Encoder features of every image of ``shard`` (eval mode, then the mode it was in)."""
     was = encoder.training
     encoder.eval()
-    feats = [encoder.forward_features(to_input(shard.images[i : i + batch_size], mean, std, device, False)).cpu()
-             for i in range(0, len(shard), batch_size)]
+    feats = [
+        encoder.forward_features(to_input(shard.images[i : i + batch_size], mean, std, device, False)).cpu()
+        for i in range(0, len(shard), batch_size)
+    ]
     encoder.train(was)
     return torch.cat(feats) if feats else torch.empty(0)
 
@@ -74,20 +78,33 @@ class PretrainRank(RankTraining):
         labelled = shard.labels >= 0
         bank = shard.subset(split_mask(splits, cfg.monitor_bank_split) & labelled)
         queries = shard.subset(split_mask(splits, cfg.monitor_split) & labelled)
-        self.bank = Shard(bank.images[: cfg.monitor_bank_rows // world], bank.labels[: cfg.monitor_bank_rows // world])
-        self.queries = Shard(queries.images[: cfg.monitor_query_rows // world],
-                             queries.labels[: cfg.monitor_query_rows // world])
-        counts = D.all_reduce_sum(torch.tensor([len(pool), len(self.bank), len(self.queries)], dtype=torch.float64))
-        check_rows(len(pool), counts, self.ctx,
-                   f"no rows in split {cfg.pool_split!r} to pretrain on; choose another pool_split",
-                   "a rank got no pool rows: {rows} rows is too few for {workers} workers")
+        self.bank = Shard(
+            bank.images[: cfg.monitor_bank_rows // world], bank.labels[: cfg.monitor_bank_rows // world]
+        )
+        self.queries = Shard(
+            queries.images[: cfg.monitor_query_rows // world],
+            queries.labels[: cfg.monitor_query_rows // world],
+        )
+        counts = D.all_reduce_sum(
+            torch.tensor([len(pool), len(self.bank), len(self.queries)], dtype=torch.float64)
+        )
+        check_rows(
+            len(pool),
+            counts,
+            self.ctx,
+            f"no rows in split {cfg.pool_split!r} to pretrain on; choose another pool_split",
+            "a rank got no pool rows: {rows} rows is too few for {workers} workers",
+        )
         return pool, counts
 
     def build(self) -> tuple[SSLMethod, list[dict]]:
         cfg = self.cfg
-        self.encoder = create_model(cfg.model, self.num_classes, self.channels, **self.payload["model_kwargs"])
-        method = build_method(cfg.method, self.encoder, cfg.proj_dim, cfg.proj_hidden, cfg.proj_layers,
-                              cfg.temperature)
+        self.encoder = create_model(
+            cfg.model, self.num_classes, self.channels, **self.payload["model_kwargs"]
+        )
+        method = build_method(
+            cfg.method, self.encoder, cfg.proj_dim, cfg.proj_hidden, cfg.proj_layers, cfg.temperature
+        )
         return method, param_groups(method, cfg.weight_decay)
 
     def prepare(self) -> None:
@@ -99,14 +116,17 @@ class PretrainRank(RankTraining):
     def step_loss(self, b: torch.Tensor) -> torch.Tensor:
         x = to_unit(self.rows.images[b].to(self.device, non_blocking=True))
         v1, v2 = self.views(x, self.gen)  # (B, C, H, W) each
-        loss, z = self.net(normalize(v1, self.mean, self.std, False), normalize(v2, self.mean, self.std, False))
+        loss, z = self.net(
+            normalize(v1, self.mean, self.std, False), normalize(v2, self.mean, self.std, False)
+        )
         self.std_sum += normalized_std(z)
         return loss
 
     def end_epoch(self, epoch: int) -> tuple[dict[str, Any], dict[str, float | None]]:
         cfg, proj_dim = self.cfg, self.cfg.proj_dim
         out_std = float(D.all_reduce_sum(torch.tensor([self.std_sum], dtype=torch.float64))[0]) / (
-            self.steps * self.ctx.world_size)
+            self.steps * self.ctx.world_size
+        )
         knn = None
         if self.counts[1] > 0 and self.counts[2] > 0:
             # Each rank votes its queries against its own slice of the bank; the counts are summed.
@@ -121,10 +141,17 @@ class PretrainRank(RankTraining):
         warning = collapse_warning(out_std, proj_dim, cfg.collapse_ratio)
         if self.ctx.is_main and warning:
             print(f"WARNING epoch {epoch + 1}: {warning}", flush=True)
-        fields = {"knn_acc": None if knn is None else round(knn, 5), "output_std": round(out_std, 5),
-                  "output_std_x_sqrt_d": round(out_std * proj_dim**0.5, 4), "collapse_warning": warning}
-        return fields, {"monitor/knn_acc": knn, "monitor/output_std": out_std,
-                        "monitor/output_std_x_sqrt_d": out_std * proj_dim**0.5}
+        fields = {
+            "knn_acc": None if knn is None else round(knn, 5),
+            "output_std": round(out_std, 5),
+            "output_std_x_sqrt_d": round(out_std * proj_dim**0.5, 4),
+            "collapse_warning": warning,
+        }
+        return fields, {
+            "monitor/knn_acc": knn,
+            "monitor/output_std": out_std,
+            "monitor/output_std_x_sqrt_d": out_std * proj_dim**0.5,
+        }
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"method": self.cfg.method}
@@ -133,9 +160,14 @@ class PretrainRank(RankTraining):
         self.encoder.reset_head(self.num_classes)  # a placeholder classifier: fine-tuning replaces it
         # The projector comes back with the encoder (not from the checkpoint files, which a driver on
         # another node may not see): SimCLRv2-style fine-tuning starts from its first layer(s).
-        return ({"pool_rows": int(self.counts[0]), "monitor_bank_rows": int(self.counts[1]),
-                 "monitor_query_rows": int(self.counts[2])},
-                {"weights": state_bytes(self.encoder), "projector": state_bytes(self.module.projector)})
+        return (
+            {
+                "pool_rows": int(self.counts[0]),
+                "monitor_bank_rows": int(self.counts[1]),
+                "monitor_query_rows": int(self.counts[2]),
+            },
+            {"weights": state_bytes(self.encoder), "projector": state_bytes(self.module.projector)},
+        )
 
 
 PROJECTOR_FILE = "projector.safetensors"
@@ -155,7 +187,7 @@ def export_projector(model_dir: str) -> str:
         raise FileNotFoundError(f"no pretraining checkpoint in {ckpt_dir} to take the projector from")
     prefix = "model/projector."
     with safe_open(os.path.join(ckpt_dir, f"epoch-{epochs[-1]}.safetensors"), "pt") as f:
-        tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        tensors = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     if not tensors:
         raise ValueError(f"checkpoint epoch-{epochs[-1]} in {ckpt_dir} has no projector weights")
     return write_projector(model_dir, st_save(tensors))
@@ -170,8 +202,14 @@ def write_projector(model_dir: str, data: bytes) -> str:
     return path
 
 
-def pretrain(spark: SparkSession, table: str, out: str, method: str | None = None, preset: str = "cpu-small",
-             **overrides: Any) -> dict[str, Any]:
+def pretrain(
+    spark: SparkSession,
+    table: str,
+    out: str,
+    method: str | None = None,
+    preset: str = "cpu-small",
+    **overrides: Any,
+) -> dict[str, Any]:
     """Pretrain an encoder with ``method`` on ``table``'s ``pool_split`` rows; write model dir ``out``.
 
     ``overrides`` are :class:`PretrainConfig` fields (e.g. ``epochs=3``, ``pool_split="train"``,
@@ -179,13 +217,21 @@ def pretrain(spark: SparkSession, table: str, out: str, method: str | None = Non
     """
     cfg = resolve(preset, method=method, **overrides)
     meta = read_meta(spark, table)
-    splits = sorted({cfg.pool_split, cfg.monitor_bank_split} | ({cfg.monitor_split} if cfg.monitor_split else set()))
+    splits = sorted(
+        {cfg.pool_split, cfg.monitor_bank_split} | ({cfg.monitor_split} if cfg.monitor_split else set())
+    )
     df = read_table(spark, table).where(F.col("split").isin(splits))
     return pretrain_df(spark, df, meta.class_names, out, cfg, preset)
 
 
-def pretrain_df(spark: SparkSession, df: DataFrame, class_names: list[str], out: str, cfg: PretrainConfig,
-                preset: str | None = None) -> dict[str, Any]:
+def pretrain_df(
+    spark: SparkSession,
+    df: DataFrame,
+    class_names: list[str],
+    out: str,
+    cfg: PretrainConfig,
+    preset: str | None = None,
+) -> dict[str, Any]:
     """Pretrain on an image-table DataFrame (columns image, label, split, height, width, channels)."""
     cfg.validate()
     timer = Timer()
@@ -194,21 +240,41 @@ def pretrain_df(spark: SparkSession, df: DataFrame, class_names: list[str], out:
     model_kwargs = model_kwargs_for(cfg.model, cfg.model_kwargs, size[0])
     num_classes = max(1, len(class_names))
     payload = rank_payload(cfg, out, ckpt_dir, channels, size, num_classes, model_kwargs=model_kwargs)
-    resolved = {**cfg.to_json(), "preset": preset, "lr": cfg.lr, "channels": channels, "image_size": list(size)}
-    info, blobs = launch(spark, df, cfg, PretrainRank.main, payload, "pretrain_config.json", resolved,
-                         label="pretrain")
+    resolved = {
+        **cfg.to_json(),
+        "preset": preset,
+        "lr": cfg.lr,
+        "channels": channels,
+        "image_size": list(size),
+    }
+    info, blobs = launch(
+        spark, df, cfg, PretrainRank.main, payload, "pretrain_config.json", resolved, label="pretrain"
+    )
     history = info["history"]
     last = history[-1] if history else {}
     for h in history:
         if h.get("collapse_warning") and h["epoch"] > info["start_epoch"]:
             warnings.warn(f"epoch {h['epoch']}: {h['collapse_warning']}", stacklevel=2)
     metrics = {
-        "method": cfg.method, "preset": preset, "train_loss": last.get("train_loss"),
-        "knn_acc": last.get("knn_acc"), "output_std": last.get("output_std"),
-        "pool_rows": info["pool_rows"], "pool_split": cfg.pool_split,
-        "pretrain_time_s": round(sum(h["epoch_time_s"] for h in history), 1), **run_metrics(info, timer, cfg.workers),
+        "method": cfg.method,
+        "preset": preset,
+        "train_loss": last.get("train_loss"),
+        "knn_acc": last.get("knn_acc"),
+        "output_std": last.get("output_std"),
+        "pool_rows": info["pool_rows"],
+        "pool_split": cfg.pool_split,
+        "pretrain_time_s": round(sum(h["epoch_time_s"] for h in history), 1),
+        **run_metrics(info, timer, cfg.workers),
     }
-    save_trained(out, ModelSpec(cfg.model, num_classes, channels, model_kwargs), blobs["weights"], class_names, size,
-                 info, {**metrics, "history": history}, extra={"ssl": resolved, "head": "untrained placeholder"})
+    save_trained(
+        out,
+        ModelSpec(cfg.model, num_classes, channels, model_kwargs),
+        blobs["weights"],
+        class_names,
+        size,
+        info,
+        {**metrics, "history": history},
+        extra={"ssl": resolved, "head": "untrained placeholder"},
+    )
     write_projector(out, blobs["projector"])
     return {"model_dir": out, **metrics, "history": history}

@@ -39,8 +39,9 @@ def stratified_sample(rows: Iterable[tuple[Hashable, int]], fraction: float, see
     return kept
 
 
-def sample_label_fraction(df: DataFrame, fraction: float, seed: int = 0, id_col: str = "content_id",
-                          label_col: str = "label") -> DataFrame:
+def sample_label_fraction(
+    df: DataFrame, fraction: float, seed: int = 0, id_col: str = "content_id", label_col: str = "label"
+) -> DataFrame:
     """The Spark version over labelled rows of ``df``: nothing is collected to the driver.
 
     Only ``(id, label)`` is shuffled to rank rows within their class by a seeded xxhash64; the
@@ -50,10 +51,13 @@ def sample_label_fraction(df: DataFrame, fraction: float, seed: int = 0, id_col:
     labelled = df.where(F.col(label_col).isNotNull() & (F.col(label_col) >= 0))
     if fraction >= 1:
         return labelled
-    keys = labelled.select(id_col, label_col).withColumn("_h", F.xxhash64(F.col(id_col).cast("string"), F.lit(seed)))
+    keys = labelled.select(id_col, label_col).withColumn(
+        "_h", F.xxhash64(F.col(id_col).cast("string"), F.lit(seed))
+    )
     w = Window.partitionBy(label_col).orderBy("_h", id_col)
     ranked = keys.withColumn("_r", F.row_number().over(w)).withColumn(
-        "_n", F.count(F.lit(1)).over(Window.partitionBy(label_col)))
+        "_n", F.count(F.lit(1)).over(Window.partitionBy(label_col))
+    )
     quota = F.least(F.col("_n"), F.greatest(F.lit(1), F.round(F.col("_n") * F.lit(float(fraction)))))
     chosen = ranked.where(F.col("_r") <= quota).select(id_col)
     return labelled.join(chosen, on=id_col, how="left_semi")

@@ -103,9 +103,9 @@ class RandomView(nn.Module):
         cy = (rand(b) * 2 - 1) * (1 - sh)
         flip = torch.where(rand(b) < cfg.hflip, -1.0, 1.0)
         zero = torch.zeros_like(sw)
-        theta = torch.stack(
-            [torch.stack([sw * flip, zero, cx], 1), torch.stack([zero, sh, cy], 1)], 1
-        ).to(x.dtype)  # (B, 2, 3)
+        theta = torch.stack([torch.stack([sw * flip, zero, cx], 1), torch.stack([zero, sh, cy], 1)], 1).to(
+            x.dtype
+        )  # (B, 2, 3)
         grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -140,5 +140,7 @@ class TwoViews(nn.Module):
         super().__init__()
         self.view = RandomView(cfg)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.view(x, generator), self.view(x, generator)

@@ -71,7 +71,9 @@ class AugmentConfig:
         if not 0 <= self.hue <= 0.5:
             raise ValueError(f"augment hue must be in [0, 0.5], got {self.hue}")
         if not 0 <= self.cutout <= 1:
-            raise ValueError(f"augment cutout must be a fraction of the image side in [0, 1], got {self.cutout}")
+            raise ValueError(
+                f"augment cutout must be a fraction of the image side in [0, 1], got {self.cutout}"
+            )
 
 
 def gray3(x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +131,9 @@ def parse_augment(spec: str | None) -> AugmentConfig:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in fields:
-            raise ValueError(f"augment item {item!r}: expected key=value with key in {', '.join(sorted(fields))}")
+            raise ValueError(
+                f"augment item {item!r}: expected key=value with key in {', '.join(sorted(fields))}"
+            )
         if key == "scale":
             lo, _, hi = value.partition(":")
             setattr(cfg, key, (float(lo), float(hi or lo)))
@@ -224,8 +228,8 @@ class BatchAugment(nn.Module):
         padded = F.pad(x, (pad, pad, pad, pad))
         dy = (rand(b) * (2 * pad + 1)).long().clamp_(max=2 * pad)
         dx = (rand(b) * (2 * pad + 1)).long().clamp_(max=2 * pad)
-        rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])  # (B, H)
-        cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])  # (B, W)
+        rows = dy[:, None] + torch.arange(h, device=x.device)[None, :]  # (B, H)
+        cols = dx[:, None] + torch.arange(w, device=x.device)[None, :]  # (B, W)
         idx_r = rows[:, None, :, None].expand(b, c, h, w + 2 * pad)
         out = padded.gather(2, idx_r)  # (B, C, H, W + 2p)
         idx_c = cols[:, None, None, :].expand(b, c, h, w)
@@ -240,8 +244,8 @@ class BatchAugment(nn.Module):
         tx = (rand(b) * 2 - 1) * (2 * cfg.crop_padding / w)
         ty = (rand(b) * 2 - 1) * (2 * cfg.crop_padding / h)
         cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
-        theta = torch.stack(
-            [torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1
-        ).to(x.dtype)  # (B, 2, 3)
+        theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1).to(
+            x.dtype
+        )  # (B, 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -30,7 +30,9 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
                 tensors[f"opt/{pid}/{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}/{k}"] = v
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in sd["param_groups"]]
+    groups = [
+        {k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in sd["param_groups"]
+    ]
     return tensors, {"scalars": scalars, "param_groups": groups}
 
 

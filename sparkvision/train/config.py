@@ -42,7 +42,9 @@ class TrainConfig(Recipe):
     model: str = Field(default="cnn", description="Registered model name (see `sparkvision models`).")
     model_kwargs: JsonObject = Field(default_factory=dict, description="Extra model arguments (JSON).")
     epochs: Epochs = Field(default=20, description="Epochs.")
-    batch_size: BatchSize = Field(default=128, description="Global batch size, split evenly over the workers.")
+    batch_size: BatchSize = Field(
+        default=128, description="Global batch size, split evenly over the workers."
+    )
     optimizer: Optimizer = Field(default="adamw", description="sgd | adamw")
     lr: LearningRate = Field(default=2e-3, description="Peak learning rate.")
     momentum: Momentum = Field(default=0.9, description="SGD momentum.")
@@ -52,16 +54,27 @@ class TrainConfig(Recipe):
     label_smoothing: LabelSmoothing = Field(default=0.05, description="Label smoothing.")
     seed: int = Field(default=0, description="Random seed.")
     workers: Workers = Field(default=1, description="DDP ranks, one Spark barrier task each.")
-    threads_per_rank: Threads = Field(default=None, description="Torch threads per rank (default: cores per task).")
-    augment: AugmentSpec = Field(default_factory=AugmentConfig, description=(
-        "Augmentations, e.g. 'hflip=0.5,crop_padding=2,rotation=10,scale=0.9:1.1,brightness=0.2,contrast=0.2,"
-        "saturation=0.2,hue=0.05,grayscale=0.1,cutout=0.5', or 'none'. Default hflip=0.5,crop_padding=2."))
-    image_size: ImageSize = Field(default=None, description=(
-        "Resize to SIZE x SIZE (default: the table's most common size)."))
-    channels: Literal[1, 3] | None = Field(default=None, description="1 or 3 input channels (default: from the table).")
+    threads_per_rank: Threads = Field(
+        default=None, description="Torch threads per rank (default: cores per task)."
+    )
+    augment: AugmentSpec = Field(
+        default_factory=AugmentConfig,
+        description=(
+            "Augmentations, e.g. 'hflip=0.5,crop_padding=2,rotation=10,scale=0.9:1.1,brightness=0.2,contrast=0.2,"
+            "saturation=0.2,hue=0.05,grayscale=0.1,cutout=0.5', or 'none'. Default hflip=0.5,crop_padding=2."
+        ),
+    )
+    image_size: ImageSize = Field(
+        default=None, description=("Resize to SIZE x SIZE (default: the table's most common size).")
+    )
+    channels: Literal[1, 3] | None = Field(
+        default=None, description="1 or 3 input channels (default: from the table)."
+    )
     train_split: str = Field(default="train", description="Split to train on.")
     eval_split: OptionalSplit = Field(default="test", description="Split scored each epoch ('none' to skip).")
-    resume: bool = Field(default=False, description="Continue from the last checkpoint in the output directory.")
+    resume: bool = Field(
+        default=False, description="Continue from the last checkpoint in the output directory."
+    )
     bf16: bool = Field(default=True, description="bfloat16 autocast (GPU only).")
     channels_last: bool = Field(default=True, description="channels_last memory format.")
     keep_checkpoints: Checkpoints = Field(default=2, description="Checkpoints kept.")

@@ -92,9 +92,10 @@ def available_memory_bytes() -> int | None:
                     break
     except OSError:
         pass
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             with open(limit_file) as f:
                 limit = f.read().strip()
@@ -116,7 +117,8 @@ def check_shard_fits(need: int, available: int | None, rows: int, shape: tuple[i
     raise ValueError(
         f"this rank's shard of {rows:,} images at {c}x{h}x{w} needs {need / 2**30:.2f} GiB decoded, but only "
         f"{available / 2**30:.2f} GiB of memory is available on its worker: use more workers, a smaller "
-        "image_size, a subset of the table, or executors with more memory")
+        "image_size, a subset of the table, or executors with more memory"
+    )
 
 
 def steps_per_epoch(global_count: int, global_batch: int) -> int:
@@ -124,7 +126,9 @@ def steps_per_epoch(global_count: int, global_batch: int) -> int:
     return max(1, math.ceil(global_count / global_batch))
 
 
-def epoch_indices(n_local: int, steps: int, local_batch: int, seed: int, epoch: int, rank: int) -> torch.Tensor:
+def epoch_indices(
+    n_local: int, steps: int, local_batch: int, seed: int, epoch: int, rank: int
+) -> torch.Tensor:
     """``(steps, local_batch)`` indices into the local shard: a fresh permutation each epoch,
     repeated (each repetition freshly permuted) when the shard is smaller than the epoch needs."""
     if n_local <= 0:

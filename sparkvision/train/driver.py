@@ -46,8 +46,9 @@ def prepare_out(out: str, resume: bool) -> tuple[str, str]:
     return out, ckpt_dir
 
 
-def infer_image_spec(df: DataFrame, channels: int | None = None,
-                     size: tuple[int, int] | None = None) -> tuple[int, tuple[int, int]]:
+def infer_image_spec(
+    df: DataFrame, channels: int | None = None, size: tuple[int, int] | None = None
+) -> tuple[int, tuple[int, int]]:
     """``(channels, size)``: the given ones, else from the data (a tiny aggregate): the most common
     size, and 1 channel if every image is greyscale, else 3."""
     if channels is None or size is None:
@@ -75,8 +76,10 @@ def _follow_progress(out: str, stop: threading.Event, label: str) -> None:
             except (OSError, ValueError):
                 continue
             done = (p["epoch"] - 1) * p["steps"] + p["step"]
-            advance(completed=done, note=f"epoch {p['epoch']}/{p['epochs']} loss {p['loss']:.3f} "
-                                         f"{p['images_per_s']:.0f} img/s")
+            advance(
+                completed=done,
+                note=f"epoch {p['epoch']}/{p['epochs']} loss {p['loss']:.3f} {p['images_per_s']:.0f} img/s",
+            )
 
 
 def run_with_progress(
@@ -95,18 +98,33 @@ def run_with_progress(
     follower = threading.Thread(target=_follow_progress, args=(out, stop, label), daemon=True)
     follower.start()
     try:
-        return D.run_on_barrier(spark, df, workers, rank_fn, payload, threads_per_rank=threads_per_rank,
-                                repartition=repartition)
+        return D.run_on_barrier(
+            spark, df, workers, rank_fn, payload, threads_per_rank=threads_per_rank, repartition=repartition
+        )
     finally:
         stop.set()
         follower.join(timeout=2)
 
 
-def rank_payload(cfg: Any, out: str, checkpoint_dir: str, channels: int, size: tuple[int, int], num_classes: int,
-                 **extra: Any) -> dict[str, Any]:
+def rank_payload(
+    cfg: Any,
+    out: str,
+    checkpoint_dir: str,
+    channels: int,
+    size: tuple[int, int],
+    num_classes: int,
+    **extra: Any,
+) -> dict[str, Any]:
     """What every rank of :class:`sparkvision.train.rank.RankTraining` reads, plus the method's ``extra``."""
-    return {"cfg": cfg.to_json(), "out": out, "checkpoint_dir": checkpoint_dir, "channels": channels,
-            "size": list(size), "num_classes": num_classes, **extra}
+    return {
+        "cfg": cfg.to_json(),
+        "out": out,
+        "checkpoint_dir": checkpoint_dir,
+        "channels": channels,
+        "size": list(size),
+        "num_classes": num_classes,
+        **extra,
+    }
 
 
 def launch(
@@ -127,15 +145,26 @@ def launch(
     out = payload["out"]
     with open(os.path.join(out, config_file), "w") as f:
         json.dump(config, f, indent=2)
-    result = run_with_progress(spark, df.select("image", "label", "split"), cfg.workers, rank_fn, payload, out,
-                               threads_per_rank=cfg.threads_per_rank, repartition=repartition, label=label)
+    result = run_with_progress(
+        spark,
+        df.select("image", "label", "split"),
+        cfg.workers,
+        rank_fn,
+        payload,
+        out,
+        threads_per_rank=cfg.threads_per_rank,
+        repartition=repartition,
+        label=label,
+    )
     return D.decode_result(result)
 
 
 def run_metrics(info: dict[str, Any], timer: Timer, workers: int) -> dict[str, Any]:
     """What every run reports about itself: epochs, throughput, time, ranks, resume point."""
     history = info["history"]
-    speeds = [h["images_per_s"] for h in history if "images_per_s" in h]  # older fine-tuning checkpoints: none
+    speeds = [
+        h["images_per_s"] for h in history if "images_per_s" in h
+    ]  # older fine-tuning checkpoints: none
     return {
         "epochs": len(history),
         "images_per_s": round(sum(speeds) / max(1, len(speeds)), 1),
@@ -147,10 +176,20 @@ def run_metrics(info: dict[str, Any], timer: Timer, workers: int) -> dict[str, A
     }
 
 
-def save_trained(out: str, spec: ModelSpec, weights: bytes, class_names: list[str], size: tuple[int, int],
-                 info: dict[str, Any], metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+def save_trained(
+    out: str,
+    spec: ModelSpec,
+    weights: bytes,
+    class_names: list[str],
+    size: tuple[int, int],
+    info: dict[str, Any],
+    metrics: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Write the model directory ``out`` from rank 0's ``weights`` and pixel statistics."""
     model = spec.build()
     model.load_state_dict(st_load(weights))
-    preprocess = Preprocess(channels=spec.in_channels, size=size, mean=tuple(info["mean"]), std=tuple(info["std"]))
+    preprocess = Preprocess(
+        channels=spec.in_channels, size=size, mean=tuple(info["mean"]), std=tuple(info["std"])
+    )
     save_model_dir(out, model, spec, class_names, preprocess, metrics, extra=extra)

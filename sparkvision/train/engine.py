@@ -39,8 +39,15 @@ from sparkvision.train.rank import RankTraining, check_rows
 from sparkvision.transforms.preprocess import normalize, to_unit
 
 
-def to_input(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device, channels_last: bool,
-             augment: BatchAugment | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def to_input(
+    x_uint8: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device,
+    channels_last: bool,
+    augment: BatchAugment | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """uint8 ``(B, C, H, W)`` -> [0, 1] -> augmented -> normalised, with the shared input transform
     (:mod:`sparkvision.transforms.preprocess`) so inference sees the numbers training saw."""
     x = to_unit(x_uint8.to(device, non_blocking=True))
@@ -50,8 +57,9 @@ def to_input(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, devic
 
 
 @torch.no_grad()
-def evaluate_shard(model: torch.nn.Module, shard: Shard, mean, std, device, channels_last: bool,
-                   batch_size: int = 512) -> tuple[int, int, float]:
+def evaluate_shard(
+    model: torch.nn.Module, shard: Shard, mean, std, device, channels_last: bool, batch_size: int = 512
+) -> tuple[int, int, float]:
     """(correct, total, loss_sum) on one rank's shard."""
     model.eval()
     correct = total = 0
@@ -83,7 +91,9 @@ class ClassifierRank(RankTraining):
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
 
     def step_loss(self, b: torch.Tensor) -> torch.Tensor:
-        x = to_input(self.rows.images[b], self.mean, self.std, self.device, self.channels_last, self.augment, self.gen)
+        x = to_input(
+            self.rows.images[b], self.mean, self.std, self.device, self.channels_last, self.augment, self.gen
+        )
         return self.loss_fn(self.net(x), self.rows.labels[b].to(self.device, non_blocking=True))
 
     def eval_due(self, epoch: int) -> bool:
@@ -92,7 +102,9 @@ class ClassifierRank(RankTraining):
     def end_epoch(self, epoch: int) -> tuple[dict[str, Any], dict[str, float | None]]:
         ev = torch.zeros(3, dtype=torch.float64)
         if self.counts[1] > 0 and self.eval_due(epoch):
-            c, n, ls = evaluate_shard(self.module, self.evals, self.mean, self.std, self.device, self.channels_last)
+            c, n, ls = evaluate_shard(
+                self.module, self.evals, self.mean, self.std, self.device, self.channels_last
+            )
             ev = D.all_reduce_sum(torch.tensor([c, n, ls], dtype=torch.float64))
         acc = round(float(ev[0] / ev[1]), 5) if ev[1] > 0 else None
         loss = round(float(ev[2] / ev[1]), 5) if ev[1] > 0 else None
@@ -119,8 +131,13 @@ class SupervisedRank(ClassifierRank):
         self.evals = shard.subset(split_mask(splits, cfg.eval_split) & labelled)
         check_labels(train, self.num_classes)
         counts = D.all_reduce_sum(torch.tensor([len(train), len(self.evals)], dtype=torch.float64))
-        check_rows(len(train), counts, self.ctx, f"no labelled rows in split {cfg.train_split!r} to train on",
-                   "a rank got no training rows: {rows} rows is too few for {workers} workers")
+        check_rows(
+            len(train),
+            counts,
+            self.ctx,
+            f"no labelled rows in split {cfg.train_split!r} to train on",
+            "a rank got no training rows: {rows} rows is too few for {workers} workers",
+        )
         return train, counts
 
     def build(self) -> tuple[torch.nn.Module, list[dict]]:
@@ -141,7 +158,11 @@ def train(spark: SparkSession, table: str, out: str, cfg: TrainConfig | None = N
 
 
 def train_df(
-    spark: SparkSession, df: DataFrame, class_names: list[str], out: str, cfg: TrainConfig,
+    spark: SparkSession,
+    df: DataFrame,
+    class_names: list[str],
+    out: str,
+    cfg: TrainConfig,
     repartition: bool = True,
 ) -> dict[str, Any]:
     """Train on an image-table DataFrame (columns image, label, split, height, width, channels)."""
@@ -151,12 +172,33 @@ def train_df(
     channels, size = infer_image_spec(df, cfg.channels, cfg.image_size)
     model_kwargs = model_kwargs_for(cfg.model, cfg.model_kwargs, size[0])
     payload = rank_payload(cfg, out, ckpt_dir, channels, size, len(class_names), model_kwargs=model_kwargs)
-    info, blobs = launch(spark, df, cfg, SupervisedRank.main, payload, "train_config.json",
-                         {**cfg.to_json(), "channels": channels, "image_size": list(size)}, repartition=repartition)
+    info, blobs = launch(
+        spark,
+        df,
+        cfg,
+        SupervisedRank.main,
+        payload,
+        "train_config.json",
+        {**cfg.to_json(), "channels": channels, "image_size": list(size)},
+        repartition=repartition,
+    )
     history = info["history"]
     last = history[-1] if history else {}
-    metrics = {"test_acc": last.get("test_acc"), "train_loss": last.get("train_loss"), "history": history,
-               "train_rows": info["train_rows"], "eval_rows": info["eval_rows"], **run_metrics(info, timer, cfg.workers)}
-    save_trained(out, ModelSpec(cfg.model, len(class_names), channels, model_kwargs), blobs["weights"], class_names,
-                 size, info, metrics)
+    metrics = {
+        "test_acc": last.get("test_acc"),
+        "train_loss": last.get("train_loss"),
+        "history": history,
+        "train_rows": info["train_rows"],
+        "eval_rows": info["eval_rows"],
+        **run_metrics(info, timer, cfg.workers),
+    }
+    save_trained(
+        out,
+        ModelSpec(cfg.model, len(class_names), channels, model_kwargs),
+        blobs["weights"],
+        class_names,
+        size,
+        info,
+        metrics,
+    )
     return {"model_dir": out, **{k: v for k, v in metrics.items() if k != "history"}, "history": history}

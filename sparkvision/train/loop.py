@@ -35,8 +35,17 @@ def write_json_atomic(path: str, obj: Any) -> None:
 class RankLog:
     """Rank 0's record of a run; the other ranks only join the checkpoint barrier."""
 
-    def __init__(self, ctx: D.RankContext, out: str, checkpoint_dir: str, epochs: int, steps: int,
-                 batch_size: int, start_epoch: int = 0, keep_checkpoints: int = 2) -> None:
+    def __init__(
+        self,
+        ctx: D.RankContext,
+        out: str,
+        checkpoint_dir: str,
+        epochs: int,
+        steps: int,
+        batch_size: int,
+        start_epoch: int = 0,
+        keep_checkpoints: int = 2,
+    ) -> None:
         self.ctx, self.out, self.checkpoint_dir = ctx, out, checkpoint_dir
         self.epochs, self.steps, self.batch_size, self.keep = epochs, steps, batch_size, keep_checkpoints
         self.writer = None
@@ -46,13 +55,26 @@ class RankLog:
     def step(self, epoch: int, step: int, loss: torch.Tensor, elapsed: float) -> None:
         """Live progress (every 20 steps and the last): what the driver's bar and the web show."""
         if self.ctx.is_main and (step % 20 == 0 or step == self.steps - 1):
-            write_json_atomic(os.path.join(self.out, PROGRESS_FILE), {
-                "epoch": epoch + 1, "epochs": self.epochs, "step": step + 1, "steps": self.steps,
-                "loss": float(loss.detach()), "images_per_s": (step + 1) * self.batch_size / max(elapsed, 1e-9),
-            })
+            write_json_atomic(
+                os.path.join(self.out, PROGRESS_FILE),
+                {
+                    "epoch": epoch + 1,
+                    "epochs": self.epochs,
+                    "step": step + 1,
+                    "steps": self.steps,
+                    "loss": float(loss.detach()),
+                    "images_per_s": (step + 1) * self.batch_size / max(elapsed, 1e-9),
+                },
+            )
 
-    def epoch_end(self, row: dict[str, Any], scalars: dict[str, float | None], net: torch.nn.Module,
-                  optimizer: torch.optim.Optimizer, checkpoint_meta: dict[str, Any]) -> None:
+    def epoch_end(
+        self,
+        row: dict[str, Any],
+        scalars: dict[str, float | None],
+        net: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        checkpoint_meta: dict[str, Any],
+    ) -> None:
         """Append ``row`` to metrics.jsonl, ``scalars`` to TensorBoard, save the checkpoint."""
         epoch = int(row["epoch"])
         if self.ctx.is_main:
@@ -63,8 +85,14 @@ class RankLog:
             self.writer.flush()
             with open(os.path.join(self.out, METRICS_FILE), "a") as f:
                 f.write(json.dumps(row) + "\n")
-            save_checkpoint(self.checkpoint_dir, epoch, net, optimizer,
-                            {**checkpoint_meta, "step": epoch * self.steps}, keep=self.keep)
+            save_checkpoint(
+                self.checkpoint_dir,
+                epoch,
+                net,
+                optimizer,
+                {**checkpoint_meta, "step": epoch * self.steps},
+                keep=self.keep,
+            )
         if D.world_size() > 1:
             torch.distributed.barrier()  # checkpoint written before anyone moves on
 
@@ -96,7 +124,9 @@ def run_epoch(
     lr = base_lr
     for s in range(steps):
         lr = set_lr(optimizer, base_lr, lr_factor(epoch * steps + s, total_steps, schedule, warmup_steps))
-        with torch.autocast(autocast_device or "cpu", dtype=torch.bfloat16, enabled=autocast_device is not None):
+        with torch.autocast(
+            autocast_device or "cpu", dtype=torch.bfloat16, enabled=autocast_device is not None
+        ):
             loss = step_loss(idx[s])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

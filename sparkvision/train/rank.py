@@ -70,7 +70,9 @@ class RankTraining:
         self.num_classes = int(payload["num_classes"])
 
     @classmethod
-    def main(cls, ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payload: dict[str, Any]) -> bytes | None:
+    def main(
+        cls, ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payload: dict[str, Any]
+    ) -> bytes | None:
         """The ``rank_fn`` of :func:`~sparkvision.spark.distributed.run_on_barrier`."""
         return cls(ctx, payload).run(batches)
 
@@ -135,8 +137,16 @@ class RankTraining:
         self.steps = steps_per_epoch(int(self.counts[0]), cfg.batch_size)
         local_batch = cfg.batch_size // ctx.world_size
         autocast = self.device.type if self.bf16 and self.device.type == "cuda" else None
-        log = RankLog(ctx, self.payload["out"], self.payload["checkpoint_dir"], cfg.epochs, self.steps,
-                      cfg.batch_size, self.start_epoch, cfg.keep_checkpoints)
+        log = RankLog(
+            ctx,
+            self.payload["out"],
+            self.payload["checkpoint_dir"],
+            cfg.epochs,
+            self.steps,
+            cfg.batch_size,
+            self.start_epoch,
+            cfg.keep_checkpoints,
+        )
         self.gen = torch.Generator()
         self.prepare()
         for epoch in range(self.start_epoch, cfg.epochs):
@@ -144,25 +154,64 @@ class RankTraining:
             self.begin_epoch(epoch)
             idx = epoch_indices(len(self.rows), self.steps, local_batch, cfg.seed, epoch, ctx.rank)
             self.net.train(self.train_mode)
-            train_loss, lr, epoch_time = run_epoch(self.optimizer, self.step_loss, idx, epoch, cfg.lr, cfg.schedule,
-                                                   self.steps * cfg.epochs, int(cfg.warmup_epochs * self.steps), log,
-                                                   autocast)
+            train_loss, lr, epoch_time = run_epoch(
+                self.optimizer,
+                self.step_loss,
+                idx,
+                epoch,
+                cfg.lr,
+                cfg.schedule,
+                self.steps * cfg.epochs,
+                int(cfg.warmup_epochs * self.steps),
+                log,
+                autocast,
+            )
             fields, scalars = self.end_epoch(epoch)
             images_per_s = round(self.steps * cfg.batch_size / epoch_time, 1)
-            row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), **fields, "images_per_s": images_per_s,
-                   "epoch_time_s": round(epoch_time, 3), "lr": lr}
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": round(train_loss, 5),
+                **fields,
+                "images_per_s": images_per_s,
+                "epoch_time_s": round(epoch_time, 3),
+                "lr": lr,
+            }
             self.history.append(row)
-            log.epoch_end(row, {"loss/train": train_loss, **scalars, "throughput/images_per_s": images_per_s,
-                                "throughput/epoch_time_s": epoch_time, "lr": lr},
-                          self.net, self.optimizer, {"history": self.history, "mean": self.mean_v.tolist(),
-                                                     "std": self.std_v.tolist(), **self.checkpoint_extra()})
+            log.epoch_end(
+                row,
+                {
+                    "loss/train": train_loss,
+                    **scalars,
+                    "throughput/images_per_s": images_per_s,
+                    "throughput/epoch_time_s": epoch_time,
+                    "lr": lr,
+                },
+                self.net,
+                self.optimizer,
+                {
+                    "history": self.history,
+                    "mean": self.mean_v.tolist(),
+                    "std": self.std_v.tolist(),
+                    **self.checkpoint_extra(),
+                },
+            )
         log.close()
         if not ctx.is_main:
             return None
         info, blobs = self.result()
-        return D.encode_result({"history": self.history, "mean": self.mean_v.tolist(), "std": self.std_v.tolist(),
-                                "load_s": round(load_s, 3), "steps_per_epoch": self.steps,
-                                "threads_per_rank": ctx.threads, "start_epoch": self.start_epoch, **info}, blobs)
+        return D.encode_result(
+            {
+                "history": self.history,
+                "mean": self.mean_v.tolist(),
+                "std": self.std_v.tolist(),
+                "load_s": round(load_s, 3),
+                "steps_per_epoch": self.steps,
+                "threads_per_rank": ctx.threads,
+                "start_epoch": self.start_epoch,
+                **info,
+            },
+            blobs,
+        )
 
     def resume(self) -> tuple[int, list[dict[str, Any]]]:
         """``(start epoch, history)`` from the latest checkpoint when resuming (or when Spark

@@ -86,7 +86,9 @@ def normalize(
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def preprocess_batch(images: Sequence[bytes | None], pre: Preprocess) -> tuple[torch.Tensor, list[str | None]]:
+def preprocess_batch(
+    images: Sequence[bytes | None], pre: Preprocess
+) -> tuple[torch.Tensor, list[str | None]]:
     """Encoded images -> the model's normalised float input ``(B, C, H, W)`` and per-row errors
     (a failed row is a zero image normalised like any other, and its output is discarded)."""
     x, errors = decode_batch(images, pre.channels, pre.size)

@@ -67,8 +67,12 @@ class BatchStats:
     max_batch_seen: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"model_calls": self.calls, "items": self.items, "max_batch_seen": self.max_batch_seen,
-                "mean_batch": round(self.items / self.calls, 2) if self.calls else None}
+        return {
+            "model_calls": self.calls,
+            "items": self.items,
+            "max_batch_seen": self.max_batch_seen,
+            "mean_batch": round(self.items / self.calls, 2) if self.calls else None,
+        }
 
 
 class MicroBatcher:
@@ -80,8 +84,7 @@ class MicroBatcher:
     deadline): no task or queue operation per request.
     """
 
-    def __init__(self, fn: Callable[[list[Any]], Any], max_batch: int = 64,
-                 max_wait_ms: float = 5.0) -> None:
+    def __init__(self, fn: Callable[[list[Any]], Any], max_batch: int = 64, max_wait_ms: float = 5.0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.fn = fn
@@ -104,7 +107,11 @@ class MicroBatcher:
         fut = loop.create_future()
         self._pending.append((x, fut, loop.time()))
         wake = self._wake
-        if wake is not None and not wake.done() and (self._wake_on_first or len(self._pending) >= self.max_batch):
+        if (
+            wake is not None
+            and not wake.done()
+            and (self._wake_on_first or len(self._pending) >= self.max_batch)
+        ):
             wake.set_result(None)
         return await fut
 
@@ -133,8 +140,8 @@ class MicroBatcher:
             left = self._pending[0][2] + self.max_wait - loop.time()
             if len(self._pending) < self.max_batch and left > 0:
                 await self._sleep(loop, False, left)
-            items = self._pending[:self.max_batch]
-            del self._pending[:self.max_batch]
+            items = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
             live = [(x, f) for x, f, _ in items if not f.done()]  # done: the request went away
             if not live:
                 continue

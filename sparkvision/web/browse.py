@@ -49,7 +49,9 @@ def read_json(path: str, default: Any = None) -> Any:
 
 
 def is_model_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model.safetensors")) and os.path.isfile(os.path.join(path, "config.json"))
+    return os.path.isfile(os.path.join(path, "model.safetensors")) and os.path.isfile(
+        os.path.join(path, "config.json")
+    )
 
 
 def describe_model(path: str, roots: list[str]) -> dict[str, Any]:
@@ -63,9 +65,21 @@ def describe_model(path: str, roots: list[str]) -> dict[str, Any]:
         "preprocess": read_json(os.path.join(path, "preprocess.json"), {}),
         "metrics": {k: v for k, v in metrics.items() if k != "history"},
         "history": metrics.get("history", []),
-        "evaluation": None if evaluation is None else {
-            k: evaluation.get(k) for k in ("accuracy", "macro_f1", "rows", "split", "table", "class_names",
-                                           "confusion_matrix", "per_class")},
+        "evaluation": None
+        if evaluation is None
+        else {
+            k: evaluation.get(k)
+            for k in (
+                "accuracy",
+                "macro_f1",
+                "rows",
+                "split",
+                "table",
+                "class_names",
+                "confusion_matrix",
+                "per_class",
+            )
+        },
         "has_confusion_png": os.path.isfile(os.path.join(path, "confusion_matrix.png")),
     }
 
@@ -82,7 +96,9 @@ def list_models(roots: list[str]) -> list[dict[str, Any]]:
 def _parquet_files(path: str) -> list[str]:
     files = []
     for dirpath, _, names in os.walk(path):
-        files += [os.path.join(dirpath, n) for n in names if n.endswith(".parquet") and not n.startswith(("_", "."))]
+        files += [
+            os.path.join(dirpath, n) for n in names if n.endswith(".parquet") and not n.startswith(("_", "."))
+        ]
     return sorted(files)
 
 
@@ -194,7 +210,11 @@ def table_rows(path: str, offset: int, limit: int, source: str | None = None) ->
             continue
         t = frag.to_table(columns=columns)
         pieces.append(t.slice(max(0, offset - lo), min(hi, want_end) - max(lo, offset)))
-    page = pa.concat_tables(pieces) if pieces else pa.table({c: pa.array([], ds.schema.field(c).type) for c in columns})
+    page = (
+        pa.concat_tables(pieces)
+        if pieces
+        else pa.table({c: pa.array([], ds.schema.field(c).type) for c in columns})
+    )
     rows = page.to_pylist()
     images: dict[str, bytes] = {}
     if "image" not in names and source and "content_id" in names:
@@ -203,14 +223,25 @@ def table_rows(path: str, offset: int, limit: int, source: str | None = None) ->
     for r in rows:
         data = r.get("image") if "image" in names else images.get(r.get("content_id"))
         out_rows.append({**{k: _jsonable(v) for k, v in r.items() if k != "image"}, "thumb": thumbnail(data)})
-    return {"table": path, "kind": table_kind(path, names), "offset": offset, "limit": limit, "total": total,
-            "columns": [c for c in columns if c != "image"], "rows": out_rows, "source": source}
+    return {
+        "table": path,
+        "kind": table_kind(path, names),
+        "offset": offset,
+        "limit": limit,
+        "total": total,
+        "columns": [c for c in columns if c != "image"],
+        "rows": out_rows,
+        "source": source,
+    }
 
 
 def source_table_of(path: str, roots: list[str]) -> str | None:
     """The image table a derived table was made from, if it recorded one inside the data roots."""
-    meta = read_json(os.path.join(path, "_sparkvision_source.json")) or read_json(
-        os.path.join(path, "_retrieval.json")) or {}
+    meta = (
+        read_json(os.path.join(path, "_sparkvision_source.json"))
+        or read_json(os.path.join(path, "_retrieval.json"))
+        or {}
+    )
     src = meta.get("table")
     if isinstance(src, str):
         src = src.removeprefix("file://").removeprefix("file:")

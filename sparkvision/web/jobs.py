@@ -187,8 +187,19 @@ class JobStore:
         self.engine.dispose()
 
     def create(self, kind: str, params: dict[str, Any], result_location: str | None = None) -> Job:
-        job = Job(id=uuid.uuid4().hex[:12], kind=kind, params=params, state="queued", progress=0.0, metrics={},
-                  log="", result_location=result_location, created_at=utcnow(), attempts=0, cancel_requested=0)
+        job = Job(
+            id=uuid.uuid4().hex[:12],
+            kind=kind,
+            params=params,
+            state="queued",
+            progress=0.0,
+            metrics={},
+            log="",
+            result_location=result_location,
+            created_at=utcnow(),
+            attempts=0,
+            cancel_requested=0,
+        )
         with self._session() as s, s.begin():
             s.add(job)
         return job
@@ -197,7 +208,9 @@ class JobStore:
         with self._session() as s:
             return s.get(Job, job_id)
 
-    def list(self, state: str | None = None, kind: str | None = None, limit: int = 50, offset: int = 0) -> list[Job]:
+    def list(
+        self, state: str | None = None, kind: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[Job]:
         q = select(Job).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
         if state:
             q = q.where(Job.state == state)
@@ -229,17 +242,29 @@ class JobStore:
         for _ in range(20):
             with self._lock, self._session() as s, s.begin():
                 job_id = s.scalars(
-                    select(Job.id).where(Job.state == "queued").order_by(Job.created_at, Job.id).limit(1)
+                    select(Job.id)
+                    .where(Job.state == "queued")
+                    .order_by(Job.created_at, Job.id)
+                    .limit(1)
                     .with_for_update(skip_locked=True)
                 ).first()
                 if job_id is None:
                     return None
                 # An UPDATE's result is a CursorResult; Session.execute is typed with the base Result.
-                res = cast(CursorResult[Any], s.execute(
-                    update(Job).where(Job.id == job_id, Job.state == "queued").values(
-                        state="running", started_at=utcnow(), finished_at=None, attempts=Job.attempts + 1,
-                        error=None)
-                ))
+                res = cast(
+                    CursorResult[Any],
+                    s.execute(
+                        update(Job)
+                        .where(Job.id == job_id, Job.state == "queued")
+                        .values(
+                            state="running",
+                            started_at=utcnow(),
+                            finished_at=None,
+                            attempts=Job.attempts + 1,
+                            error=None,
+                        )
+                    ),
+                )
             if res.rowcount == 1:
                 return self.get(job_id)
         return None
@@ -261,7 +286,12 @@ class JobStore:
             return job.state
 
     def requeue(self, job_id: str, params: dict[str, Any] | None = None) -> None:
-        values: dict[str, Any] = {"state": "queued", "cancel_requested": 0, "finished_at": None, "error": None}
+        values: dict[str, Any] = {
+            "state": "queued",
+            "cancel_requested": 0,
+            "finished_at": None,
+            "error": None,
+        }
         if params is not None:
             values["params"] = params
         self.update(job_id, **values)
@@ -271,7 +301,14 @@ class JobStore:
         with self._session() as s, s.begin():
             ids = list(s.scalars(select(Job.id).where(Job.state == "running")))
             if ids:
-                s.execute(update(Job).where(Job.id.in_(ids)).values(
-                    state="interrupted", finished_at=utcnow(), error="the server stopped while this job ran; "
-                    "POST /api/jobs/{id}/resume to run it again"))
+                s.execute(
+                    update(Job)
+                    .where(Job.id.in_(ids))
+                    .values(
+                        state="interrupted",
+                        finished_at=utcnow(),
+                        error="the server stopped while this job ran; "
+                        "POST /api/jobs/{id}/resume to run it again",
+                    )
+                )
         return ids

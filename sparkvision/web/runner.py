@@ -77,8 +77,14 @@ def read_train_progress(out: str) -> tuple[float | None, dict[str, Any]]:
             p = json.load(f)
         total = p["epochs"] * p["steps"]
         pct = 100.0 * ((p["epoch"] - 1) * p["steps"] + p["step"]) / max(total, 1)
-        metrics = {"epoch": p["epoch"], "epochs": p["epochs"], "step": p["step"], "steps": p["steps"],
-                   "loss": round(float(p["loss"]), 5), "images_per_s": round(float(p["images_per_s"]), 1)}
+        metrics = {
+            "epoch": p["epoch"],
+            "epochs": p["epochs"],
+            "step": p["step"],
+            "steps": p["steps"],
+            "loss": round(float(p["loss"]), 5),
+            "images_per_s": round(float(p["images_per_s"]), 1),
+        }
     except (OSError, ValueError, KeyError, TypeError):
         pass
     history = read_metrics_history(out)
@@ -201,8 +207,9 @@ class Runner:
 
         ctx = JobProgress(progress, lambda line: store.append_log(job_id, line), check_cancelled)
         stop_monitor = threading.Event()
-        monitor = threading.Thread(target=self._monitor, args=(job_id, kind_name, params, live, stop_monitor),
-                                   daemon=True)
+        monitor = threading.Thread(
+            target=self._monitor, args=(job_id, kind_name, params, live, stop_monitor), daemon=True
+        )
         t0 = time.perf_counter()
         try:
             spark = self.spark
@@ -219,8 +226,13 @@ class Runner:
             metrics = self._final_metrics(kind_name, params, result)
             # The log line goes first: a client that sees the final state must also see its line.
             store.append_log(job_id, f"succeeded in {time.perf_counter() - t0:.1f} s")
-            store.finish(job_id, "succeeded", progress=100.0, result=json.loads(json.dumps(result, default=str)),
-                         metrics=metrics)
+            store.finish(
+                job_id,
+                "succeeded",
+                progress=100.0,
+                result=json.loads(json.dumps(result, default=str)),
+                metrics=metrics,
+            )
         except BaseException as e:  # noqa: BLE001 - a job's failure must never stop the runner
             stop_monitor.set()
             if monitor.is_alive():
@@ -252,8 +264,9 @@ class Runner:
             return {k: v for k, v in result.items() if k != "history" and not isinstance(v, (dict, list))}
         return {k: result[k] for k in KINDS[kind].summary_keys if k in result}
 
-    def _monitor(self, job_id: str, kind: str, params: dict[str, Any], live: dict[str, Any],
-                 stop: threading.Event) -> None:
+    def _monitor(
+        self, job_id: str, kind: str, params: dict[str, Any], live: dict[str, Any], stop: threading.Event
+    ) -> None:
         """Every ``poll_s``: write progress %, live metrics and notable lines to the job row."""
         out = params.get("out") if KINDS[kind].reports_epochs else None
         last_note, last_epoch = None, 0

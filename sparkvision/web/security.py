@@ -56,7 +56,9 @@ class Settings:
     max_upload_bytes: int = 10 * 1024 * 1024  # per file
     max_json_bytes: int = 1024 * 1024  # body of every endpoint but the uploads (a job submission)
     max_files: int = 64  # per classify request
-    max_pixels: int = 4096 * 4096  # below ingest's MAX_PIXELS_DEFAULT: a request's image is decoded in the server
+    max_pixels: int = (
+        4096 * 4096
+    )  # below ingest's MAX_PIXELS_DEFAULT: a request's image is decoded in the server
     batch_size: int = 64  # micro-batch: most requests per model call
     batch_wait_ms: float = 5.0  # micro-batch: longest wait for more requests
     torch_threads: int = 1  # intra-op threads for serving; more only spin on a busy machine
@@ -103,7 +105,9 @@ class RedactTokens(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and any(isinstance(a, str) and "=" in a for a in record.args):
-            record.args = tuple(QUERY_TOKEN.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(
+                QUERY_TOKEN.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
+            )
         return True
 
 
@@ -137,7 +141,9 @@ def check_token(settings: Settings, authorization: str | None, x_api_token: str 
     if authorization and authorization.lower().startswith("bearer "):
         given = authorization[7:].strip()
     if not given:
-        raise ApiError(401, "this endpoint needs the API token: send 'Authorization: Bearer TOKEN'", "token_missing")
+        raise ApiError(
+            401, "this endpoint needs the API token: send 'Authorization: Bearer TOKEN'", "token_missing"
+        )
     if not hmac.compare_digest(given.encode(), settings.token.encode()):
         raise ApiError(403, "the API token is wrong", "token_wrong")
 
@@ -164,16 +170,19 @@ def safe_path(raw: str, roots: list[str], *, must_exist: bool = False, what: str
     if "\x00" in p:
         raise ApiError(422, f"{what} contains a NUL byte", "bad_path")
     if p.startswith("file://"):
-        p = p[len("file://"):]
+        p = p[len("file://") :]
     elif p.startswith("file:"):
-        p = p[len("file:"):]
+        p = p[len("file:") :]
     elif "://" in p:
-        raise ApiError(422, f"{what} {raw!r}: only local paths inside the data roots are accepted", "bad_path")
+        raise ApiError(
+            422, f"{what} {raw!r}: only local paths inside the data roots are accepted", "bad_path"
+        )
     if any(ch in p for ch in GLOB_CHARS):
         # Spark expands Hadoop glob patterns ({a,b}, *, ?, [..]) in every path it reads or writes:
         # a pattern would escape the literal check below (issue 15: "{x,../outside}").
-        raise ApiError(422, f"{what} {raw!r} contains a glob character ({GLOB_CHARS}); give a literal path",
-                       "bad_path")
+        raise ApiError(
+            422, f"{what} {raw!r} contains a glob character ({GLOB_CHARS}); give a literal path", "bad_path"
+        )
     if ".." in p.replace("\\", "/").split("/"):
         raise ApiError(403, f"{what} {raw!r} contains '..'; give a path inside the data roots", "path_escape")
     if not roots:
@@ -210,8 +219,9 @@ def check_image(data: bytes, settings: Settings, name: str = "upload") -> None:
     :class:`RejectError`), which the endpoints turn into 422 too.
     """
     if len(data) > settings.max_upload_bytes:
-        raise ApiError(413, f"{name} is {len(data):,} bytes; the limit is {settings.max_upload_bytes:,}",
-                       "too_large")
+        raise ApiError(
+            413, f"{name} is {len(data):,} bytes; the limit is {settings.max_upload_bytes:,}", "too_large"
+        )
     try:
         open_image(data, settings.max_pixels)
     except RejectError as e:

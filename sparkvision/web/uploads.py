@@ -38,9 +38,13 @@ UPLOAD_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "content": {
             "multipart/form-data": {
-                "schema": {"type": "object", "properties": {
-                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                    "file": {"type": "string", "format": "binary"}}}
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "file": {"type": "string", "format": "binary"},
+                    },
+                }
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
@@ -49,8 +53,9 @@ UPLOAD_OPENAPI: dict[str, Any] = {
 }
 
 
-async def read_uploads(request: Request, settings: Settings, field_names: tuple[str, ...],
-                       max_files: int) -> list[tuple[str, bytes]]:
+async def read_uploads(
+    request: Request, settings: Settings, field_names: tuple[str, ...], max_files: int
+) -> list[tuple[str, bytes]]:
     """``(filename, bytes)`` per uploaded image: multipart fields ``field_names`` or one raw body.
 
     Every file is bounded by ``settings.max_upload_bytes`` (413) as it streams in, so a too-large
@@ -63,7 +68,9 @@ async def read_uploads(request: Request, settings: Settings, field_names: tuple[
     if ctype.startswith("multipart/form-data"):
         boundary = multipart_boundary(ctype)
         if boundary is None:
-            raise ApiError(400, "could not read the multipart body: the Content-Type has no boundary", "bad_upload")
+            raise ApiError(
+                400, "could not read the multipart body: the Content-Type has no boundary", "bad_upload"
+            )
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) <= FAST_MULTIPART_BYTES:  # small: read it, split it
             body = await read_body(request, FAST_MULTIPART_BYTES)
@@ -76,21 +83,27 @@ async def read_uploads(request: Request, settings: Settings, field_names: tuple[
                     if key in field_names and filename is not None:
                         name = filename or key
                         if len(data) > limit:
-                            raise ApiError(413, f"{name} is over the {limit:,}-byte upload limit", "too_large")
+                            raise ApiError(
+                                413, f"{name} is over the {limit:,}-byte upload limit", "too_large"
+                            )
                         out.append((name, data))
         else:  # big or chunked: parsed as it streams in
             out = await stream_uploads(request.stream(), boundary, field_names, max_files, limit)
         if not out:
-            raise ApiError(422, f"no image uploaded: send multipart field {' or '.join(field_names)!s}",
-                           "no_upload")
+            raise ApiError(
+                422, f"no image uploaded: send multipart field {' or '.join(field_names)!s}", "no_upload"
+            )
         return out
     if ctype.startswith(RAW_TYPES):
         data = await read_body(request, limit)  # one image: never hold more than the per-file limit
         if len(data) > limit:
             raise ApiError(413, f"upload is {len(data):,} bytes; the limit is {limit:,}", "too_large")
         return [("upload", data)]
-    raise ApiError(415, "send images as multipart/form-data (field 'files') or as a raw image/* body",
-                   "unsupported_media_type")
+    raise ApiError(
+        415,
+        "send images as multipart/form-data (field 'files') or as a raw image/* body",
+        "unsupported_media_type",
+    )
 
 
 def header_text(raw: bytes) -> str:
@@ -121,10 +134,15 @@ class UploadParts:
         self.data: bytearray | None = None  # the part being kept
 
     def callbacks(self) -> MultipartCallbacks:
-        return {"on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
-                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
-                "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
-                "on_part_end": self.on_part_end}
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+        }
 
     def on_part_begin(self) -> None:
         self.disposition, self.data = b"", None
@@ -143,21 +161,30 @@ class UploadParts:
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self.disposition)
         if b"name" not in options:
-            raise ApiError(400, "could not read the multipart body: a part's Content-Disposition has no name",
-                           "bad_upload")
+            raise ApiError(
+                400,
+                "could not read the multipart body: a part's Content-Disposition has no name",
+                "bad_upload",
+            )
         field = header_text(options[b"name"])
         if b"filename" in options:
             self.files += 1
             if self.files > self.max_files:
-                raise ApiError(400, f"could not read the multipart body: too many files (at most {self.max_files})",
-                               "bad_upload")
+                raise ApiError(
+                    400,
+                    f"could not read the multipart body: too many files (at most {self.max_files})",
+                    "bad_upload",
+                )
             if field in self.field_names:
                 self.name, self.data = header_text(options[b"filename"]) or field, bytearray()
         else:
             self.fields += 1
             if self.fields > self.max_fields:
-                raise ApiError(400, f"could not read the multipart body: too many fields (at most {self.max_fields})",
-                               "bad_upload")
+                raise ApiError(
+                    400,
+                    f"could not read the multipart body: too many fields (at most {self.max_fields})",
+                    "bad_upload",
+                )
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self.data is not None:
@@ -171,8 +198,9 @@ class UploadParts:
             self.data = None
 
 
-async def stream_uploads(chunks: AsyncIterator[bytes], boundary: bytes, field_names: tuple[str, ...],
-                         max_files: int, limit: int) -> list[tuple[str, bytes]]:
+async def stream_uploads(
+    chunks: AsyncIterator[bytes], boundary: bytes, field_names: tuple[str, ...], max_files: int, limit: int
+) -> list[tuple[str, bytes]]:
     """``(filename, bytes)`` per file part named in ``field_names`` of a multipart body, parsed
     chunk by chunk as it arrives (see :class:`UploadParts` for the limits)."""
     parts = UploadParts(field_names, max_files, limit)
@@ -211,8 +239,9 @@ def multipart_boundary(content_type: str) -> bytes | None:
     return params.get(b"boundary") or None
 
 
-def parse_simple_multipart(body: bytes, boundary: bytes, max_files: int,
-                           max_fields: int) -> list[tuple[str, str | None, bytes]] | None:
+def parse_simple_multipart(
+    body: bytes, boundary: bytes, max_files: int, max_fields: int
+) -> list[tuple[str, str | None, bytes]] | None:
     """``(field name, filename or None, data)`` per part of a plain multipart body, or ``None``.
 
     ``None`` means "not the simple shape": the caller must use the general parser.
@@ -226,7 +255,7 @@ def parse_simple_multipart(body: bytes, boundary: bytes, max_files: int,
     files = fields = 0
     while True:
         if body.startswith(b"--", pos):  # the close delimiter
-            return parts if body[pos + 2:] in (b"", b"\r\n") else None
+            return parts if body[pos + 2 :] in (b"", b"\r\n") else None
         if not body.startswith(b"\r\n", pos):
             return None
         pos += 2

@@ -27,15 +27,27 @@ from sparkvision.web.routes.state import get_state
 from sparkvision.web.security import ApiError, Settings, check_image, reject_to_api, safe_path
 from sparkvision.web.uploads import UPLOAD_OPENAPI, read_uploads
 
-INLINE_DECODE_BYTES = 64 * 1024  # up to this much in total, decode on the event loop (cheaper than a thread hop)
+INLINE_DECODE_BYTES = (
+    64 * 1024
+)  # up to this much in total, decode on the event loop (cheaper than a thread hop)
 
 CLASSIFY_OPENAPI: dict[str, Any] = {
     **UPLOAD_OPENAPI,
     "parameters": [
-        {"name": "top_k", "in": "query", "required": False, "description": "Probabilities returned per image.",
-         "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 3}},
-        {"name": "model", "in": "query", "required": False,
-         "description": "Model directory inside a data root (default: --model).", "schema": {"type": "string"}},
+        {
+            "name": "top_k",
+            "in": "query",
+            "required": False,
+            "description": "Probabilities returned per image.",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 3},
+        },
+        {
+            "name": "model",
+            "in": "query",
+            "required": False,
+            "description": "Model directory inside a data root (default: --model).",
+            "schema": {"type": "string"},
+        },
     ],
 }
 
@@ -64,11 +76,13 @@ def int_param(raw: str | None, name: str, default: int, lo: int, hi: int) -> int
     try:
         value = int(raw)
     except ValueError:
-        raise ApiError(422, f"invalid parameters: {name}: must be an integer, got {raw[:40]!r}",
-                       "invalid_params") from None
+        raise ApiError(
+            422, f"invalid parameters: {name}: must be an integer, got {raw[:40]!r}", "invalid_params"
+        ) from None
     if not lo <= value <= hi:
-        raise ApiError(422, f"invalid parameters: {name}: must be from {lo} to {hi}, got {value}",
-                       "invalid_params")
+        raise ApiError(
+            422, f"invalid parameters: {name}: must be from {lo} to {hi}, got {value}", "invalid_params"
+        )
     return value
 
 
@@ -113,7 +127,9 @@ async def classify(request: Request) -> Response:
         try:
             clf, batcher = await run_in_threadpool(sv.classifier, model_dir)
         except (ParamError, FileNotFoundError) as e:  # corrupt weights, weights that do not fit, ...
-            raise ApiError(422, f"model {e.message if isinstance(e, ParamError) else e}", "bad_model") from None
+            raise ApiError(
+                422, f"model {e.message if isinstance(e, ParamError) else e}", "bad_model"
+            ) from None
     # Small images decode faster than a hop to a worker thread; big ones must not block the loop.
     if sum(len(d) for _, d in files) <= INLINE_DECODE_BYTES:
         inputs = prepare(clf, files, settings)
@@ -129,12 +145,21 @@ async def classify(request: Request) -> Response:
         idx = np.argsort(-p, kind="stable")[:k].tolist()
         top = [{"label": clf.class_names[i], "index": i, "prob": round(float(p[i]), 6)} for i in idx]
         results.append({"filename": name, "label": top[0]["label"], "top_k": top})
-    body = {"model": os.path.basename(model_dir.rstrip("/")), "results": results,
-            "latency_ms": round(1000 * (time.perf_counter() - t0), 2)}
-    return Response(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
-                    media_type="application/json")
+    body = {
+        "model": os.path.basename(model_dir.rstrip("/")),
+        "results": results,
+        "latency_ms": round(1000 * (time.perf_counter() - t0), 2),
+    }
+    return Response(
+        json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(), media_type="application/json"
+    )
 
 
 router = APIRouter(tags=["inference"])
-router.add_api_route("/api/classify", classify, methods=["POST"], openapi_extra=CLASSIFY_OPENAPI,
-                     route_class_override=DirectRoute)
+router.add_api_route(
+    "/api/classify",
+    classify,
+    methods=["POST"],
+    openapi_extra=CLASSIFY_OPENAPI,
+    route_class_override=DirectRoute,
+)

@@ -63,7 +63,11 @@ async def table_rows(
     """One page of rows with a thumbnail (PNG data URL) per row where the image can be found."""
     roots = sv.settings.data_roots
     path = safe_path(name, roots, must_exist=True, what="table")
-    src = safe_path(source, roots, must_exist=True, what="source") if source else browse.source_table_of(path, roots)
+    src = (
+        safe_path(source, roots, must_exist=True, what="source")
+        if source
+        else browse.source_table_of(path, roots)
+    )
     return await run_in_threadpool(browse.table_rows, path, offset, limit, src)
 
 

@@ -32,8 +32,9 @@ def one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
-def validation_message(errors: Sequence[Mapping[str, Any]], prefix: str = "invalid parameters",
-                       whole: str = "request") -> str:
+def validation_message(
+    errors: Sequence[Mapping[str, Any]], prefix: str = "invalid parameters", whole: str = "request"
+) -> str:
     """``prefix: field: message; field: message`` from pydantic / FastAPI error dicts, on one line.
 
     ``whole`` names an error about no field in particular (a model-level validator).

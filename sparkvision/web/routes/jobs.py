@@ -37,8 +37,12 @@ class JobSubmit(BaseModel):
 
 
 # The route reads its body itself (after the token check), so the schema is given here.
-SUBMIT_OPENAPI: dict[str, Any] = {"requestBody": {
-    "content": {"application/json": {"schema": JobSubmit.model_json_schema()}}, "required": True}}
+SUBMIT_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "content": {"application/json": {"schema": JobSubmit.model_json_schema()}},
+        "required": True,
+    }
+}
 
 
 def checked_params(kind_name: str, raw: dict[str, Any], settings: Settings) -> tuple[Kind, dict[str, Any]]:
@@ -71,12 +75,15 @@ def checked_params(kind_name: str, raw: dict[str, Any], settings: Settings) -> t
         if values.get(fname) is not None:
             values[fname] = safe_path(values[fname], settings.data_roots, what=fname)
             if values[fname] in settings.data_roots:
-                raise ApiError(422, f"{fname} must be a directory inside a data root, not the root itself",
-                               "bad_path")
+                raise ApiError(
+                    422, f"{fname} must be a directory inside a data root, not the root itself", "bad_path"
+                )
     try:
         kind.preflight(kind.params.model_validate(values))  # inputs exist; no output destroys data
     except ParamError as e:
-        raise ApiError(409 if "already holds data" in e.message else 422, f"{prefix}: {e}", "invalid_params") from None
+        raise ApiError(
+            409 if "already holds data" in e.message else 422, f"{prefix}: {e}", "invalid_params"
+        ) from None
     return kind, values
 
 
@@ -103,7 +110,9 @@ async def job_kinds():
     return {"kinds": [k.describe() for k in KINDS.values()]}
 
 
-@router.post("/api/jobs", status_code=201, dependencies=[Depends(require_token)], openapi_extra=SUBMIT_OPENAPI)
+@router.post(
+    "/api/jobs", status_code=201, dependencies=[Depends(require_token)], openapi_extra=SUBMIT_OPENAPI
+)
 async def submit_job(request: Request, sv: StateDep):
     """Queue a job; its params are validated against the kind's schema and paths against the roots."""
     body = await submitted(request, sv.settings)
@@ -149,8 +158,11 @@ async def resume_job(job_id: str, sv: StateDep):
     """Queue an interrupted, failed or cancelled job again; training resumes from its checkpoint."""
     job = job_or_404(sv, job_id)
     if job.state not in RESUMABLE_STATES:
-        raise ApiError(409, f"job {job_id} is {job.state}; only interrupted, failed or cancelled jobs resume",
-                       "not_resumable")
+        raise ApiError(
+            409,
+            f"job {job_id} is {job.state}; only interrupted, failed or cancelled jobs resume",
+            "not_resumable",
+        )
     # The roots may have changed since the job was submitted (a restart with other --data-root):
     # its paths are checked again, as at submit.
     _, checked = checked_params(job.kind, sv.runner.resume_params(job.kind, job.params), sv.settings)
@@ -178,6 +190,10 @@ async def job_metrics(job_id: str, sv: StateDep):
         evaluation = browse.read_json(os.path.join(model_dir, "evaluation.json"))
     confusion = None
     if evaluation and evaluation.get("confusion_matrix") is not None:
-        confusion = {"class_names": evaluation.get("class_names"), "matrix": evaluation["confusion_matrix"],
-                     "accuracy": evaluation.get("accuracy"), "split": evaluation.get("split")}
+        confusion = {
+            "class_names": evaluation.get("class_names"),
+            "matrix": evaluation["confusion_matrix"],
+            "accuracy": evaluation.get("accuracy"),
+            "split": evaluation.get("split"),
+        }
     return {"job": job_id, "kind": job.kind, "history": history, "confusion": confusion}

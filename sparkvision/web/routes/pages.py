@@ -28,8 +28,11 @@ async def health(sv: StateDep):
         "index": settings.index_dir,
         "data_roots": settings.data_roots,
         "token_required": bool(settings.token),
-        "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,
-                   "max_files": settings.max_files},
+        "limits": {
+            "max_upload_bytes": settings.max_upload_bytes,
+            "max_pixels": settings.max_pixels,
+            "max_files": settings.max_files,
+        },
         "batching": {k: b.stats.to_json() for k, b in sv.batchers.items()},
         "running_job": sv.runner.current_job,
     }

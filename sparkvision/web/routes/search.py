@@ -47,8 +47,9 @@ def with_thumbs(hits: list[dict[str, Any]], idx: SearchIndex, settings: Settings
 
 
 @router.post("/api/search", openapi_extra=UPLOAD_OPENAPI)
-async def search(request: Request, sv: StateDep,
-                 k: int = Query(8, ge=1, le=200, description="Neighbours to return.")):
+async def search(
+    request: Request, sv: StateDep, k: int = Query(8, ge=1, le=200, description="Neighbours to return.")
+):
     """An uploaded image (multipart field ``file`` or a raw body) -> its k most similar images."""
     t0 = time.perf_counter()
     settings = sv.settings
@@ -64,8 +65,9 @@ async def search(request: Request, sv: StateDep,
         try:
             feats, errors = embed_images(model_dir, [data])
         except (ParamError, FileNotFoundError) as e:  # the server's index names a model that cannot load
-            raise ApiError(503, f"the index's model {e.message if isinstance(e, ParamError) else e}",
-                           "bad_model") from None
+            raise ApiError(
+                503, f"the index's model {e.message if isinstance(e, ParamError) else e}", "bad_model"
+            ) from None
         if errors[0]:
             raise ApiError(422, f"{name}: {errors[0]}", "bad_image")
         hits = idx.results(idx.search(feats, k))[0]
@@ -73,5 +75,10 @@ async def search(request: Request, sv: StateDep,
 
     hits = await run_in_threadpool(run)
     assert settings.index_dir is not None  # search_index() answered 503 without one
-    return {"query": name, "k": k, "index": os.path.basename(settings.index_dir.rstrip("/")),
-            "neighbours": hits, "latency_ms": round(1000 * (time.perf_counter() - t0), 2)}
+    return {
+        "query": name,
+        "k": k,
+        "index": os.path.basename(settings.index_dir.rstrip("/")),
+        "neighbours": hits,
+        "latency_ms": round(1000 * (time.perf_counter() - t0), 2),
+    }

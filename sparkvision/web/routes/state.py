@@ -40,8 +40,9 @@ class State:
             if model_dir not in self.classifiers:
                 clf = Classifier(model_dir)
                 self.classifiers[model_dir] = clf
-                self.batchers[model_dir] = MicroBatcher(clf.probabilities, self.settings.batch_size,
-                                                        self.settings.batch_wait_ms)
+                self.batchers[model_dir] = MicroBatcher(
+                    clf.probabilities, self.settings.batch_size, self.settings.batch_wait_ms
+                )
             return self.classifiers[model_dir], self.batchers[model_dir]
 
     async def evict_models(self, keep: str | None) -> None:
@@ -73,7 +74,8 @@ def get_state(request: Request) -> State:
 StateDep = Annotated[State, Depends(get_state)]
 
 
-def require_token(sv: StateDep, authorization: str | None = Header(None),
-                  x_api_token: str | None = Header(None)) -> None:
+def require_token(
+    sv: StateDep, authorization: str | None = Header(None), x_api_token: str | None = Header(None)
+) -> None:
     """The dependency of every mutating endpoint: 401 / 403 unless the API token is sent (when one is set)."""
     check_token(sv.settings, authorization, x_api_token)
