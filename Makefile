@@ -13,5 +13,8 @@ test: setup
 bench: setup
 	.venv/bin/python benchmarks/bench_ingest.py
 
+# Lint, formatting and types: what CI runs before the tests.
 lint: setup
-	.venv/bin/ruff check sparkvision tests benchmarks
+	.venv/bin/ruff check sparkvision tests benchmarks scripts
+	.venv/bin/ruff format --check sparkvision tests benchmarks scripts
+	.venv/bin/mypy
