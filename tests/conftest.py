@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("SPARKVISION_PROGRESS", "0")
@@ -52,6 +53,26 @@ def write_image_folder(root, classes: dict[str, int], size: int = 16, fmt: str =
             (d / f"{i}.{ext}").write_bytes(make_image(k, size=size, fmt=fmt, seed=seed))
             seed += 1
     return root
+
+
+def write_tiny_model(
+    path, classes: list[str], metrics: dict | None = None, mean: float = 0.2, std: float = 0.3
+):
+    """A freshly initialised 16x16 grayscale ``cnn`` model directory (seed 0) for ``classes``."""
+    from sparkvision.models import create_model
+    from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
+
+    torch.manual_seed(0)
+    model = create_model("cnn", num_classes=len(classes), in_channels=1, image_size=16)
+    save_model_dir(
+        str(path),
+        model,
+        ModelSpec("cnn", len(classes), 1, {"image_size": 16}),
+        list(classes),
+        Preprocess(channels=1, size=(16, 16), mean=(mean,), std=(std,)),
+        metrics or {},
+    )
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,9 @@ from __future__ import annotations
 import os
 import random
 
-from conftest import write_image_folder
+from conftest import write_image_folder, write_tiny_model
 from fastapi.testclient import TestClient
 
-from sparkvision.models import create_model
-from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
 from sparkvision.web.app import create_app
 from sparkvision.web.kinds import KINDS
 from sparkvision.web.security import Settings
@@ -58,14 +56,7 @@ def test_fuzzed_job_parameters_stay_inside_the_roots(tmp_path):
     write_image_folder(outside, {"s": 2})
     (root / "tables" / "tiny").mkdir(parents=True)
     (root / "tables" / "tiny" / "_sparkvision.json").write_text("{}")
-    save_model_dir(
-        str(root / "models" / "cnn"),
-        create_model("cnn", num_classes=2, in_channels=1, image_size=16),
-        ModelSpec("cnn", 2, 1, {"image_size": 16}),
-        ["a", "b"],
-        Preprocess(channels=1, size=(16, 16), mean=(0.2,), std=(0.3,)),
-        {},
-    )
+    write_tiny_model(root / "models" / "cnn", ["a", "b"])
     os.symlink(outside, root / "link_out")
     before_root, before_out = snapshot(root), snapshot(outside)
     real_root = os.path.realpath(root)

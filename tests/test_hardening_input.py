@@ -9,8 +9,7 @@ import time
 
 import numpy as np
 import pytest
-import torch
-from conftest import make_image, write_image_folder
+from conftest import make_image, write_image_folder, write_tiny_model
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -20,8 +19,6 @@ from sparkvision.data.listing import escape_glob, list_local_folder
 from sparkvision.data.schema import REJECT_REASONS
 from sparkvision.data.sources import detect_source_kind
 from sparkvision.data.table import read_table
-from sparkvision.models import create_model
-from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
 from sparkvision.transforms.preprocess import decode_image
 from sparkvision.web.app import create_app
 from sparkvision.web.browse import thumbnail
@@ -239,16 +236,7 @@ def test_detecting_the_source_kind_survives_a_loop(spark, tmp_path):
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     root = tmp_path_factory.mktemp("hardening_web")
-    torch.manual_seed(0)
-    model = create_model("cnn", num_classes=3, in_channels=1, image_size=16)
-    save_model_dir(
-        str(root / "cnn"),
-        model,
-        ModelSpec("cnn", 3, 1, {"image_size": 16}),
-        ["a", "b", "c"],
-        Preprocess(channels=1, size=(16, 16), mean=(0.5,), std=(0.25,)),
-        {},
-    )
+    write_tiny_model(root / "cnn", ["a", "b", "c"], mean=0.5, std=0.25)
     settings = Settings(
         data_roots=[str(root)], db_url="sqlite://", model_dir=str(root / "cnn"), start_runner=False
     )

@@ -10,16 +10,13 @@ import os
 import time
 
 import pytest
-import torch
-from conftest import write_image_folder
+from conftest import write_image_folder, write_tiny_model
 from fastapi.testclient import TestClient
 from test_web_api import CLASSES, write_image_table
 from typer.testing import CliRunner
 
 from sparkvision import api
 from sparkvision.cli import app
-from sparkvision.models import create_model
-from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
 from sparkvision.ops import ParamError
 from sparkvision.ops.base import Operation, Params
 from sparkvision.ssl.config import FinetuneConfig
@@ -32,16 +29,7 @@ from sparkvision.web.security import Settings
 @pytest.fixture()
 def root(tmp_path):
     root = tmp_path / "root"
-    torch.manual_seed(0)
-    model = create_model("cnn", num_classes=4, in_channels=1, image_size=16)
-    save_model_dir(
-        str(root / "models" / "cnn"),
-        model,
-        ModelSpec("cnn", 4, 1, {"image_size": 16}),
-        CLASSES,
-        Preprocess(channels=1, size=(16, 16), mean=(0.2,), std=(0.3,)),
-        {"test_acc": 0.25},
-    )
+    write_tiny_model(root / "models" / "cnn", CLASSES, {"test_acc": 0.25})
     write_image_table(str(root / "tables" / "tiny"))
     write_image_folder(root / "folder", {"a": 3, "b": 3})
     (tmp_path / "outside" / "secret").mkdir(parents=True)

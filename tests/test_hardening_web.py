@@ -23,9 +23,8 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 import uvicorn
-from conftest import make_image
+from conftest import make_image, write_tiny_model
 from fastapi.testclient import TestClient
 from rich.console import Console
 from typer.testing import CliRunner
@@ -35,8 +34,7 @@ from sparkvision.cli import common
 from sparkvision.data.images import content_id
 from sparkvision.errors import ParamError
 from sparkvision.inference.runtime import read_blob
-from sparkvision.models import create_model
-from sparkvision.models.modeldir import WEIGHTS, ModelSpec, Preprocess, load_model_dir, save_model_dir
+from sparkvision.models.modeldir import WEIGHTS, Preprocess, load_model_dir
 from sparkvision.web.app import create_app
 from sparkvision.web.jobs import JobStore
 from sparkvision.web.security import Settings
@@ -71,15 +69,8 @@ def root(tmp_path_factory):
     """A data root with a good model, one whose weights do not fit, one with a corrupt
     safetensors file, one whose preprocess.json the model cannot take, and an image table."""
     root = tmp_path_factory.mktemp("hardroot")
-    torch.manual_seed(0)
     good = root / "models" / "good"
-    save_model_dir(
-        str(good),
-        create_model("cnn", num_classes=4, in_channels=1, image_size=16),
-        ModelSpec("cnn", 4, 1, {"image_size": 16}),
-        CLASSES,
-        Preprocess(1, (16, 16), (0.2,), (0.3,)),
-    )
+    write_tiny_model(good, CLASSES)
     shape = root / "models" / "shape"  # config says 5 classes, the weights hold 4
     shutil.copytree(good, shape)
     cfg = json.loads((shape / "config.json").read_text())

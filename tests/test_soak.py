@@ -13,12 +13,9 @@ import time
 
 import httpx
 import pytest
-import torch
 import uvicorn
-from conftest import make_image
+from conftest import make_image, write_tiny_model
 
-from sparkvision.models import create_model
-from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
 from sparkvision.web.app import create_app
 from sparkvision.web.security import Settings
 
@@ -115,15 +112,7 @@ def requests_mix(rng: random.Random, n: int) -> list[tuple[str, str, dict]]:
 @pytest.mark.timeout(300)
 def test_soak_1000_mixed_requests_50_clients(tmp_path):
     root = tmp_path / "root"
-    torch.manual_seed(0)
-    save_model_dir(
-        str(root / "models" / "cnn"),
-        create_model("cnn", num_classes=4, in_channels=1, image_size=16),
-        ModelSpec("cnn", 4, 1, {"image_size": 16}),
-        CLASSES,
-        Preprocess(channels=1, size=(16, 16), mean=(0.2,), std=(0.3,)),
-        {},
-    )
+    write_tiny_model(root / "models" / "cnn", CLASSES)
     app = create_app(
         Settings(
             data_roots=[str(root)],

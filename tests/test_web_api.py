@@ -15,15 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_image, write_image_folder
+from conftest import make_image, write_image_folder, write_tiny_model
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import BaseModel, PositiveInt
 
 from sparkvision.cli.serve import serve
 from sparkvision.data.images import content_id
-from sparkvision.models import create_model
-from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
 from sparkvision.ops.base import ParamError, Params
 from sparkvision.retrieval.index import build_index
 from sparkvision.retrieval.search import embed_images
@@ -70,14 +68,9 @@ def write_image_table(path, n_per_class: int = 5) -> list[str]:
 def root(tmp_path_factory):
     """A data root with a model, an image table, a prediction table, an index and an image folder."""
     root = tmp_path_factory.mktemp("webroot")
-    torch.manual_seed(0)
-    model = create_model("cnn", num_classes=4, in_channels=1, image_size=16)
-    save_model_dir(
-        str(root / "models" / "cnn"),
-        model,
-        ModelSpec("cnn", 4, 1, {"image_size": 16}),
+    write_tiny_model(
+        root / "models" / "cnn",
         CLASSES,
-        Preprocess(channels=1, size=(16, 16), mean=(0.2,), std=(0.3,)),
         {"test_acc": 0.25, "history": [{"epoch": 1, "train_loss": 1.4, "test_acc": 0.25}]},
     )
     ids = write_image_table(str(root / "tables" / "tiny"))
