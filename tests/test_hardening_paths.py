@@ -251,13 +251,13 @@ def test_outputs_appear_only_when_the_job_succeeds(spark, root, tiny_table, tmp_
     assert "_sparkvision-tmp-" not in json.dumps(s)
     assert os.path.isfile(os.path.join(out, "_SUCCESS")) and os.listdir(work) == ["preds"]
     before = snapshot(out)
-    broken = work / "broken_model"
-    broken.mkdir()
-    (broken / "config.json").write_text("{not json")
+    # A table Spark cannot read (int64 labels where the schema says int): the model loads and the
+    # paths pass, so the job fails inside its Spark job, after the output was started.
+    unreadable = str(root / "tables" / "tiny")
     with pytest.raises(Exception):  # noqa: B017 - any failure of the job: the point is what it leaves
-        api.predict(spark, model_dir=str(broken), table=table, out=out, overwrite=True)
+        api.predict(spark, model_dir=str(root / "models" / "cnn"), table=unreadable, out=out, overwrite=True)
     assert snapshot(out) == before  # the old output is untouched
-    assert sorted(os.listdir(work)) == ["broken_model", "preds"]  # no temporary left behind
+    assert sorted(os.listdir(work)) == ["preds"]  # no temporary left behind
 
 
 def test_a_job_failing_half_way_leaves_the_old_output(spark, tmp_path):

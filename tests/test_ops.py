@@ -179,7 +179,9 @@ def test_pretrain_quick_try_needs_no_warmup_choice():
 def test_cli_metadata_is_only_on_the_params():
     """Flags that differ from --field-name sit on the field (Annotated), nowhere else."""
     assert flag_of("pool_split", OPERATIONS["pretrain"].params.model_fields["pool_split"]) == "--pool"
-    assert isinstance(cli_meta(OPERATIONS["ingest"].params.model_fields["source"]), Cli)
+    source = cli_meta(OPERATIONS["ingest"].params.model_fields["source"])
+    assert isinstance(source, Cli) and source.positional
+    assert not cli_meta(OPERATIONS["ingest"].params.model_fields["glob"]).positional
 
 
 def test_commands_reference_is_generated_from_the_operations():

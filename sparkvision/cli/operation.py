@@ -79,8 +79,6 @@ def _parameters(op: Operation) -> tuple[list[inspect.Parameter], dict[str, Any]]
     params, annotations = [], {}
     for name, f in op.params.model_fields.items():
         meta = cli_meta(f)
-        if meta.hidden:
-            continue
         typ, simple = _cli_type(f.annotation if not f.metadata else f.rebuild_annotation())
         if not meta.positional and list in (
             typing.get_origin(typ),
@@ -93,8 +91,8 @@ def _parameters(op: Operation) -> tuple[list[inspect.Parameter], dict[str, Any]]
         if not simple or isinstance(default, list):
             # Complex defaults show as text; the option stays None unless given, so the model's
             # own default applies (no copy of it here).
-            if default not in (None, [], {}) or not simple:
-                help_ += f" [default: {_default_text(default)}]" if default is not None else ""
+            if default is not None and default != []:
+                help_ += f" [default: {_default_text(default)}]"
             typ = typ if typing.get_origin(typ) is list else str | None
             default = None
         if meta.positional:
@@ -102,7 +100,7 @@ def _parameters(op: Operation) -> tuple[list[inspect.Parameter], dict[str, Any]]
                 ... if required else default,
                 help=help_,
                 metavar=meta.metavar,
-                show_default=not isinstance(default, list) and default is not None,
+                show_default=default is not None,
             )
         else:
             flags = meta.flags or (f"--{name.replace('_', '-')}",)

@@ -46,7 +46,6 @@ class Cli:
     flags: tuple[str, ...] = ()  # e.g. ("--pool",) or ("-k", "--k"); default --field-name
     positional: bool = False
     metavar: str | None = None
-    hidden: bool = False  # a web/Python-only parameter
 
 
 def param_errors(e: ValidationError) -> list[tuple[str, str]]:
@@ -63,8 +62,8 @@ def param_errors(e: ValidationError) -> list[tuple[str, str]]:
 class Progress(Protocol):
     """What a running operation may report, and the one question it asks (cancelled?).
 
-    The CLI passes :data:`NO_PROGRESS` (library calls draw their own rich progress on stderr);
-    the web runner passes one that feeds the job row.
+    The CLI passes a rich bar on stderr (:func:`sparkvision.cli.operation.cli_progress`), the
+    web runner one that feeds the job row, the Python API :data:`NO_PROGRESS` by default.
     """
 
     def update(self, percent: float, note: str = "") -> None: ...
@@ -201,10 +200,6 @@ class Operation:
             "evaluates": self.evaluates,
             "schema": self.params.model_json_schema(),
         }
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        return {"optional_inputs": self.optional_inputs}
 
 
 def config_fields(
