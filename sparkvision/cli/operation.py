@@ -176,7 +176,7 @@ def make_command(
                 op.preflight(p)  # local paths: said before a JVM starts
                 spark = spark_from(master, conf) if op.wants_spark(p) else None
                 with cli_progress(op.name) as progress:
-                    return op.execute(spark, p, progress)
+                    return op.execute(spark, p, progress, preflighted=True)
             except ParamError as e:  # from validation or from the library: worded as the flag
                 f = fields.get(e.param.split(".")[0])
                 flag = flag_of(e.param, f) if f else f"--{e.param.replace('_', '-')}"

@@ -148,11 +148,18 @@ class Operation:
         check_models(self, p)
         check_outputs(self, p, spark)
 
-    def execute(self, spark: Any, p: Any, progress: Progress = NO_PROGRESS) -> dict[str, Any]:
+    def execute(
+        self, spark: Any, p: Any, progress: Progress = NO_PROGRESS, preflighted: bool = False
+    ) -> dict[str, Any]:
         """What every front-end calls to run validated parameters: the path rules, then ``run``,
-        writing :attr:`staged_outputs` aside and moving them into place only on success."""
+        writing :attr:`staged_outputs` aside and moving them into place only on success.
+        ``preflighted``: the caller ran :meth:`preflight` before starting Spark, so only the
+        outputs are checked again (remote URIs need the session; models are not re-read)."""
         progress.check_cancelled()
-        self.preflight(p, spark)
+        if preflighted:
+            check_outputs(self, p, spark)
+        else:
+            self.preflight(p, spark)
         if not self.staged_outputs:
             return self.run(spark, p, progress)
         with staged(p, self.staged_outputs, spark) as (aside, commit):
@@ -166,7 +173,7 @@ class Operation:
         self.preflight(p)  # local paths, before a JVM starts
         if spark is None and self.wants_spark(p):
             spark = get_spark()
-        return self.execute(spark, p, progress)
+        return self.execute(spark, p, progress, preflighted=True)
 
     def wants_spark(self, p: Any) -> bool:
         return self.spark_when(p) if self.spark_when is not None else self.needs_spark
