@@ -1,4 +1,5 @@
-"""Options and output shared by every command: --master, --conf, --json, and error handling."""
+"""Options and output shared by every command: the Spark options (--master, --remote, --conf,
+--ship-env), --json, and error handling."""
 
 from __future__ import annotations
 
@@ -28,11 +29,31 @@ Conf = Annotated[
     list[str] | None,
     typer.Option("--conf", help="Spark setting key=value; repeatable, overrides sparkvision's defaults."),
 ]
+Remote = Annotated[
+    str | None,
+    typer.Option(
+        "--remote",
+        help="Spark Connect server sc://host:port (default $SPARK_REMOTE); instead of --master.",
+        show_default=False,
+    ),
+]
+ShipEnv = Annotated[
+    bool,
+    typer.Option(
+        "--ship-env",
+        help="Pack this Python environment and ship it to the executors (nodes without the package).",
+    ),
+]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")]
 
+# Every command that runs on Spark takes these, under these names (one definition: the generated
+# operation commands and `serve` both use it).
+SPARK_OPTIONS: dict[str, Any] = {"master": Master, "remote": Remote, "conf": Conf, "ship_env": ShipEnv}
+SPARK_DEFAULTS: dict[str, Any] = {"master": None, "remote": None, "conf": None, "ship_env": False}
 
-def spark_from(master: str | None, conf: list[str] | None):
-    return get_spark(master, parse_conf(conf or []))
+
+def spark_from(master: str | None, conf: list[str] | None, remote: str | None = None, ship_env: bool = False):
+    return get_spark(master, parse_conf(conf or []), remote=remote, ship_env=ship_env)
 
 
 def emit(

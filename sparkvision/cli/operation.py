@@ -14,13 +14,13 @@ import types
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import typer
 from pydantic.fields import FieldInfo
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from sparkvision.cli.common import emit, err_console, guarded, spark_from
+from sparkvision.cli.common import SPARK_DEFAULTS, SPARK_OPTIONS, emit, err_console, guarded, spark_from
 from sparkvision.ops.base import Cli, Operation, ParamError
 
 _SCALARS = (bool, int, float, str)
@@ -153,7 +153,7 @@ def values_from_cli(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {
         k: v
         for k, v in kwargs.items()
-        if v is not None and v != [] and v != () and k not in ("json_out", "master", "conf")
+        if v is not None and v != [] and v != () and k != "json_out" and k not in SPARK_OPTIONS
     }
 
 
@@ -167,14 +167,14 @@ def make_command(
 
     def command(**kwargs: Any) -> None:
         json_out = kwargs.pop("json_out", False)
-        master, conf = kwargs.pop("master", None), kwargs.pop("conf", None)
+        spark_args = {k: kwargs.pop(k, SPARK_DEFAULTS[k]) for k in SPARK_OPTIONS}
         values = values_from_cli(kwargs)
 
         def body() -> dict[str, Any]:
             try:
                 p = op.validate(values)
                 op.preflight(p)  # local paths: said before a JVM starts
-                spark = spark_from(master, conf) if op.wants_spark(p) else None
+                spark = spark_from(**spark_args) if op.wants_spark(p) else None
                 with cli_progress(op.name) as progress:
                     return op.execute(spark, p, progress, preflighted=True)
             except ParamError as e:  # from validation or from the library: worded as the flag
@@ -194,30 +194,19 @@ def make_command(
     ]
     annotations["json_out"] = bool
     if spark_opts:
-        extra += [
-            inspect.Parameter(
-                "master",
-                inspect.Parameter.KEYWORD_ONLY,
-                annotation=str | None,
-                default=typer.Option(
-                    None,
-                    "--master",
-                    help="Spark master URL (default $SPARKVISION_MASTER or local[*]).",
-                    show_default=False,
-                ),
-            ),
-            inspect.Parameter(
-                "conf",
-                inspect.Parameter.KEYWORD_ONLY,
-                annotation=list[str] | None,
-                default=typer.Option(
-                    None,
-                    "--conf",
-                    help="Spark setting key=value; repeatable, overrides sparkvision's defaults.",
-                ),
-            ),
-        ]
-        annotations.update(master=str | None, conf=list[str] | None)
+        for name, annotation in SPARK_OPTIONS.items():
+            base, option = get_args(annotation)
+            extra.append(
+                inspect.Parameter(
+                    name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    annotation=base,
+                    default=typer.Option(
+                        SPARK_DEFAULTS[name], *option.param_decls, help=option.help, show_default=False
+                    ),
+                )
+            )
+            annotations[name] = base
     command.__signature__ = inspect.Signature(params + extra)  # type: ignore[attr-defined]
     command.__annotations__ = annotations
     command.__doc__ = op.params.__doc__ or op.description

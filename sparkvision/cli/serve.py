@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 import uvicorn
 
-from sparkvision.cli.common import Conf, Master, err_console, fail
+from sparkvision.cli.common import Conf, Master, Remote, ShipEnv, err_console, fail
 from sparkvision.errors import ParamError
 from sparkvision.spark.session import parse_conf
 from sparkvision.web.app import create_app
@@ -69,7 +69,9 @@ def serve(
     ] = DEFAULTS["torch_threads"],
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     master: Master = None,
+    remote: Remote = None,
     conf: Conf = None,
+    ship_env: ShipEnv = False,
 ) -> None:
     """Serve the web pages and the REST API (OpenAPI at /docs) with a background job runner."""
     try:
@@ -83,7 +85,9 @@ def serve(
             token=token,
             token_file=token_file,
             master=master,
+            remote=remote,
             conf=parse_conf(conf or []),
+            ship_env=ship_env,
             max_upload_bytes=int(max_upload_mb * MIB),
             max_pixels=max_pixels,
             batch_size=batch_size,

@@ -1,8 +1,14 @@
 """The one place a SparkSession is built.
 
 Every command (CLI, web, Python API) goes through :func:`get_spark`, so the same code runs on
-``local[*]``, ``local-cluster[...]``, ``spark://``, ``yarn`` and ``k8s://`` masters. The defaults
-suit a single machine; every one of them can be overridden with ``--conf key=value``.
+``local[*]``, ``local-cluster[...]``, ``spark://``, ``yarn`` and ``k8s://`` masters, and as a Spark
+Connect client (``remote="sc://host:port"``). The defaults suit a single machine; every one of
+them can be overridden with ``--conf key=value``.
+
+Executors run Python too. On a local master they share this machine, so they are pointed at this
+interpreter (the venv that ran the command). On a cluster they are not: either the cluster's nodes
+have the package installed (a container image, a bootstrap script), or ``ship_env=True`` packs
+this environment and ships it with ``spark.archives`` (see :mod:`sparkvision.spark.shipenv`).
 """
 
 from __future__ import annotations
@@ -11,12 +17,14 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
+from typing import cast
 
 from pyspark.sql import SparkSession
 
 from sparkvision.errors import ParamError
 
 ENV_MASTER = "SPARKVISION_MASTER"
+ENV_REMOTE = "SPARK_REMOTE"  # pyspark's own variable for a Spark Connect server
 DEFAULT_MASTER = "local[*]"
 
 
@@ -34,6 +42,16 @@ def parse_conf(pairs: Iterable[str]) -> dict[str, str]:
 
 def resolve_master(master: str | None = None) -> str:
     return master or os.environ.get(ENV_MASTER) or DEFAULT_MASTER
+
+
+def is_local(master: str) -> bool:
+    """Whether every executor runs on this machine (and so can use this interpreter and paths)."""
+    return master == "local" or master.startswith(("local[", "local-cluster["))
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """Whether ``spark`` is a Spark Connect client session (no SparkContext, no RDDs, no JVM)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
 
 
 def cores_of_master(master: str) -> int:
@@ -59,14 +77,15 @@ def default_conf(master: str) -> dict[str, str]:
         "spark.sql.adaptive.enabled": "true",
         "spark.ui.showConsoleProgress": "false",
         "spark.ui.enabled": "false",
-        # Same interpreter for driver and workers, so the venv that ran the CLI runs the tasks.
-        "spark.pyspark.python": sys.executable,
-        "spark.pyspark.driver.python": sys.executable,
         # Barrier training stages hold every slot; fail fast instead of waiting forever for slots.
         "spark.scheduler.barrier.maxConcurrentTasksCheck.maxFailures": "3",
         "spark.sql.parquet.compression.codec": "zstd",
     }
-    if master.startswith("local"):
+    if is_local(master):
+        # Same interpreter for driver and workers, so the venv that ran the CLI runs the tasks. Only
+        # here: on a cluster this path need not exist on the nodes (see ship_env).
+        conf["spark.pyspark.python"] = sys.executable
+        conf["spark.pyspark.driver.python"] = sys.executable
         conf["spark.driver.memory"] = os.environ.get("SPARKVISION_DRIVER_MEMORY", "4g")
     if master.startswith("local-cluster"):
         # Executors are separate JVMs: they need the package on their PYTHONPATH like on a cluster.
@@ -74,33 +93,91 @@ def default_conf(master: str) -> dict[str, str]:
     return conf
 
 
+# Settings a Spark Connect client may set on its session (the server owns the static ones).
+CONNECT_CONF = (
+    "spark.sql.execution.arrow.pyspark.enabled",
+    "spark.sql.execution.arrow.maxRecordsPerBatch",
+    "spark.sql.shuffle.partitions",
+    "spark.sql.adaptive.enabled",
+    "spark.sql.parquet.compression.codec",
+)
+
+
+def active_session() -> SparkSession | None:
+    """The session this process already runs, classic or Spark Connect."""
+    active = SparkSession.getActiveSession()
+    if active is None:
+        from pyspark.sql.connect.session import SparkSession as ConnectSession
+
+        active = cast(SparkSession | None, ConnectSession.getActiveSession())
+    return active
+
+
 def get_spark(
     master: str | None = None,
     conf: Mapping[str, str] | None = None,
     app_name: str = "sparkvision",
+    remote: str | None = None,
+    ship_env: bool = False,
 ) -> SparkSession:
     """Build (or reuse) the SparkSession for this process.
 
-    ``master`` falls back to ``$SPARKVISION_MASTER`` and then to ``local[*]``. ``conf`` overrides the
-    defaults key by key. A session already running is reused only where it agrees with what is
-    asked: runtime settings are applied to it, and a different master or a different static
+    ``master`` falls back to ``$SPARKVISION_MASTER`` and then to ``local[*]``. ``remote``
+    (``sc://host:port``, or ``$SPARK_REMOTE``) makes a Spark Connect client instead; the server
+    then owns the master and the static settings. ``conf`` overrides the defaults key by key.
+    ``ship_env`` packs this Python environment and ships it to the executors (a cluster whose
+    nodes lack the package). A session already running is reused only where it agrees with what
+    is asked: runtime settings are applied to it, and a different master or a different static
     setting is an error naming it (a process has one SparkContext), never silently ignored.
     """
-    active = SparkSession.getActiveSession()
+    active = active_session()
     if active is not None:
         reuse(active, master, conf or {})
         return active
+    remote = remote or os.environ.get(ENV_REMOTE)
+    if remote:
+        if master:
+            raise ParamError("remote", "give a Spark Connect server or a master, not both")
+        if ship_env:
+            raise ParamError(
+                "ship_env", "a Spark Connect server runs its own Python; install the package there"
+            )
+        return connect_session(remote, conf or {}, app_name)
     master = resolve_master(master)
     settings = default_conf(master)
+    if ship_env:
+        from sparkvision.spark.shipenv import ship_env_conf
+
+        settings.update(ship_env_conf())
     settings.update(conf or {})
     # pyspark takes the workers' Python from this variable only (SparkContext.pythonExec), not from
     # spark.pyspark.python: without it local tasks run a system python that lacks our packages.
-    os.environ.setdefault("PYSPARK_PYTHON", settings["spark.pyspark.python"])
+    if "spark.pyspark.python" in settings:
+        os.environ.setdefault("PYSPARK_PYTHON", settings["spark.pyspark.python"])
+    if ship_env:  # the shipped environment's interpreter, unpacked beside each executor
+        os.environ["PYSPARK_PYTHON"] = settings["spark.pyspark.python"]
     builder = SparkSession.builder.master(master).appName(app_name)
     for key, value in settings.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("SPARKVISION_LOG_LEVEL", "ERROR"))
+    return spark
+
+
+def connect_session(remote: str, conf: Mapping[str, str], app_name: str) -> SparkSession:
+    """A Spark Connect client on ``remote``, with sparkvision's runtime defaults applied."""
+    if not remote.startswith("sc://"):
+        raise ParamError("remote", f"{remote!r} is not a Spark Connect URL (sc://host:port)")
+    try:
+        builder = SparkSession.builder.remote(remote).appName(app_name)
+    except ImportError as e:  # grpcio & co. are the `connect` extra of pyspark
+        raise ParamError("remote", f"the Spark Connect client needs pyspark[connect]: {e}") from None
+    spark = builder.getOrCreate()
+    defaults = default_conf("connect")
+    settings = {k: defaults[k] for k in CONNECT_CONF if k in defaults}
+    settings.update(conf)
+    for key, value in settings.items():
+        spark.conf.set(key, value)
     return spark
 
 
@@ -124,6 +201,6 @@ def reuse(spark: SparkSession, master: str | None, conf: Mapping[str, str]) -> N
 
 
 def stop_spark() -> None:
-    active = SparkSession.getActiveSession()
+    active = active_session()
     if active is not None:
         active.stop()

@@ -166,7 +166,13 @@ def create_app(
         lifespan=lifespan,
     )
     store = store or JobStore(settings.db_url)
-    runner = Runner(store, spark_factory or partial(get_spark, settings.master, settings.conf))
+    runner = Runner(
+        store,
+        spark_factory
+        or partial(
+            get_spark, settings.master, settings.conf, remote=settings.remote, ship_env=settings.ship_env
+        ),
+    )
     app.state.sv = State(settings, store, runner)
 
     # Starlette types a handler as taking any Exception; it calls each with its own class only.

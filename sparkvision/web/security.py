@@ -52,7 +52,9 @@ class Settings:
     token: str | None = None  # default: token_file's content, else $SPARKVISION_API_TOKEN
     token_file: str | None = None  # a file holding the token: unlike --token, not shown by ps
     master: str | None = None
+    remote: str | None = None  # a Spark Connect server instead of a master
     conf: dict[str, str] = field(default_factory=dict)
+    ship_env: bool = False
     max_upload_bytes: int = 10 * 1024 * 1024  # per file
     max_json_bytes: int = 1024 * 1024  # body of every endpoint but the uploads (a job submission)
     max_files: int = 64  # per classify request
