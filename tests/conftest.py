@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from standalone import standalone_cluster  # noqa: F401  (the `cluster` tests' Spark standalone cluster)
 
 os.environ.setdefault("SPARKVISION_PROGRESS", "0")
 
