@@ -16,3 +16,8 @@ class ParamError(ValueError):
         super().__init__(f"{param}: {message}")
         self.param = param
         self.message = message
+
+
+class JobFailed(RuntimeError):
+    """A Spark job failed for a reason the user can act on, said in one line (a lost executor
+    after every restart, a rank's own runtime error): front-ends print it without a traceback."""

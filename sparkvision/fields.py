@@ -110,3 +110,15 @@ LabelSmoothing = Annotated[float, Field(ge=0, lt=1)]
 Workers = Annotated[int, Field(ge=1, le=1024)]
 Threads = Annotated[int | None, Field(ge=1, le=1024)]
 Checkpoints = Annotated[int, Field(ge=1)]
+# Relaunches of a training job whose rank lost its executor or Python worker (every recipe: the
+# same default, defined here).
+MAX_RESTARTS = 3
+MaxRestarts = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=100,
+        description="Relaunch the job this many times when a rank's executor dies, resuming from "
+        "the last checkpoint (0: fail at once).",
+    ),
+]

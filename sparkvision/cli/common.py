@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sparkvision.data.images import RejectError
+from sparkvision.errors import JobFailed
 from sparkvision.spark.session import get_spark, parse_conf
 
 console = Console()
@@ -102,7 +103,7 @@ def guarded(fn: Callable[[], dict[str, Any]], as_json: bool) -> dict[str, Any]:
     """Run a command body, turning our expected errors into a message and exit code 2."""
     try:
         return fn()
-    except (ValueError, FileNotFoundError, KeyError, RejectError) as e:
+    except (ValueError, FileNotFoundError, KeyError, RejectError, JobFailed) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         fail(str(msg), as_json)
         raise  # unreachable; fail() raises

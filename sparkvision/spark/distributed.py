@@ -7,7 +7,10 @@ shares it with ``BarrierTaskContext.allGather``; no SSH, MPI or reservation serv
 Each rank reads its shard as Arrow batches through Spark's own I/O and returns one small result.
 
 If any rank fails, Spark fails the whole barrier stage and kills the others, so a crash never
-leaves peers hanging in an all-reduce; the gloo timeout is a second guard.
+leaves peers hanging in an all-reduce; the gloo timeout is a second guard. Spark does not retry a
+failed barrier result stage, so a rank lost with its executor or Python worker comes back as
+:class:`LostRanks` (told apart from a rank's own error by :func:`lost_reason`): the training driver
+(:mod:`sparkvision.train.driver`) relaunches the job, and the ranks resume from the last checkpoint.
 
 The helpers :func:`rank`, :func:`world_size` and :func:`all_reduce_sum` do the right thing outside
 a process group (rank 0 of 1), so training code runs unchanged in a single-process unit test.
@@ -31,8 +34,9 @@ from pyspark import BarrierTaskContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import BinaryType, StructField, StructType
 
-from sparkvision.errors import ParamError
-from sparkvision.spark.session import cores_of_master
+from sparkvision.errors import JobFailed, ParamError
+from sparkvision.spark.compat import default_parallelism, master_of
+from sparkvision.spark.session import cores_of_master, is_connect
 
 RESULT_SCHEMA = StructType([StructField("result", BinaryType(), True)])
 
@@ -76,11 +80,10 @@ def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
 
 def barrier_slots(spark: SparkSession) -> int:
     """How many tasks the cluster can run at once (what a barrier stage may ask for)."""
-    master = spark.sparkContext.master
-    assert master is not None  # a running SparkContext always has one
+    master = master_of(spark)
     if master.startswith("local"):
         return cores_of_master(master)
-    return spark.sparkContext.defaultParallelism
+    return default_parallelism(spark)
 
 
 def plan_threads(spark: SparkSession, workers: int, threads_per_rank: int | None) -> int:
@@ -93,8 +96,7 @@ def plan_threads(spark: SparkSession, workers: int, threads_per_rank: int | None
         if threads_per_rank < 1:
             raise ValueError(f"threads_per_rank must be >= 1, got {threads_per_rank}")
         return threads_per_rank
-    master = spark.sparkContext.master
-    assert master is not None  # a running SparkContext always has one
+    master = master_of(spark)
     if master.startswith("local"):
         return max(1, cores_of_master(master) // workers)
     return max(1, int(cast(str, spark.conf.get("spark.task.cpus", "1"))))  # str: a default is given
@@ -138,13 +140,13 @@ def run_on_barrier(
     if workers > slots:
         raise ParamError(
             "workers",
-            f"{workers} is more than the {slots} task slots of master {spark.sparkContext.master}; "
+            f"{workers} is more than the {slots} task slots of master {master_of(spark)}; "
             "lower it or add executors/cores",
         )
     threads = plan_threads(spark, workers, threads_per_rank)
     if repartition:
         df = df.repartition(workers)
-    elif df.rdd.getNumPartitions() != workers:
+    elif not is_connect(spark) and df.rdd.getNumPartitions() != workers:  # Connect: no RDD to ask
         raise ValueError(f"DataFrame has {df.rdd.getNumPartitions()} partitions, expected workers={workers}")
 
     def task(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -184,11 +186,57 @@ def run_on_barrier(
     try:
         rows = df.mapInArrow(task, RESULT_SCHEMA, barrier=True).collect()  # one small row, from rank 0
     except Exception as e:  # noqa: BLE001 - re-raised with the rank's own error message
-        raise rank_error(e) from e
+        err = rank_error(e)
+        lost = lost_reason(str(e)) if not isinstance(err, tuple(_PY_ERRORS.values())) else None
+        if lost is not None:
+            raise LostRanks(lost) from None
+        raise err from None
     results = [r.result for r in rows if r.result is not None]
     if not results:
         raise RuntimeError("rank 0 returned no result")
     return results[0]
+
+
+class LostRanks(RuntimeError):
+    """A rank's executor or Python worker died, or too few slots came back to run every rank: not
+    the rank's own error, so running the job again can succeed. ``reason`` is one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    @property
+    def slots_short(self) -> bool:
+        """The cluster had fewer free slots than ranks (executors not back yet): nothing ran."""
+        return self.reason.startswith("too few task slots")
+
+
+# What Spark and gloo say when a rank is lost to its process rather than to its own error.
+_LOST = [
+    (
+        re.compile(r"ExecutorLostFailure \(executor (\S+) exited[^)]*\)(?: Reason: ([^\n]*))?"),
+        "executor {0} lost ({1})",
+    ),
+    (re.compile(r"Python worker exited unexpectedly \(crashed\)"), "a rank's Python worker crashed"),
+    (re.compile(r"[Ee]xecutor (\S+) (?:lost|exited|removed)[^\n]*"), "executor {0} lost"),
+    (re.compile(r"Connection (?:closed|reset) by peer"), "a peer rank's connection dropped"),
+    (
+        re.compile(r"BARRIER_JOB_SLOTS_NUMBER_CHECK_FAILED|requires more slots than the total number"),
+        "too few task slots",
+    ),
+    (re.compile(r"Worker (\S+) (?:lost|removed)"), "worker {0} lost"),
+]
+
+
+def lost_reason(text: str) -> str | None:
+    """One line saying which process was lost, when ``text`` (a failed job's error) shows a rank
+    lost to its executor, Python worker or connection; ``None`` for a rank's own error."""
+    for pattern, words in _LOST:
+        m = pattern.search(text)
+        if m:
+            groups = [g.strip() if g else "killed" for g in m.groups()]
+            return words.format(*groups)
+    return None
 
 
 _ERROR_LINE = re.compile(r"([A-Za-z_][\w.]*(?:Error|Exception)): ([^\n]+)")
@@ -213,6 +261,6 @@ def rank_error(e: Exception) -> Exception:
     kind, msg = (py or found or [("", "")])[-1 if py else 0]
     if not kind:
         first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-        return RuntimeError(f"distributed run failed: {first}")
+        return JobFailed(f"distributed run failed: {first}")
     cls = _PY_ERRORS.get(kind)
-    return cls(msg) if cls else RuntimeError(f"{kind}: {msg}")
+    return cls(msg) if cls else JobFailed(f"{kind}: {msg}")

@@ -77,8 +77,11 @@ def default_conf(master: str) -> dict[str, str]:
         "spark.sql.adaptive.enabled": "true",
         "spark.ui.showConsoleProgress": "false",
         "spark.ui.enabled": "false",
-        # Barrier training stages hold every slot; fail fast instead of waiting forever for slots.
-        "spark.scheduler.barrier.maxConcurrentTasksCheck.maxFailures": "3",
+        # Barrier training stages hold every slot: when too few are free, Spark re-checks every 5 s
+        # and gives up after 6 tries (30 s) instead of waiting forever; a relaunch after a lost
+        # executor (train/driver.py) keeps asking until the executors are back.
+        "spark.scheduler.barrier.maxConcurrentTasksCheck.interval": "5s",
+        "spark.scheduler.barrier.maxConcurrentTasksCheck.maxFailures": "6",
         "spark.sql.parquet.compression.codec": "zstd",
     }
     if is_local(master):

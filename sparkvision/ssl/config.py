@@ -11,12 +11,14 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from sparkvision.fields import (
+    MAX_RESTARTS,
     BatchSize,
     Checkpoints,
     Epochs,
     JsonObject,
     LabelSmoothing,
     LearningRate,
+    MaxRestarts,
     Momentum,
     OptionalSplit,
     Recipe,
@@ -117,6 +119,7 @@ class FinetuneConfig(Recipe):
         default=False, description="Continue from the last checkpoint in the output directory."
     )
     keep_checkpoints: Checkpoints = Field(default=1, description="Checkpoints kept.")
+    max_restarts: MaxRestarts = MAX_RESTARTS
 
     def validate(self) -> None:
         """The rules between fields (each field's own bounds are checked on construction)."""

@@ -9,11 +9,13 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from sparkvision.fields import (
+    MAX_RESTARTS,
     Checkpoints,
     Epochs,
     ImageSize,
     JsonObject,
     LearningRate,
+    MaxRestarts,
     Momentum,
     OptionalSplit,
     Recipe,
@@ -91,6 +93,7 @@ class PretrainConfig(Recipe):
         default=False, description="Continue from the last checkpoint in the output directory."
     )
     keep_checkpoints: Checkpoints = Field(default=2, description="Checkpoints kept.")
+    max_restarts: MaxRestarts = MAX_RESTARTS
     bf16: bool = Field(default=True, description="bfloat16 autocast (GPU only).")
     channels_last: bool = Field(default=False, description="channels_last memory format.")
 

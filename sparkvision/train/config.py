@@ -12,6 +12,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
 from sparkvision.fields import (
+    MAX_RESTARTS,
     BatchSize,
     Checkpoints,
     Epochs,
@@ -19,6 +20,7 @@ from sparkvision.fields import (
     JsonObject,
     LabelSmoothing,
     LearningRate,
+    MaxRestarts,
     Momentum,
     OptionalSplit,
     Recipe,
@@ -78,6 +80,7 @@ class TrainConfig(Recipe):
     bf16: bool = Field(default=True, description="bfloat16 autocast (GPU only).")
     channels_last: bool = Field(default=True, description="channels_last memory format.")
     keep_checkpoints: Checkpoints = Field(default=2, description="Checkpoints kept.")
+    max_restarts: MaxRestarts = MAX_RESTARTS
 
     def validate(self) -> None:
         """The rules between fields (each field's own bounds are checked on construction)."""

@@ -6,14 +6,22 @@ leaves it open, :func:`launch` writes the run's config beside its outputs and ru
 barrier job with a live progress bar fed by the ``progress.json`` rank 0 writes, and
 :func:`save_trained` turns rank 0's weights into the model directory. :func:`run_metrics` gives
 the facts every run reports the same way.
+
+Spark does not retry a failed barrier stage, so :func:`launch` does what Ray Train's
+``FailureConfig(max_failures)`` does: when a rank is lost with its executor or Python worker
+(:class:`~sparkvision.spark.distributed.LostRanks`), it waits for the cluster to offer enough
+slots again and relaunches the job with ``resume`` set, so every rank restarts from the last
+checkpoint. After ``max_restarts`` the user gets one line saying how to continue by hand.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,12 +29,18 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from safetensors.torch import load as st_load
 
-from sparkvision.errors import ParamError
+from sparkvision.errors import JobFailed, ParamError
 from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
 from sparkvision.spark import distributed as D
 from sparkvision.spark.progress import Timer, step_progress
 from sparkvision.train.checkpoint import list_checkpoints
 from sparkvision.train.loop import METRICS_FILE, PROGRESS_FILE
+
+log = logging.getLogger(__name__)
+
+# How long a relaunch waits for the cluster to offer a slot per rank again (a standalone or YARN
+# master replaces a dead executor in seconds; a new Kubernetes pod may take a minute).
+RESTART_WAIT_S = float(os.environ.get("SPARKVISION_RESTART_WAIT_S", "300"))
 
 
 def prepare_out(out: str, resume: bool) -> tuple[str, str]:
@@ -145,18 +159,78 @@ def launch(
     out = payload["out"]
     with open(os.path.join(out, config_file), "w") as f:
         json.dump(config, f, indent=2)
-    result = run_with_progress(
-        spark,
-        df.select("image", "label", "split"),
-        cfg.workers,
-        rank_fn,
-        payload,
-        out,
-        threads_per_rank=cfg.threads_per_rank,
-        repartition=repartition,
-        label=label,
-    )
-    return D.decode_result(result)
+    max_restarts = int(getattr(cfg, "max_restarts", 0))
+    lost: list[str] = []
+    waited_since: float | None = None
+    while True:
+        try:
+            result = run_with_progress(
+                spark,
+                df.select("image", "label", "split"),
+                cfg.workers,
+                rank_fn,
+                payload,
+                out,
+                threads_per_rank=cfg.threads_per_rank,
+                repartition=repartition,
+                label=label,
+            )
+            break
+        except D.LostRanks as e:
+            if e.slots_short and waited_since is not None:  # still waiting for executors to return
+                if time.monotonic() - waited_since > RESTART_WAIT_S:
+                    raise JobFailed(
+                        f"{label}: {e.reason} for {cfg.workers} ranks after waiting {RESTART_WAIT_S:.0f} s "
+                        f"for lost executors to come back; add executors and run again with --resume "
+                        f"(checkpoints in {payload['checkpoint_dir']})"
+                    ) from None
+                time.sleep(2)
+                continue
+            where = _last_epoch(out)
+            if len(lost) >= max_restarts:
+                raise JobFailed(
+                    f"{label}: {e.reason} during epoch {where}, after {len(lost)} restart(s) "
+                    f"(--max-restarts {max_restarts}); run it again with --resume to continue from the "
+                    f"last checkpoint in {payload['checkpoint_dir']}"
+                ) from None
+            lost.append(f"{e.reason} during epoch {where}")
+            log.warning(
+                "%s: %s; relaunching from the last checkpoint (%d/%d)",
+                label,
+                lost[-1],
+                len(lost),
+                max_restarts,
+            )
+            payload = {**payload, "resume": True}
+            waited_since = time.monotonic()
+            wait_for_slots(spark, cfg.workers, RESTART_WAIT_S)
+    info, blobs = D.decode_result(result)
+    info["restarts"] = len(lost)
+    if lost:
+        log.warning(
+            "%s: recovered from %s; resumed from the checkpoint of epoch %d",
+            label,
+            "; ".join(lost),
+            info["start_epoch"],
+        )
+    return info, blobs
+
+
+def _last_epoch(out: str) -> int | str:
+    """The epoch rank 0 last reported in its progress file ("?" before the first report)."""
+    try:
+        with open(os.path.join(out, PROGRESS_FILE)) as f:
+            return int(json.load(f)["epoch"])
+    except (OSError, ValueError, KeyError):
+        return "?"
+
+
+def wait_for_slots(spark: SparkSession, workers: int, timeout_s: float) -> None:
+    """Wait (at most ``timeout_s``) until the cluster offers ``workers`` task slots again; Spark's
+    own barrier check then waits for the slots to be free."""
+    deadline = time.monotonic() + timeout_s
+    while D.barrier_slots(spark) < workers and time.monotonic() < deadline:
+        time.sleep(2)
 
 
 def run_metrics(info: dict[str, Any], timer: Timer, workers: int) -> dict[str, Any]:
@@ -173,6 +247,7 @@ def run_metrics(info: dict[str, Any], timer: Timer, workers: int) -> dict[str, A
         "workers": workers,
         "threads_per_rank": info["threads_per_rank"],
         "resumed_from_epoch": info["start_epoch"],
+        "restarts": info.get("restarts", 0),
     }
 
 

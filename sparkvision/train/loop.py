@@ -45,10 +45,16 @@ class RankLog:
         batch_size: int,
         start_epoch: int = 0,
         keep_checkpoints: int = 2,
+        history: list[dict[str, Any]] | None = None,
     ) -> None:
         self.ctx, self.out, self.checkpoint_dir = ctx, out, checkpoint_dir
         self.epochs, self.steps, self.batch_size, self.keep = epochs, steps, batch_size, keep_checkpoints
         self.writer = None
+        if ctx.is_main and start_epoch > 0:
+            # A run killed between appending an epoch's row and saving its checkpoint would list
+            # that epoch twice after resuming: the checkpoint's history is what happened.
+            with open(os.path.join(out, METRICS_FILE), "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in history or [])
         if ctx.is_main:
             self.writer = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start_epoch * steps)
 

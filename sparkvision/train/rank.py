@@ -146,6 +146,7 @@ class RankTraining:
             cfg.batch_size,
             self.start_epoch,
             cfg.keep_checkpoints,
+            self.history,
         )
         self.gen = torch.Generator()
         self.prepare()
@@ -215,8 +216,9 @@ class RankTraining:
 
     def resume(self) -> tuple[int, list[dict[str, Any]]]:
         """``(start epoch, history)`` from the latest checkpoint when resuming (or when Spark
-        re-runs a failed stage), restoring module, optimizer and pixel statistics; else a fresh start."""
-        if not (self.cfg.resume or self.ctx.attempt > 0):
+        re-runs a failed stage, or the driver relaunches the job after a lost rank), restoring
+        module, optimizer and pixel statistics; else a fresh start."""
+        if not (self.cfg.resume or self.payload.get("resume") or self.ctx.attempt > 0):
             return 0, []
         meta = load_checkpoint(self.payload["checkpoint_dir"], self.module, self.optimizer)
         if meta is None:
