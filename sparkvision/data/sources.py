@@ -9,8 +9,11 @@ without a word (names that are not UTF-8, broken links) becomes a reject.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
+import re
 from collections.abc import Callable
 from typing import Literal
 from urllib.parse import unquote
@@ -26,11 +29,14 @@ from sparkvision.data.decode import (
     encode_idx_batches,
     parse_idx_batches,
 )
+from sparkvision.data.globs import glob_matcher
 from sparkvision.data.idx import FASHION_MNIST_CLASSES, looks_like_idx, pair_idx_files
 from sparkvision.data.listing import RejectRow, escape_glob, list_local_folder
 from sparkvision.data.schema import IMAGE_SCHEMA, SPLITS
 from sparkvision.data.table import is_image_table, read_meta, read_table
 from sparkvision.spark import storage
+from sparkvision.spark.compat import default_parallelism
+from sparkvision.spark.session import is_connect
 
 # --------------------------------------------------------------------------- listing
 
@@ -67,7 +73,16 @@ def detect_source_kind(spark: SparkSession, source: str) -> Literal["table", "id
 
 
 def qualified_root(spark: SparkSession, uri: str) -> str:
-    """The root as Spark spells the paths it lists (``file:/x``, not ``file:///x``)."""
+    """The root as Spark spells the paths it lists (``file:/x``, not ``file:///x``).
+
+    A Spark Connect client cannot ask Hadoop to qualify a path: a local path is spelled as Hadoop
+    would, any other URI is taken as given (give ``hdfs://`` paths with their name node then).
+    """
+    if is_connect(spark):
+        q = storage.qualify(uri)
+        if q.startswith("file:"):
+            q = "file:/" + q[len("file:") :].lstrip("/")
+        return q.rstrip("/")
     jvm = spark.sparkContext._jvm
     assert jvm is not None  # set while the SparkContext is running
     p = jvm.org.apache.hadoop.fs.Path(storage.qualify(uri))
@@ -97,6 +112,8 @@ def glob_filter(spark: SparkSession, glob: str | None) -> Callable[[str], bool]:
     matches each name against), so braces and escapes mean what they mean to Spark."""
     if not glob:
         return lambda name: True
+    if is_connect(spark):
+        return glob_matcher(glob)
     jvm = spark.sparkContext._jvm
     assert jvm is not None  # set while the SparkContext is running
     pattern = jvm.org.apache.hadoop.fs.GlobPattern(glob)
@@ -154,9 +171,9 @@ def decode_folder(
         on_listed()
     # Spark plans one task per ~32 small files (each file "costs" openCostInBytes = 4 MB), which
     # for folders of thumbnails means thousands of tiny tasks; coalescing keeps reads local.
-    slots = spark.sparkContext.defaultParallelism
+    slots = default_parallelism(spark)
     content = files.select("path", "content").coalesce(
-        read_partitions(slots, len(indexed), _size_in_bytes(files))
+        read_partitions(slots, len(indexed), _size_in_bytes(spark, files))
     )
     content = layout_columns(content, root, split, labeled)
     decoded = content.select("path", "content", "split", "label_name").mapInArrow(
@@ -175,10 +192,23 @@ def decode_folder(
     )
 
 
-def _size_in_bytes(df: DataFrame) -> int:
-    """Total size of the files behind ``df``, from the file index (no job runs); 0 if unknown."""
+_UNITS = {"B": 0, "KiB": 10, "MiB": 20, "GiB": 30, "TiB": 40, "PiB": 50, "EiB": 60}
+
+
+def _size_in_bytes(spark: SparkSession, df: DataFrame) -> int:
+    """Total size of the files behind ``df``, from the file index (no job runs); 0 if unknown.
+
+    A Spark Connect client has no query execution to ask: it reads the same statistic from the
+    cost plan's text (``sizeInBytes=1.5 MiB``), rounded but good enough for a partitioning hint.
+    """
     try:
-        return int(str(df._jdf.queryExecution().optimizedPlan().stats().sizeInBytes().toString()))
+        if not is_connect(spark):
+            return int(str(df._jdf.queryExecution().optimizedPlan().stats().sizeInBytes().toString()))
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            df.explain(mode="cost")
+        m = re.search(r"sizeInBytes=([\d.]+)\s*([KMGTPE]?i?B)\b", buf.getvalue())
+        return int(float(m.group(1)) * (1 << _UNITS[m.group(2)])) if m else 0
     except Exception:  # noqa: BLE001 - only a partitioning hint
         return 0
 
@@ -246,7 +276,7 @@ def decode_idx(
         pairs = [(split, i, lab) for _, i, lab in pairs]
     wanted = {n for _, i, lab in pairs for n in (i, lab) if n}
     files = files.where(F.element_at(F.split("path", "/"), -1).isin(*wanted))
-    n_parts = max(2, spark.sparkContext.defaultParallelism * 2)
+    n_parts = max(2, default_parallelism(spark) * 2)
     raw = files.select("path", "content").coalesce(1).mapInArrow(parse_idx_batches(pairs), IDX_RAW_SCHEMA)
     if class_names:
         names_out = list(class_names)
