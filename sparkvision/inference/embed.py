@@ -11,16 +11,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
-from pyspark.broadcast import Broadcast
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from sparkvision.inference.modelref import ModelRef, ship_model
 from sparkvision.inference.runtime import (
     KEEP_COLUMNS,
-    ModelBlob,
     configure_workers,
     image_source,
-    read_blob,
     rebatch,
     run_model,
     summarise_output,
@@ -38,12 +36,12 @@ EMBED_SCHEMA = (
 
 
 def embed_batches(
-    blob_bc: Broadcast, batch_size: int, threads: int = 1
+    model: ModelRef, batch_size: int, threads: int = 1
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """mapInArrow body: (image, KEEP_COLUMNS) -> EMBED_SCHEMA, with ``threads`` torch threads."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        blob: ModelBlob = blob_bc.value
+        blob = model.value
         fn, pre = worker_model(blob, "features", threads)
         for batch in rebatch(batches, batch_size):
             x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
@@ -60,9 +58,9 @@ def embed_df(spark: SparkSession, model_dir: str, df: DataFrame, batch_size: int
     """Lazy embeddings for an image DataFrame (columns image + KEEP_COLUMNS)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    blob = spark.sparkContext.broadcast(read_blob(model_dir))
+    model = ship_model(spark, model_dir)
     threads = configure_workers(spark, batch_size)
-    return df.mapInArrow(embed_batches(blob, batch_size, threads), EMBED_SCHEMA)
+    return df.mapInArrow(embed_batches(model, batch_size, threads), EMBED_SCHEMA)
 
 
 def embed_table(

@@ -13,16 +13,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from pyspark.broadcast import Broadcast
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from sparkvision.inference.modelref import ModelRef, ship_model
 from sparkvision.inference.runtime import (
     KEEP_COLUMNS,
-    ModelBlob,
     configure_workers,
     image_source,
-    read_blob,
     rebatch,
     run_model,
     summarise_output,
@@ -39,12 +37,12 @@ PREDICT_SCHEMA = (
 
 
 def predict_batches(
-    blob_bc: Broadcast, top_k: int, batch_size: int, threads: int = 1
+    model: ModelRef, top_k: int, batch_size: int, threads: int = 1
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """mapInArrow body: (image, KEEP_COLUMNS) -> PREDICT_SCHEMA, with ``threads`` torch threads."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        blob: ModelBlob = blob_bc.value
+        blob = model.value
         fn, pre = worker_model(blob, "logits", threads)
         names = blob.class_names
         for batch in rebatch(batches, batch_size):
@@ -85,9 +83,9 @@ def predict_df(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    blob = spark.sparkContext.broadcast(read_blob(model_dir))
+    model = ship_model(spark, model_dir)
     threads = configure_workers(spark, batch_size)
-    return df.mapInArrow(predict_batches(blob, top_k, batch_size, threads), PREDICT_SCHEMA)
+    return df.mapInArrow(predict_batches(model, top_k, batch_size, threads), PREDICT_SCHEMA)
 
 
 def predict_table(

@@ -64,7 +64,8 @@ from pyspark.sql import functions as F
 
 from sparkvision.data.table import read_table
 from sparkvision.errors import ParamError
-from sparkvision.inference.runtime import configure_workers, read_blob
+from sparkvision.inference.modelref import ship_model
+from sparkvision.inference.runtime import configure_workers
 from sparkvision.retrieval.descriptors import DESCRIPTOR_SCHEMA, PIXEL_SIZE, descriptor_batches
 from sparkvision.retrieval.index import build_index, iter_shards, local_path
 from sparkvision.retrieval.linking import (
@@ -275,10 +276,10 @@ def dedup_table(
                 storage.qualify(desc_dir)
             )
     else:
-        blob = spark.sparkContext.broadcast(read_blob(model_dir)) if model_dir else None
+        model = ship_model(spark, model_dir) if model_dir else None
         threads = configure_workers(spark, batch_size)
         desc_df = df.mapInArrow(
-            descriptor_batches(blob, batch_size, verify_size if verify else None, threads), DESCRIPTOR_SCHEMA
+            descriptor_batches(model, batch_size, verify_size if verify else None, threads), DESCRIPTOR_SCHEMA
         )
         with spark_progress(spark, "dedup: descriptors"):
             desc_df.write.mode("overwrite").parquet(storage.qualify(desc_dir))

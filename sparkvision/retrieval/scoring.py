@@ -23,6 +23,7 @@ from pyspark.sql import functions as F
 from sparkvision.inference.runtime import rebatch, task_threads
 from sparkvision.retrieval.verify import VerifyConfig, verify_pairs
 from sparkvision.spark import storage
+from sparkvision.spark.compat import default_parallelism
 from sparkvision.spark.progress import spark_progress
 
 PAIR_SCHEMA = (
@@ -119,7 +120,7 @@ def score_candidates(
             F.col("thumb").alias(f"thumb_{s}"),
         )
 
-    n_parts = max(1, min(len(a) // 2000 + 1, 4 * spark.sparkContext.defaultParallelism))
+    n_parts = max(1, min(len(a) // 2000 + 1, 4 * default_parallelism(spark)))
     joined = (
         spark.read.parquet(storage.qualify(input_dir))
         .repartition(n_parts)

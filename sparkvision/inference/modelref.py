@@ -1,0 +1,79 @@
+"""How a model directory reaches the executors' batch-inference tasks.
+
+Classic Spark broadcasts the :class:`~sparkvision.inference.runtime.ModelBlob` (its safetensors
+bytes): model directories are read on the driver, and a broadcast needs no storage shared with the
+executors (a YARN or Kubernetes node does not see the driver's disk). A Spark Connect client
+cannot broadcast, and its tasks' functions travel in each query's plan, where weights would make
+every request as large as the model. So over Connect the task carries a :class:`PathModel`: the
+directory's path and what the driver checked (the weights' SHA-1, the spec, preprocessing and
+class names), and each Python worker reads the weights itself, once, and keeps them. That needs
+the directory at the same path on the executors: the client on the server's machine, or a disk
+they share.
+
+Either way a task reads ``ref.value`` (a :class:`ModelBlob`) and builds the model once per worker
+process (:func:`~sparkvision.inference.runtime.worker_model`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pyspark.sql import SparkSession
+
+from sparkvision.inference.runtime import ModelBlob, read_blob
+from sparkvision.models.modeldir import WEIGHTS
+from sparkvision.spark.session import is_connect
+
+
+class ModelRef(Protocol):
+    """What a task's function holds: a broadcast or a :class:`PathModel`; ``.value`` is the blob."""
+
+    @property
+    def value(self) -> ModelBlob: ...
+
+
+# The blob a Python worker read by path, by weights digest: one model per worker at a time.
+_LOADED: dict[str, ModelBlob] = {}
+
+
+@dataclass(frozen=True)
+class PathModel:
+    """A model directory the executors read by its path (pickled into the task: small)."""
+
+    path: str
+    key: str  # SHA-1 of the weights the driver checked
+    spec: dict[str, Any]
+    preprocess: dict[str, Any]
+    class_names: list[str]
+
+    @property
+    def value(self) -> ModelBlob:
+        hit = _LOADED.get(self.key)
+        if hit is not None:
+            return hit
+        weights_path = os.path.join(self.path, WEIGHTS)
+        try:
+            with open(weights_path, "rb") as f:
+                weights = f.read()
+        except OSError as e:
+            raise FileNotFoundError(
+                f"model_dir {self.path}: the executors cannot read {WEIGHTS} ({e.strerror}); over Spark "
+                "Connect they read the model directory by its path, so it must be on storage they share"
+            ) from None
+        if hashlib.sha1(weights).hexdigest() != self.key:
+            raise ValueError(f"model_dir {self.path}: {WEIGHTS} changed while the job ran; run it again")
+        blob = ModelBlob(self.key, weights, self.spec, self.preprocess, self.class_names)
+        _LOADED.clear()  # as worker_model: memory stays flat across jobs
+        _LOADED[self.key] = blob
+        return blob
+
+
+def ship_model(spark: SparkSession, model_dir: str) -> ModelRef:
+    """Read and check ``model_dir`` on the driver, and give the tasks their way to it."""
+    blob = read_blob(model_dir)
+    if not is_connect(spark):
+        return spark.sparkContext.broadcast(blob)
+    return PathModel(os.path.abspath(model_dir), blob.key, blob.spec, blob.preprocess, blob.class_names)
