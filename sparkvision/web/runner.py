@@ -2,10 +2,12 @@
 
 Each job runs in the runner thread inside its own Spark job group
 (``setJobGroup(..., interruptOnCancel=True)``), so cancelling is ``cancelJobGroup``: Spark kills
-its tasks and the library call raises. Work outside Spark (FAISS builds, driver loops) checks a
-cancel flag through its progress callback. A monitor thread turns what the library reports into
-the job's progress %, live metrics and log tail: Spark's status tracker for table jobs, and
-``progress.json`` / ``metrics.jsonl`` in the output directory for training.
+its tasks and the library call raises. A Spark Connect session has no job groups: there the
+runner thread tags its queries (``addTag``) and cancelling is ``interruptTag``. Work outside
+Spark (FAISS builds, driver loops) checks a cancel flag through its progress callback. A monitor
+thread turns what the library reports into the job's progress %, live metrics and log tail: the
+tasks of the job's Spark stages for table jobs (:class:`~sparkvision.spark.progress.TaskCounts`),
+and ``progress.json`` / ``metrics.jsonl`` in the output directory for training.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sparkvision.spark.progress import TaskCounts
+from sparkvision.spark.session import is_connect
 from sparkvision.train.checkpoint import list_checkpoints
 from sparkvision.web.jobs import JobStore
 from sparkvision.web.kinds import KINDS
@@ -51,7 +55,32 @@ EXPECTED_ERRORS = (ValueError, FileNotFoundError, KeyError, NotADirectoryError, 
 
 
 def group_of(job_id: str) -> str:
+    """The Spark job group (classic) or query tag (Spark Connect) of a web job's Spark work."""
     return f"sparkvision-web-{job_id}"
+
+
+def enter_group(spark: Any, job_id: str, description: str) -> None:
+    """Make the Spark work this thread starts from now on part of ``job_id``'s group."""
+    if is_connect(spark):
+        spark.addTag(group_of(job_id))
+    else:
+        spark.sparkContext.setJobGroup(group_of(job_id), description, interruptOnCancel=True)
+
+
+def leave_group(spark: Any, job_id: str) -> None:
+    """Undo :func:`enter_group` for this thread."""
+    if is_connect(spark):
+        spark.removeTag(group_of(job_id))
+    else:
+        spark.sparkContext.setJobGroup("sparkvision-web-idle", "idle", interruptOnCancel=False)
+
+
+def cancel_group(spark: Any, job_id: str) -> None:
+    """Stop the Spark jobs of ``job_id`` running now (from any thread): their tasks are killed."""
+    if is_connect(spark):
+        spark.interruptTag(group_of(job_id))
+    else:
+        spark.sparkContext.cancelJobGroup(group_of(job_id))
 
 
 def error_message(e: BaseException, fields: Iterable[str] = ()) -> str:
@@ -121,6 +150,7 @@ class Runner:
         self._current: str | None = None
         self._cancel = threading.Event()
         self._lock = threading.Lock()
+        self._tasks: TaskCounts | None = None  # the running job's Spark tasks
 
     @property
     def current_job(self) -> str | None:
@@ -161,9 +191,9 @@ class Runner:
             self._cancel.set()
             if self._spark is not None:
                 try:
-                    self._spark.sparkContext.cancelJobGroup(group_of(job_id))
+                    cancel_group(self._spark, job_id)
                 except Exception:  # noqa: BLE001 - the session may be stopping
-                    log.exception("cancelJobGroup failed")
+                    log.exception("cancelling the job's Spark work failed")
 
     def resume_params(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
         """Parameters for running an interrupted job again: a resumable one picks up its last checkpoint."""
@@ -213,7 +243,8 @@ class Runner:
         t0 = time.perf_counter()
         try:
             spark = self.spark
-            spark.sparkContext.setJobGroup(group_of(job_id), f"{kind_name} {job_id}", interruptOnCancel=True)
+            enter_group(spark, job_id, f"{kind_name} {job_id}")
+            self._tasks = TaskCounts(spark, group_of(job_id)).start()
             monitor.start()
             p = kind.validate(params)
             if (store.get(job_id) or job).cancel_requested:
@@ -250,9 +281,12 @@ class Runner:
                 raise
         finally:
             try:
-                self.spark.sparkContext.setJobGroup("sparkvision-web-idle", "idle", interruptOnCancel=False)
+                leave_group(self.spark, job_id)
             except Exception:  # noqa: BLE001
                 pass
+            if self._tasks is not None:
+                self._tasks.stop()
+                self._tasks = None
             with self._lock:
                 self._current = None
                 self._cancel.clear()
@@ -272,13 +306,13 @@ class Runner:
         last_note, last_epoch = None, 0
         while not stop.wait(self.poll_s):
             if self._cancel.is_set() and self._spark is not None:
-                # cancelJobGroup stops the Spark jobs running now, not those the job starts later:
+                # Cancelling stops the Spark jobs running now, not those the job starts later:
                 # a cancel in a job's first second (or between two of its Spark jobs) is repeated
                 # until the job ends, so none of its later Spark work runs.
                 try:
-                    self._spark.sparkContext.cancelJobGroup(group_of(job_id))
+                    cancel_group(self._spark, job_id)
                 except Exception:  # noqa: BLE001 - the session may be stopping
-                    log.debug("cancelJobGroup failed", exc_info=True)
+                    log.debug("cancelling the job's Spark work failed", exc_info=True)
             try:
                 fields: dict[str, Any] = {}
                 if out:
@@ -308,17 +342,8 @@ class Runner:
                 log.debug("monitor error", exc_info=True)
 
     def _spark_progress(self, job_id: str) -> float | None:
-        if self._spark is None:
+        tasks = self._tasks
+        if tasks is None:
             return None
-        tracker = self._spark.sparkContext.statusTracker()
-        done = total = 0
-        for jid in tracker.getJobIdsForGroup(group_of(job_id)):
-            info = tracker.getJobInfo(jid)
-            if info is None:
-                continue
-            for sid in info.stageIds:
-                st = tracker.getStageInfo(sid)
-                if st is not None:
-                    done += st.numCompletedTasks
-                    total += st.numTasks
+        done, total = tasks.counts()
         return 100.0 * done / total if total else None
