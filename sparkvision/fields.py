@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, TypeAdapter
 
@@ -110,6 +110,25 @@ LabelSmoothing = Annotated[float, Field(ge=0, lt=1)]
 Workers = Annotated[int, Field(ge=1, le=1024)]
 Threads = Annotated[int | None, Field(ge=1, le=1024)]
 Checkpoints = Annotated[int, Field(ge=1)]
+# Where a training rank keeps its shard (every recipe; see sparkvision/train/data.py): "memory"
+# decodes it once into RAM, "stream" keeps the encoded rows (local disk, or RAM when small) and
+# decodes each batch ahead of the step, "auto" picks memory when the decoded shard fits with room.
+CacheMode = Literal["auto", "memory", "stream"]
+CACHE: CacheMode = "auto"
+Cache = Annotated[
+    CacheMode,
+    Field(
+        description="Shard cache: memory (decoded in RAM), stream (encoded rows, decoded each "
+        "batch ahead of the step; memory bounded by batch and prefetch sizes), auto (memory when it "
+        "fits with room to spare)."
+    ),
+]
+# Checkpoint every N optimizer steps as well as at every epoch's end (0: epochs only).
+CHECKPOINT_EVERY = 0
+CheckpointEvery = Annotated[
+    int,
+    Field(ge=0, description="Also checkpoint every N steps within an epoch (0: at epoch ends only)."),
+]
 # Relaunches of a training job whose rank lost its executor or Python worker (every recipe: the
 # same default, defined here).
 MAX_RESTARTS = 3

@@ -11,8 +11,12 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from sparkvision.fields import (
+    CACHE,
+    CHECKPOINT_EVERY,
     MAX_RESTARTS,
     BatchSize,
+    Cache,
+    CheckpointEvery,
     Checkpoints,
     Epochs,
     JsonObject,
@@ -120,6 +124,8 @@ class FinetuneConfig(Recipe):
     )
     keep_checkpoints: Checkpoints = Field(default=1, description="Checkpoints kept.")
     max_restarts: MaxRestarts = MAX_RESTARTS
+    cache: Cache = CACHE
+    checkpoint_every: CheckpointEvery = CHECKPOINT_EVERY
 
     def validate(self) -> None:
         """The rules between fields (each field's own bounds are checked on construction)."""

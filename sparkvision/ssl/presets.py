@@ -9,7 +9,11 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from sparkvision.fields import (
+    CACHE,
+    CHECKPOINT_EVERY,
     MAX_RESTARTS,
+    Cache,
+    CheckpointEvery,
     Checkpoints,
     Epochs,
     ImageSize,
@@ -94,6 +98,8 @@ class PretrainConfig(Recipe):
     )
     keep_checkpoints: Checkpoints = Field(default=2, description="Checkpoints kept.")
     max_restarts: MaxRestarts = MAX_RESTARTS
+    cache: Cache = CACHE
+    checkpoint_every: CheckpointEvery = CHECKPOINT_EVERY
     bf16: bool = Field(default=True, description="bfloat16 autocast (GPU only).")
     channels_last: bool = Field(default=False, description="channels_last memory format.")
 

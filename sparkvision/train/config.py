@@ -12,8 +12,12 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
 from sparkvision.fields import (
+    CACHE,
+    CHECKPOINT_EVERY,
     MAX_RESTARTS,
     BatchSize,
+    Cache,
+    CheckpointEvery,
     Checkpoints,
     Epochs,
     ImageSize,
@@ -81,6 +85,8 @@ class TrainConfig(Recipe):
     channels_last: bool = Field(default=True, description="channels_last memory format.")
     keep_checkpoints: Checkpoints = Field(default=2, description="Checkpoints kept.")
     max_restarts: MaxRestarts = MAX_RESTARTS
+    cache: Cache = CACHE
+    checkpoint_every: CheckpointEvery = CHECKPOINT_EVERY
 
     def validate(self) -> None:
         """The rules between fields (each field's own bounds are checked on construction)."""
