@@ -98,15 +98,31 @@ def save_model_dir(
     extra: dict[str, Any] | None = None,
 ) -> str:
     os.makedirs(out, exist_ok=True)
+    save_file(state_dict_for_save(model), os.path.join(out, WEIGHTS))
+    for name, obj in model_dir_json(model, spec, class_names, preprocess, metrics, extra).items():
+        _write_json(os.path.join(out, name), obj)
+    return out
+
+
+def model_dir_json(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    class_names: list[str],
+    preprocess: Preprocess,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The model directory's JSON files beside its weights, by file name (training writes them
+    through its output store, wherever ``OUT`` is)."""
     # A model that reports its full architecture (``arch``) has it pinned in the spec, so a later
     # change of the factory's defaults cannot break loading this directory.
     spec = replace(spec, model_kwargs={**spec.model_kwargs, **getattr(model, "arch", {})})
-    save_file(state_dict_for_save(model), os.path.join(out, WEIGHTS))
-    _write_json(os.path.join(out, "config.json"), {**asdict(spec), **(extra or {})})
-    _write_json(os.path.join(out, "classes.json"), list(class_names))
-    _write_json(os.path.join(out, "preprocess.json"), preprocess.to_json())
-    _write_json(os.path.join(out, "metrics.json"), metrics or {})
-    return out
+    return {
+        "config.json": {**asdict(spec), **(extra or {})},
+        "classes.json": list(class_names),
+        "preprocess.json": preprocess.to_json(),
+        "metrics.json": metrics or {},
+    }
 
 
 def check_files(path: str) -> None:

@@ -41,6 +41,12 @@ def _fs_and_path(spark: SparkSession, uri: str):
     return jpath.getFileSystem(hconf), jpath
 
 
+def hadoop_fs(spark: SparkSession, uri: str) -> tuple[Any, Any]:
+    """``(Hadoop FileSystem, Path)`` of ``uri`` in the driver's JVM (classic sessions), with the
+    session's Hadoop configuration (``spark.hadoop.*``)."""
+    return _fs_and_path(spark, uri)
+
+
 def arrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """``(pyarrow filesystem, path on it)`` for ``uri``: a Spark Connect client's stand-in for Hadoop's.
 

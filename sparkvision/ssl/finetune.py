@@ -185,6 +185,16 @@ class FinetuneRank(ClassifierRank):
         self.pool_gen.manual_seed(self.cfg.seed * 100019 + epoch * 1013 + self.ctx.rank)
         self.mask_rates.clear()
 
+    def epoch_state(self) -> dict[str, torch.Tensor]:
+        return {
+            "pool_gen": self.pool_gen.get_state(),
+            "mask_rates": torch.tensor(self.mask_rates, dtype=torch.float64),
+        }
+
+    def load_epoch_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.pool_gen.set_state(state["pool_gen"])
+        self.mask_rates[:] = state["mask_rates"].tolist()
+
     def step_loss(self, b: torch.Tensor) -> torch.Tensor:
         if self.teacher is None and not self.semi:
             return super().step_loss(b)
@@ -453,6 +463,7 @@ def finetune(
         **run_metrics(info, timer, cfg.workers),
     }
     save_trained(
+        spark,
         out,
         ModelSpec(student["model"], len(class_names), channels, student["model_kwargs"]),
         blobs["weights"],

@@ -113,6 +113,12 @@ class PretrainRank(RankTraining):
     def begin_epoch(self, epoch: int) -> None:
         self.std_sum = 0.0  # per-dimension std of the normalised outputs, summed over the epoch's steps
 
+    def epoch_state(self) -> dict[str, torch.Tensor]:
+        return {"std_sum": torch.tensor([self.std_sum], dtype=torch.float64)}
+
+    def load_epoch_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.std_sum = float(state["std_sum"][0])
+
     def step_loss(self, b: torch.Tensor) -> torch.Tensor:
         x = to_unit(self.rows.images[b].to(self.device, non_blocking=True))
         v1, v2 = self.views(x, self.gen)  # (B, C, H, W) each
@@ -182,14 +188,14 @@ def export_projector(model_dir: str) -> str:
     their own file leaves the model directory loadable by every other command.
     """
     ckpt_dir = os.path.join(model_dir, "checkpoints")
-    epochs = list_checkpoints(ckpt_dir)
-    if not epochs:
+    names = list_checkpoints(ckpt_dir)
+    if not names:
         raise FileNotFoundError(f"no pretraining checkpoint in {ckpt_dir} to take the projector from")
     prefix = "model/projector."
-    with safe_open(os.path.join(ckpt_dir, f"epoch-{epochs[-1]}.safetensors"), "pt") as f:
+    with safe_open(os.path.join(ckpt_dir, f"{names[-1]}.safetensors"), "pt") as f:
         tensors = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     if not tensors:
-        raise ValueError(f"checkpoint epoch-{epochs[-1]} in {ckpt_dir} has no projector weights")
+        raise ValueError(f"checkpoint {names[-1]} in {ckpt_dir} has no projector weights")
     return write_projector(model_dir, st_save(tensors))
 
 
@@ -267,6 +273,7 @@ def pretrain_df(
         **run_metrics(info, timer, cfg.workers),
     }
     save_trained(
+        spark,
         out,
         ModelSpec(cfg.model, num_classes, channels, model_kwargs),
         blobs["weights"],
@@ -275,6 +282,5 @@ def pretrain_df(
         info,
         {**metrics, "history": history},
         extra={"ssl": resolved, "head": "untrained placeholder"},
-    )
-    write_projector(out, blobs["projector"])
+    )  # the projector: PROJECTOR_FILE, uploaded by rank 0 beside the weights
     return {"model_dir": out, **metrics, "history": history}

@@ -1,11 +1,13 @@
 """The driver's side of a training run on Spark, shared by training, pretraining and fine-tuning.
 
-:func:`prepare_out` readies the output directory (a fresh run clears stale outputs, ``resume``
-needs a checkpoint), :func:`infer_image_spec` reads the input size from the data when the config
-leaves it open, :func:`launch` writes the run's config beside its outputs and runs the ranks in a
-barrier job with a live progress bar fed by the ``progress.json`` rank 0 writes, and
-:func:`save_trained` turns rank 0's weights into the model directory. :func:`run_metrics` gives
-the facts every run reports the same way.
+:func:`prepare_out` names the output directory and its checkpoints (a local path made absolute,
+or any URI Spark writes), :func:`infer_image_spec` reads the input size from the data when the
+config leaves it open, :func:`launch` readies ``OUT`` (a fresh run clears stale outputs,
+``resume`` needs a checkpoint), writes the run's config beside its outputs and runs the ranks in a
+barrier job while the driver's output sink (:mod:`sparkvision.spark.sink`) writes what rank 0
+sends to ``OUT`` and feeds the live progress bar; :func:`save_trained` completes the model
+directory around the weights rank 0 uploaded. :func:`run_metrics` gives the facts every run
+reports the same way.
 
 Spark does not retry a failed barrier stage, so :func:`launch` does what Ray Train's
 ``FailureConfig(max_failures)`` does: when a rank is lost with its executor or Python worker
@@ -19,22 +21,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from safetensors.torch import load as st_load
 
-from sparkvision.errors import JobFailed, ParamError
-from sparkvision.models.modeldir import ModelSpec, Preprocess, save_model_dir
+from sparkvision.errors import JobFailed
+from sparkvision.models.modeldir import WEIGHTS, ModelSpec, Preprocess, model_dir_json
 from sparkvision.spark import distributed as D
+from sparkvision.spark.filestore import driver_store, local_path, write_bytes
 from sparkvision.spark.progress import Timer, step_progress
-from sparkvision.train.checkpoint import list_checkpoints
-from sparkvision.train.loop import METRICS_FILE, PROGRESS_FILE
+from sparkvision.spark.sink import OutputSink, sink_address
+from sparkvision.train.loop import CHECKPOINT_DIR, PROGRESS_FILE
+from sparkvision.train.outputs import prepare_outputs
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +47,12 @@ RESTART_WAIT_S = float(os.environ.get("SPARKVISION_RESTART_WAIT_S", "300"))
 
 
 def prepare_out(out: str, resume: bool) -> tuple[str, str]:
-    """``(out, checkpoint_dir)`` as absolute paths. A fresh run removes the outputs of an earlier
-    one (its checkpoints would otherwise be resumed by a retried task); ``resume`` needs one."""
-    out = os.path.abspath(out)
-    ckpt_dir = os.path.join(out, "checkpoints")
-    if not resume:
-        for stale in ("checkpoints", "tensorboard"):
-            shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
-        for stale in (METRICS_FILE, PROGRESS_FILE):
-            if os.path.exists(os.path.join(out, stale)):
-                os.remove(os.path.join(out, stale))
-    elif not list_checkpoints(ckpt_dir):
-        raise ParamError("resume", f"no checkpoint in {ckpt_dir} to resume from; start without resume")
-    os.makedirs(out, exist_ok=True)
-    return out, ckpt_dir
+    """``(out, checkpoint_dir)``: a local path made absolute, a URI as given. Nothing is touched
+    here: :func:`launch` readies ``out`` through the session's file systems (``resume`` is
+    checked there)."""
+    local = local_path(out)
+    out = local if local is not None else out.rstrip("/")
+    return out, out + "/" + CHECKPOINT_DIR
 
 
 def infer_image_spec(
@@ -80,14 +75,11 @@ def infer_image_spec(
     return int(channels), (int(size[0]), int(size[1]))
 
 
-def _follow_progress(out: str, stop: threading.Event, label: str) -> None:
-    path = os.path.join(out, PROGRESS_FILE)
+def _follow_progress(sink: OutputSink, stop: threading.Event, label: str) -> None:
     with step_progress(label, None) as advance:
         while not stop.wait(0.5):
-            try:
-                with open(path) as f:
-                    p = json.load(f)
-            except (OSError, ValueError):
+            p = sink.progress
+            if p is None:
                 continue
             done = (p["epoch"] - 1) * p["steps"] + p["step"]
             advance(
@@ -102,14 +94,14 @@ def run_with_progress(
     workers: int,
     rank_fn: Callable[..., bytes | None],
     payload: dict[str, Any],
-    out: str,
+    sink: OutputSink,
     threads_per_rank: int | None = None,
     repartition: bool = True,
     label: str = "train",
 ) -> bytes:
-    """:func:`sparkvision.spark.distributed.run_on_barrier` with a progress bar that follows ``out``."""
+    """:func:`sparkvision.spark.distributed.run_on_barrier` with a progress bar fed by ``sink``."""
     stop = threading.Event()
-    follower = threading.Thread(target=_follow_progress, args=(out, stop, label), daemon=True)
+    follower = threading.Thread(target=_follow_progress, args=(sink, stop, label), daemon=True)
     follower.start()
     try:
         return D.run_on_barrier(
@@ -151,14 +143,47 @@ def launch(
     config: dict[str, Any],
     label: str = "train",
     repartition: bool = True,
-) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Write ``config`` to ``payload["out"]/config_file`` (what was run, beside what it produced),
-    run ``rank_fn`` on ``cfg.workers`` ranks over ``df``'s image rows and return rank 0's decoded
-    result ``(info, blobs)``. The rank threads come from ``cfg.threads_per_rank`` (None: the
-    cores of a task), handed to the ranks as an argument."""
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Ready ``payload["out"]`` (see :func:`~sparkvision.train.outputs.prepare_outputs`), write
+    ``config`` to ``config_file`` there (what was run, beside what it produced), run ``rank_fn``
+    on ``cfg.workers`` ranks over ``df``'s image rows with the output sink serving ``out``, and
+    return rank 0's result ``(info, files)``: ``files`` names the result files rank 0 uploaded
+    into ``out`` (``weights``: the model's). The rank threads come from ``cfg.threads_per_rank``
+    (None: the cores of a task), handed to the ranks as an argument."""
     out = payload["out"]
-    with open(os.path.join(out, config_file), "w") as f:
-        json.dump(config, f, indent=2)
+    store = driver_store(spark, out)
+    prepare_outputs(store, bool(cfg.resume), out)
+    write_bytes(store, config_file, json.dumps(config, indent=2).encode())
+    with OutputSink(store, *sink_address(spark), progress_file=PROGRESS_FILE) as sink:
+        result, lost = _run_relaunching(
+            spark, df, cfg, rank_fn, {**payload, "sink": sink.ticket}, sink, label, repartition
+        )
+    info, _ = D.decode_result(result)
+    info["restarts"] = len(lost)
+    for skipped in info.pop("skipped_checkpoints", None) or []:
+        log.warning("%s: checkpoint %s; resumed from the one before", label, skipped)
+    if lost:
+        log.warning(
+            "%s: recovered from %s; resumed from the checkpoint of epoch %d",
+            label,
+            "; ".join(lost),
+            info["start_epoch"],
+        )
+    return info, dict(info.pop("files"))
+
+
+def _run_relaunching(
+    spark: SparkSession,
+    df: DataFrame,
+    cfg: Any,
+    rank_fn: Callable[..., bytes | None],
+    payload: dict[str, Any],
+    sink: OutputSink,
+    label: str,
+    repartition: bool,
+) -> tuple[bytes, list[str]]:
+    """Run the barrier job, relaunching it with ``resume`` after a lost rank (up to
+    ``cfg.max_restarts``); ``(rank 0's result, what was lost each time)``."""
     max_restarts = int(getattr(cfg, "max_restarts", 0))
     lost: list[str] = []
     waited_since: float | None = None
@@ -170,7 +195,7 @@ def launch(
                 cfg.workers,
                 rank_fn,
                 payload,
-                out,
+                sink,
                 threads_per_rank=cfg.threads_per_rank,
                 repartition=repartition,
                 label=label,
@@ -186,7 +211,7 @@ def launch(
                     ) from None
                 time.sleep(2)
                 continue
-            where = _last_epoch(out)
+            where = sink.progress["epoch"] if sink.progress else "?"
             if len(lost) >= max_restarts:
                 raise JobFailed(
                     f"{label}: {e.reason} during epoch {where}, after {len(lost)} restart(s) "
@@ -204,25 +229,7 @@ def launch(
             payload = {**payload, "resume": True}
             waited_since = time.monotonic()
             wait_for_slots(spark, cfg.workers, RESTART_WAIT_S)
-    info, blobs = D.decode_result(result)
-    info["restarts"] = len(lost)
-    if lost:
-        log.warning(
-            "%s: recovered from %s; resumed from the checkpoint of epoch %d",
-            label,
-            "; ".join(lost),
-            info["start_epoch"],
-        )
-    return info, blobs
-
-
-def _last_epoch(out: str) -> int | str:
-    """The epoch rank 0 last reported in its progress file ("?" before the first report)."""
-    try:
-        with open(os.path.join(out, PROGRESS_FILE)) as f:
-            return int(json.load(f)["epoch"])
-    except (OSError, ValueError, KeyError):
-        return "?"
+    return result, lost
 
 
 def wait_for_slots(spark: SparkSession, workers: int, timeout_s: float) -> None:
@@ -252,19 +259,26 @@ def run_metrics(info: dict[str, Any], timer: Timer, workers: int) -> dict[str, A
 
 
 def save_trained(
+    spark: SparkSession,
     out: str,
     spec: ModelSpec,
-    weights: bytes,
+    weights: str,
     class_names: list[str],
     size: tuple[int, int],
     info: dict[str, Any],
     metrics: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write the model directory ``out`` from rank 0's ``weights`` and pixel statistics."""
-    model = spec.build()
-    model.load_state_dict(st_load(weights))
+    """Complete the model directory ``out`` around ``weights`` (the file rank 0 uploaded there):
+    its config, classes, preprocessing (rank 0's pixel statistics) and metrics. The weights are
+    not read back: the model is built on the meta device only for the architecture it reports."""
+    if weights != WEIGHTS:
+        raise ValueError(f"rank 0 uploaded its weights to {weights}, not {WEIGHTS}")
+    with torch.device("meta"):
+        model = spec.build()
     preprocess = Preprocess(
         channels=spec.in_channels, size=size, mean=tuple(info["mean"]), std=tuple(info["std"])
     )
-    save_model_dir(out, model, spec, class_names, preprocess, metrics, extra=extra)
+    store = driver_store(spark, out)
+    for name, obj in model_dir_json(model, spec, class_names, preprocess, metrics, extra).items():
+        write_bytes(store, name, json.dumps(obj, indent=2).encode())

@@ -3,10 +3,9 @@ method (:class:`SupervisedRank`, on the skeleton of :mod:`sparkvision.train.rank
 
 Each rank decodes its shard of the image table once, then runs epochs over in-memory uint8 tensors
 exactly like a plain PyTorch loop; DDP all-reduces gradients between ranks. Rank 0 writes
-checkpoints, TensorBoard events, ``metrics.jsonl`` and a ``progress.json`` the driver polls for
-the live progress bar, and returns the final weights to the driver, which writes the model
-directory. ``OUT`` must be on storage every executor can reach (a shared or local path for
-local / local-cluster masters; a mounted shared file system on a multi-node cluster).
+checkpoints, TensorBoard events, ``metrics.jsonl``, its live progress and finally the weights
+through the driver's output sink (``spark.sink``), so ``OUT`` may be a local path or any URI Spark
+writes; the driver then completes the model directory around the weights.
 :class:`ClassifierRank` is what fine-tuning (``ssl.finetune``) shares with it.
 """
 
@@ -193,6 +192,7 @@ def train_df(
         **run_metrics(info, timer, cfg.workers),
     }
     save_trained(
+        spark,
         out,
         ModelSpec(cfg.model, len(class_names), channels, model_kwargs),
         blobs["weights"],

@@ -26,10 +26,18 @@ from safetensors.torch import save as st_save
 from torch.nn.parallel import DistributedDataParallel
 
 from sparkvision.spark import distributed as D
-from sparkvision.train.checkpoint import load_checkpoint
+from sparkvision.train.checkpoint import Restored, load_checkpoint
 from sparkvision.train.data import Shard, decode_shard, epoch_indices, pixel_stats, steps_per_epoch
-from sparkvision.train.loop import RankLog, run_epoch
+from sparkvision.train.loop import (
+    EpochStart,
+    RankLog,
+    Snapshot,
+    rank_state,
+    restore_rank_state,
+    run_epoch,
+)
 from sparkvision.train.optim import build_optimizer
+from sparkvision.train.outputs import rank_stores, upload_results
 
 
 def state_bytes(module: torch.nn.Module) -> bytes:
@@ -111,6 +119,14 @@ class RankTraining:
         """More JSON for the checkpoint, beside the history and the pixel statistics."""
         return {}
 
+    def epoch_state(self) -> dict[str, torch.Tensor]:
+        """This rank's state within an epoch beyond its RNGs (sums :meth:`end_epoch` reduces, the
+        method's own generators), saved by a mid-epoch checkpoint."""
+        return {}
+
+    def load_epoch_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put back what :meth:`epoch_state` saved, when an epoch resumes mid-way."""
+
     def result(self) -> tuple[dict[str, Any], dict[str, bytes]]:
         """Rank 0's result for the driver, beside the history and statistics: info and blobs."""
         return {}, {"weights": state_bytes(self.module)}
@@ -128,6 +144,7 @@ class RankTraining:
         torch.manual_seed(cfg.seed)
         self.module, groups = self.build()
         self.optimizer = build_optimizer(groups, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+        self.store, self.checkpoints = rank_stores(self.payload)
         self.start_epoch, self.history = self.resume()
         self.module.to(self.device)
         if self.channels_last:
@@ -139,20 +156,24 @@ class RankTraining:
         autocast = self.device.type if self.bf16 and self.device.type == "cuda" else None
         log = RankLog(
             ctx,
-            self.payload["out"],
-            self.payload["checkpoint_dir"],
+            self.store,
             cfg.epochs,
             self.steps,
             cfg.batch_size,
             self.start_epoch,
             cfg.keep_checkpoints,
             self.history,
+            cfg.checkpoint_every,
+            self.snapshot,
+            resumed=self.restored is not None,
+            checkpoints=self.checkpoints,
         )
         self.gen = torch.Generator()
         self.prepare()
         for epoch in range(self.start_epoch, cfg.epochs):
             self.gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + ctx.rank)
             self.begin_epoch(epoch)
+            start = self.restart_point(epoch)
             idx = epoch_indices(len(self.rows), self.steps, local_batch, cfg.seed, epoch, ctx.rank)
             self.net.train(self.train_mode)
             train_loss, lr, epoch_time = run_epoch(
@@ -166,6 +187,7 @@ class RankTraining:
                 int(cfg.warmup_epochs * self.steps),
                 log,
                 autocast,
+                start,
             )
             fields, scalars = self.end_epoch(epoch)
             images_per_s = round(self.steps * cfg.batch_size / epoch_time, 1)
@@ -187,19 +209,12 @@ class RankTraining:
                     "throughput/epoch_time_s": epoch_time,
                     "lr": lr,
                 },
-                self.net,
-                self.optimizer,
-                {
-                    "history": self.history,
-                    "mean": self.mean_v.tolist(),
-                    "std": self.std_v.tolist(),
-                    **self.checkpoint_extra(),
-                },
             )
         log.close()
         if not ctx.is_main:
             return None
         info, blobs = self.result()
+        files = upload_results(self.store, blobs)  # through the sink: the result row stays small
         return D.encode_result(
             {
                 "history": self.history,
@@ -209,24 +224,54 @@ class RankTraining:
                 "steps_per_epoch": self.steps,
                 "threads_per_rank": ctx.threads,
                 "start_epoch": self.start_epoch,
+                "files": files,
+                "skipped_checkpoints": self.skipped,
                 **info,
             },
-            blobs,
         )
 
     def resume(self) -> tuple[int, list[dict[str, Any]]]:
-        """``(start epoch, history)`` from the latest checkpoint when resuming (or when Spark
-        re-runs a failed stage, or the driver relaunches the job after a lost rank), restoring
-        module, optimizer and pixel statistics; else a fresh start."""
+        """``(start epoch, history)`` from the latest whole checkpoint when resuming (or when
+        Spark re-runs a failed stage, or the driver relaunches the job after a lost rank),
+        restoring module, optimizer and pixel statistics; else a fresh start. A mid-epoch
+        checkpoint's step and rank states are kept in ``restored`` for :meth:`restart_point`."""
+        self.restored: Restored | None = None
+        self.skipped: list[str] = []
         if not (self.cfg.resume or self.payload.get("resume") or self.ctx.attempt > 0):
             return 0, []
-        meta = load_checkpoint(self.payload["checkpoint_dir"], self.module, self.optimizer)
-        if meta is None:
+        found = load_checkpoint(self.checkpoints, self.module, self.optimizer)
+        if found is None:
             return 0, []
+        self.restored, self.skipped, meta = found, found.skipped, found.meta
         if "mean" in meta:
             self.mean_v = torch.tensor(meta["mean"], dtype=torch.float64)
             self.std_v = torch.tensor(meta["std"], dtype=torch.float64)
-        return int(meta["epoch"]), list(meta.get("history", []))
+        return found.epoch, list(meta.get("history", []))
+
+    def restart_point(self, epoch: int) -> EpochStart:
+        """Where ``epoch`` starts: on the epoch a checkpoint interrupted, its step, with this
+        rank's RNG states and epoch sums as they were (same batches, same random draws as the
+        run that was interrupted); else step 0."""
+        found = self.restored
+        if found is None or epoch != found.epoch:
+            return EpochStart()
+        self.restored = None
+        start, method = restore_rank_state(
+            found.ranks.get(self.ctx.rank), found.epoch_step, self.gen, self.device
+        )
+        if method:
+            self.load_epoch_state(method)
+        return start
+
+    def snapshot(self) -> Snapshot:
+        """What a checkpoint saves now (see :class:`~sparkvision.train.loop.RankLog`)."""
+        meta = {
+            "history": self.history,
+            "mean": self.mean_v.tolist(),
+            "std": self.std_v.tolist(),
+            **self.checkpoint_extra(),
+        }
+        return self.module, self.optimizer, meta, rank_state(self.gen, self.epoch_state(), self.device)
 
 
 def check_rows(local: int, counts: torch.Tensor, ctx: D.RankContext, none: str, too_few: str) -> None:
