@@ -8,7 +8,8 @@ every request as large as the model. So over Connect the task carries a :class:`
 directory's path and what the driver checked (the weights' SHA-1, the spec, preprocessing and
 class names), and each Python worker reads the weights itself, once, and keeps them. That needs
 the directory at the same path on the executors: the client on the server's machine, or a disk
-they share.
+they share: :func:`ship_model` checks that with a one-row job (which also leaves the weights
+loaded in that worker), so a path the executors cannot read is one line before any work starts.
 
 Either way a task reads ``ref.value`` (a :class:`ModelBlob`) and builds the model once per worker
 process (:func:`~sparkvision.inference.runtime.worker_model`).
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import pyarrow as pa
 from pyspark.sql import SparkSession
 
 from sparkvision.inference.runtime import ModelBlob, read_blob
@@ -76,4 +79,25 @@ def ship_model(spark: SparkSession, model_dir: str) -> ModelRef:
     blob = read_blob(model_dir)
     if not is_connect(spark):
         return spark.sparkContext.broadcast(blob)
-    return PathModel(os.path.abspath(model_dir), blob.key, blob.spec, blob.preprocess, blob.class_names)
+    ref = PathModel(os.path.abspath(model_dir), blob.key, blob.spec, blob.preprocess, blob.class_names)
+    rows = spark.range(1).mapInArrow(_probe(ref), "error string").collect()
+    errors = [r.error for r in rows if r.error]
+    if errors:
+        raise FileNotFoundError(errors[0])
+    return ref
+
+
+def _probe(ref: PathModel) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """mapInArrow body: load ``ref`` on an executor; its error message as data, or null."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for _ in batches:
+            pass
+        try:
+            _ = ref.value
+            error = None
+        except (OSError, ValueError) as e:
+            error = str(e)
+        yield pa.RecordBatch.from_pydict({"error": pa.array([error], pa.string())})
+
+    return run
