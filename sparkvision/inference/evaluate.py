@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,9 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from sparkvision.data.table import read_meta, read_table
+from sparkvision.inference.modelref import model_dir_here
 from sparkvision.inference.predict import predict_df
+from sparkvision.spark.filestore import driver_store, local_path, upload
 from sparkvision.spark.progress import Timer, spark_progress
 
 
@@ -92,19 +95,21 @@ def evaluate(
     out: str | None = None,
     batch_size: int = 512,
 ) -> dict[str, Any]:
-    """Write ``evaluation.json`` and ``confusion_matrix.png`` into ``out`` (default the model dir)."""
+    """Write ``evaluation.json`` and ``confusion_matrix.png`` into ``out`` (default the model dir);
+    either may be any URI Spark writes (read and written through the session's file systems)."""
     timer = Timer()
     meta = read_meta(spark, table)
-    with open(os.path.join(model_dir, "classes.json")) as f:
-        model_classes = json.load(f)
-    df = read_table(spark, table, split).where(F.col("label").isNotNull())
-    preds = predict_df(
-        spark,
-        model_dir,
-        df.select("image", "content_id", "path", "split", "label", "label_name"),
-        top_k=1,
-        batch_size=batch_size,
-    )
+    with model_dir_here(spark, model_dir) as here:
+        with open(os.path.join(here, "classes.json")) as f:
+            model_classes = json.load(f)
+        df = read_table(spark, table, split).where(F.col("label").isNotNull())
+        preds = predict_df(
+            spark,
+            here,
+            df.select("image", "content_id", "path", "split", "label", "label_name"),
+            top_k=1,
+            batch_size=batch_size,
+        )
     # Map the table's label names onto the model's class indices (tables may order classes differently).
     index = {n: i for i, n in enumerate(model_classes)}
     unknown = sorted(set(meta.class_names) - set(index))
@@ -137,15 +142,17 @@ def evaluate(
         }
     )
     out = out or model_dir
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "evaluation.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    plot_confusion(
-        cm,
-        model_classes,
-        os.path.join(out, "confusion_matrix.png"),
-        f"{os.path.basename(model_dir.rstrip('/'))} on {split or 'all'}: acc {result['accuracy']}",
-    )
+    title = f"{os.path.basename(model_dir.rstrip('/'))} on {split or 'all'}: acc {result['accuracy']}"
+    with tempfile.TemporaryDirectory(prefix="sparkvision-eval-") as tmp:
+        local = local_path(out) or tmp  # a URI: written here, then copied there
+        os.makedirs(local, exist_ok=True)
+        with open(os.path.join(local, "evaluation.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        plot_confusion(cm, model_classes, os.path.join(local, "confusion_matrix.png"), title)
+        if local == tmp:
+            store = driver_store(spark, out)
+            for name in ("evaluation.json", "confusion_matrix.png"):
+                upload(store, name, os.path.join(tmp, name))
     result["confusion_matrix_png"] = os.path.join(out, "confusion_matrix.png")
     result["evaluation_json"] = os.path.join(out, "evaluation.json")
     return result

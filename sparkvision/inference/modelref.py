@@ -13,22 +13,32 @@ loaded in that worker), so a path the executors cannot read is one line before a
 
 Either way a task reads ``ref.value`` (a :class:`ModelBlob`) and builds the model once per worker
 process (:func:`~sparkvision.inference.runtime.worker_model`).
+
+A model directory on a URI only Spark's file systems reach (``hdfs://``, ``s3a://``, a training
+run's ``--out``) is read on the driver through them (:func:`model_dir_here`): its few files are
+copied to a local temporary directory, checked and broadcast as usual.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyarrow as pa
 from pyspark.sql import SparkSession
 
+from sparkvision.errors import ParamError
 from sparkvision.inference.runtime import ModelBlob, read_blob
-from sparkvision.models.modeldir import WEIGHTS
+from sparkvision.models.modeldir import REQUIRED_FILES, WEIGHTS
+from sparkvision.spark.filestore import download, driver_store, local_path
 from sparkvision.spark.session import is_connect
+
+MODEL_FILES = (*REQUIRED_FILES, "classes.json", "metrics.json")
 
 
 class ModelRef(Protocol):
@@ -74,9 +84,38 @@ class PathModel:
         return blob
 
 
+@contextmanager
+def model_dir_here(spark: SparkSession, model_dir: str) -> Iterator[str]:
+    """A local path to ``model_dir``: itself when local, else a copy of its files fetched through
+    the session's file systems (removed on exit). A missing directory or file is a
+    :class:`FileNotFoundError` naming ``model_dir``, as for a local one."""
+    if local_path(model_dir) is not None:
+        yield model_dir
+        return
+    store = driver_store(spark, model_dir)
+    names = set(store.list())
+    if not names:
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    for name in REQUIRED_FILES:
+        if name not in names:
+            raise FileNotFoundError(f"{model_dir} is not a sparkvision model directory: {name} is missing")
+    with tempfile.TemporaryDirectory(prefix="sparkvision-model-") as here:
+        for name in MODEL_FILES:
+            if name in names:
+                download(store, name, os.path.join(here, name))
+        yield here
+
+
 def ship_model(spark: SparkSession, model_dir: str) -> ModelRef:
     """Read and check ``model_dir`` on the driver, and give the tasks their way to it."""
-    blob = read_blob(model_dir)
+    if is_connect(spark) and local_path(model_dir) is None:
+        raise ParamError(
+            "model_dir",
+            f"{model_dir}: over Spark Connect the executors read a model directory by its path; "
+            "give one on a disk they share",
+        )
+    with model_dir_here(spark, model_dir) as here:
+        blob = read_blob(here)
     if not is_connect(spark):
         return spark.sparkContext.broadcast(blob)
     ref = PathModel(os.path.abspath(model_dir), blob.key, blob.spec, blob.preprocess, blob.class_names)
