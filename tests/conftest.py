@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from connect_server import connect_server  # noqa: F401  (the `connect` tests' Spark Connect server)
 from PIL import Image
 from standalone import standalone_cluster  # noqa: F401  (the `cluster` tests' Spark standalone cluster)
 
