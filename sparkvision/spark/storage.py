@@ -51,11 +51,15 @@ def arrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """``(pyarrow filesystem, path on it)`` for ``uri``: a Spark Connect client's stand-in for Hadoop's.
 
     Local paths are taken literally (as Hadoop does: ``file:///a b`` is the file ``/a b``, where
-    pyarrow's URI parser would refuse the space); other schemes go to ``FileSystem.from_uri``.
+    pyarrow's URI parser would refuse the space); other schemes go to ``FileSystem.from_uri``, with
+    Hadoop's names for S3 (``s3a://``, ``s3n://``) read as pyarrow's ``s3://``.
     """
     q = qualify(uri)
     if q.startswith("file:"):
         return pafs.LocalFileSystem(), "/" + q[len("file:") :].lstrip("/")
+    scheme, sep, rest = q.partition("://")
+    if scheme in ("s3a", "s3n"):
+        q = "s3" + sep + rest
     try:
         return pafs.FileSystem.from_uri(q)
     except (ValueError, OSError) as e:
