@@ -78,13 +78,8 @@ class PretrainRank(RankTraining):
         labelled = shard.labels >= 0
         bank = shard.subset(split_mask(splits, cfg.monitor_bank_split) & labelled)
         queries = shard.subset(split_mask(splits, cfg.monitor_split) & labelled)
-        self.bank = Shard(
-            bank.images[: cfg.monitor_bank_rows // world], bank.labels[: cfg.monitor_bank_rows // world]
-        )
-        self.queries = Shard(
-            queries.images[: cfg.monitor_query_rows // world],
-            queries.labels[: cfg.monitor_query_rows // world],
-        )
+        self.bank = bank.head(cfg.monitor_bank_rows // world)  # views: the stream cache decodes nothing
+        self.queries = queries.head(cfg.monitor_query_rows // world)
         counts = D.all_reduce_sum(
             torch.tensor([len(pool), len(self.bank), len(self.queries)], dtype=torch.float64)
         )

@@ -1,35 +1,186 @@
-"""A rank's shard of the image table, decoded once into memory, and the per-epoch step plan.
+"""A rank's shard of the image table, and the per-epoch step plan.
 
-Data arrives through Spark (Arrow batches of the image table's rows), is decoded on the worker
-once and kept as a uint8 tensor, so each epoch reads memory like a plain PyTorch loop over
-in-memory tensors would: no per-epoch I/O, no Python per-sample work.
+Data arrives through Spark (Arrow batches of the image table's rows). :func:`load_shard` keeps
+it in one of two shard caches behind the same interface (``Shard.images[b]``, slices,
+``subset(mask)``, ``len``), so the methods' code does not know which:
+
+- ``memory``: decoded once into a uint8 ``(N, C, H, W)`` tensor, so each epoch reads memory like
+  a plain PyTorch loop over in-memory tensors would: no per-epoch I/O, no Python per-sample work.
+  A shard larger than the worker's memory is a clear error.
+- ``stream``: the rows stay encoded, as the table holds them (a local file, or memory when
+  small), and each batch decodes in a thread pool ahead of the step
+  (:mod:`sparkvision.train.store`): a rank's memory is bounded by batch and prefetch sizes.
+- ``auto`` (the default): ``memory`` when the decoded shard takes under half of the memory
+  available (``AUTO_SHARE``), else ``stream``; every rank takes the same choice.
+
+Both use the same row indices and the same decoder, so for a fixed seed they give the same
+batches; see docs/training.md for the two ways they can differ (pixel statistics of a shard
+larger than ``STATS_SAMPLE`` rows, and a row whose header reads but whose body does not).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from sparkvision.data.images import RejectError
+from sparkvision.fields import CacheMode
 from sparkvision.spark import distributed as D
+from sparkvision.train.store import (
+    SPILL_BYTES,
+    BatchDecoder,
+    EncodedRows,
+    RowStore,
+    StreamImages,
+    header_ok,
+    local_dirs,
+    roomiest,
+)
 from sparkvision.transforms.preprocess import decode_image
+
+# ``auto`` keeps the decoded shard in memory when it takes under this share of the available memory.
+AUTO_SHARE = 0.5
+# Rows per rank the stream cache's pixel statistics are taken from (all rows of a smaller shard).
+STATS_SAMPLE = 4096
+# Decoded bytes per chunk of the pixel statistics (a histogram per chunk: no float copy at all).
+STATS_CHUNK_BYTES = 16 * 2**20
 
 
 @dataclass
 class Shard:
-    images: torch.Tensor  # (N, C, H, W) uint8
+    images: torch.Tensor | StreamImages  # (N, C, H, W) uint8, decoded (memory) or on demand (stream)
     labels: torch.Tensor  # (N,) int64; -1 when unlabelled
     bad_rows: int = 0
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return len(self.images)
 
     def subset(self, mask: torch.Tensor) -> Shard:
-        return Shard(self.images[mask], self.labels[mask], 0)
+        images = self.images[mask] if isinstance(self.images, torch.Tensor) else self.images.subset(mask)
+        return Shard(images, self.labels[mask], 0)
+
+    def head(self, n: int) -> Shard:
+        """The first ``n`` rows (a view: nothing is copied or decoded)."""
+        images = self.images[:n] if isinstance(self.images, torch.Tensor) else self.images.head(n)
+        return Shard(images, self.labels[:n], 0)
+
+    def plan(self, idx: torch.Tensor, first: int = 0) -> None:
+        """This epoch's ``(steps, local_batch)`` indices, walked from step ``first``: the stream
+        cache decodes ahead along them."""
+        if isinstance(self.images, StreamImages):
+            self.images.plan(idx, first)
+
+    @property
+    def cache(self) -> str:
+        return "stream" if isinstance(self.images, StreamImages) else "memory"
+
+    @property
+    def store(self) -> RowStore | None:
+        """The stream cache's store (threads, local file) to close at the end; None in memory."""
+        return self.images.store if isinstance(self.images, StreamImages) else None
+
+
+def load_shard(
+    batches: Iterator[pa.RecordBatch],
+    channels: int,
+    size: tuple[int, int],
+    cache: CacheMode = "auto",
+    threads: int = 1,
+    available_bytes: int | None = -1,
+    spill_dir: str | None = None,
+    spill_bytes: int = SPILL_BYTES,
+) -> tuple[Shard, list[str]]:
+    """Keep the ``image``/``label``/``split`` columns in the ``cache`` the shard's size allows.
+
+    Returns one Shard of every usable row plus the split name of each row (same order).
+    Unusable rows are counted (``bad_rows``), not fatal (ingestion already rejected most bad
+    input): ``memory`` drops every row that fails to decode; ``stream`` drops every row whose
+    header fails the decoder's checks (read once at load) and decodes a row whose body then fails
+    as zeros, counted in the store.
+
+    The encoded bytes are gathered first (copied from the Arrow buffers, spilled to a local file
+    past ``spill_bytes`` unless the cache is ``memory``) and counted; the decoded size is then
+    compared with the memory this worker has (``available_bytes``; -1 reads it from the OS, None
+    skips the check). ``memory`` then decodes each image straight into one preallocated tensor,
+    releasing the encoded bytes as it goes; a shard that does not fit is a clear error naming
+    what to change, not an executor killed by the OOM killer. ``threads`` decode for ``stream``.
+    """
+    c, (h, w) = channels, size
+    rows = EncodedRows(spill_dir or roomiest(local_dirs()), None if cache == "memory" else spill_bytes)
+    try:
+        labels, codes, names = read_columns(batches, rows)
+        n = len(rows)
+        need = n * c * h * w
+        if available_bytes == -1:
+            available_bytes = available_memory_bytes()
+        mode = cache
+        images: torch.Tensor | StreamImages
+        if cache == "auto":
+            roomy = available_bytes is None or need <= AUTO_SHARE * available_bytes
+            votes = D.all_reduce_sum(torch.tensor([0.0 if roomy else 1.0], dtype=torch.float64))
+            mode = "memory" if votes[0] == 0 else "stream"  # every rank takes the same choice
+        if mode == "memory":
+            check_shard_fits(need, available_bytes, n, (c, h, w))
+            images, keep = decode_all(rows, c, (h, w))
+        else:
+            keep = np.array([header_ok(rows.read(i)) for i in range(n)], dtype=bool)
+            store = RowStore(rows, BatchDecoder(rows, c, (h, w), threads))
+            images = StreamImages(store, np.flatnonzero(keep))
+    except BaseException:
+        rows.close()
+        raise
+    kept = labels[keep]
+    names_or_none: list[Any] = [*names, None]  # code -1: a null split
+    splits: list[str] = [names_or_none[k] for k in codes[keep].tolist()]
+    return Shard(images, torch.from_numpy(kept), n - len(kept)), splits
+
+
+def read_columns(
+    batches: Iterable[pa.RecordBatch], rows: EncodedRows
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Feed each batch's ``image`` column to ``rows``; return every row's label (-1 for null),
+    split code and the split names (a code per row, not a string: memory that grows by bytes per row)."""
+    labels: list[np.ndarray] = []
+    codes: list[np.ndarray] = []
+    names: dict[str, int] = {}
+    for batch in batches:
+        rows.append(batch.column("image"))
+        labels.append(pc.fill_null(batch.column("label"), -1).to_numpy(zero_copy_only=False).astype(np.int64))
+        enc = batch.column("split").dictionary_encode()
+        lut = np.array([names.setdefault(v, len(names)) for v in enc.dictionary.to_pylist()] + [-1])
+        codes.append(lut[pc.fill_null(enc.indices, len(lut) - 1).to_numpy(zero_copy_only=False)])
+    rows.finish()
+    empty = np.zeros(0, dtype=np.int64)
+    return (
+        np.concatenate(labels) if labels else empty,
+        np.concatenate(codes).astype(np.int64) if codes else empty,
+        list(names),
+    )
+
+
+def decode_all(rows: EncodedRows, channels: int, size: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
+    """Decode every row into one preallocated tensor, good rows packed to the front (dropping a
+    bad one needs no copy); returns the decoded rows and the mask of the rows kept."""
+    images = torch.empty((len(rows), channels, *size), dtype=torch.uint8)
+    out = images.numpy()  # shares memory with ``images``
+    keep = np.zeros(len(rows), dtype=bool)
+    kept = 0
+    for i, data in enumerate(rows.drain()):
+        try:
+            out[kept] = decode_image(data, channels, size)
+        except RejectError:
+            continue
+        keep[i] = True
+        kept += 1
+    return images[:kept], keep
 
 
 def decode_shard(
@@ -38,45 +189,18 @@ def decode_shard(
     size: tuple[int, int],
     available_bytes: int | None = -1,
 ) -> tuple[Shard, list[str]]:
-    """Decode ``image``/``label``/``split`` columns into per-split shards' raw material.
+    """The ``memory`` cache of :func:`load_shard`: every decodable row in one uint8 tensor."""
+    return load_shard(batches, channels, size, "memory", available_bytes=available_bytes)
 
-    Returns one Shard of every decodable row plus the split name of each row (same order).
-    Undecodable rows are counted, not fatal (ingestion already rejected most bad input).
 
-    Two passes, so that the decoded pixels exist once: the first keeps the (compressed) encoded
-    bytes and counts the rows, the second decodes each image straight into one preallocated
-    tensor. Stacking per-image arrays and then permuting them to (N, C, H, W) held three copies at
-    the peak. Between the passes the decoded size is checked against the memory this worker has
-    (``available_bytes``; -1 reads it from the OS, None skips the check), so an oversized shard is
-    a clear error naming what to change, not an executor killed by the OOM killer.
-    """
-    h, w = size
-    encoded: list[bytes] = []
-    labels: list[int] = []
-    splits: list[str] = []
-    for batch in batches:
-        d = batch.to_pydict()
-        encoded.extend(d["image"])
-        labels.extend(-1 if label is None else int(label) for label in d["label"])
-        splits.extend(d["split"])
-    need = len(encoded) * channels * h * w
-    if available_bytes == -1:
-        available_bytes = available_memory_bytes()
-    check_shard_fits(need, available_bytes, len(encoded), (channels, h, w))
-    images = torch.empty((len(encoded), channels, h, w), dtype=torch.uint8)
-    out = images.numpy()  # shares memory with ``images``
-    kept = 0  # good rows are packed to the front, so dropping bad ones needs no copy
-    for i, data in enumerate(encoded):
-        try:
-            out[kept] = decode_image(data, channels, (h, w))
-        except (RejectError, TypeError):  # TypeError: a null image
-            continue
-        finally:
-            encoded[i] = b""  # the encoded copy is no longer needed
-        labels[kept], splits[kept] = labels[i], splits[i]
-        kept += 1
-    bad = len(encoded) - kept
-    return Shard(images[:kept], torch.tensor(labels[:kept], dtype=torch.int64), bad), splits[:kept]
+def warn_failed(shard: Shard) -> None:
+    """One line in the executor's log for stream rows whose body failed to decode (read as zeros)."""
+    if isinstance(shard.images, StreamImages) and shard.images.failed:
+        print(
+            f"sparkvision: {shard.images.failed} decodes of rows whose header read but body did not "
+            "were replaced by zero images",
+            file=sys.stderr,
+        )
 
 
 def available_memory_bytes() -> int | None:
@@ -145,14 +269,34 @@ def split_mask(splits: list[str], name: str | None) -> torch.Tensor:
     return torch.tensor([s == name for s in splits], dtype=torch.bool)
 
 
-def pixel_stats(images: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_stats(
+    images: torch.Tensor | StreamImages, channels: int, sample: int = STATS_SAMPLE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean/std of uint8 ``(N, C, H, W)`` pixels scaled to [0, 1], over all ranks.
 
-    Every rank must call it (an all-reduce); the result is the model's preprocessing spec.
+    Counted as a histogram of the 256 values per channel, ``STATS_CHUNK_BYTES`` at a time: exact
+    integer sums, whatever the chunking or order, and never a float copy of the pixels (a float64
+    copy of the shard was 8x its size). The memory cache counts every row; the stream cache a
+    seeded sample of ``sample`` rows per rank (every row when the shard has no more: the very same
+    statistics as the memory cache). Every rank must call it (an all-reduce); the result is the
+    model's preprocessing spec.
     """
-    px = images.to(torch.float64).div_(255)
-    stats = torch.cat([px.sum(dim=(0, 2, 3)), (px * px).sum(dim=(0, 2, 3)), torch.tensor([px[:, 0].numel()])])
-    del px
+    n = len(images)
+    step = max(1, STATS_CHUNK_BYTES // max(1, math.prod(images.shape[1:])))
+    if isinstance(images, torch.Tensor):
+        chunks: Iterable[torch.Tensor] = (images[i : i + step] for i in range(0, n, step))
+    else:
+        ids = torch.arange(n)
+        if n > sample:
+            g = torch.Generator().manual_seed(1_000_003 + D.rank())
+            ids = torch.randperm(n, generator=g)[:sample].sort().values  # in order: sequential reads
+        chunks = (images[ids[i : i + step]] for i in range(0, len(ids), step))
+    counts = torch.zeros(channels, 256, dtype=torch.int64)
+    for x in chunks:
+        for c in range(channels):
+            counts[c] += torch.bincount(x[:, c].reshape(-1), minlength=256)
+    v = torch.arange(256, dtype=torch.float64) / 255
+    stats = torch.cat([counts.double() @ v, counts.double() @ (v * v), counts[:1].sum().double().view(1)])
     stats = D.all_reduce_sum(stats)
     mean = stats[:channels] / stats[-1]
     std = (stats[channels : 2 * channels] / stats[-1] - mean**2).clamp_min(1e-12).sqrt()

@@ -255,6 +255,7 @@ def run_metrics(info: dict[str, Any], timer: Timer, workers: int) -> dict[str, A
         "threads_per_rank": info["threads_per_rank"],
         "resumed_from_epoch": info["start_epoch"],
         "restarts": info.get("restarts", 0),
+        "cache": info.get("cache"),  # the shard cache the ranks used: memory or stream
     }
 
 

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sparkvision.spark import distributed as D
 from sparkvision.train.checkpoint import Restored, load_checkpoint
-from sparkvision.train.data import Shard, decode_shard, epoch_indices, pixel_stats, steps_per_epoch
+from sparkvision.train.data import Shard, epoch_indices, load_shard, pixel_stats, steps_per_epoch, warn_failed
 from sparkvision.train.loop import (
     EpochStart,
     RankLog,
@@ -56,7 +56,7 @@ class RankTraining:
     The payload carries at least ``cfg`` (the method's config as JSON), ``out``,
     ``checkpoint_dir``, ``channels``, ``size`` and ``num_classes``. The config needs the fields
     ``seed, epochs, batch_size, optimizer, lr, weight_decay, momentum, schedule, warmup_epochs,
-    resume, keep_checkpoints``.
+    resume, keep_checkpoints, cache``.
 
     Set by the skeleton for the hooks to use: ``rows`` (the rows an epoch walks over),
     ``counts`` (global row counts from :meth:`select`), ``mean_v``/``std_v`` (float64 per-channel
@@ -82,7 +82,17 @@ class RankTraining:
         cls, ctx: D.RankContext, batches: Iterator[pa.RecordBatch], payload: dict[str, Any]
     ) -> bytes | None:
         """The ``rank_fn`` of :func:`~sparkvision.spark.distributed.run_on_barrier`."""
-        return cls(ctx, payload).run(batches)
+        rank = cls(ctx, payload)
+        try:
+            return rank.run(batches)
+        finally:
+            rank.close()
+
+    def close(self) -> None:
+        """Release the shard's stream store (decode threads, local file), also after a failure."""
+        if getattr(self, "rows", None) is not None and self.rows.store is not None:
+            warn_failed(self.rows)
+            self.rows.store.close()
 
     # ------------------------------------------------------------------ hooks
     def select(self, shard: Shard, splits: list[str]) -> tuple[Shard, torch.Tensor]:
@@ -135,7 +145,7 @@ class RankTraining:
     def run(self, batches: Iterator[pa.RecordBatch]) -> bytes | None:
         cfg, ctx = self.cfg, self.ctx
         t_load = time.perf_counter()
-        shard, splits = decode_shard(batches, self.channels, self.size)
+        shard, splits = load_shard(batches, self.channels, self.size, cfg.cache, ctx.threads)
         self.rows, self.counts = self.select(shard, splits)
         del shard, splits
         self.mean_v, self.std_v = self.stats()
@@ -175,6 +185,7 @@ class RankTraining:
             self.begin_epoch(epoch)
             start = self.restart_point(epoch)
             idx = epoch_indices(len(self.rows), self.steps, local_batch, cfg.seed, epoch, ctx.rank)
+            self.rows.plan(idx, start.step)  # the stream cache decodes ahead along the epoch's plan
             self.net.train(self.train_mode)
             train_loss, lr, epoch_time = run_epoch(
                 self.optimizer,
@@ -224,6 +235,7 @@ class RankTraining:
                 "steps_per_epoch": self.steps,
                 "threads_per_rank": ctx.threads,
                 "start_epoch": self.start_epoch,
+                "cache": self.rows.cache,
                 "files": files,
                 "skipped_checkpoints": self.skipped,
                 **info,
