@@ -108,12 +108,7 @@ def packed_environment() -> Path:
     tag = hashlib.sha256(str(prefix.resolve()).encode()).hexdigest()[:8]
     archive = out_dir / f"env-{tag}-{fp}.zip"
     if not archive.exists():
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ParamError(
-                "ship_env", f"cannot create the cache {out_dir} (set ${ENV_CACHE}): {e}"
-            ) from None
+        make_dir(out_dir)
         with open(out_dir / f".{archive.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be packing the same environment
             if not archive.exists():
@@ -123,6 +118,13 @@ def packed_environment() -> Path:
                         old.unlink(missing_ok=True)
     say(f"shipping the Python environment {archive} ({archive.stat().st_size / 1e9:.1f} GB) to the executors")
     return archive
+
+
+def make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ParamError("ship_env", f"cannot create the cache {path} (set ${ENV_CACHE}): {e}") from None
 
 
 def say(message: str) -> None:
@@ -157,6 +159,7 @@ def packed_source() -> Path:
     out_dir = cache_dir()
     archive = out_dir / f"src-{source_hash()}.zip"
     if not archive.exists():
+        make_dir(out_dir)
         root = package_dir()
         tmp = archive.with_name(f".{archive.name}.{os.getpid()}.tmp")
         try:
