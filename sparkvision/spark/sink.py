@@ -158,6 +158,12 @@ class OutputSink:
     def ticket(self) -> dict[str, str]:
         return {"address": self.address, "token": self.token}
 
+    def renew(self) -> dict[str, str]:
+        """A new token (and ticket) for a relaunched job: ranks of the lost attempt that are still
+        alive somewhere can no longer write."""
+        self.token = secrets.token_hex(32)
+        return self.ticket
+
     def __enter__(self) -> OutputSink:
         self._thread.start()
         return self
@@ -274,8 +280,12 @@ class SinkStore:
         with self._open("put", rel) as sock:
 
             def write(data: bytes) -> None:
-                for i in range(0, len(data), CHUNK):
-                    _send(sock, bytes(data[i : i + CHUNK]))
+                try:
+                    for i in range(0, len(data), CHUNK):
+                        _send(sock, bytes(data[i : i + CHUNK]))
+                except OSError:  # the driver gave up on the file: its reply says why
+                    _reply(_recv_json(sock), rel)
+                    raise
 
             yield write  # an exception here closes the socket: the driver aborts the file
             _send(sock, b"")

@@ -226,7 +226,7 @@ def _run_relaunching(
                 len(lost),
                 max_restarts,
             )
-            payload = {**payload, "resume": True}
+            payload = {**payload, "resume": True, "sink": sink.renew()}
             waited_since = time.monotonic()
             wait_for_slots(spark, cfg.workers, RESTART_WAIT_S)
     return result, lost
