@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sparkvision.spark.session import cores_of_master, is_connect
+from pyspark.sql import functions as F
+
+from sparkvision.spark.session import cores_of_master, is_connect, is_local
 
 
 def master_of(spark: Any) -> str:
@@ -19,10 +21,20 @@ def master_of(spark: Any) -> str:
 
 
 def default_parallelism(spark: Any) -> int:
-    """Task slots of the cluster right now (classic: the live count of executor cores)."""
+    """Task slots of the cluster right now (classic: the live count of executor cores).
+
+    A Connect client on a local master counts that master's cores; on a cluster it asks Spark,
+    since this machine's cores say nothing about it: ``range`` without a partition count is split
+    into the default parallelism (the live executor cores, as classic reports), and the highest
+    partition id is read back (a tiny job, no Python).
+    """
     if not is_connect(spark):
         return int(spark.sparkContext.defaultParallelism)
     explicit = spark.conf.get("spark.default.parallelism", None)
     if explicit:
         return int(explicit)
-    return cores_of_master(master_of(spark))
+    master = master_of(spark)
+    if is_local(master):
+        return cores_of_master(master)
+    row = spark.range(0, 1 << 20).select(F.spark_partition_id().alias("p")).agg(F.max("p")).first()
+    return max(1, int(row[0]) + 1) if row is not None and row[0] is not None else cores_of_master(master)
