@@ -143,6 +143,8 @@ def test_spill_file_is_gone_from_the_local_dir_and_reads_back(tmp_path):
     assert [rows.read(i) for i in range(6)] == data
     rows.close()
     assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match=r"cannot create a file in .*missing .*spark.local.dir"):
+        EncodedRows(str(tmp_path / "missing"), spill_bytes=0).append(pa.array(data[:1], pa.binary()))
 
 
 CHILD = textwrap.dedent(

@@ -135,16 +135,30 @@ class EncodedRows:
         self.size += last - first
 
     def _write(self, data: memoryview) -> None:
+        if not len(data):
+            return
         if self._file is None and self.spill_bytes is not None and self.size + len(data) > self.spill_bytes:
             self._spill()
         if self._file is not None:
-            self._file.write(data)
+            try:
+                self._file.write(data)
+            except OSError as e:
+                raise ValueError(  # the one error kind a rank reports as one clear line
+                    f"stream cache: cannot write this rank's rows to {self.spill_dir} ({e.strerror}); point "
+                    "spark.local.dir at a local disk with room for the encoded table"
+                ) from None
         else:
             self._bases.append(self.size)
             self._chunks.append(bytes(data))
 
     def _spill(self) -> None:
-        fd, path = tempfile.mkstemp(prefix="sparkvision-shard-", suffix=".bin", dir=self.spill_dir)
+        try:
+            fd, path = tempfile.mkstemp(prefix="sparkvision-shard-", suffix=".bin", dir=self.spill_dir)
+        except OSError as e:
+            raise ValueError(
+                f"stream cache: cannot create a file in {self.spill_dir} ({e.strerror}); point "
+                "spark.local.dir at a writable local disk"
+            ) from None
         self._file = os.fdopen(fd, "w+b")
         self.path = path
         try:
@@ -203,6 +217,8 @@ class BatchDecoder:
         self.rows, self.channels, self.size = rows, channels, (int(size[0]), int(size[1]))
         self.threads = max(1, int(threads))
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="sparkvision-decode")
+        # Requests nobody planned: the caller's thread and these, not queued behind the prefetch.
+        self.urgent = ThreadPoolExecutor(max(1, self.threads - 1), thread_name_prefix="sparkvision-now")
         self.failed = 0
         self._lock = threading.Lock()
 
@@ -229,24 +245,24 @@ class BatchDecoder:
         return x
 
     def decode_now(self, rows: np.ndarray) -> torch.Tensor:
-        """One batch split across the pool, waited for: a request nobody planned."""
+        """One batch nobody planned, waited for: split between the calling thread and the
+        ``urgent`` threads (the prefetch pool may be busy with the next planned batches)."""
         x = self.empty(len(rows))
-        parts = min(self.threads, max(1, len(rows) // 8))
-        if parts <= 1:
-            self.decode_into(x.numpy(), rows)
-            return x
         out = x.numpy()
+        parts = min(self.threads, max(1, len(rows) // 8))
         bounds = np.linspace(0, len(rows), parts + 1).astype(int)
         futures = [
-            self.pool.submit(self.decode_into, out[a:b], rows[a:b])
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+            self.urgent.submit(self.decode_into, out[a:b], rows[a:b])
+            for a, b in zip(bounds[1:-1], bounds[2:], strict=True)
         ]
+        self.decode_into(out[: bounds[1]], rows[: bounds[1]])
         for f in futures:
             f.result()
         return x
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.urgent.shutdown(wait=True, cancel_futures=True)
 
 
 class RowStore:
