@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sparkvision.spark.filestore import CHUNK, LocalStore, read_bytes, write_bytes
 from sparkvision.spark.sink import OutputSink, SinkError, SinkStore
@@ -165,6 +166,11 @@ def test_resuming_mid_epoch_matches_the_undisturbed_run(spark, tiny_table, tmp_p
     assert all(torch.equal(weights[k], again[k]) for k in weights), "the resumed run diverged"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+    # TensorBoard: both runs' event files are there; the resumed writer purged epoch 2's first copy.
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    losses = [(e.step, round(e.value, 5)) for e in board.Scalars("loss/train")]
+    assert losses == [(h["epoch"], h["train_loss"]) for h in calm["history"]], losses
 
 
 # ----------------------------------------------------------------------------- a Hadoop-only URI
