@@ -203,7 +203,7 @@ def _size_in_bytes(spark: SparkSession, df: DataFrame) -> int:
     """
     try:
         if not is_connect(spark):
-            return int(str(df._jdf.queryExecution().optimizedPlan().stats().sizeInBytes().toString()))
+            return int(str(df._jdf.queryExecution().optimizedPlan().stats().sizeInBytes()))  # int or BigInt
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             df.explain(mode="cost")
