@@ -62,3 +62,19 @@ def test_a_ranks_own_error_wins_and_is_one_line():
     assert isinstance(e, ValueError) and str(e) == "rank 1 got no training rows: 3 rows for 2 workers"
     runtime = rank_error(Exception(OWN_RUNTIME))
     assert isinstance(runtime, JobFailed) and "\n" not in str(runtime) and "mat1 and mat2" in str(runtime)
+
+
+def test_an_unreachable_connect_server_is_one_line_in_seconds():
+    import socket
+    import time
+
+    from sparkvision.errors import ParamError
+    from sparkvision.spark.session import check_reachable
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(ParamError, match=f"no Spark Connect server answers at 127.0.0.1:{port}"):
+        check_reachable(f"sc://127.0.0.1:{port}/;session_id=x")
+    assert time.monotonic() - t0 < 6

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 from collections.abc import Iterable, Mapping
 from typing import cast
@@ -171,6 +172,7 @@ def connect_session(remote: str, conf: Mapping[str, str], app_name: str) -> Spar
     """A Spark Connect client on ``remote``, with sparkvision's runtime defaults applied."""
     if not remote.startswith("sc://"):
         raise ParamError("remote", f"{remote!r} is not a Spark Connect URL (sc://host:port)")
+    check_reachable(remote)
     try:
         builder = SparkSession.builder.remote(remote).appName(app_name)
     except ImportError as e:  # grpcio & co. are the `connect` extra of pyspark
@@ -180,8 +182,25 @@ def connect_session(remote: str, conf: Mapping[str, str], app_name: str) -> Spar
     settings = {k: defaults[k] for k in CONNECT_CONF if k in defaults}
     settings.update(conf)
     for key, value in settings.items():
+        if key in conf and not spark.conf.isModifiable(key) and spark.conf.get(key, None) != value:
+            raise ParamError(
+                "conf",
+                f"{key} is fixed by the Spark Connect server; set it with start-connect-server.sh --conf",
+            )
         spark.conf.set(key, value)
     return spark
+
+
+def check_reachable(remote: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, with one line, when nothing listens at the Connect URL: the client itself
+    would retry for minutes before saying anything."""
+    hostport = remote[len("sc://") :].split("/", 1)[0].split(";", 1)[0]
+    host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "15002")
+    try:
+        with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as e:
+        raise ParamError("remote", f"no Spark Connect server answers at {hostport}: {e}") from None
 
 
 def reuse(spark: SparkSession, master: str | None, conf: Mapping[str, str]) -> None:
