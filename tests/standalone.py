@@ -216,7 +216,9 @@ class StandaloneCluster:
 
     def clean_apps(self) -> None:
         """Delete the work dirs of applications that have finished (a shipped environment is
-        unpacked in each executor's dir, gigabytes that no later test needs)."""
+        unpacked in each executor's dir, gigabytes that no later test needs). The fixture's own
+        stop deletes everything; workers' ``spark.worker.cleanup`` would only do so days later."""
+        self.wait_no_executors()
         try:
             running = {a["id"] for a in self.state().get("activeapps", [])}
         except OSError:

@@ -95,6 +95,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 400) -
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.timeout(900)  # five applications, each starting a driver and two executors
 def test_ingest_train_evaluate_predict_embed(standalone_cluster, tmp_path):
     """The whole user flow against ``spark://``: 2 DDP ranks, one on each 1-core worker (a barrier
     stage of 2 tasks needs both workers' only slot)."""

@@ -116,6 +116,7 @@ def packed_environment() -> Path:
                 for old in out_dir.glob(f"env-{tag}-*.zip"):  # earlier versions of this environment
                     if old != archive:
                         old.unlink(missing_ok=True)
+                        (out_dir / f".{old.name}.lock").unlink(missing_ok=True)
     say(f"shipping the Python environment {archive} ({archive.stat().st_size / 1e9:.1f} GB) to the executors")
     return archive
 
