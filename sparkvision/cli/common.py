@@ -9,12 +9,15 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from py4j.protocol import Py4JJavaError
+from pyspark.errors import PySparkException
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from sparkvision.data.images import RejectError
 from sparkvision.errors import JobFailed
+from sparkvision.spark.distributed import spark_failure
 from sparkvision.spark.session import get_spark, parse_conf
 
 console = Console()
@@ -107,3 +110,6 @@ def guarded(fn: Callable[[], dict[str, Any]], as_json: bool) -> dict[str, Any]:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         fail(str(msg), as_json)
         raise  # unreachable; fail() raises
+    except (PySparkException, Py4JJavaError) as e:  # a Spark job failed: its reason, not its stack
+        fail(str(spark_failure(e)), as_json)
+        raise

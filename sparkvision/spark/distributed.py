@@ -239,6 +239,21 @@ def lost_reason(text: str) -> str | None:
     return None
 
 
+_NO_MODULE = re.compile(r"No module named '([\w.]+)'")
+
+
+def spark_failure(e: Exception) -> Exception:
+    """A failed Spark job as one line the user can act on. An executor whose Python lacks a
+    package (a cluster node without sparkvision's environment) names the module and the fix."""
+    m = _NO_MODULE.search(str(e))
+    if m:
+        return JobFailed(
+            f"the executors' Python cannot import {m.group(1)}: run with --ship-env, or set "
+            "spark.pyspark.python (PYSPARK_PYTHON) to a Python with sparkvision's packages on every node"
+        )
+    return rank_error(e)
+
+
 _ERROR_LINE = re.compile(r"([A-Za-z_][\w.]*(?:Error|Exception)): ([^\n]+)")
 _PY_ERRORS = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}
 
