@@ -78,3 +78,17 @@ def test_an_unreachable_connect_server_is_one_line_in_seconds():
     with pytest.raises(ParamError, match=f"no Spark Connect server answers at 127.0.0.1:{port}"):
         check_reachable(f"sc://127.0.0.1:{port}/;session_id=x")
     assert time.monotonic() - t0 < 6
+
+
+def test_ship_env_is_refused_on_a_local_master():
+    """In a fresh process (this one may hold a session, which get_spark would reuse)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from sparkvision.spark.session import get_spark\n"
+        "try:\n    get_spark('local-cluster[2,1,1024]', ship_env=True)\n"
+        "except ValueError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("ship_env: local-cluster[2,1,1024] runs this machine's Python already"), out

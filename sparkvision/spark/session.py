@@ -149,11 +149,20 @@ def get_spark(
         return connect_session(remote, conf or {}, app_name)
     master = resolve_master(master)
     settings = default_conf(master)
+    shipped: dict[str, str] = {}
     if ship_env:
+        if is_local(master):
+            raise ParamError(
+                "ship_env", f"{master} runs this machine's Python already; --ship-env is for clusters"
+            )
         from sparkvision.spark.shipenv import ship_env_conf
 
-        settings.update(ship_env_conf())
+        shipped = ship_env_conf()
+        settings.update(shipped)
     settings.update(conf or {})
+    user_archives = (conf or {}).get("spark.archives")
+    if shipped.get("spark.archives") and user_archives:  # the user's archives travel too
+        settings["spark.archives"] = f"{shipped['spark.archives']},{user_archives}"
     # pyspark takes the workers' Python from this variable only (SparkContext.pythonExec), not from
     # spark.pyspark.python: without it local tasks run a system python that lacks our packages.
     if "spark.pyspark.python" in settings:
