@@ -141,3 +141,17 @@ def job_db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+# The files that start clusters or servers run longest; handed to the two xdist workers first
+# (with --dist loadfile a file goes where it first appears), they overlap with the quick files
+# instead of ending the run one after another.
+SLOW_FILES = ("test_standalone.py", "test_recovery.py", "test_connect.py", "test_outputs.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+
+    items.sort(key=rank)  # stable: every file keeps its own order
