@@ -308,10 +308,14 @@ def driver_store(spark: SparkSession | None, uri: str) -> Store:
 def scratch_dir() -> str | None:
     """Where an executor's Python stages files: Spark's local dirs (``SPARK_LOCAL_DIRS``, set for
     Python workers: the disks Spark itself spills to), else the system's temporary directory."""
-    for d in os.environ.get("SPARK_LOCAL_DIRS", "").split(","):
-        if d and os.path.isdir(d):
-            return d
-    return None
+    dirs = spark_local_dirs()
+    return dirs[0] if dirs else None
+
+
+def spark_local_dirs() -> list[str]:
+    """Spark's local dirs for this executor (``SPARK_LOCAL_DIRS``, which Spark sets for its Python
+    workers from ``spark.local.dir`` or the cluster manager's) that exist here."""
+    return [d for d in os.environ.get("SPARK_LOCAL_DIRS", "").split(",") if d and os.path.isdir(d)]
 
 
 # ----------------------------------------------------------------------------- whole files

@@ -40,6 +40,7 @@ import pyarrow as pa
 import torch
 
 from sparkvision.data.images import RejectError, mode_channels, open_image
+from sparkvision.spark.filestore import spark_local_dirs
 from sparkvision.transforms.preprocess import decode_image
 
 # Encoded bytes a rank keeps in memory before spilling them to a local file. Small next to what a
@@ -53,8 +54,7 @@ PREFETCH = 3
 def local_dirs() -> list[str]:
     """Spark's local dirs for this executor (``SPARK_LOCAL_DIRS``, which Spark sets for its Python
     workers from ``spark.local.dir`` or the cluster manager's), else the system temp dir."""
-    dirs = [d for d in os.environ.get("SPARK_LOCAL_DIRS", "").split(",") if d and os.path.isdir(d)]
-    return dirs or [tempfile.gettempdir()]
+    return spark_local_dirs() or [tempfile.gettempdir()]
 
 
 def roomiest(dirs: list[str]) -> str:
