@@ -146,7 +146,14 @@ def job_db_url(request, tmp_path):
 # The files that start clusters or servers run longest; handed to the two xdist workers first
 # (with --dist loadfile a file goes where it first appears), they overlap with the quick files
 # instead of ending the run one after another.
-SLOW_FILES = ("test_standalone.py", "test_recovery.py", "test_connect.py", "test_outputs.py")
+# (--no-loadscope-reorder: xdist would otherwise order files by their number of tests.)
+SLOW_FILES = (
+    "test_standalone.py",
+    "test_recovery.py",
+    "test_connect.py",
+    "test_outputs.py",
+    "test_ingest_cluster.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):

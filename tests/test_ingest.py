@@ -351,7 +351,7 @@ def test_cli_json_prints_one_object(spark, tmp_path):
 
 def test_cli_human_summary(spark, tmp_path):
     root = write_image_folder(tmp_path / "src", {"a": 2})
-    result = runner.invoke(app, ["ingest", str(root), str(tmp_path / "t")], env={"COLUMNS": "300"})
+    result = runner.invoke(app, ["ingest", str(root), str(tmp_path / "t")])
     assert result.exit_code == 0, result.output
     flat = "".join(result.output.split())  # a long path may wrap in the table's cell
     for text in ("rows per split", "rows per class", "images/s", str(tmp_path / "t")):

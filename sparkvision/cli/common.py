@@ -74,6 +74,9 @@ def emit(
 
 def render_kv(summary: dict[str, Any], title: str | None = None) -> None:
     t = Table(title=title, show_header=False, box=None)
+    t.add_column(no_wrap=True)
+    # Fold, never cut: a value is often a path or URI that the user copies into the next command.
+    t.add_column(overflow="fold")
     for k, v in summary.items():
         if isinstance(v, dict) and v:
             v = ", ".join(f"{kk}: {vv}" for kk, vv in v.items())
