@@ -234,3 +234,12 @@ def test_outputs_reach_a_scheme_only_hadoop_knows(tiny_table, tmp_path):
     assert e["rows"] == 32 and 0 <= e["accuracy"] <= 1
     assert json.loads((m / "evaluation.json").read_text())["rows"] == 32
     assert (m / "confusion_matrix.png").stat().st_size > 0
+
+    # A model on the URI read back as a distillation teacher and as the student's starting weights.
+    d = run_cli(
+        "distill", "--teacher", "svtest://box/m", "--encoder", "svtest://box/m", "--table", tiny_table,
+        "--out", "svtest://box/d", "--unlabeled-split", "train", "--epochs", "1", "--augment", "none",
+        *spark_opts,
+    )  # fmt: skip
+    assert d["model_dir"] == "svtest://box/d" and d["epochs"] == 1, d
+    assert (root / "d" / "model.safetensors").stat().st_size > 2**20

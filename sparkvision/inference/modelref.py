@@ -85,10 +85,10 @@ class PathModel:
 
 
 @contextmanager
-def model_dir_here(spark: SparkSession, model_dir: str) -> Iterator[str]:
-    """A local path to ``model_dir``: itself when local, else a copy of its files fetched through
-    the session's file systems (removed on exit). A missing directory or file is a
-    :class:`FileNotFoundError` naming ``model_dir``, as for a local one."""
+def model_dir_here(spark: SparkSession, model_dir: str, extra: tuple[str, ...] = ()) -> Iterator[str]:
+    """A local path to ``model_dir``: itself when local, else a copy of its files (and of those of
+    ``extra`` it has) fetched through the session's file systems, removed on exit. A missing
+    directory or file is a :class:`FileNotFoundError` naming ``model_dir``, as for a local one."""
     if local_path(model_dir) is not None:
         yield model_dir
         return
@@ -100,7 +100,7 @@ def model_dir_here(spark: SparkSession, model_dir: str) -> Iterator[str]:
         if name not in names:
             raise FileNotFoundError(f"{model_dir} is not a sparkvision model directory: {name} is missing")
     with tempfile.TemporaryDirectory(prefix="sparkvision-model-") as here:
-        for name in MODEL_FILES:
+        for name in (*MODEL_FILES, *extra):
             if name in names:
                 download(store, name, os.path.join(here, name))
         yield here

@@ -38,6 +38,7 @@ from safetensors.torch import save as st_save
 
 from sparkvision.data.table import read_meta, read_table
 from sparkvision.errors import ParamError
+from sparkvision.inference.modelref import model_dir_here
 from sparkvision.models import ImageModel, create_model, model_kwargs_for
 from sparkvision.models.modeldir import ModelSpec, load_model_dir
 from sparkvision.spark import distributed as D
@@ -244,14 +245,16 @@ class FinetuneRank(ClassifierRank):
         return super().result()
 
 
-def projector_neck(encoder_dir: str, layers: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+def projector_neck(
+    encoder_dir: str, layers: int, name: str | None = None
+) -> tuple[dict[str, torch.Tensor], list[int]]:
     """The first ``layers`` FC + BN layers of ``encoder_dir``'s pretraining projector, renamed to
     the keys of ``ImageModel.attach_neck`` (both are ``ssl.heads._block`` layers: Linear, BN, ReLU),
     and their widths."""
     path = os.path.join(encoder_dir, PROJECTOR_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"{path} not found: projector_layers needs an encoder written by "
+            f"{name or encoder_dir}/{PROJECTOR_FILE} not found: projector_layers needs an encoder written by "
             "`sparkvision pretrain` (or sparkvision.ssl.pretrain.export_projector on its dir)"
         )
     proj = load_file(path)
@@ -298,9 +301,11 @@ def check_modes(cfg: FinetuneConfig, encoder: str | None, teacher: str | None) -
         raise ParamError("projector_layers", "needs an encoder (a pretraining run's projector)")
 
 
-def teacher_payload(teacher: str, table: str, num_classes: int) -> dict[str, Any]:
-    """The teacher model directory as the ranks need it (weights as safetensors bytes)."""
-    tm = load_model_dir(teacher, param="teacher")
+def teacher_payload(spark: SparkSession, teacher: str, table: str, num_classes: int) -> dict[str, Any]:
+    """The teacher model directory (a local path or any URI the session reads) as the ranks need
+    it (weights as safetensors bytes)."""
+    with model_dir_here(spark, teacher) as here:
+        tm = load_model_dir(here, param="teacher")
     if tm.spec.num_classes != num_classes:
         raise ValueError(
             f"teacher {teacher} predicts {tm.spec.num_classes} classes but table {table} has {num_classes}"
@@ -364,13 +369,15 @@ def student_payload(
                 "encoder_weights": None,
             },
         )
-    lm = load_model_dir(encoder, param="encoder")
-    model_kwargs = dict(lm.spec.model_kwargs)
-    enc_sd = {k: v.contiguous() for k, v in lm.model.state_dict().items()}
-    if cfg.projector_layers:
-        neck_sd, dims = projector_neck(encoder, cfg.projector_layers)
-        enc_sd.update(neck_sd)
-        model_kwargs["neck"] = dims
+    # The encoder may be a URI (a pretraining run's --out): read through the session's file systems.
+    with model_dir_here(data.sparkSession, encoder, extra=(PROJECTOR_FILE,)) as here:
+        lm = load_model_dir(here, param="encoder")
+        model_kwargs = dict(lm.spec.model_kwargs)
+        enc_sd = {k: v.contiguous() for k, v in lm.model.state_dict().items()}
+        if cfg.projector_layers:
+            neck_sd, dims = projector_neck(here, cfg.projector_layers, name=encoder)
+            enc_sd.update(neck_sd)
+            model_kwargs["neck"] = dims
     h, w = lm.preprocess.size
     return (
         lm.preprocess.channels,
@@ -413,7 +420,7 @@ def finetune(
     class_names = read_meta(spark, table).class_names
     if len(class_names) < 2:
         raise ValueError(f"table {table} has {len(class_names)} classes; fine-tuning needs at least 2")
-    teacher_spec = teacher_payload(teacher, table, len(class_names)) if teacher is not None else None
+    teacher_spec = teacher_payload(spark, teacher, table, len(class_names)) if teacher is not None else None
     data = finetune_rows(read_table(spark, table), cfg, table, distill=teacher is not None)
     channels, size, student = student_payload(encoder, cfg, data)
     if teacher_spec is not None and (
