@@ -13,6 +13,11 @@ from PIL import Image
 from standalone import standalone_cluster  # noqa: F401  (the `cluster` tests' Spark standalone cluster)
 
 os.environ.setdefault("SPARKVISION_PROGRESS", "0")
+# Every JVM the tests start (drivers, executors, the standalone cluster's daemons, the Connect
+# server) inherits this: the tests' JVMs live seconds to minutes, where C2 compiler threads and the
+# parallel collector cost more CPU than they give back on a 2-core machine (about 20% of the
+# standalone flow's time). The JVM notes it on stderr ("Picked up JDK_JAVA_OPTIONS").
+os.environ.setdefault("JDK_JAVA_OPTIONS", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
 
 
 @pytest.fixture(scope="session")

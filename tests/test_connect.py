@@ -1,8 +1,8 @@
 """The commands as a Spark Connect client (``--remote sc://...``), against the Connect server that
 ships with pyspark (tests/connect_server.py).
 
-Each command runs as a CLI subprocess: a Connect client and this test session's classic
-SparkSession cannot share one process. The web runner's cancel and progress over Connect (query
+The client runs in subprocesses (CLI commands, and the Python API for the inference operations):
+a Connect client and this test session's classic SparkSession cannot share one process. The web runner's cancel and progress over Connect (query
 tags, the server's progress reports) run in a subprocess too: this file, run as a script.
 """
 
@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -60,25 +59,44 @@ def test_ingest_train_evaluate_predict_embed_over_connect(connect_server, tmp_pa
     assert tr["workers"] == 2 and tr["train_rows"] == 32 and len(tr["history"]) == 1, tr
     assert os.path.exists(os.path.join(model, "model.safetensors"))
 
-    # The three inference commands share one server-side session (a Connect URL may name one): its
-    # Python workers stay up between them, with torch imported and the model loaded once.
-    remote = ("--remote", f"{connect_server.url}/;session_id={uuid.uuid4()}")
-    ev = run_cli("evaluate", model, table, *remote)
+    # The three inference operations in one client process through the Python API (the CLI's own
+    # --remote path ran above; a client process is a second of CPU-bound imports on this machine):
+    # one server-side session, whose Python workers stay up with torch imported and the model loaded.
+    p = subprocess.run(
+        [sys.executable, "-c", INFER, connect_server.url, model, table, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "SPARKVISION_MASTER"},
+    )
+    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-2000:]
+    ev, pr, em = json.loads(p.stdout.strip().splitlines()[-1])
     assert ev["rows"] == 16 and ev["split"] == "test" and 0.0 <= ev["accuracy"] <= 1.0, ev
     assert len(ev["confusion_matrix"]) == 4
 
     # Inference: the executors read the model directory by its path (no broadcast over Connect).
-    pr = run_cli("predict", model, table, str(tmp_path / "preds"), *remote)
     assert pr["rows"] == 48 and pr["errors"] == 0, pr
     preds = pq.read_table(str(tmp_path / "preds"))
     assert preds.num_rows == 48
     assert {"content_id", "pred_label", "pred_name", "confidence", "topk_probs"} <= set(preds.column_names)
     assert set(preds.column("pred_name").to_pylist()) <= {"a", "b", "c", "d"}
 
-    em = run_cli("embed", model, table, str(tmp_path / "emb"), *remote)
     assert em["rows"] == 48 and em["errors"] == 0 and em["dim"] == 32, em
     emb = pq.read_table(str(tmp_path / "emb"), columns=["content_id", "embedding"])
     assert emb.num_rows == 48 and all(len(v) == 32 for v in emb.column("embedding").to_pylist())
+
+
+INFER = """
+import json, os, sys
+from sparkvision import api
+
+url, model, table, tmp = sys.argv[1:]
+spark = api.get_spark(remote=url)
+ev = api.evaluate(spark, model_dir=model, table=table)
+pr = api.predict(spark, model_dir=model, table=table, out=os.path.join(tmp, "preds"))
+em = api.embed(spark, model_dir=model, table=table, out=os.path.join(tmp, "emb"))
+print(json.dumps([ev, pr, em], default=str))
+"""
 
 
 def test_web_runner_cancels_and_follows_a_job_over_connect(connect_server, tmp_path):

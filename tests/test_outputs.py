@@ -229,17 +229,35 @@ def test_outputs_reach_a_scheme_only_hadoop_knows(tiny_table, tmp_path):
         assert (m / name).exists(), name
     assert json.loads((m / "progress.json").read_text())["epoch"] == 2
 
-    # evaluate reads the model as predict does (inference.modelref), and writes its reports there.
-    e = run_cli("evaluate", "svtest://box/m", tiny_table, *spark_opts)
+    # evaluate reads the model as predict does (inference.modelref) and writes its reports there;
+    # distill reads it as its teacher and as the student's starting weights. Both in one Python API
+    # process (one JVM, not two; the CLI's own path ran above).
+    conf = dict(spark_opts[i + 1].split("=", 1) for i in range(2, len(spark_opts), 2))
+    p = subprocess.run(
+        [sys.executable, "-c", EVAL_DISTILL, json.dumps(conf), tiny_table],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-2000:]
+    e, d = json.loads(p.stdout.strip().splitlines()[-1])
     assert e["rows"] == 32 and 0 <= e["accuracy"] <= 1
     assert json.loads((m / "evaluation.json").read_text())["rows"] == 32
     assert (m / "confusion_matrix.png").stat().st_size > 0
-
-    # A model on the URI read back as a distillation teacher and as the student's starting weights.
-    d = run_cli(
-        "distill", "--teacher", "svtest://box/m", "--encoder", "svtest://box/m", "--table", tiny_table,
-        "--out", "svtest://box/d", "--unlabeled-split", "train", "--epochs", "1", "--augment", "none",
-        *spark_opts,
-    )  # fmt: skip
     assert d["model_dir"] == "svtest://box/d" and d["epochs"] == 1, d
     assert (root / "d" / "model.safetensors").stat().st_size > 2**20
+
+
+EVAL_DISTILL = """
+import json, sys
+from sparkvision import api
+
+conf, table = json.loads(sys.argv[1]), sys.argv[2]
+spark = api.get_spark("local[2]", conf)
+e = api.evaluate(spark, model_dir="svtest://box/m", table=table)
+d = api.distill(
+    spark, teacher="svtest://box/m", encoder="svtest://box/m", table=table, out="svtest://box/d",
+    unlabeled_split="train", epochs=1, augment="none",
+)
+print(json.dumps([e, d], default=str))
+"""

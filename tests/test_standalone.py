@@ -21,26 +21,6 @@ from conftest import write_image_folder
 
 pytestmark = pytest.mark.cluster
 
-# A driver that starts an application, reports once both executors run, waits for the test to look
-# at them, then reports which interpreter and process each task ran in.
-PROBE = textwrap.dedent(
-    """
-    import json, os, sys, time
-    from pyspark.sql import SparkSession
-
-    spark = SparkSession.builder.master(sys.argv[1]).appName("probe").getOrCreate()
-    sc = spark.sparkContext
-    deadline = time.time() + 120
-    while sc._jsc.sc().getExecutorMemoryStatus().size() - 1 < 2 and time.time() < deadline:
-        time.sleep(0.2)
-    print("ready", flush=True)
-    sys.stdin.readline()
-    seen = sc.parallelize(range(8), 8).map(lambda _: (sys.executable, os.getpid(), os.getcwd())).collect()
-    print(json.dumps({"app": sc.applicationId, "tasks": sorted(set(seen))}), flush=True)
-    spark.stop()
-    """
-)
-
 
 def driver_env(**extra: str) -> dict[str, str]:
     # SPARK_LOCAL_IP: the driver listens on loopback like the cluster, not on the host's address.
@@ -54,42 +34,13 @@ def driver_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def test_cluster_runs_an_application_on_both_workers(standalone_cluster):
-    cluster = standalone_cluster
-    assert cluster.master_url.startswith("spark://127.0.0.1:")
-    assert cluster.state()["aliveworkers"] == 2
-    p = subprocess.Popen(
-        [sys.executable, "-c", PROBE, cluster.master_url],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=driver_env(),
-    )
-    try:
-        assert p.stdout.readline().strip() == "ready", p.stderr.read()[-3000:]
-        executors = cluster.executor_pids()
-        assert len(executors) == 2, executors
-        out, err = p.communicate("go\n", timeout=120)
-    finally:
-        p.kill()
-    assert p.returncode == 0, err[-3000:]
-    report = json.loads(out.strip().splitlines()[-1])
-    tasks = report["tasks"]
-    assert {exe for exe, _, _ in tasks} == {sys.executable}
-    # The tasks ran in each worker's own work dir (work/<app>/<executor>), never the driver's.
-    work_dirs = {os.path.dirname(os.path.dirname(cwd)) for _, _, cwd in tasks}
-    assert work_dirs == {str(w) for w in cluster.work_dirs}
-    cluster.wait_no_executors()  # the application ended: the workers stop its executors
-
-
 # The user flow as one application: a driver process that runs the five operations through the
 # Python API on one SparkSession (the CLI's path on the cluster is the same operation; the recovery
 # and bare-Python tests drive the CLI itself). One application, not five: each costs a driver JVM,
 # two executor JVMs and their Python workers, about 50 s on this 2-core machine.
 FLOW = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     from sparkvision import api
 
     master, src, table, model, pred, feat = sys.argv[1:]
@@ -102,6 +53,9 @@ FLOW = textwrap.dedent(
     out["evaluate"] = api.evaluate(spark, model_dir=model, table=table, split="test")
     out["predict"] = api.predict(spark, model_dir=model, table=table, out=pred, split="test")
     out["embed"] = api.embed(spark, model_dir=model, table=table, out=feat)
+    # Where the tasks ran: which interpreter, in which process and working directory.
+    probe = spark.sparkContext.parallelize(range(8), 8)
+    out["tasks"] = sorted(set(probe.map(lambda _: (sys.executable, os.getpid(), os.getcwd())).collect()))
     print(json.dumps(out, default=str))
     spark.stop()
     """
@@ -111,6 +65,9 @@ FLOW = textwrap.dedent(
 def test_ingest_train_evaluate_predict_embed(standalone_cluster, tmp_path):
     """The whole user flow against ``spark://``: 2 DDP ranks, one on each 1-core worker (a barrier
     stage of 2 tasks needs both workers' only slot)."""
+    cluster = standalone_cluster
+    assert cluster.master_url.startswith("spark://127.0.0.1:")
+    assert cluster.state()["aliveworkers"] == 2
     src = tmp_path / "images"
     for split, n, seed in (("train", 12, 0), ("test", 6, 10_000)):
         write_image_folder(src / split, {"a": n, "b": n, "c": n, "d": n}, start_seed=seed)
@@ -137,6 +94,13 @@ def test_ingest_train_evaluate_predict_embed(standalone_cluster, tmp_path):
     assert pq.read_table(tmp_path / "pred").num_rows == 24
     feats = pq.read_table(tmp_path / "feat")
     assert feats.num_rows == 72 and len(feats.column("path").unique()) == 72
+    # The tasks ran the driver's interpreter (PYSPARK_PYTHON) in each worker's own work dir
+    # (work/<app>/<executor>), never the driver's.
+    tasks = out["tasks"]
+    assert {exe for exe, _, _ in tasks} == {sys.executable}
+    work_dirs = {os.path.dirname(os.path.dirname(cwd)) for _, _, cwd in tasks}
+    assert work_dirs == {str(w) for w in cluster.work_dirs}
+    cluster.wait_no_executors()  # the application ended: the workers stop its executors
 
 
 # --ship-env: the executors get the driver's environment from the archive alone. The driver says
