@@ -139,7 +139,6 @@ def main() -> None:
                     cluster.clean_apps()
         finally:
             cluster.stop()
-    lost = [r["lost_epochs"] for r in rows]
     result = {
         "table": a.table,
         "epochs": a.epochs,
