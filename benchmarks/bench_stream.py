@@ -193,6 +193,49 @@ def measured_train(spark: SparkSession, run) -> tuple[dict, list[dict[str, float
     return summary, mem.ranks(2), round(time.perf_counter() - t0, 1)
 
 
+# ----------------------------------------------------------------------------- plain PyTorch floor
+FLOOR = r"""
+import sys, torch
+from sparkvision.models.cnn import cnn
+torch.set_num_threads(int(sys.argv[2]))
+torch.manual_seed(0)
+B = int(sys.argv[1])
+m = cnn(num_classes=10, in_channels=3, image_size=64).to(memory_format=torch.channels_last)
+opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=5e-4)
+for _ in range(int(sys.argv[3])):
+    x = torch.randint(0, 256, (B, 3, 64, 64), dtype=torch.uint8).float().div(255)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (B,))
+    loss = torch.nn.functional.cross_entropy(m(x), y, label_smoothing=0.05)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+for line in open("/proc/self/status"):
+    if line.startswith(("VmHWM", "RssAnon")):
+        print(line.split(":")[0], int(line.split()[1]) * 1024)
+"""
+
+
+def plain_torch_floor(local_batch: int, threads: int = 1, steps: int = 30) -> dict[str, float]:
+    """Peak RSS of a plain PyTorch process running the ranks' model and steps on random tensors
+    (no Spark, no data): what a rank cannot go below, whatever the input path."""
+    import subprocess
+
+    res = subprocess.run(
+        [sys.executable, "-c", FLOOR, str(local_batch), str(threads), str(steps)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(HERE),
+    )
+    got = dict(line.split() for line in res.stdout.splitlines())
+    return {
+        "local_batch": local_batch,
+        "peak_rss_mib": round(int(got["VmHWM"]) / MiB, 1),
+        "anon_at_end_mib": round(int(got["RssAnon"]) / MiB, 1),
+    }
+
+
 # ----------------------------------------------------------------------------- (a) sizes
 def bench_sizes(spark: SparkSession, sizes: list[int], root: str, out: str, batch: int) -> dict:
     """One epoch per size with the stream cache, then the memory cache on the smallest table: the
@@ -220,9 +263,12 @@ def bench_sizes(spark: SparkSession, sizes: list[int], root: str, out: str, batc
     reference = runs.pop()
     peaks = [max(r["peak_rss_mib"] for r in run["ranks"]) for run in runs]
     growth = (max(peaks) - peaks[0]) / peaks[0]
+    floor = plain_torch_floor(batch // 2)
+    print("plain PyTorch floor", json.dumps(floor), flush=True)
     return {
         "runs": runs,
         "memory_cache_on_smallest": reference,
+        "plain_torch_floor": floor,
         "peak_rss_growth": round(growth, 3),
         "max_peak_rss_mib": max(peaks),
         "flat_met": growth < 0.10,
@@ -326,6 +372,15 @@ def markdown(res: dict) -> str:
             f"{max(k['peak_rss_mib'] for k in a['memory_cache_on_smallest']['ranks'])} MiB: what a rank "
             "holds besides its shard (torch, the model, the step's activations, the batches).",
         ]
+        f = a.get("plain_torch_floor")
+        if f:
+            lines.append(
+                f"- Floor: a plain PyTorch process (no Spark, no data: random tensors) running the same "
+                f"model, optimizer and local batch ({f['local_batch']}) with the CUDA build of torch peaks at "
+                f"**{f['peak_rss_mib']} MiB**. The ranks' peak above it "
+                f"({round(a['max_peak_rss_mib'] - f['peak_rss_mib'], 1)} MiB) is all that Spark's worker, DDP "
+                "and the input path add."
+            )
     b = res.get("fmnist")
     if b:
         lines += [
