@@ -68,7 +68,9 @@ def render() -> str:
                 else f"`{(meta.metavar or fname).upper()}` (argument)"
             )
             flag = flag if flag.startswith("`") else f"`{flag}`"
-            default = "required" if f.is_required() else f"`{f.get_default(call_default_factory=True)!r}`"
+            value = f.get_default(call_default_factory=True)
+            shown = repr(value.to_spec()) if hasattr(value, "to_spec") else repr(value)
+            default = "required" if f.is_required() else f"`{shown}`"
             desc = (f.description or "").replace("|", "\\|").replace("\n", " ")
             lines.append(f"| `{fname}` | {flag} | {default.replace('|', '/')} | {desc} |")
         lines.append("")

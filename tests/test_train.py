@@ -168,6 +168,14 @@ def test_lr_schedules_shape():
     assert lr_factor(100, 100, "cosine") == pytest.approx(0.0)
 
 
+def test_augment_spec_reads_back_as_the_same_config():
+    """``to_spec`` is what docs/commands.md shows as the default: it must be a valid --augment."""
+    assert AugmentConfig().to_spec() == "hflip=0.5,crop_padding=2"
+    assert AugmentConfig.none().to_spec() == "none"
+    cfg = AugmentConfig(hflip=0.25, crop_padding=4, scale=(0.9, 1.1), hue=0.05, cutout=0.5)
+    assert parse_augment(cfg.to_spec()) == cfg
+
+
 def test_batch_augment_is_per_sample_and_keeps_shape():
     x = torch.rand(64, 3, 16, 16)
     aug = BatchAugment(parse_augment("hflip=0.5,crop_padding=2,brightness=0.3,grayscale=0.5"))

@@ -56,6 +56,16 @@ class AugmentConfig:
     def none(cls) -> AugmentConfig:
         return cls(hflip=0.0, crop_padding=0)
 
+    def to_spec(self) -> str:
+        """The ``--augment`` string that :func:`parse_augment` reads back as this config."""
+        off = asdict(AugmentConfig.none())
+        items = [
+            f"{k}={v[0]:g}:{v[1]:g}" if k == "scale" else f"{k}={v:g}"
+            for k, v in asdict(self).items()
+            if v != off[k]
+        ]
+        return ",".join(items) or "none"
+
     def validate(self) -> None:
         for name in ("hflip", "grayscale"):
             v = getattr(self, name)
