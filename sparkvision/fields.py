@@ -123,6 +123,16 @@ Cache = Annotated[
         "fits with room to spare)."
     ),
 ]
+# Deal the rows to the ranks afresh before every epoch (every recipe): one Spark shuffle and one
+# barrier job per epoch, resumed from the epoch's checkpoint, instead of one deal per run.
+RESHUFFLE = False
+Reshuffle = Annotated[
+    bool,
+    Field(
+        description="Deal the rows to the ranks afresh before every epoch (a Spark shuffle and a "
+        "barrier job per epoch); default: once per run, each epoch reshuffling within a rank's shard."
+    ),
+]
 # Checkpoint every N optimizer steps as well as at every epoch's end (0: epochs only).
 CHECKPOINT_EVERY = 0
 CheckpointEvery = Annotated[

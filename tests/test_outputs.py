@@ -126,11 +126,17 @@ def test_a_crash_mid_checkpoint_loads_the_previous_one(tmp_path):
 
 
 # ----------------------------------------------------------------------------- mid-epoch resume
-def test_resuming_mid_epoch_matches_the_undisturbed_run(spark, tiny_table, tmp_path):
+@pytest.mark.parametrize(
+    "cache,reshuffle", [("memory", False), ("stream", True)], ids=["memory", "stream-reshuffle"]
+)
+def test_resuming_mid_epoch_matches_the_undisturbed_run(spark, tiny_table, tmp_path, cache, reshuffle):
     """2 ranks, 4 steps an epoch, a checkpoint every 3 steps: resuming from the one 2 steps into
     epoch 2 (with augmentation and dropout drawing random numbers) ends exactly where the run that
-    never stopped did: same data order, same draws, no row seen twice."""
+    never stopped did: same data order, same draws, no row seen twice. With the stream cache and
+    the rows dealt afresh every epoch (one job per epoch) too."""
     cfg = dict(
+        cache=cache,
+        reshuffle=reshuffle,
         epochs=2,
         workers=2,
         batch_size=16,
@@ -159,6 +165,8 @@ def test_resuming_mid_epoch_matches_the_undisturbed_run(spark, tiny_table, tmp_p
     resumed = train(spark, tiny_table, str(out), TrainConfig(**cfg, resume=True))
 
     assert resumed["resumed_from_epoch"] == 1
+    assert (calm["deals"], resumed["deals"]) == ((2, 1) if reshuffle else (1, 1))
+    assert calm["cache"] == resumed["cache"] == cache
     strip = [{k: v for k, v in h.items() if k not in TIMING} for h in resumed["history"]]
     assert strip == [{k: v for k, v in h.items() if k not in TIMING} for h in calm["history"]]
     again = load_file(str(out / "model.safetensors"))

@@ -248,3 +248,37 @@ def test_pretrain_streams_with_its_monitor(spark, tiny_table, tmp_path):
     assert [{k: h[k] for k in keys} for h in runs["stream"]["history"]] == [
         {k: h[k] for k in keys} for h in runs["memory"]["history"]
     ]
+
+
+def _dealt(df) -> list[list[bytes]]:
+    """Each partition's images, in order."""
+    from pyspark.sql import functions as F
+
+    got = df.select(F.spark_partition_id().alias("p"), F.monotonically_increasing_id().alias("i"), "image")
+    parts: dict[int, list[tuple[int, bytes]]] = {}
+    for r in got.collect():
+        parts.setdefault(r.p, []).append((r.i, bytes(r.image)))
+    return [[b for _, b in sorted(parts.get(p, []))] for p in range(max(parts) + 1)]
+
+
+def test_deal_fixes_each_ranks_rows_and_order_and_reshuffle_deals_afresh(spark):
+    """``deal`` (docs/training.md, "How rows mix"): the same table and seed give every rank the
+    same rows in the same order, however the input is ordered or split (so a resumed epoch sees
+    the batches it was on); ``reshuffle`` deals a fresh, near-even split every epoch."""
+    from sparkvision.train.driver import deal
+
+    rows = [(f"img-{i}".encode() * 3, i % 3, "train") for i in range(400)]
+    df = spark.createDataFrame(rows, "image binary, label int, split string")
+    shuffled = spark.createDataFrame(list(reversed(rows)), df.schema).repartition(3)
+
+    once = _dealt(deal(df, 2, seed=1))
+    assert [len(p) for p in once] == [200, 200]  # round-robin: equal shares
+    assert once == _dealt(deal(df, 2, seed=1))
+
+    epoch0 = _dealt(deal(df, 2, seed=1, epoch=0))
+    assert epoch0 == _dealt(deal(shuffled, 2, seed=1, epoch=0))  # by content, not by position
+    assert all(150 < len(p) < 250 for p in epoch0), [len(p) for p in epoch0]
+    epoch1 = _dealt(deal(df, 2, seed=1, epoch=1))
+    moved = len(set(epoch0[0]) - set(epoch1[0])) / len(epoch0[0])
+    assert 0.3 < moved < 0.7, moved  # about half of rank 0's rows go elsewhere the next epoch
+    assert sorted(epoch0[0] + epoch0[1]) == sorted(r[0] for r in rows)  # every row, once

@@ -14,6 +14,7 @@ from sparkvision.fields import (
     CACHE,
     CHECKPOINT_EVERY,
     MAX_RESTARTS,
+    RESHUFFLE,
     BatchSize,
     Cache,
     CheckpointEvery,
@@ -26,6 +27,7 @@ from sparkvision.fields import (
     Momentum,
     OptionalSplit,
     Recipe,
+    Reshuffle,
     Threads,
     Warmup,
     WeightDecay,
@@ -126,6 +128,7 @@ class FinetuneConfig(Recipe):
     max_restarts: MaxRestarts = MAX_RESTARTS
     cache: Cache = CACHE
     checkpoint_every: CheckpointEvery = CHECKPOINT_EVERY
+    reshuffle: Reshuffle = RESHUFFLE
 
     def validate(self) -> None:
         """The rules between fields (each field's own bounds are checked on construction)."""

@@ -12,6 +12,7 @@ from sparkvision.fields import (
     CACHE,
     CHECKPOINT_EVERY,
     MAX_RESTARTS,
+    RESHUFFLE,
     Cache,
     CheckpointEvery,
     Checkpoints,
@@ -23,6 +24,7 @@ from sparkvision.fields import (
     Momentum,
     OptionalSplit,
     Recipe,
+    Reshuffle,
     Threads,
     Warmup,
     WeightDecay,
@@ -100,6 +102,7 @@ class PretrainConfig(Recipe):
     max_restarts: MaxRestarts = MAX_RESTARTS
     cache: Cache = CACHE
     checkpoint_every: CheckpointEvery = CHECKPOINT_EVERY
+    reshuffle: Reshuffle = RESHUFFLE
     bf16: bool = Field(default=True, description="bfloat16 autocast (GPU only).")
     channels_last: bool = Field(default=False, description="channels_last memory format.")
 

@@ -15,6 +15,7 @@ from sparkvision.fields import (
     CACHE,
     CHECKPOINT_EVERY,
     MAX_RESTARTS,
+    RESHUFFLE,
     BatchSize,
     Cache,
     CheckpointEvery,
@@ -28,6 +29,7 @@ from sparkvision.fields import (
     Momentum,
     OptionalSplit,
     Recipe,
+    Reshuffle,
     Threads,
     Warmup,
     WeightDecay,
@@ -87,6 +89,7 @@ class TrainConfig(Recipe):
     max_restarts: MaxRestarts = MAX_RESTARTS
     cache: Cache = CACHE
     checkpoint_every: CheckpointEvery = CHECKPOINT_EVERY
+    reshuffle: Reshuffle = RESHUFFLE
 
     def validate(self) -> None:
         """The rules between fields (each field's own bounds are checked on construction)."""

@@ -36,6 +36,7 @@ from sparkvision.spark import distributed as D
 from sparkvision.spark.filestore import driver_store, local_path, write_bytes
 from sparkvision.spark.progress import Timer, step_progress
 from sparkvision.spark.sink import OutputSink, sink_address
+from sparkvision.train.checkpoint import checkpoint_key, list_checkpoints
 from sparkvision.train.loop import CHECKPOINT_DIR, PROGRESS_FILE
 from sparkvision.train.outputs import prepare_outputs
 
@@ -155,10 +156,12 @@ def launch(
     prepare_outputs(store, bool(cfg.resume), out)
     write_bytes(store, config_file, json.dumps(config, indent=2).encode())
     with OutputSink(store, *sink_address(spark), progress_file=PROGRESS_FILE) as sink:
-        result, lost = _run_relaunching(
-            spark, df, cfg, rank_fn, {**payload, "sink": sink.ticket}, sink, label, repartition
-        )
-    info, _ = D.decode_result(result)
+        payload = {**payload, "sink": sink.ticket}
+        if getattr(cfg, "reshuffle", False) and cfg.workers > 1:
+            info, lost = _run_reshuffling(spark, df, cfg, rank_fn, payload, sink, label)
+        else:
+            result, lost = _run_relaunching(spark, df, cfg, rank_fn, payload, sink, label, repartition)
+            info, _ = D.decode_result(result)
     info["restarts"] = len(lost)
     for skipped in info.pop("skipped_checkpoints", None) or []:
         log.warning("%s: checkpoint %s; resumed from the one before", label, skipped)
@@ -172,6 +175,70 @@ def launch(
     return info, dict(info.pop("files"))
 
 
+def deal(df: DataFrame, workers: int, seed: int, epoch: int | None = None) -> DataFrame:
+    """``df``'s rows dealt to ``workers`` partitions, one per rank, each in a fixed order.
+
+    ``epoch=None`` (a run's one deal): Spark's round-robin ``repartition``, which deals every input
+    partition's rows to the ranks in turn (equal shares, balanced over the table's parts). An
+    ``epoch`` (``reshuffle``): the rows dealt afresh for that epoch by a hash of their image bytes
+    salted with the seed and the epoch (near-equal shares: a few hundred rows apart in 60,000,
+    which the equal-steps plan absorbs). Either way each rank's rows are then sorted by a salted
+    hash of their bytes, so the same table, workers and seed give every rank the same rows in the
+    same order whatever order Spark's shuffle fetches them in (on a cluster it fetches remote
+    blocks in random order): a run resumed from a mid-epoch checkpoint, or relaunched after a lost
+    executor, goes on with the very batches it was on, and no row is seen twice in that epoch.
+    Spark does the moving (a shuffle that spills to disk, never through the driver)."""
+    key = F.xxhash64(F.col("image"), F.lit(int(seed)), F.lit(-1 if epoch is None else int(epoch)))
+    dealt = df.repartition(workers) if epoch is None else df.repartition(workers, key)
+    return dealt.sortWithinPartitions(key)
+
+
+def _next_epoch(spark: SparkSession, checkpoint_dir: str) -> int:
+    """The epoch a resumed run goes on with: the epochs done by the newest checkpoint (0: none)."""
+    names = list_checkpoints(driver_store(spark, checkpoint_dir))
+    return max(((checkpoint_key(n) or (0, 0))[0] for n in names), default=0)
+
+
+def _run_reshuffling(
+    spark: SparkSession,
+    df: DataFrame,
+    cfg: Any,
+    rank_fn: Callable[..., bytes | None],
+    payload: dict[str, Any],
+    sink: OutputSink,
+    label: str,
+) -> tuple[dict[str, Any], list[str]]:
+    """One barrier job per epoch, each over the rows :func:`deal` gives that epoch, each resuming
+    from the checkpoint the one before wrote (a lost rank relaunches the epoch's job as usual;
+    ``max_restarts`` counts over the whole run). Rank 0's result of the last job, with the
+    first job's start epoch and every job's load time."""
+    rows = df.select("image", "label", "split")
+    lost: list[str] = []
+    first: dict[str, Any] | None = None
+    load_s, epochs_run = 0.0, 0
+    while True:
+        epoch = _next_epoch(spark, payload["checkpoint_dir"]) if (first or cfg.resume) else 0
+        result, _ = _run_relaunching(
+            spark,
+            deal(rows, cfg.workers, cfg.seed, epoch),
+            cfg,
+            rank_fn,
+            {**payload, "stop_epoch": epoch + 1},
+            sink,
+            label,
+            repartition=False,
+            lost=lost,
+        )
+        info, _ = D.decode_result(result)
+        first = first or info
+        load_s += float(info["load_s"])
+        epochs_run += 1
+        if info.get("done", True):
+            info.update(start_epoch=first["start_epoch"], load_s=round(load_s, 3), deals=epochs_run)
+            return info, lost
+        payload = {**payload, "resume": True, "sink": sink.renew()}
+
+
 def _run_relaunching(
     spark: SparkSession,
     df: DataFrame,
@@ -181,23 +248,27 @@ def _run_relaunching(
     sink: OutputSink,
     label: str,
     repartition: bool,
+    lost: list[str] | None = None,
 ) -> tuple[bytes, list[str]]:
     """Run the barrier job, relaunching it with ``resume`` after a lost rank (up to
-    ``cfg.max_restarts``); ``(rank 0's result, what was lost each time)``."""
+    ``cfg.max_restarts``, counting the losses already in ``lost``); ``(rank 0's result, what was
+    lost each time)``."""
     max_restarts = int(getattr(cfg, "max_restarts", 0))
-    lost: list[str] = []
+    lost = [] if lost is None else lost
+    rows = df.select("image", "label", "split")
+    dealt = deal(rows, cfg.workers, cfg.seed) if repartition else rows
     waited_since: float | None = None
     while True:
         try:
             result = run_with_progress(
                 spark,
-                df.select("image", "label", "split"),
+                dealt,
                 cfg.workers,
                 rank_fn,
                 payload,
                 sink,
                 threads_per_rank=cfg.threads_per_rank,
-                repartition=repartition,
+                repartition=False,
                 label=label,
             )
             break
@@ -256,6 +327,7 @@ def run_metrics(info: dict[str, Any], timer: Timer, workers: int) -> dict[str, A
         "resumed_from_epoch": info["start_epoch"],
         "restarts": info.get("restarts", 0),
         "cache": info.get("cache"),  # the shard cache the ranks used: memory or stream
+        "deals": info.get("deals", 1),  # how often the rows were dealt to the ranks (reshuffle: per epoch)
     }
 
 

@@ -180,7 +180,10 @@ class RankTraining:
         )
         self.gen = torch.Generator()
         self.prepare()
-        for epoch in range(self.start_epoch, cfg.epochs):
+        # A reshuffling run (``reshuffle``) is one job per epoch: the driver deals the rows afresh
+        # and says where this job stops; the epoch's checkpoint carries the run to the next job.
+        stop = min(cfg.epochs, int(self.payload.get("stop_epoch") or cfg.epochs))
+        for epoch in range(self.start_epoch, stop):
             self.gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + ctx.rank)
             self.begin_epoch(epoch)
             start = self.restart_point(epoch)
@@ -224,7 +227,8 @@ class RankTraining:
         log.close()
         if not ctx.is_main:
             return None
-        info, blobs = self.result()
+        done = stop >= cfg.epochs
+        info, blobs = self.result() if done else ({}, {})
         files = upload_results(self.store, blobs)  # through the sink: the result row stays small
         return D.encode_result(
             {
@@ -237,6 +241,7 @@ class RankTraining:
                 "start_epoch": self.start_epoch,
                 "cache": self.rows.cache,
                 "files": files,
+                "done": done,
                 "skipped_checkpoints": self.skipped,
                 **info,
             },
