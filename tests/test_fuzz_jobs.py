@@ -65,7 +65,7 @@ def test_fuzzed_job_parameters_stay_inside_the_roots(tmp_path):
     with TestClient(
         create_app(Settings(data_roots=[str(root)], db_url="sqlite://", start_runner=False))
     ) as c:
-        for _ in range(600):
+        for _ in range(900):
             name = rng.choice(sorted(KINDS))
             kind = KINDS[name]
             fields = list(kind.params.model_fields)
