@@ -12,10 +12,11 @@ from pathlib import Path
 from sparkvision.cli.operation import cli_meta, flag_of
 from sparkvision.ops import OPERATIONS
 
-CLI_PREFIX = {"fashion-mnist": "datasets fashion-mnist"}
+CLI_PREFIX = {"fashion-mnist": "datasets fashion-mnist", "scenes": "datasets scenes"}
 ORDER = (
     "ingest",
     "fashion-mnist",
+    "scenes",
     "train",
     "evaluate",
     "predict",

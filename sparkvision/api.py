@@ -25,6 +25,7 @@ embed = OPERATIONS["embed"]
 index = OPERATIONS["index"]
 search = OPERATIONS["search"]
 dedup = OPERATIONS["dedup"]
+scenes = OPERATIONS["scenes"]
 
 __all__ = [
     "dedup",
@@ -38,6 +39,7 @@ __all__ = [
     "ingest",
     "predict",
     "pretrain",
+    "scenes",
     "search",
     "train",
 ]

@@ -32,7 +32,22 @@ def render_ingest(s: dict[str, Any]) -> None:
     )
 
 
+def render_scenes(s: dict[str, Any]) -> None:
+    console.print(counts_table("scenes per split", s["rows_by_split"]))
+    console.print(counts_table("scenes per item count", s["scenes_by_items"]))
+    render_kv(
+        {
+            "table": s["table"],
+            "scenes": f"{s['scenes']:,}",
+            "items used": f"{s['items_used']:,} of {s['source_rows']:,}",
+            "elapsed": f"{s['elapsed_s']:.1f} s",
+            "throughput": f"{s['scenes_per_s']:,.0f} scenes/s",
+        }
+    )
+
+
 def register(app: typer.Typer) -> None:
     register_op(app, OPERATIONS["ingest"], render_ingest)
     register_op(datasets_app, OPERATIONS["fashion-mnist"], render_ingest)
+    register_op(datasets_app, OPERATIONS["scenes"], render_scenes)
     app.add_typer(datasets_app, name="datasets")

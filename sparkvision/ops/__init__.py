@@ -15,6 +15,7 @@ from sparkvision.ops import (  # noqa: F401 - each module registers its operatio
     ingest,
     predict,
     pretrain,
+    scenes,
     search,
     train,
 )
