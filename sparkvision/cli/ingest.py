@@ -41,7 +41,7 @@ def render_scenes(s: dict[str, Any]) -> None:
             "scenes": f"{s['scenes']:,}",
             "items used": f"{s['items_used']:,} of {s['source_rows']:,}",
             "elapsed": f"{s['elapsed_s']:.1f} s",
-            "throughput": f"{s['scenes_per_s']:,.0f} scenes/s",
+            "throughput": f"{s['scenes_per_s']:,.1f} scenes/s",
         }
     )
 
