@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -59,18 +59,22 @@ class Shard:
     images: torch.Tensor | StreamImages  # (N, C, H, W) uint8, decoded (memory) or on demand (stream)
     labels: torch.Tensor  # (N,) int64; -1 when unlabelled
     bad_rows: int = 0
+    # The ``extra_columns`` a method asked :func:`load_shard` for (e.g. a detection table's
+    # ``boxes``), row for row with ``images``: compact Arrow arrays, never Python objects per row.
+    extra: dict[str, pa.Array] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, mask: torch.Tensor) -> Shard:
         images = self.images[mask] if isinstance(self.images, torch.Tensor) else self.images.subset(mask)
-        return Shard(images, self.labels[mask], 0)
+        keep = pa.array(mask.numpy())
+        return Shard(images, self.labels[mask], 0, {k: v.filter(keep) for k, v in self.extra.items()})
 
     def head(self, n: int) -> Shard:
         """The first ``n`` rows (a view: nothing is copied or decoded)."""
         images = self.images[:n] if isinstance(self.images, torch.Tensor) else self.images.head(n)
-        return Shard(images, self.labels[:n], 0)
+        return Shard(images, self.labels[:n], 0, {k: v.slice(0, n) for k, v in self.extra.items()})
 
     def plan(self, idx: torch.Tensor, first: int = 0) -> None:
         """This epoch's ``(steps, local_batch)`` indices, walked from step ``first``: the stream
@@ -97,8 +101,10 @@ def load_shard(
     available_bytes: int | None = -1,
     spill_dir: str | None = None,
     spill_bytes: int = SPILL_BYTES,
+    extra_columns: tuple[str, ...] = (),
 ) -> tuple[Shard, list[str]]:
-    """Keep the ``image``/``label``/``split`` columns in the ``cache`` the shard's size allows.
+    """Keep the ``image``/``label``/``split`` columns in the ``cache`` the shard's size allows,
+    and the ``extra_columns`` as they came (``Shard.extra``, the same rows kept).
 
     Returns one Shard of every usable row plus the split name of each row (same order).
     Unusable rows are counted (``bad_rows``), not fatal (ingestion already rejected most bad
@@ -116,7 +122,7 @@ def load_shard(
     c, (h, w) = channels, size
     rows = EncodedRows(spill_dir or roomiest(local_dirs()), None if cache == "memory" else spill_bytes)
     try:
-        labels, codes, names = read_columns(batches, rows)
+        labels, codes, names, extra = read_columns(batches, rows, extra_columns)
         n = len(rows)
         need = n * c * h * w
         if available_bytes == -1:
@@ -140,19 +146,24 @@ def load_shard(
     kept = labels[keep]
     names_or_none: list[Any] = [*names, None]  # code -1: a null split
     splits: list[str] = [names_or_none[k] for k in codes[keep].tolist()]
-    return Shard(images, torch.from_numpy(kept), n - len(kept)), splits
+    kept_extra = {k: v.filter(pa.array(keep)) for k, v in extra.items()}
+    return Shard(images, torch.from_numpy(kept), n - len(kept), kept_extra), splits
 
 
 def read_columns(
-    batches: Iterable[pa.RecordBatch], rows: EncodedRows
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    batches: Iterable[pa.RecordBatch], rows: EncodedRows, extra_columns: tuple[str, ...] = ()
+) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, pa.Array]]:
     """Feed each batch's ``image`` column to ``rows``; return every row's label (-1 for null),
-    split code and the split names (a code per row, not a string: memory that grows by bytes per row)."""
+    split code and the split names (a code per row, not a string: memory that grows by bytes per row),
+    and each of ``extra_columns`` as one Arrow array."""
     labels: list[np.ndarray] = []
     codes: list[np.ndarray] = []
     names: dict[str, int] = {}
+    extra: dict[str, list[pa.Array]] = {k: [] for k in extra_columns}
     for batch in batches:
         rows.append(batch.column("image"))
+        for k, chunks in extra.items():
+            chunks.append(batch.column(k))
         labels.append(pc.fill_null(batch.column("label"), -1).to_numpy(zero_copy_only=False).astype(np.int64))
         enc = batch.column("split").dictionary_encode()
         lut = np.array([names.setdefault(v, len(names)) for v in enc.dictionary.to_pylist()] + [-1])
@@ -163,6 +174,7 @@ def read_columns(
         np.concatenate(labels) if labels else empty,
         np.concatenate(codes).astype(np.int64) if codes else empty,
         list(names),
+        {k: pa.chunked_array(c).combine_chunks() for k, c in extra.items() if c},
     )
 
 

@@ -42,6 +42,10 @@ from sparkvision.train.outputs import prepare_outputs
 
 log = logging.getLogger(__name__)
 
+# The columns every training method's ranks read (``train.data.load_shard``); a method that needs
+# more (a detector's boxes) passes them to :func:`launch` as ``columns``.
+RANK_COLUMNS = ("image", "label", "split")
+
 # How long a relaunch waits for the cluster to offer a slot per rank again (a standalone or YARN
 # master replaces a dead executor in seconds; a new Kubernetes pod may take a minute).
 RESTART_WAIT_S = float(os.environ.get("SPARKVISION_RESTART_WAIT_S", "300"))
@@ -144,13 +148,15 @@ def launch(
     config: dict[str, Any],
     label: str = "train",
     repartition: bool = True,
+    columns: tuple[str, ...] = RANK_COLUMNS,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Ready ``payload["out"]`` (see :func:`~sparkvision.train.outputs.prepare_outputs`), write
     ``config`` to ``config_file`` there (what was run, beside what it produced), run ``rank_fn``
     on ``cfg.workers`` ranks over ``df``'s image rows with the output sink serving ``out``, and
     return rank 0's result ``(info, files)``: ``files`` names the result files rank 0 uploaded
     into ``out`` (``weights``: the model's). The rank threads come from ``cfg.threads_per_rank``
-    (None: the cores of a task), handed to the ranks as an argument."""
+    (None: the cores of a task), handed to the ranks as an argument. ``columns``: what the ranks
+    read of ``df`` (:data:`RANK_COLUMNS` and the method's ``extra_columns``)."""
     out = payload["out"]
     store = driver_store(spark, out)
     prepare_outputs(store, bool(cfg.resume), out)
@@ -158,9 +164,11 @@ def launch(
     with OutputSink(store, *sink_address(spark), progress_file=PROGRESS_FILE) as sink:
         payload = {**payload, "sink": sink.ticket}
         if getattr(cfg, "reshuffle", False) and cfg.workers > 1:
-            info, lost = _run_reshuffling(spark, df, cfg, rank_fn, payload, sink, label)
+            info, lost = _run_reshuffling(spark, df.select(*columns), cfg, rank_fn, payload, sink, label)
         else:
-            result, lost = _run_relaunching(spark, df, cfg, rank_fn, payload, sink, label, repartition)
+            result, lost = _run_relaunching(
+                spark, df.select(*columns), cfg, rank_fn, payload, sink, label, repartition
+            )
             info, _ = D.decode_result(result)
     info["restarts"] = len(lost)
     for skipped in info.pop("skipped_checkpoints", None) or []:
@@ -212,7 +220,6 @@ def _run_reshuffling(
     from the checkpoint the one before wrote (a lost rank relaunches the epoch's job as usual;
     ``max_restarts`` counts over the whole run). Rank 0's result of the last job, with the
     first job's start epoch and every job's load time."""
-    rows = df.select("image", "label", "split")
     lost: list[str] = []
     first: dict[str, Any] | None = None
     load_s, epochs_run = 0.0, 0
@@ -220,7 +227,7 @@ def _run_reshuffling(
         epoch = _next_epoch(spark, payload["checkpoint_dir"]) if (first or cfg.resume) else 0
         result, _ = _run_relaunching(
             spark,
-            deal(rows, cfg.workers, cfg.seed, epoch),
+            deal(df, cfg.workers, cfg.seed, epoch),
             cfg,
             rank_fn,
             {**payload, "stop_epoch": epoch + 1},
@@ -255,8 +262,7 @@ def _run_relaunching(
     lost each time)``."""
     max_restarts = int(getattr(cfg, "max_restarts", 0))
     lost = [] if lost is None else lost
-    rows = df.select("image", "label", "split")
-    dealt = deal(rows, cfg.workers, cfg.seed) if repartition else rows
+    dealt = deal(df, cfg.workers, cfg.seed) if repartition else df
     waited_since: float | None = None
     while True:
         try:

@@ -70,6 +70,9 @@ class RankTraining:
     channels_last: bool = False  # module and inputs in channels-last memory format
     bf16: bool = False  # bf16 autocast (on GPU only)
     train_mode: bool = True  # net.train(train_mode) before every epoch
+    # Columns beyond image/label/split the method reads (``Shard.extra``); the driver's ``launch``
+    # must be given the same ones (its ``columns``) so they reach the ranks.
+    extra_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: D.RankContext, payload: dict[str, Any]) -> None:
         self.ctx, self.payload, self.device = ctx, payload, ctx.device
@@ -145,7 +148,9 @@ class RankTraining:
     def run(self, batches: Iterator[pa.RecordBatch]) -> bytes | None:
         cfg, ctx = self.cfg, self.ctx
         t_load = time.perf_counter()
-        shard, splits = load_shard(batches, self.channels, self.size, cfg.cache, ctx.threads)
+        shard, splits = load_shard(
+            batches, self.channels, self.size, cfg.cache, ctx.threads, extra_columns=self.extra_columns
+        )
         self.rows, self.counts = self.select(shard, splits)
         del shard, splits
         self.mean_v, self.std_v = self.stats()
