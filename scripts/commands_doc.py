@@ -27,6 +27,8 @@ ORDER = (
     "index",
     "search",
     "dedup",
+    "train-detector",
+    "detect",
 )  # a workflow's order; any operation not named here follows
 
 

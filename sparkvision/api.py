@@ -26,9 +26,12 @@ index = OPERATIONS["index"]
 search = OPERATIONS["search"]
 dedup = OPERATIONS["dedup"]
 scenes = OPERATIONS["scenes"]
+train_detector = OPERATIONS["train-detector"]
+detect = OPERATIONS["detect"]
 
 __all__ = [
     "dedup",
+    "detect",
     "distill",
     "embed",
     "evaluate",
@@ -42,4 +45,5 @@ __all__ = [
     "scenes",
     "search",
     "train",
+    "train_detector",
 ]

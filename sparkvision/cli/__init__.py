@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from sparkvision.cli import infer, ingest, retrieval, serve, ssl, train
+from sparkvision.cli import detect, infer, ingest, retrieval, serve, ssl, train
 
 app = typer.Typer(
     name="sparkvision",
@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-for module in (ingest, train, infer, ssl, retrieval, serve):
+for module in (ingest, train, infer, ssl, retrieval, serve, detect):
     module.register(app)
 
 

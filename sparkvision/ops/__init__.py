@@ -7,6 +7,7 @@ The CLI, the web job API and the Python API (:mod:`sparkvision.api`) are all bui
 from sparkvision.ops import (  # noqa: F401 - each module registers its operation
     datasets,
     dedup,
+    detect,
     distill,
     embed,
     evaluate,
@@ -18,6 +19,7 @@ from sparkvision.ops import (  # noqa: F401 - each module registers its operatio
     scenes,
     search,
     train,
+    train_detector,
 )
 from sparkvision.ops.base import NO_PROGRESS, OPERATIONS, Operation, ParamError, Params, Progress
 
