@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import write_tiny_model
 from PIL import Image
 from safetensors.torch import save_file
 from torchvision.ops import box_iou
@@ -161,6 +162,9 @@ def test_start_weights_and_bad_parameters_are_one_line(spark, squares, detector,
         api.train_detector(
             spark, table=table, out=str(tmp_path / "c"), weights=str(tmp_path / "w.safetensors")
         )
+    write_tiny_model(tmp_path / "classifier", ["a", "b"])
+    with pytest.raises(ParamError, match="not a detector"):
+        api.detect(spark, model_dir=str(tmp_path / "classifier"), table=table, out=str(tmp_path / "f"))
     with pytest.raises(ParamError, match="png"):
         api.detect(spark, model_dir=model_dir, table=table, out=str(tmp_path / "d"), preview="x.jpg")
     r = CliRunner().invoke(app, ["detect", model_dir, table, str(tmp_path / "e"), "--min-score", "2"])

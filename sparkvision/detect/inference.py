@@ -176,22 +176,28 @@ def detect_df(
 
 def draw_preview(rows: list[Any], path: str, tile: int = 256) -> int:
     """A PNG grid of ``rows`` (``image`` bytes and ``detections``) with the boxes drawn; returns
-    how many images it shows. Each image is fitted into a ``tile`` square, boxes drawn first."""
+    how many images it shows. Each image is scaled to fit a ``tile`` square first (up or down),
+    so boxes and scores are drawn at a size one can read whatever the image's."""
     tiles = []
     for r in rows:
         if r.error is not None:
             continue
         img = Image.open(io.BytesIO(r.image)).convert("RGB")
-        t = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+        scale = tile / max(img.size)
+        fitted = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+        t = torch.from_numpy(np.asarray(fitted).copy()).permute(2, 0, 1)
         dets = r.detections or []
         if dets:
-            boxes = torch.tensor([[d.x1, d.y1, d.x2, d.y2] for d in dets])
+            boxes = rescale_boxes(
+                torch.tensor([[d.x1, d.y1, d.x2, d.y2] for d in dets]), img.size, fitted.size
+            )
             labels = [f"{d.label_name or d.label} {d.score:.2f}" for d in dets]
-            t = draw_bounding_boxes(t, boxes, labels=labels, colors="red", width=max(1, min(img.size) // 64))
-        drawn = Image.fromarray(t.permute(1, 2, 0).numpy())
-        drawn.thumbnail((tile, tile))
+            t = draw_bounding_boxes(t, boxes, labels=labels, colors="red", width=2)
         canvas = Image.new("RGB", (tile, tile))
-        canvas.paste(drawn, ((tile - drawn.width) // 2, (tile - drawn.height) // 2))
+        canvas.paste(
+            Image.fromarray(t.permute(1, 2, 0).numpy()),
+            ((tile - fitted.width) // 2, (tile - fitted.height) // 2),
+        )
         tiles.append(torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1))
     if not tiles:
         return 0

@@ -102,7 +102,8 @@ class DetectorRank(RankTraining):
             parts = [local]
         if not self.ctx.is_main or self.counts[1] == 0:
             return {"map_50": None, "map": None}, {}
-        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+        # Scored on rank 0 over what it gathered: no sync of its own with the other ranks.
+        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", sync_on_compute=False)
         for preds, targets in parts:
             if preds:
                 metric.update(preds, targets)
