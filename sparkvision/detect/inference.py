@@ -126,18 +126,8 @@ def detect_batches(
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         blob = model.value
         net, pre = worker_detector(blob, threads)
-        agnostic = bool(blob.spec["class_agnostic"])
-        input_size = (pre.size[1], pre.size[0])
         for batch in rebatch(batches, batch_size):
-            x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
-            outs = run_detector(net, x)
-            widths, heights = batch.column("width").to_pylist(), batch.column("height").to_pylist()
-            detections = [
-                None if err is not None else detections_of(
-                    o, input_size, (w, h), blob.class_names, min_score, max_detections, agnostic
-                )
-                for o, w, h, err in zip(outs, widths, heights, errors, strict=True)
-            ]  # fmt: skip
+            detections, errors = detect_batch(net, pre, blob, batch, min_score, max_detections)
             cols = {
                 "content_id": batch.column("content_id"),
                 "path": batch.column("path"),
@@ -149,6 +139,31 @@ def detect_batches(
             yield pa.RecordBatch.from_pydict(cols)
 
     return run
+
+
+def detect_batch(
+    net: torch.nn.Module,
+    pre: Preprocess,
+    blob: ModelBlob,
+    batch: pa.RecordBatch,
+    min_score: float,
+    max_detections: int,
+) -> tuple[list[list[dict[str, Any]] | None], list[str | None]]:
+    """Detections of one Arrow batch (``image``, ``width``, ``height``): per row, boxes in pixels
+    of the stored image, best first (None where the image does not decode), and the error; what
+    ``detect``, ``crop`` and ``features`` all run."""
+    x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
+    outs = run_detector(net, x)
+    input_size = (pre.size[1], pre.size[0])
+    agnostic = bool(blob.spec["class_agnostic"])
+    widths, heights = batch.column("width").to_pylist(), batch.column("height").to_pylist()
+    detections = [
+        None if err is not None else detections_of(
+            o, input_size, (w, h), blob.class_names, min_score, max_detections, agnostic
+        )
+        for o, w, h, err in zip(outs, widths, heights, errors, strict=True)
+    ]  # fmt: skip
+    return detections, errors
 
 
 def run_detector(net: torch.nn.Module, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
