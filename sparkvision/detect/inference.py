@@ -60,15 +60,19 @@ def ship_detector(spark: SparkSession, model_dir: str) -> ModelRef:
     if is_connect(spark) and local_path(model_dir) is None:
         raise ParamError("model_dir", f"{model_dir}: over Spark Connect give a directory the executors share")
     with model_dir_here(spark, model_dir) as here:
-        found = load_detector_dir(here)
-    spec = found.spec.to_json()
-    blob = ModelBlob(
-        key=hashlib.sha1(found.weights).hexdigest(), weights=found.weights, spec=spec,
-        preprocess=found.preprocess.to_json(), class_names=found.class_names,
-    )  # fmt: skip
+        blob = detector_blob(here)
     if not is_connect(spark):
         return spark.sparkContext.broadcast(blob)
-    return PathModel(os.path.abspath(model_dir), blob.key, spec, blob.preprocess, blob.class_names)
+    return PathModel(os.path.abspath(model_dir), blob.key, blob.spec, blob.preprocess, blob.class_names)
+
+
+def detector_blob(model_dir: str) -> ModelBlob:
+    """A local detector directory, read and checked, as what a task builds its detector from."""
+    found = load_detector_dir(model_dir)
+    return ModelBlob(
+        key=hashlib.sha1(found.weights).hexdigest(), weights=found.weights, spec=found.spec.to_json(),
+        preprocess=found.preprocess.to_json(), class_names=found.class_names,
+    )  # fmt: skip
 
 
 def worker_detector(blob: ModelBlob, threads: int) -> tuple[torch.nn.Module, Preprocess]:
