@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pydantic import Field
@@ -15,6 +16,7 @@ from sparkvision.fields import OptionalSplit
 from sparkvision.inference.runtime import configure_workers
 from sparkvision.ops.base import Operation, Progress, params_model, register
 from sparkvision.ops.fields import overwrite, positional
+from sparkvision.ops.paths import local_path
 from sparkvision.spark import storage
 from sparkvision.spark.progress import Timer, spark_progress
 
@@ -39,8 +41,14 @@ DetectParams = params_model(
 
 
 def check(p: Any) -> None:
-    if p.preview is not None and not p.preview.lower().endswith(".png"):
+    if p.preview is None:
+        return
+    if not p.preview.lower().endswith(".png"):
         raise ParamError("preview", f"{p.preview} is not a .png file name")
+    preview, out = local_path(p.preview), local_path(p.out)
+    if preview is not None and out is not None and os.path.commonpath([preview, out]) == out:
+        # Spark would read the PNG as a part of the table (and staging replaces the directory).
+        raise ParamError("preview", f"{p.preview} is inside out ({p.out}); write it beside the table")
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
@@ -81,6 +89,7 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
         sample = source.limit(p.preview_rows)
         rows = detect_df(spark, model, sample, p.min_score, p.max_detections, p.batch_size, threads, True)
         summary["preview"] = p.preview
+        os.makedirs(os.path.dirname(os.path.abspath(p.preview)), exist_ok=True)
         summary["preview_rows"] = draw_preview(rows.collect(), p.preview)  # a few rows, by limit
     return summary
 
@@ -92,11 +101,10 @@ OPERATION = register(
         run,
         "Detect objects in every row of a table (boxes after NMS; a PNG preview).",
         inputs=("model_dir", "table"),
-        outputs=("out",),
+        outputs=("out", "preview"),  # preview is a file written in place: confined and checked like out
         staged_outputs=("out",),
         result_key="out",
         module="sparkvision.detect.inference",
-        web=False,  # the web's detect job kind and boxes page come with part 5 of issue 18
         check=check,
         summary_keys=("rows", "errors", "rows_with_detections", "detections", "images_per_s", "elapsed_s"),
     )

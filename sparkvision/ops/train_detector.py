@@ -86,7 +86,6 @@ OPERATION = register(
         reports_epochs=True,
         produces_model=True,
         module="sparkvision.detect.train",
-        web=False,  # the web's detection pages are part 5 of issue 18
         check=check,
         summary_keys=("map_50", "map", "train_loss", "images_per_s", "wall_s"),
     )
