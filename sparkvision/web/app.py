@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sparkvision.spark.session import get_spark
 from sparkvision.web.jobs import JobStore
-from sparkvision.web.routes import classify, data, jobs, pages, search
+from sparkvision.web.routes import classify, data, detect, jobs, pages, search
 from sparkvision.web.routes.errors import error_response, validation_message
 from sparkvision.web.routes.state import State
 from sparkvision.web.runner import Runner
@@ -37,7 +37,7 @@ from sparkvision.web.security import ApiError, RedactTokens, Settings, check_sta
 log = logging.getLogger("sparkvision.web")
 ACCESS_LOGGER = "uvicorn.access"  # logs each request's path with its query string
 GC_THRESHOLD = (10_000, 20, 20)  # while serving; see lifespan()
-ROUTERS = (pages.router, classify.router, search.router, jobs.router, data.router)
+ROUTERS = (pages.router, classify.router, search.router, detect.router, jobs.router, data.router)
 
 
 class BodyLimit:
@@ -160,8 +160,8 @@ def create_app(
     app = FastAPI(
         title="sparkvision",
         version="0.1.0",
-        description="Classify, search, and run Spark jobs (ingest, train, evaluate, predict, embed, index, "
-        "dedup) over image tables. Mutating endpoints need `Authorization: Bearer TOKEN` when a "
+        description="Classify, detect, search, and run Spark jobs (ingest, train, evaluate, predict, embed, "
+        "index, dedup, train-detector, detect) over image tables. Mutating endpoints need `Authorization: Bearer TOKEN` when a "
         "token is configured.",
         lifespan=lifespan,
     )
@@ -186,6 +186,7 @@ def create_app(
         limits={
             "/api/classify": settings.upload_request_bytes(settings.max_files),
             "/api/search": settings.upload_request_bytes(search.MAX_FILES),
+            "/api/detect": settings.upload_request_bytes(detect.MAX_FILES),
         },
     )
 

@@ -23,6 +23,7 @@ from sparkvision.data.images import RejectError
 from sparkvision.errors import ParamError
 from sparkvision.web import browse
 from sparkvision.web.batching import Classifier
+from sparkvision.web.detecting import is_detector_dir
 from sparkvision.web.routes.state import get_state
 from sparkvision.web.security import ApiError, Settings, check_image, reject_to_api, safe_path
 from sparkvision.web.uploads import UPLOAD_OPENAPI, read_uploads
@@ -127,6 +128,10 @@ async def classify(request: Request) -> Response:
         try:
             clf, batcher = await run_in_threadpool(sv.classifier, model_dir)
         except (ParamError, FileNotFoundError) as e:  # corrupt weights, weights that do not fit, ...
+            if is_detector_dir(model_dir):  # checked only here, off the hot path
+                raise ApiError(
+                    422, f"model {query.get('model')!r} is a detector: use /api/detect", "not_a_classifier"
+                ) from None
             raise ApiError(
                 422, f"model {e.message if isinstance(e, ParamError) else e}", "bad_model"
             ) from None

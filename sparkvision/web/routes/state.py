@@ -14,15 +14,17 @@ from fastapi import Depends, Header, Request
 
 from sparkvision.retrieval.search import SearchIndex
 from sparkvision.web.batching import Classifier, MicroBatcher
+from sparkvision.web.detecting import Detector, directory_stamp
 from sparkvision.web.jobs import JobStore
 from sparkvision.web.runner import Runner
 from sparkvision.web.security import ApiError, Settings, check_token
 
 MAX_MODELS = 4  # classifiers kept loaded (the --model one plus ?model= ones)
+MAX_DETECTORS = 2  # detectors kept loaded for /api/detect
 
 
 class State:
-    """Settings, the job store and runner, and the models and index loaded on demand."""
+    """Settings, the job store and runner, and the models, detectors and index loaded on demand."""
 
     def __init__(self, settings: Settings, store: JobStore, runner: Runner) -> None:
         self.settings = settings
@@ -33,6 +35,8 @@ class State:
         self.index: SearchIndex | None = None
         self.index_lock = threading.Lock()
         self.model_lock = threading.Lock()
+        self.detectors: dict[str, Detector] = {}
+        self.detector_lock = threading.Lock()
 
     def classifier(self, model_dir: str) -> tuple[Classifier, MicroBatcher]:
         """The loaded model and its micro-batcher, loading it the first time (blocking: call in a thread)."""
@@ -56,6 +60,21 @@ class State:
                 batcher = self.batchers.pop(victim, None)
             if batcher is not None:
                 await batcher.close()
+
+    def detector(self, model_dir: str) -> Detector:
+        """The loaded detector, loading it the first time or when its files changed (blocking: call
+        in a thread); at most MAX_DETECTORS stay loaded, the oldest goes first."""
+        stamp = directory_stamp(model_dir)
+        with self.detector_lock:
+            found = self.detectors.get(model_dir)
+            if found is not None and found.stamp == stamp:
+                return found
+            self.detectors.pop(model_dir, None)
+            while len(self.detectors) >= MAX_DETECTORS:
+                self.detectors.pop(next(iter(self.detectors)))
+            found = Detector(model_dir)
+            self.detectors[model_dir] = found
+            return found
 
     def search_index(self) -> SearchIndex:
         """The ``--index`` index, opened on first use (blocking: call in a thread); 503 without one."""
