@@ -29,6 +29,8 @@ ORDER = (
     "dedup",
     "train-detector",
     "detect",
+    "crop",
+    "features",
 )  # a workflow's order; any operation not named here follows
 
 

@@ -28,14 +28,18 @@ dedup = OPERATIONS["dedup"]
 scenes = OPERATIONS["scenes"]
 train_detector = OPERATIONS["train-detector"]
 detect = OPERATIONS["detect"]
+crop = OPERATIONS["crop"]
+features = OPERATIONS["features"]
 
 __all__ = [
+    "crop",
     "dedup",
     "detect",
     "distill",
     "embed",
     "evaluate",
     "fashion_mnist",
+    "features",
     "finetune",
     "get_spark",
     "index",

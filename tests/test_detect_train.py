@@ -24,7 +24,7 @@ from sparkvision import api
 from sparkvision.cli import app
 from sparkvision.data.detection import DETECTION_SCHEMA, box_record
 from sparkvision.data.images import content_id
-from sparkvision.data.table import TableMeta, write_meta
+from sparkvision.data.table import TableMeta, read_table, write_meta
 from sparkvision.detect.targets import box_rows, hflip
 from sparkvision.models.detector import load_detector_dir
 from sparkvision.ops import ParamError
@@ -169,3 +169,56 @@ def test_start_weights_and_bad_parameters_are_one_line(spark, squares, detector,
         api.detect(spark, model_dir=model_dir, table=table, out=str(tmp_path / "d"), preview="x.jpg")
     r = CliRunner().invoke(app, ["detect", model_dir, table, str(tmp_path / "e"), "--min-score", "2"])
     assert r.exit_code == 2 and "--min-score" in r.output and "Traceback" not in r.output
+
+
+def test_crop_cuts_out_the_found_square_or_falls_back_to_the_whole_scene(spark, squares, detector, tmp_path):
+    table, truth = squares
+    model_dir, _ = detector
+    out, none = str(tmp_path / "crops"), str(tmp_path / "none")
+    s = api.crop(spark, detector=model_dir, table=table, out=out, split="test", margin=0.0, min_score=0.3)
+    assert s["rows"] == 16 and s["crops"] == 16 and s["errors"] == 0
+    crops = read_table(spark, out).collect()  # an image table: train, embed, search and dedup take it
+    raw = {r.content_id: r for r in spark.read.parquet(out).collect()}
+    found = 0
+    for r in crops:
+        src = raw[r.content_id]
+        box = src.box
+        assert src.source_content_id in truth and r.path.endswith("#crop0")
+        assert (r.width, r.height) == (box.x2 - box.x1, box.y2 - box.y1)  # the crop is the box's pixels
+        found += (not src.fallback) and float(
+            box_iou(
+                torch.tensor([[box.x1, box.y1, box.x2, box.y2]]), torch.tensor([truth[src.source_content_id]])
+            )
+        ) > 0.5
+    assert found >= 14, found
+    s = api.crop(spark, detector=model_dir, table=table, out=none, split="test", min_score=1.0)
+    assert s["fallbacks"] == 16  # nothing scores 1.0: every scene is kept whole, marked
+    assert {(r.width, r.height, r.fallback) for r in spark.read.parquet(none).collect()} == {
+        (SIDE, SIDE, True)
+    }
+
+
+def test_features_then_index_then_a_scene_query_finds_its_own_crop(spark, squares, detector, tmp_path):
+    table, truth = squares
+    model_dir, _ = detector
+    embedder = write_tiny_model(tmp_path / "embedder", ["a", "b"])
+    feats, idx = str(tmp_path / "feats"), str(tmp_path / "idx")
+    s = api.features(
+        spark, detector=model_dir, embedder=embedder, table=table, out=feats, split="test", min_score=0.3,
+        bits=64, code_method="lsh",
+    )  # fmt: skip
+    assert s["rows"] == 16 and s["crops"] == 16 and s["errors"] == 0 and s["bits"] == 64
+    df = spark.read.parquet(feats)
+    assert {"embedding", "code", "crop", "box", "fallback"} <= set(df.columns)
+    rows = df.collect()
+    assert {r.content_id for r in rows} <= set(truth) and all(len(r.code) == 8 for r in rows)
+    api.index(spark, features=feats, out=idx)
+    rows_by_id = {r.content_id: r for r in rows}
+    query_id = next(cid for cid, r in rows_by_id.items() if not r.fallback)
+    scene = spark.read.parquet(table).where(f"content_id = '{query_id}'").first().image
+    query = tmp_path / "scene.png"
+    query.write_bytes(scene)
+    [hit] = api.search(spark, index=idx, images=[str(query)], k=1)["results"]
+    assert hit["error"] is None
+    top = hit["neighbours"][0]
+    assert top["content_id"] == query_id and top["score"] > 0.999  # the query was cropped as the table was

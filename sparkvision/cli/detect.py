@@ -33,3 +33,5 @@ def render_train_detector(s: dict[str, Any]) -> None:
 def register(app: typer.Typer) -> None:
     register_op(app, OPERATIONS["train-detector"], render_train_detector)
     register_op(app, OPERATIONS["detect"])
+    register_op(app, OPERATIONS["crop"])
+    register_op(app, OPERATIONS["features"])

@@ -5,12 +5,14 @@ The CLI, the web job API and the Python API (:mod:`sparkvision.api`) are all bui
 """
 
 from sparkvision.ops import (  # noqa: F401 - each module registers its operation
+    crop,
     datasets,
     dedup,
     detect,
     distill,
     embed,
     evaluate,
+    features,
     finetune,
     index,
     ingest,

@@ -322,6 +322,10 @@ def build_index(
         "metric": "hamming" if binary else "inner_product",
         "choice": asdict(choice),
         "model_dir": fmeta.get("model_dir"),
+        "detector": fmeta.get(
+            "detector"
+        ),  # features of crops (`sparkvision features`): queries are cropped too
+        "crop": fmeta.get("crop"),
         "hasher": HASHER_DIR if binary and os.path.isdir(hasher_src) else None,
         "build_s": round(time.perf_counter() - t0, 3),
     }

@@ -23,9 +23,19 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from sparkvision.data.table import is_image_table, read_table
+from sparkvision.detect.crop import SOURCE_COLUMNS as CROP_SOURCE
+from sparkvision.detect.crop import CropSpec, features_df, features_of_images
+from sparkvision.detect.inference import detector_blob, ship_detector
 from sparkvision.errors import ParamError
 from sparkvision.inference.embed import embed_df
-from sparkvision.inference.runtime import read_blob, run_model, task_threads, worker_model
+from sparkvision.inference.modelref import ship_model
+from sparkvision.inference.runtime import (
+    configure_workers,
+    read_blob,
+    run_model,
+    task_threads,
+    worker_model,
+)
 from sparkvision.retrieval.codes import Hasher
 from sparkvision.retrieval.index import (
     HASHER_DIR,
@@ -154,8 +164,19 @@ class SearchIndex:
         return out
 
 
-def embed_images(model_dir: str, images: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
-    """L2-normalised features of encoded images with the model's own preprocessing (driver side)."""
+def embed_images(
+    model_dir: str, images: list[bytes], meta: dict[str, Any] | None = None
+) -> tuple[np.ndarray, list[str | None]]:
+    """L2-normalised features of encoded images with the model's own preprocessing (driver side).
+
+    With an index's ``meta`` that names a detector (an index of crop features, from
+    ``sparkvision features``), each image's best box is cropped first, as the indexed images were:
+    a whole scene would not find its product among crops.
+    """
+    if meta and meta.get("detector"):
+        return features_of_images(
+            detector_blob(meta["detector"]), read_blob(model_dir), meta.get("crop") or {}, images
+        )
     fn, pre = worker_model(read_blob(model_dir), "features")
     x, errors = preprocess_batch(images, pre)
     return run_model(fn, x).float().numpy(), errors
@@ -175,7 +196,7 @@ def search_images(
             raise FileNotFoundError(f"query image {p} does not exist")
         with open(p, "rb") as f:
             images.append(f.read())
-    feats, errors = embed_images(model_dir, images)
+    feats, errors = embed_images(model_dir, images, idx.meta)
     hits = idx.results(idx.search(feats, k))
     return [
         {"query": p, "error": e, "neighbours": [] if e else h}
@@ -284,15 +305,25 @@ def search_table(
     """
     timer = Timer()
     if is_image_table(spark, table):
-        model_dir = model_dir or SearchIndex(index_dir).model_dir
+        imeta = SearchIndex(index_dir).meta
+        model_dir = model_dir or imeta.get("model_dir")
         if not model_dir:
             raise ParamError(
                 "model_dir", "required to embed the image table: the index does not record its model"
             )
-        src = read_table(spark, table, split).select(
-            "image", "content_id", "path", "split", "label", "label_name"
-        )
-        queries = embed_df(spark, model_dir, src, batch_size)
+        if imeta.get("detector"):  # an index of crops: the queries are cropped the same way
+            crop = imeta.get("crop") or {}
+            queries = features_df(
+                ship_detector(spark, imeta["detector"]), ship_model(spark, model_dir),
+                read_table(spark, table, split).select(*CROP_SOURCE),
+                CropSpec(margin=float(crop.get("margin", CropSpec.margin))),
+                float(crop.get("min_score", 0.5)), batch_size, configure_workers(spark, batch_size),
+            ).drop("crop", "box", "fallback")  # fmt: skip
+        else:
+            src = read_table(spark, table, split).select(
+                "image", "content_id", "path", "split", "label", "label_name"
+            )
+            queries = embed_df(spark, model_dir, src, batch_size)
     else:
         queries = spark.read.parquet(storage.qualify(table))
         if "embedding" not in queries.columns:

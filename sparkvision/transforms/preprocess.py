@@ -40,12 +40,21 @@ def decode_image(
     try:
         if size is not None and img.format == "JPEG":
             img.draft("L" if channels == 1 else "RGB", (size[1], size[0]))  # decode at reduced scale
-        img = to_8bit(img, "L" if channels == 1 else "RGB")
-        if size is not None and img.size != (size[1], size[0]):
-            img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
+        return image_pixels(img, channels, size)
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad data
         raise RejectError("truncated", f"{type(e).__name__}: {e}"[:200]) from None
+
+
+def image_pixels(img: Image.Image, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A PIL image -> uint8 ``(C, H, W)``: 8 bits, ``channels``, bilinear resize to ``size = (H, W)``.
+
+    The decoded half of :func:`decode_image`, for pixels that never were bytes (a crop cut from a
+    decoded image is embedded through this, so it sees the same resize as a stored image).
+    """
+    img = to_8bit(img, "L" if channels == 1 else "RGB")
+    if size is not None and img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
