@@ -63,7 +63,7 @@ async def search(
 
     def run() -> list[dict[str, Any]]:
         try:
-            feats, errors = embed_images(model_dir, [data])
+            feats, errors = embed_images(model_dir, [data], idx.meta)  # crops first for a crop index
         except (ParamError, FileNotFoundError) as e:  # the server's index names a model that cannot load
             raise ApiError(
                 503, f"the index's model {e.message if isinstance(e, ParamError) else e}", "bad_model"
