@@ -1,7 +1,8 @@
 """End to end in a real browser: Playwright drives Debian's Chromium against `sparkvision serve`'s app.
 
 Opens the page, uploads an image and sees a label; submits an ingest job and watches it reach
-succeeded; also searches and browses a table. Screenshots go to ``test-artifacts/``.
+succeeded; also searches, browses a table, and uploads an image to a detector and sees its boxes.
+Screenshots go to ``test-artifacts/``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import uvicorn
 from conftest import make_image
 from playwright.sync_api import sync_playwright
 from test_web_api import root, settings_for, write_training_output  # noqa: F401 - root is a fixture
+from test_web_detect import noise_png, write_tiny_detector
 
 from sparkvision.web.app import create_app
 
@@ -144,3 +146,34 @@ def test_training_curves_and_confusion_matrix(page, server, root):  # noqa: F811
     page.wait_for_selector("#jd-confusion table.cm", timeout=10_000)
     assert page.locator("#jd-confusion table.cm tr").count() == 5
     page.screenshot(path=os.path.join(ARTIFACTS, "training.png"), full_page=True)
+
+
+def test_detect_page_draws_the_boxes_of_an_upload(page, root, tmp_path):  # noqa: F811
+    """Random weights score every box just under 0.5: with min score 0 the cap decides the count."""
+    write_tiny_detector(root / "detectors" / "browser")
+    img = tmp_path / "scene.png"
+    img.write_bytes(noise_png(96, 64))
+    page.click("nav button[data-tab=detect]")
+    page.wait_for_selector("#detect-model option[value='detectors/browser']", state="attached")
+    page.select_option("#detect-model", "detectors/browser")
+    page.fill("#detect-min-score", "0")
+    page.fill("#detect-max", "7")
+    with page.expect_response(lambda r: "/api/detect" in r.url) as answer:
+        page.set_input_files("#detect-file", str(img))
+    body = answer.value.json()
+    assert (body["width"], body["height"]) == (96, 64) and len(body["detections"]) == 7
+    page.wait_for_function("document.querySelectorAll('#detect-boxes rect').length === 7")
+    assert page.locator("#detect-table tbody tr[data-i]").count() == 7
+    assert "7 detection(s)" in page.inner_text("#detect-caption")
+    # Each box sits where its pixels are on the picture as shown (scaled to the page); the
+    # drawn box is its outline's too, 1 px (half the 2 px stroke) wider on each side.
+    shown = page.locator("#detect-image").bounding_box()
+    scale = shown["width"] / 96
+    assert shown["height"] == pytest.approx(64 * scale, abs=1)
+    for i, d in enumerate(body["detections"]):
+        box = page.locator(f"#detect-boxes g[data-i='{i}'] rect").bounding_box()
+        assert box["x"] + 1 == pytest.approx(shown["x"] + d["x1"] * scale, abs=1), (i, d, box)
+        assert box["y"] + 1 == pytest.approx(shown["y"] + d["y1"] * scale, abs=1), (i, d, box)
+        assert box["width"] - 2 == pytest.approx((d["x2"] - d["x1"]) * scale, abs=1), (i, d, box)
+        assert box["height"] - 2 == pytest.approx((d["y2"] - d["y1"]) * scale, abs=1), (i, d, box)
+    page.screenshot(path=os.path.join(ARTIFACTS, "detect.png"), full_page=True)

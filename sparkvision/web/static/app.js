@@ -29,6 +29,7 @@ const tabs = document.querySelectorAll("nav button");
 function openTab(name) {
   tabs.forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
   document.querySelectorAll(".tab").forEach((s) => s.classList.toggle("active", s.id === "tab-" + name));
+  if (name === "detect") loadDetectors();
   if (name === "jobs") refreshJobs();
   if (name === "models") loadModels();
   if (name === "tables") loadTables();
@@ -73,6 +74,74 @@ async function classify(files) {
 }
 dropZone($("#drop"), $("#classify-files"), classify);
 
+// ------------------------------------------------------------------ detect
+// The image is shown as uploaded; an <svg> over it, its viewBox the image's own pixels, holds one
+// <rect> per detection at the server's coordinates, so the boxes scale with the picture.
+const SVG_NS = "http://www.w3.org/2000/svg";
+let detectUrl = null;
+
+async function loadDetectors() {
+  const sel = $("#detect-model");
+  try {
+    const res = await api("/api/models");
+    const dets = res.models.filter((m) => m.config && m.config.task === "detection");
+    const keep = sel.value;
+    sel.innerHTML = dets.map((m) => `<option value="${esc(m.name)}">${esc(m.name)} (${esc(m.config.model)})</option>`).join("")
+      || '<option value="" selected>none under the data roots: train one with a train-detector job</option>';
+    if (dets.some((m) => m.name === keep)) sel.value = keep;
+  } catch (err) { showError($("#detect-error"), err); }
+}
+
+function svgEl(name, attrs) {
+  const el = document.createElementNS(SVG_NS, name);
+  Object.entries(attrs).forEach(([k, v]) => el.setAttribute(k, v));
+  return el;
+}
+
+async function detect(files) {
+  showError($("#detect-error"), null);
+  if (!files.length) return;
+  const f = files[0];
+  const model = $("#detect-model").value;
+  if (!model) { showError($("#detect-error"), new Error("choose a detector first")); return; }
+  const fd = new FormData();
+  fd.append("file", f, f.name);
+  const q = new URLSearchParams({model, min_score: $("#detect-min-score").value || "0.5", max_detections: $("#detect-max").value || "10"});
+  try {
+    const res = await api(`/api/detect?${q}`, {method: "POST", body: fd});
+    await showDetections(f, res);
+  } catch (err) { $("#detect-result").hidden = true; showError($("#detect-error"), err); }
+}
+
+async function showDetections(file, res) {
+  const img = $("#detect-image"), svg = $("#detect-boxes");
+  if (detectUrl) URL.revokeObjectURL(detectUrl);
+  detectUrl = URL.createObjectURL(file);
+  $("#detect-result").hidden = false;
+  await new Promise((resolve) => { img.onload = resolve; img.onerror = resolve; img.src = detectUrl; });
+  svg.setAttribute("viewBox", `0 0 ${res.width} ${res.height}`);
+  svg.replaceChildren();
+  const unit = res.width / (img.clientWidth || res.width); // image pixels per screen pixel
+  res.detections.forEach((d, i) => {
+    const g = svgEl("g", {"data-i": i});
+    g.appendChild(svgEl("rect", {x: d.x1, y: d.y1, width: d.x2 - d.x1, height: d.y2 - d.y1, "vector-effect": "non-scaling-stroke"}));
+    const t = svgEl("text", {x: d.x1 + 2 * unit, y: d.y1 + 12 * unit, "font-size": 11 * unit, "stroke-width": 3 * unit});
+    t.textContent = String(i + 1);
+    g.appendChild(t);
+    svg.appendChild(g);
+  });
+  $("#detect-table tbody").innerHTML = res.detections.map((d, i) => `<tr data-i="${i}"><td>${i + 1}</td><td>${esc(d.label_name ?? d.label)}</td>
+    <td>${fmt(d.score, 3)}</td>${["x1", "y1", "x2", "y2"].map((k) => `<td>${d[k].toFixed(1)}</td>`).join("")}</tr>`).join("")
+    || '<tr><td colspan="7" class="muted">no detection at or above the minimum score</td></tr>';
+  document.querySelectorAll("#detect-table tbody tr[data-i]").forEach((tr) => {
+    const g = svg.querySelector(`g[data-i="${tr.dataset.i}"]`);
+    tr.addEventListener("mouseenter", () => g.classList.add("hot"));
+    tr.addEventListener("mouseleave", () => g.classList.remove("hot"));
+  });
+  $("#detect-caption").textContent = `${file.name}: ${res.detections.length} detection(s) with score ≥ ${res.min_score} · ${res.width}×${res.height} px · ${res.latency_ms} ms (${res.model})`;
+}
+dropZone($("#detect-drop"), $("#detect-file"), detect);
+
 // ------------------------------------------------------------------ search
 async function search(files) {
   showError($("#search-error"), null);
@@ -114,6 +183,11 @@ async function loadKinds() {
   sel.innerHTML = kinds.map((k) => `<option value="${esc(k.kind)}" ${k.available ? "" : "disabled"}>${esc(k.kind)}${k.available ? "" : " (not in this build)"}</option>`).join("");
   sel.addEventListener("change", kindChanged);
   kindChanged();
+  const dk = kinds.find((k) => k.kind === "detect"); // the detect page starts from the job's defaults
+  if (dk) {
+    $("#detect-min-score").value = dk.schema.properties.min_score.default;
+    $("#detect-max").value = dk.schema.properties.max_detections.default;
+  }
 }
 function kindChanged() {
   const k = kinds.find((x) => x.kind === $("#job-kind").value);
@@ -211,7 +285,7 @@ function drawCurves(history) {
   $("#jd-charts").hidden = !history.length;
   const pts = (key) => history.filter((h) => h[key] !== null && h[key] !== undefined).map((h) => [h.epoch, h[key]]);
   lineChart($("#chart-loss"), [{name: "train loss", color: "#2864c7", points: pts("train_loss")}, {name: "test loss", color: "#d9822b", points: pts("test_loss")}]);
-  lineChart($("#chart-acc"), [{name: "test acc", color: "#137333", points: pts("test_acc")}]);
+  lineChart($("#chart-acc"), [{name: "test acc", color: "#137333", points: pts("test_acc")}, {name: "mAP@0.5", color: "#b5453f", points: pts("map_50")}], {min: 0});
   lineChart($("#chart-ips"), [{name: "images/s", color: "#7b3fb5", points: pts("images_per_s")}], {min: 0});
 }
 function confusionTable(c) {
