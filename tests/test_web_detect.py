@@ -112,6 +112,15 @@ def test_detections_are_boxes_in_pixels_of_the_upload(client):
     assert (raw.json()["width"], raw.json()["height"]) == (30, 20)
 
 
+def test_the_endpoint_is_in_the_openapi_schema_with_the_jobs_defaults(client):
+    post = client.get("/openapi.json").json()["paths"]["/api/detect"]["post"]
+    params = {p["name"]: p for p in post["parameters"]}
+    assert set(params) == {"model", "min_score", "max_detections"} and params["model"]["required"]
+    assert params["min_score"]["schema"]["default"] == 0.5  # DetectParams' own default
+    assert params["max_detections"]["schema"]["maximum"] == 1000
+    assert "multipart/form-data" in post["requestBody"]["content"]
+
+
 def test_bad_requests_are_one_line_4xx(client, root):
     img = noise_png(32, 32)
     assert_error(client.post("/api/detect", files=[("file", ("a.png", img))]), 422, "model")
