@@ -9,23 +9,36 @@ This module deduplicates, assigns label indices and writes the table, its reject
 Bad input never fails the job: every file that cannot go in lands in the rejects table with a
 reason (see :data:`sparkvision.data.schema.REJECT_REASONS`), so every file under the source is a
 row or a reject. Directory symlinks are never followed (:mod:`sparkvision.data.listing`).
+
+With a COCO file (``coco=``) a folder comes in as a detection table: each row gets the boxes the
+file gives it (:mod:`sparkvision.data.coco`), and the categories are the class names.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from sparkvision.data.coco import boxes_attached, read_coco
+from sparkvision.data.detection import is_detection_table
 from sparkvision.data.images import MAX_PIXELS_DEFAULT
 from sparkvision.data.schema import IMAGE_SCHEMA, SPLITS
-from sparkvision.data.sources import decode_folder, decode_idx, decode_table, detect_source_kind
+from sparkvision.data.sources import (
+    decode_folder,
+    decode_idx,
+    decode_table,
+    detect_source_kind,
+    qualified_root,
+)
 from sparkvision.data.table import TableMeta, is_image_table, merge_class_names, read_meta, write_meta
+from sparkvision.errors import ParamError
 from sparkvision.spark import storage
 from sparkvision.spark.progress import Timer, spark_progress
 
@@ -48,6 +61,7 @@ class IngestSummary:
     class_names: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     images_per_s: float = 0.0
+    coco: dict[str, Any] | None = None  # what the COCO file matched and what it dropped (--coco)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,13 +80,15 @@ def ingest(
     mode: str = "append",
     rejects: str | None = None,
     glob: str | None = None,
+    coco: str | None = None,
     on_listed: Callable[[], None] | None = None,
 ) -> IngestSummary:
     """Ingest ``source`` into the image table ``table`` and write rejects beside it.
 
     ``mode="append"`` adds to an existing table, skipping content already there; ``"overwrite"``
-    replaces it. ``on_listed`` runs between listing a folder and reading its files (tests remove
-    files there to see them rejected as unreadable).
+    replaces it. ``coco`` names a COCO JSON file whose boxes the folder's images get (the table
+    is then a detection table). ``on_listed`` runs between listing a folder and reading its files
+    (tests remove files there to see them rejected as unreadable).
     """
     if kind not in SOURCE_KINDS:
         raise ValueError(f"kind {kind!r} is not one of {', '.join(SOURCE_KINDS)}")
@@ -84,22 +100,34 @@ def ingest(
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     if not storage.exists(spark, source):
         raise FileNotFoundError(f"source {source} does not exist")
+    if coco is not None and class_names:
+        raise ParamError("class_names", "the COCO file's categories name the classes; leave class_names out")
     timer = Timer()
     table_q = storage.qualify(table)
     rejects_q = storage.qualify(rejects or table.rstrip("/") + "_rejects")
     if kind == "auto":
         kind = detect_source_kind(spark, source)
+    if coco is not None and kind != "folder":
+        raise ParamError("coco", f"boxes come with a folder of images; {source} is read as {kind}")
     summary = IngestSummary(table=table_q, rejects_table=rejects_q, source=source, source_kind=kind)
 
     existing: TableMeta | None = None
     if mode == "append" and is_image_table(spark, table):
         existing = read_meta(spark, table)
+        check_boxes_agree(spark, table, coco is not None)
+    boxes = read_coco(spark, coco) if coco is not None else None  # before any image is read
 
-    with spark_progress(spark, f"ingest {kind}"):
+    with spark_progress(spark, f"ingest {kind}"), ExitStack() as cached:
         if kind == "folder":
             decoded, unreadable, names = decode_folder(
-                spark, source, split, labeled, max_pixels, glob, on_listed
+                spark, source, split, labeled and boxes is None, max_pixels, glob, on_listed
             )
+            if boxes is not None:
+                # decode_folder cached the rows; _finish caches them again with their boxes.
+                cached.callback(decoded.unpersist)
+                root = qualified_root(spark, source)
+                decoded, summary.coco = cached.enter_context(boxes_attached(decoded, root, boxes, split))
+                names = boxes.class_names
         elif kind == "idx":
             decoded, names = decode_idx(spark, source, split, class_names)
             unreadable = None
@@ -117,6 +145,21 @@ def ingest(
     total = summary.rows_written + sum(summary.rejects_by_reason.values())
     summary.images_per_s = round(total / max(timer.elapsed, 1e-9), 1)
     return summary
+
+
+def check_boxes_agree(spark: SparkSession, table: str, with_boxes: bool) -> None:
+    """Rows appended to a table have its columns: boxes only into a detection table, and a
+    detection table only rows with their boxes (a row without them would claim "no objects")."""
+    has_boxes = is_detection_table(spark, table)
+    if with_boxes and not has_boxes:
+        raise ParamError(
+            "coco", f"{table} is an image table without boxes; write to a new table or overwrite it"
+        )
+    if has_boxes and not with_boxes:
+        raise ParamError(
+            "table",
+            f"{table} is a detection table: add images to it with their boxes (coco), or overwrite it",
+        )
 
 
 def _finish(
@@ -167,13 +210,15 @@ def _finish(
     keep = good.join(F.broadcast(drops.select("path")), "path", "left_anti") if drop_counts else good
 
     label_map = F.create_map(*[x for i, n in enumerate(class_names) for x in (F.lit(n), F.lit(i))])
-    label_col = label_map[F.col("label_name")] if class_names else F.lit(None)
-    rows = keep.select(
-        *[
-            label_col.cast("int").alias("label") if c == "label" else F.col(c)
-            for c in IMAGE_SCHEMA.fieldNames()
-        ]
-    )
+
+    def label_of(name: Column) -> Column:
+        return (label_map[name] if class_names else F.lit(None)).cast("int")
+
+    columns = {c: F.col(c) for c in IMAGE_SCHEMA.fieldNames()}
+    columns["label"] = label_of(F.col("label_name"))
+    if "boxes" in decoded.columns:  # a box's label is its class name's index, like the row's
+        columns["boxes"] = F.transform("boxes", lambda b: b.withField("label", label_of(b["label_name"])))
+    rows = keep.select(*[col.alias(c) for c, col in columns.items()])
 
     # Rejects are written before the rows: writing the table makes Spark re-cache every plan that
     # reads it, and the "already in the table" drops would then count this ingest's own rows.

@@ -72,4 +72,5 @@ REJECT_REASONS = (
     "duplicate",  # same content_id as another image in this ingest or already in the table
     "bad_name",  # its path is not valid UTF-8 (Spark cannot name it)
     "symlinked_dir",  # a directory symlink, never followed (no loops, nothing outside the source)
+    "coco_size_mismatch",  # its size in the COCO file (ingest --coco) differs: the boxes would be wrong
 )
