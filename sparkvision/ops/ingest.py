@@ -12,7 +12,7 @@ from sparkvision.data.images import MAX_PIXELS_DEFAULT
 from sparkvision.data.ingest import SourceKind, ingest
 from sparkvision.data.schema import META_FILE, Split
 from sparkvision.fields import CommaList
-from sparkvision.ops.base import Cli, Operation, Params, Progress, register
+from sparkvision.ops.base import Cli, Operation, ParamError, Params, Progress, register
 from sparkvision.ops.paths import local_path
 from sparkvision.spark import storage
 
@@ -48,6 +48,13 @@ class IngestParams(Params):
     )
     rejects: str | None = Field(None, description="Rejects table (default TABLE_rejects).")
     glob: str | None = Field(None, description="Only files whose name matches, e.g. '*.jpg'.")
+    coco: str | None = Field(
+        None,
+        description=(
+            "COCO JSON file (any Spark URI) of boxes for a folder's images: writes a detection table whose "
+            "classes are its categories (folder names are then not labels)."
+        ),
+    )
 
 
 def run(spark: SparkSession, p: IngestParams, progress: Progress) -> dict[str, Any]:
@@ -63,7 +70,15 @@ def run(spark: SparkSession, p: IngestParams, progress: Progress) -> dict[str, A
         mode="overwrite" if p.overwrite else "append",
         rejects=p.rejects,
         glob=p.glob,
+        coco=p.coco,
     ).to_json()
+
+
+def check(p: IngestParams) -> None:
+    if p.coco is not None and p.kind in ("idx", "table"):
+        raise ParamError("coco", f"boxes come with a folder of images, not kind {p.kind}")
+    if p.coco is not None and p.class_names:
+        raise ParamError("class_names", "the COCO file's categories name the classes; leave class_names out")
 
 
 def appends_to_image_table(p: Any, out: str, spark: Any) -> bool:
@@ -83,10 +98,12 @@ OPERATION = register(
         run,
         "Ingest a folder / IDX files / table into an image table.",
         inputs=("source",),
+        optional_inputs=("coco",),
         outputs=("table", "rejects"),
         result_key="table",
         module="sparkvision.data.ingest",
         continues=appends_to_image_table,
+        check=check,
         summary_keys=("rows_written", "elapsed_s", "images_per_s"),
     )
 )
