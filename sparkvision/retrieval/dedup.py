@@ -279,7 +279,8 @@ def dedup_table(
         model = ship_model(spark, model_dir) if model_dir else None
         threads = configure_workers(spark, batch_size)
         desc_df = df.mapInArrow(
-            descriptor_batches(model, batch_size, verify_size if verify else None, threads), DESCRIPTOR_SCHEMA
+            descriptor_batches(model, batch_size, verify_size if verify else None, threads, rescale=verify),
+            DESCRIPTOR_SCHEMA,
         )
         with spark_progress(spark, "dedup: descriptors"):
             desc_df.write.mode("overwrite").parquet(storage.qualify(desc_dir))

@@ -3,7 +3,8 @@
 Mirror invariance is built in because a horizontal flip is the most common edit that a feature
 extractor does not undo:
 
-* ``pixels`` (no model needed): the grayscale image at 32x32, centred on its intensity centroid,
+* ``pixels`` (no model needed): the grayscale image at 32x32, centred on its intensity centroid and
+  scaled to a fixed content size,
   box-blurred, zero mean and unit norm (:func:`pixel_descriptor`), averaged with its mirror image;
 * a model directory: the L2-normalised backbone features of the image plus those of its mirror,
   through the shared inference runtime (:mod:`sparkvision.inference.runtime`).
@@ -23,23 +24,34 @@ from scipy import ndimage
 
 from sparkvision.data.images import RejectError
 from sparkvision.inference.runtime import rebatch, run_model, vectors_column, worker_model
+from sparkvision.retrieval.verify import content_frames
 from sparkvision.transforms.preprocess import decode_image, preprocess_batch
 
 PIXEL_SIZE = 32
+# The content radius (radius of gyration) the pixel descriptor scales every image to, as a share of
+# the side: the median of Fashion-MNIST train originals (9.8 px of 32), so those barely move. The
+# zoom stays within ZOOM_RANGE: 2.2 undoes a downscale to 45% of the side.
+CONTENT_RADIUS = 0.3
+ZOOM_RANGE = (0.8, 2.2)
 DESCRIPTOR_SCHEMA = (
     "content_id string, path string, height int, width int, descriptor array<float>, thumb binary, "
     "error string"
 )
 
 
-def pixel_descriptor(arr: np.ndarray, blur: int = 5) -> np.ndarray:
+def pixel_descriptor(arr: np.ndarray, blur: int = 5, rescale: bool = False) -> np.ndarray:
     """``(H, W[, 1])`` grayscale -> unit vector, invariant to brightness, contrast, mirroring and
-    small shifts.
+    shifts, and with ``rescale`` to padding as well.
 
-    The image is shifted (bilinear, sub-pixel) so its intensity centroid sits at the centre, which
-    undoes translations and most of what a small crop does; a ``blur`` x ``blur`` box filter then
-    absorbs small rotations, rescaling and noise; the mean is removed and the result is averaged
-    with its mirror image and L2-normalised.
+    The image is resampled (bilinear, sub-pixel) so its intensity centroid sits at the centre, which
+    undoes translations and most of what a small crop does. With ``rescale`` it is also zoomed so
+    its content (:func:`~sparkvision.retrieval.verify.content_frames`) has radius
+    :data:`CONTENT_RADIUS` of the side, within :data:`ZOOM_RANGE`: that undoes a downscale-then-pad
+    or a letterbox, but makes a whole-frame picture a little less stable under crops (content cut
+    at the border shrinks its radius), so it is for proposing candidates that verification then
+    checks (``dedup`` uses it with verification only). A ``blur`` x ``blur`` box filter then absorbs
+    small rotations, rescaling and noise; the mean is removed and the result is averaged with its
+    mirror image and L2-normalised.
     """
     x = np.asarray(arr, np.float32).reshape(arr.shape[0], arr.shape[1])
     w = x - x.min()
@@ -47,7 +59,13 @@ def pixel_descriptor(arr: np.ndarray, blur: int = 5) -> np.ndarray:
     if total > 1e-6:
         ys, xs = np.indices(w.shape)
         cy, cx = (w * ys).sum() / total, (w * xs).sum() / total
-        w = ndimage.shift(w, ((w.shape[0] - 1) / 2 - cy, (w.shape[1] - 1) / 2 - cx), order=1, mode="constant")
+        radius = float(content_frames(x[None])[0, 0]) if rescale else 0.0
+        zoom = float(np.clip(CONTENT_RADIUS * max(w.shape) / radius, *ZOOM_RANGE)) if radius > 0 else 1.0
+        centre = (np.array(w.shape, np.float64) - 1) / 2
+        # output pixel o samples the input at (o - centre) / zoom + centroid
+        w = ndimage.affine_transform(
+            w, np.eye(2) / zoom, offset=np.array([cy, cx]) - centre / zoom, order=1, mode="constant"
+        )
     if blur > 1:
         w = ndimage.uniform_filter(w, size=blur, mode="constant")
     w = w + w[:, ::-1]  # mirror-symmetric
@@ -62,13 +80,14 @@ def gray_thumbnail(data: bytes | None, size: int) -> np.ndarray:
 
 
 def descriptor_batches(
-    blob_bc: Any, batch_size: int, thumb_size: int | None = None, threads: int = 1
+    blob_bc: Any, batch_size: int, thumb_size: int | None = None, threads: int = 1, rescale: bool = False
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """mapInArrow body: (content_id, path, image, height, width) -> DESCRIPTOR_SCHEMA.
 
     ``blob_bc`` is a broadcast :class:`sparkvision.inference.runtime.ModelBlob`, or None for the
     pixel descriptor. With ``thumb_size`` also the grayscale image at ``thumb_size`` x
     ``thumb_size`` (raw uint8 bytes) for verification. ``threads``: the model's torch threads.
+    ``rescale``: the pixel descriptor normalises content size (:func:`pixel_descriptor`).
     """
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -84,7 +103,7 @@ def descriptor_batches(
                 for i, data in enumerate(images):
                     try:
                         arr = gray_thumbnail(data, PIXEL_SIZE)
-                        feats[i] = pixel_descriptor(arr)
+                        feats[i] = pixel_descriptor(arr, rescale=rescale)
                         if thumb_size == PIXEL_SIZE:
                             thumbs[i] = arr.tobytes()
                     except RejectError as e:
