@@ -22,7 +22,7 @@ from sparkvision.errors import ParamError
 from sparkvision.retrieval.dedup import DEFAULT_STRICT_THRESHOLD, DEFAULT_VERIFY_THRESHOLD, dedup_table
 from sparkvision.retrieval.descriptors import pixel_descriptor
 from sparkvision.retrieval.linking import candidate_pairs, keeper, link_pairs, pairs_above, union_find
-from sparkvision.retrieval.verify import VerifyConfig, align, verify_pairs
+from sparkvision.retrieval.verify import VerifyConfig, align, content_frames, frame_warp, verify_pairs
 from sparkvision.transforms.preprocess import decode_image
 
 
@@ -174,6 +174,73 @@ def test_several_copies_of_one_image_form_one_group():
     m = link_pairs(len(imgs), ii, jj, s, DEFAULT_VERIFY_THRESHOLD, "mutual", DEFAULT_STRICT_THRESHOLD)
     labels = union_find(len(imgs), zip(ii[m].tolist(), jj[m].tolist(), strict=True))
     assert labels.tolist() == [0, 0, 0, 0, 4]
+
+
+def product_image(seed: int, size: int = 48) -> Image.Image:
+    """A product shot: a few overlapping shapes of one object on a plain black background."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        cx, cy = rng.integers(size // 3, 2 * size // 3, 2)
+        w, h = rng.integers(6, size // 3, 2)
+        box = [int(cx - w), int(cy - h), int(cx + w), int(cy + h)]
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=int(rng.integers(60, 256)))
+    return img
+
+
+def downscale_pad(im: Image.Image, scale: float, at: tuple[int, int]) -> Image.Image:
+    """Shrunk to ``scale`` and pasted at ``at`` on a canvas of the original size and background."""
+    side = round(im.width * scale)
+    canvas = Image.new("L", im.size, 0)
+    canvas.paste(im.resize((side, side), Image.BILINEAR), at)
+    return canvas
+
+
+def test_content_frames_follow_the_object_not_the_padding():
+    im = product_image(2)
+    x = np.stack([gray32(encode(im)), gray32(encode(downscale_pad(im, 0.6, (3, 10))))])
+    (ra, ya, xa), (rb, yb, xb) = content_frames(x)
+    assert abs(rb / ra - 0.6) < 0.05  # the radius shrinks with the object
+    assert xb < xa and yb > ya  # and the centre moves towards where it was pasted
+    p = frame_warp(x[:1], x[1:])[0]
+    assert abs(p[0] + 0.4) < 0.05 and p[1] == 0  # scale 0.6, no rotation
+    blank = np.zeros((1, 32, 32), np.float32)
+    assert content_frames(blank).tolist() == [[0.0, 0.0, 0.0]]
+    assert frame_warp(blank, x[:1]).tolist() == [[0.0, 0.0, 0.0, 0.0]]  # no content: the identity
+
+
+def test_pixel_descriptor_rescale_undoes_downscale_then_pad():
+    originals = [product_image(s) for s in range(10)]
+    a = gray32(encode(originals[2])) * 255
+    b = gray32(encode(downscale_pad(originals[2], 0.6, (3, 10)))) * 255
+    assert pixel_descriptor(a, rescale=True) @ pixel_descriptor(b, rescale=True) > 0.99
+    assert pixel_descriptor(a) @ pixel_descriptor(b) < 0.9  # without it, too far to be a candidate
+    d = np.stack([pixel_descriptor(gray32(encode(im)) * 255, rescale=True) for im in originals])
+    sim = d @ d.T
+    np.fill_diagonal(sim, 0)
+    assert sim.max() < 0.99  # distinct products stay apart
+
+
+def test_verification_handles_strong_compression_and_downscale_then_pad():
+    originals = [product_image(s) for s in range(12)]
+    orig = np.stack([gray32(encode(im)) for im in originals])
+    edits = {
+        "jpeg25": lambda im: encode(im, "JPEG", quality=25),
+        "webp40": lambda im: encode(im, "WEBP", quality=40),
+        "downscale_pad": lambda im: encode(downscale_pad(im, 0.6, (3, 10))),
+        "downscale_pad_jpeg": lambda im: encode(downscale_pad(im, 0.7, (12, 2)), "JPEG", quality=50),
+    }
+    copies = np.stack([gray32(edit(originals[i])) for i, edit in enumerate(edits.values())])
+    scores = verify_pairs(orig[: len(copies)], copies)
+    assert scores.min() >= DEFAULT_VERIFY_THRESHOLD, dict(zip(edits, scores.round(5).tolist(), strict=True))
+    # the second alignment, from the content-frame warp, is what finds the padded copies
+    no_reframe = verify_pairs(orig[2:4], copies[2:], VerifyConfig(reframe=False))
+    assert no_reframe.max() < DEFAULT_VERIFY_THRESHOLD
+    # the blurred comparison only adds: copies gain, distinct products stay far below the threshold
+    assert (scores >= verify_pairs(orig[: len(copies)], copies, VerifyConfig(blur=0)) - 1e-6).all()
+    ii, jj = np.triu_indices(len(orig), 1)
+    assert verify_pairs(orig[ii], orig[jj]).max() < 0.97
 
 
 @pytest.fixture(scope="module")
