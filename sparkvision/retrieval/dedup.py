@@ -85,11 +85,12 @@ from sparkvision.spark.progress import Timer, spark_progress
 # Without verification: the cosine similarity that links a pair (see docs/retrieval.md: set per data set).
 DEFAULT_THRESHOLD = {"pixels": 0.97, "model": 0.95}
 # With verification: the cosine floor for a candidate pair (it only bounds the work; the
-# verification score decides), and the verification scores that link a pair. General defaults:
-# distinct photos score below 0.97 against each other and edited copies (flip, crop, JPEG,
-# brightening) above 0.996 (tests/test_dedup.py); JPEG at quality 60 scores ~0.999, hence a strict
-# threshold of 0.998. Fashion-MNIST, a worst case of look-alike 28x28 products, calibrates to
-# 0.997 (benchmarks/results/dedup.md); calibrate on a labelled sample of your own data.
+# verification score decides), and the verification scores that link a pair. General defaults,
+# not calibrated on any benchmark's edits: distinct photos score below 0.97 against each other and
+# edited copies (flip, crop, JPEG 25-60, WEBP, brightening, downscale-then-pad) above 0.996
+# (tests/test_dedup.py), near-exact ones ~0.999, hence a strict threshold of 0.998.
+# benchmarks/results/dedup.md measures them per edit family on Fashion-MNIST, a worst case of
+# look-alike 28x28 products; calibrate on a labelled sample of your own data where it matters.
 DEFAULT_CANDIDATE_THRESHOLD = {"pixels": 0.9, "model": 0.8}
 DEFAULT_VERIFY_THRESHOLD = 0.995
 DEFAULT_STRICT_THRESHOLD = 0.998
