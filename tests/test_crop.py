@@ -9,7 +9,15 @@ import pytest
 from PIL import Image
 
 from sparkvision.data.images import RejectError
-from sparkvision.detect.crop import CropSpec, crop_pixels, crops_of, encode_png, image_rows, pick_boxes
+from sparkvision.detect.crop import (
+    CropSpec,
+    crop_pixels,
+    crops_of,
+    encode_png,
+    image_rows,
+    matched_box,
+    pick_boxes,
+)
 
 
 def png(w: int, h: int, mode: str = "RGB") -> bytes:
@@ -78,3 +86,14 @@ def test_undecodable_bytes_are_a_reject_and_a_query_batch_carries_sizes():
     rows = image_rows([png(12, 7), png(5, 5, "L"), b"junk"])
     assert rows.column("width").to_pylist() == [12, 5, 1] and rows.column("height").to_pylist() == [7, 5, 1]
     assert rows.column("channels").to_pylist() == [3, 1, 3]
+
+
+def test_a_crop_is_labelled_by_the_true_box_its_detection_overlaps():
+    truth = [
+        {"x1": 0.0, "y1": 0.0, "x2": 20.0, "y2": 20.0, "label": 3, "label_name": "bag"},
+        {"x1": 40.0, "y1": 40.0, "x2": 80.0, "y2": 80.0, "label": 7, "label_name": "shoe"},
+    ]
+    assert matched_box(det(42, 41, 79, 82), truth)["label_name"] == "shoe"
+    assert matched_box(det(1, 0, 19, 21), truth)["label"] == 3
+    assert matched_box(det(10, 10, 50, 50), truth) is None  # overlaps both, neither by IoU 0.5
+    assert matched_box(None, truth) is None and matched_box(det(0, 0, 5, 5), []) is None

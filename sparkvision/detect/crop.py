@@ -28,6 +28,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 from pyspark.sql import DataFrame
+from torchvision.ops import box_iou
 
 from sparkvision.data.images import RejectError, content_id, open_image
 from sparkvision.detect.boxes import as_boxes, crop_rect, expand_boxes
@@ -140,10 +141,29 @@ def _source_crops(
         yield i, 0, None, None, None, err
 
 
+MATCH_IOU = 0.5  # a crop takes a true box's label when its detection overlaps it this much
+
+
+def matched_box(det: dict[str, Any] | None, truth: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The true box (of a detection table's ``boxes``) that detection ``det`` overlaps most, with
+    IoU >= :data:`MATCH_IOU`, or None: so a crop of a scene of several items is labelled with the
+    item it shows, not with the scene's label (its largest item's), and can train a classifier."""
+    if det is None or not truth:
+        return None
+    ious = box_iou(
+        torch.tensor([[det["x1"], det["y1"], det["x2"], det["y2"]]], dtype=torch.float32),
+        torch.tensor([[t["x1"], t["y1"], t["x2"], t["y2"]] for t in truth], dtype=torch.float32),
+    )[0]
+    best = int(torch.argmax(ious))
+    return truth[best] if float(ious[best]) >= MATCH_IOU else None
+
+
 def crop_batches(
     detector: ModelRef, spec: CropSpec, min_score: float, batch_size: int, threads: int
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """mapInArrow body: :data:`SOURCE_COLUMNS` -> :data:`CROPS_SCHEMA` (PNG crops)."""
+    """mapInArrow body: :data:`SOURCE_COLUMNS` (and a detection table's ``boxes``) ->
+    :data:`CROPS_SCHEMA` (PNG crops). With true boxes, a crop's ``label``/``label_name`` are those
+    of the true box its detection matches (:func:`matched_box`), else the source row's."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         blob = detector.value
@@ -154,7 +174,13 @@ def crop_batches(
             src = {
                 c: batch.column(c).to_pylist() for c in ("content_id", "path", "label", "label_name", "split")
             }
+            truth = batch.column("boxes").to_pylist() if "boxes" in batch.schema.names else None
             for i, k, crop, box, fallback, err in _source_crops(batch, dets, errors, spec):
+                label, name = src["label"][i], src["label_name"][i]
+                if truth is not None:
+                    found = dets[i]
+                    hit = matched_box(found[k] if found and not fallback else None, truth[i])
+                    label, name = (hit["label"], hit["label_name"]) if hit else (label, name)
                 png = encode_png(crop, spec.max_side) if crop is not None else None
                 shown = Image.open(io.BytesIO(png)) if png is not None else None
                 rows["content_id"].append(content_id(png) if png is not None else None)
@@ -164,8 +190,9 @@ def crop_batches(
                 rows["height"].append(shown.height if shown else None)
                 rows["width"].append(shown.width if shown else None)
                 rows["channels"].append(len(shown.getbands()) if shown else None)
-                for c in ("label", "label_name", "split"):
-                    rows[c].append(src[c][i])
+                rows["label"].append(label)
+                rows["label_name"].append(name)
+                rows["split"].append(src["split"][i])
                 rows["source_content_id"].append(src["content_id"][i])
                 rows["box"].append(box)
                 rows["fallback"].append(fallback)

@@ -17,6 +17,7 @@ import numpy as np
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from sparkvision.data.detection import is_detection_table, read_detection_table
 from sparkvision.data.table import read_meta, read_table, write_meta
 from sparkvision.detect.crop import (
     CROPS_SCHEMA,
@@ -36,8 +37,12 @@ from sparkvision.spark import storage
 from sparkvision.spark.progress import Timer, spark_progress
 
 
-def _source(spark: SparkSession, table: str, split: str | None) -> DataFrame:
+def _source(spark: SparkSession, table: str, split: str | None, boxes: bool = False) -> DataFrame:
+    """The rows to crop; with ``boxes``, a detection table's true boxes too (crops are then
+    labelled by the item they show)."""
     try:
+        if boxes and is_detection_table(spark, table):
+            return read_detection_table(spark, table, split).select(*SOURCE_COLUMNS, "boxes")
         return read_table(spark, table, split).select(*SOURCE_COLUMNS)
     except FileNotFoundError as e:
         raise ParamError("table", str(e)) from None
@@ -59,7 +64,7 @@ def crop_table(
     timer = Timer()
     ref = ship_detector(spark, detector)
     threads = configure_workers(spark, batch_size)
-    source = _source(spark, table, split)
+    source = _source(spark, table, split, boxes=True)
     crops = source.mapInArrow(crop_batches(ref, spec, min_score, batch_size, threads), CROPS_SCHEMA)
     out_q = storage.qualify(out)
     with spark_progress(spark, "crop"):
