@@ -1,0 +1,232 @@
+"""Order-preserving models of a training job's cost and accuracy, fitted to a few profile runs.
+
+The method is seed 000's co-configuration of resources and batch size: profile a few short
+runs, fit *order-preserving* (isotonic) regressions of epoch cost and of final accuracy as
+functions of resources and batch size, then solve for the cheapest configuration that meets the
+accuracy target in time (:mod:`sparkvision.plan.solve`). Isotonic regression (scikit-learn's
+``IsotonicRegression``) assumes only the direction of a relation, never its shape, so a handful of
+noisy points cannot bend it into a curve that promises more than the measurements do. Pollux
+(Qiao et al., OSDI '21) co-adapts the same two knobs online inside a scheduler with parametric
+throughput and efficiency models; here the fit is offline, non-parametric and per job.
+
+Three choices, each for a stated reason:
+
+* **Cost is fitted as core-seconds per epoch** (workers x threads x epoch time), non-decreasing
+  in workers and in threads. Epoch time is *not* monotone once communication grows with the
+  number of workers (it falls, then rises again), so an isotonic fit of time against workers
+  would pool exactly the points that matter; parallel efficiency only ever falls, so
+  core-seconds stay monotone at every scale. Epoch time is recovered as core-seconds / cores.
+* **The direction of accuracy against batch size is read from the data**: both directions are
+  fitted and the one with the smaller squared error kept. Larger batches usually reach less in a
+  fixed number of epochs, but with a learning rate tuned for large batches the opposite happens.
+* **Accuracy after E epochs is extrapolated from short runs** with the inverse power law
+  ``acc(e) = a - c * e**(-alpha)`` (learning curves of SGD-trained networks follow a power law
+  in the amount of training; Hestness et al. 2017, "Deep Learning Scaling is Predictable,
+  Empirically"; Domhan et al. 2015 use it among their curve models). ``a`` is the asymptote,
+  bounded by 1; :func:`validate_learning_curve` measures the fit on held-out later epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import curve_fit
+from sklearn.isotonic import IsotonicRegression
+
+DEFAULT_ALPHA = 0.5  # the power-law exponent used when two points cannot determine it
+
+
+@dataclass(frozen=True)
+class MonotoneCurve:
+    """An isotonic fit of ``y`` against ``x``, linear between its fitted points and flat beyond
+    them (a fit must not extrapolate a trend it has not seen)."""
+
+    x: np.ndarray  # the fitted breakpoints, ascending
+    y: np.ndarray
+    increasing: bool
+
+    def __call__(self, x: float | np.ndarray) -> np.ndarray:
+        return np.interp(x, self.x, self.y)
+
+
+def fit_monotone(
+    x: Sequence[float] | np.ndarray,
+    y: Sequence[float] | np.ndarray,
+    increasing: bool | None = None,
+) -> MonotoneCurve:
+    """Isotonic regression of ``y`` on ``x``; ``increasing=None`` fits both directions and keeps
+    the one that explains the data better (ties go to non-decreasing)."""
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if xa.size == 0:
+        raise ValueError("no points to fit")
+    if increasing is None:
+        up, down = fit_monotone(xa, ya, True), fit_monotone(xa, ya, False)
+        sse_up = float(np.sum((up(xa) - ya) ** 2))
+        sse_down = float(np.sum((down(xa) - ya) ** 2))
+        return up if sse_up <= sse_down else down
+    iso = IsotonicRegression(increasing=increasing, out_of_bounds="clip").fit(xa, ya)
+    return MonotoneCurve(np.asarray(iso.X_thresholds_), np.asarray(iso.y_thresholds_), increasing)
+
+
+def power_law(e: np.ndarray, a: float, c: float, alpha: float) -> np.ndarray:
+    """The learning-curve model: accuracy after ``e`` epochs."""
+    return a - c * np.power(e, -alpha)
+
+
+@dataclass(frozen=True)
+class LearningCurve:
+    a: float  # the asymptote (accuracy with unlimited epochs)
+    c: float
+    alpha: float
+
+    def __call__(self, epochs: float | np.ndarray) -> np.ndarray:
+        return power_law(np.asarray(epochs, dtype=float), self.a, self.c, self.alpha)
+
+
+def fit_learning_curve(
+    epochs: Sequence[float] | np.ndarray, acc: Sequence[float] | np.ndarray
+) -> LearningCurve:
+    """The inverse power law through a run's per-epoch accuracies. Two points fix ``a`` and
+    ``c`` with ``alpha`` at :data:`DEFAULT_ALPHA`; one point gives a flat curve (no trend is
+    claimed from a single measurement)."""
+    e, y = np.asarray(epochs, dtype=float), np.asarray(acc, dtype=float)
+    if e.size == 0:
+        raise ValueError("a learning curve needs at least one epoch")
+    if e.size == 1 or np.ptp(e) == 0:
+        return LearningCurve(float(y.mean()), 0.0, DEFAULT_ALPHA)
+    if e.size == 2:
+        # y = a - c * e^-alpha is linear in (a, c) once alpha is fixed.
+        design = np.stack([np.ones_like(e), -np.power(e, -DEFAULT_ALPHA)], axis=1)
+        (a, c), *_ = np.linalg.lstsq(design, y, rcond=None)
+        c = max(float(c), 0.0)
+        return LearningCurve(min(float(a) if c > 0 else float(y.max()), 1.0), c, DEFAULT_ALPHA)
+    top = float(y.max())
+    start = (min(top + 0.02, 1.0), max(top - float(y.min()), 1e-3) * 2, DEFAULT_ALPHA)
+    try:
+        (a, c, alpha), _ = curve_fit(
+            power_law, e, y, p0=start, bounds=([0.0, 0.0, 0.05], [1.0, 2.0, 3.0]), maxfev=5000
+        )
+    except RuntimeError:  # no convergence: the two-parameter fit is still a learning curve
+        return fit_learning_curve(e[[0, -1]], y[[0, -1]])
+    return LearningCurve(float(a), float(c), float(alpha))
+
+
+def validate_learning_curve(
+    epochs: Sequence[float] | np.ndarray, acc: Sequence[float] | np.ndarray, holdout: int = 1
+) -> float | None:
+    """Mean absolute error of the power law on a run's last ``holdout`` epochs, fitted on the
+    ones before: how far an extrapolation from a short run can be trusted. ``None`` when the
+    run is too short to hold anything out."""
+    e, y = np.asarray(epochs, dtype=float), np.asarray(acc, dtype=float)
+    if e.size < holdout + 2:
+        return None
+    curve = fit_learning_curve(e[:-holdout], y[:-holdout])
+    return float(np.mean(np.abs(curve(e[-holdout:]) - y[-holdout:])))
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One profile run (or a recorded run reused from a model directory)."""
+
+    workers: int
+    threads: int
+    batch: int
+    epoch_time_s: float  # a full epoch, measured or scaled from a fraction of one
+    curve: tuple[float, ...] = ()  # test accuracy after epochs 1, 2, ... (may be empty)
+
+    @property
+    def core_seconds(self) -> float:
+        return self.workers * self.threads * self.epoch_time_s
+
+
+class CostModel:
+    """Core-seconds per epoch over (workers, threads, batch): an isotonic curve in log workers
+    for each profiled batch size at the base thread count, combined across batch sizes by an
+    isotonic fit in log batch (direction read from the data), times an isotonic thread factor
+    measured at one (workers, batch) anchor. Separability in threads is an assumption: threads
+    change per-rank compute, which scales the same way at every worker count."""
+
+    def __init__(self, runs: Iterable[Measurement]) -> None:
+        runs = list(runs)
+        if not runs:
+            raise ValueError("no profile runs to fit the cost model")
+        self.base_threads = min(r.threads for r in runs)
+        base = [r for r in runs if r.threads == self.base_threads]
+        self.batches = sorted({r.batch for r in base})
+        self.by_batch: dict[int, MonotoneCurve] = {}
+        for b in self.batches:
+            pts = [r for r in base if r.batch == b]
+            self.by_batch[b] = fit_monotone(
+                [np.log2(r.workers) for r in pts], [np.log(r.core_seconds) for r in pts], True
+            )
+        # Threads: the ratio to the base thread count where both were measured (same workers, batch).
+        ratios: dict[int, list[float]] = {self.base_threads: [1.0]}
+        for r in runs:
+            if r.threads == self.base_threads:
+                continue
+            same = [q for q in base if q.workers == r.workers and q.batch == r.batch]
+            if same:
+                ratios.setdefault(r.threads, []).append(
+                    r.core_seconds / float(np.mean([q.core_seconds for q in same]))
+                )
+        ts = sorted(ratios)
+        self.thread_factor = fit_monotone(
+            [np.log2(t) for t in ts], [np.log(np.mean(ratios[t])) for t in ts], True
+        )
+        self.across: dict[int, MonotoneCurve] = {}  # per worker count, the fit across batch sizes
+
+    def core_seconds(self, workers: int, threads: int, batch: int) -> float:
+        """Predicted core-seconds of one epoch."""
+        if workers not in self.across:
+            lw = np.log2(workers)
+            per_batch = [float(self.by_batch[b](lw)) for b in self.batches]
+            self.across[workers] = fit_monotone(np.log2(self.batches), per_batch)
+        log_c = float(self.across[workers](np.log2(batch)))
+        return float(np.exp(log_c + float(self.thread_factor(np.log2(threads)))))
+
+    def epoch_time(self, workers: int, threads: int, batch: int) -> float:
+        """Predicted wall-clock seconds of one epoch."""
+        return self.core_seconds(workers, threads, batch) / (workers * threads)
+
+
+class AccuracyModel:
+    """Accuracy after ``e`` epochs at global batch ``b``: a power law per profiled batch size
+    (runs at the same batch pooled, as synchronous data-parallel training at a fixed global batch
+    follows the same trajectory whatever the workers), then, at each epoch count, an isotonic fit
+    in log batch whose direction is read from the data at the epoch budget and then held for
+    every epoch count. Non-decreasing in epochs by construction."""
+
+    def __init__(self, runs: Iterable[Measurement], max_epochs: int) -> None:
+        curves: dict[int, list[tuple[float, ...]]] = {}
+        for r in runs:
+            if r.curve:
+                curves.setdefault(r.batch, []).append(r.curve)
+        if not curves:
+            raise ValueError("no profile run recorded a test accuracy; the accuracy model needs one")
+        self.max_epochs = max_epochs
+        self.batches = sorted(curves)
+        self.curves: dict[int, LearningCurve] = {}
+        for b in self.batches:
+            n = min(len(c) for c in curves[b])
+            mean = np.mean([c[:n] for c in curves[b]], axis=0)
+            self.curves[b] = fit_learning_curve(np.arange(1, n + 1), mean)
+        lb = np.log2(self.batches)
+        final = [float(self.curves[b](max_epochs)) for b in self.batches]
+        self.increasing = fit_monotone(lb, final).increasing if len(lb) > 1 else True
+        epochs = np.arange(1, max_epochs + 1)
+        # table[e-1, j]: accuracy after e epochs at profiled batch j, monotone in batch per row
+        table = np.array([[float(self.curves[b](float(e))) for b in self.batches] for e in epochs])
+        for i in range(len(epochs)):
+            table[i] = fit_monotone(lb, table[i], self.increasing)(lb)
+        self.table = np.clip(np.maximum.accumulate(table, axis=0), 0.0, 1.0)
+
+    def accuracy(self, batch: int, epochs: int) -> float:
+        """Predicted test accuracy after ``epochs`` (1..max_epochs) at global batch ``batch``."""
+        row = self.table[min(max(epochs, 1), self.max_epochs) - 1]
+        return float(np.interp(np.log2(batch), np.log2(self.batches), row))
+
+    def curve(self, batch: int) -> np.ndarray:
+        """Predicted accuracy after each of 1..max_epochs epochs."""
+        return np.array([self.accuracy(batch, e) for e in range(1, self.max_epochs + 1)])
