@@ -3,8 +3,9 @@
 The fits of :mod:`sparkvision.plan.fit` need, for a few batch sizes spread over the allowed range
 (in log scale, ends included), epoch cost at a few worker counts spread the same way (the
 isotonic curve in workers), and one learning curve per batch size (the accuracy model). Thread
-counts other than the smallest are measured at one anchor (one worker, the middle batch size),
-as the cost model treats their effect as a factor. Only the learning-curve runs need several
+counts other than the smallest are measured at one worker, at the smallest and largest batch
+sizes when the budget allows (their gain depends on the batch), else at the middle one, as the
+cost model treats their effect as a factor per batch size. Only the learning-curve runs need several
 epochs, and they use one worker, the cheapest place to measure a curve whose shape does not
 depend on the worker count at a fixed global batch; the other runs time a single (or a fraction
 of an) epoch. ``budget`` is the number of runs.
@@ -61,7 +62,8 @@ def design(
     chosen = spread(batches, n_batches)
     anchor = chosen[len(chosen) // 2]
     runs = [ProfileRun(1, t0, b, curve_epochs) for b in chosen]
-    thread_runs = [ProfileRun(1, t, anchor, 1) for t in extra_threads][: max(budget - len(runs), 0)]
+    ends = [chosen[0], chosen[-1]] if budget - len(runs) >= 2 * len(extra_threads) + len(chosen) else [anchor]
+    thread_runs = [ProfileRun(1, t, b, 1) for t in extra_threads for b in ends][: max(budget - len(runs), 0)]
     room = budget - len(runs) - len(thread_runs)
     levels = [w for w in worker_levels(max_workers) if w > 1]
     # Worker counts per batch size; the largest batch sizes (which divide over the most workers)

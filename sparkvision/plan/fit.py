@@ -145,8 +145,9 @@ class CostModel:
     """Core-seconds per epoch over (workers, threads, batch): an isotonic curve in log workers
     for each profiled batch size at the base thread count, combined across batch sizes by an
     isotonic fit in log batch (direction read from the data), times an isotonic thread factor
-    measured at one (workers, batch) anchor. Separability in threads is an assumption: threads
-    change per-rank compute, which scales the same way at every worker count."""
+    measured at one worker count for one or more batch sizes. Separability of threads from
+    workers is an assumption: threads change per-rank compute, which scales alike at every
+    worker count; their gain does depend on the batch, hence a factor per profiled batch."""
 
     def __init__(self, runs: Iterable[Measurement]) -> None:
         runs = list(runs)
@@ -161,20 +162,23 @@ class CostModel:
             self.by_batch[b] = fit_monotone(
                 [np.log2(r.workers) for r in pts], [np.log(r.core_seconds) for r in pts], True
             )
-        # Threads: the ratio to the base thread count where both were measured (same workers, batch).
-        ratios: dict[int, list[float]] = {self.base_threads: [1.0]}
+        # Threads: the ratio to the base thread count where both were measured (same workers and
+        # batch), an isotonic curve in log threads per batch size where it was measured.
+        ratios: dict[int, dict[int, list[float]]] = {}
         for r in runs:
-            if r.threads == self.base_threads:
-                continue
-            same = [q for q in base if q.workers == r.workers and q.batch == r.batch]
-            if same:
-                ratios.setdefault(r.threads, []).append(
-                    r.core_seconds / float(np.mean([q.core_seconds for q in same]))
-                )
-        ts = sorted(ratios)
-        self.thread_factor = fit_monotone(
-            [np.log2(t) for t in ts], [np.log(np.mean(ratios[t])) for t in ts], True
-        )
+            same = [q.core_seconds for q in base if q.workers == r.workers and q.batch == r.batch]
+            if r.threads != self.base_threads and same:
+                ratio = r.core_seconds / float(np.mean(same))
+                ratios.setdefault(r.batch, {self.base_threads: [1.0]}).setdefault(r.threads, []).append(ratio)
+        self.thread_batches = sorted(ratios)
+        self.thread_factor = {
+            b: fit_monotone(
+                [np.log2(t) for t in sorted(ratios[b])],
+                [np.log(np.mean(ratios[b][t])) for t in sorted(ratios[b])],
+                True,
+            )
+            for b in self.thread_batches
+        }
         self.across: dict[int, MonotoneCurve] = {}  # per worker count, the fit across batch sizes
 
     def core_seconds(self, workers: int, threads: int, batch: int) -> float:
@@ -184,7 +188,16 @@ class CostModel:
             per_batch = [float(self.by_batch[b](lw)) for b in self.batches]
             self.across[workers] = fit_monotone(np.log2(self.batches), per_batch)
         log_c = float(self.across[workers](np.log2(batch)))
-        return float(np.exp(log_c + float(self.thread_factor(np.log2(threads)))))
+        return float(np.exp(log_c + self.log_thread_factor(threads, batch)))
+
+    def log_thread_factor(self, threads: int, batch: int) -> float:
+        """Log of core-seconds at ``threads`` over those at the base thread count: interpolated in
+        log batch between the batch sizes where threads were profiled (small batches gain less from
+        threads, their steps being dominated by per-step overhead); 0 where none were."""
+        if threads == self.base_threads or not self.thread_batches:
+            return 0.0
+        at = [float(self.thread_factor[b](np.log2(threads))) for b in self.thread_batches]
+        return float(np.interp(np.log2(batch), np.log2(self.thread_batches), at))
 
     def epoch_time(self, workers: int, threads: int, batch: int) -> float:
         """Predicted wall-clock seconds of one epoch."""
