@@ -58,7 +58,7 @@ def design(
         raise ValueError(f"budget {budget} is below 2 (two batch sizes are needed for a direction)")
     threads = sorted(set(threads))
     t0, extra_threads = threads[0], threads[1:]
-    n_batches = min(len(set(batches)), max(2, int(np.sqrt(max(budget - len(extra_threads), 2)))))
+    n_batches = min(len(set(batches)), max(2, (budget - 2 * len(extra_threads)) // 3))
     chosen = spread(batches, n_batches)
     anchor = chosen[len(chosen) // 2]
     runs = [ProfileRun(1, t0, b, curve_epochs) for b in chosen]
