@@ -18,6 +18,7 @@ ORDER = (
     "fashion-mnist",
     "scenes",
     "train",
+    "plan",
     "evaluate",
     "predict",
     "pretrain",

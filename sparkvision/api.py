@@ -30,6 +30,7 @@ train_detector = OPERATIONS["train-detector"]
 detect = OPERATIONS["detect"]
 crop = OPERATIONS["crop"]
 features = OPERATIONS["features"]
+plan = OPERATIONS["plan"]
 
 __all__ = [
     "crop",
@@ -44,6 +45,7 @@ __all__ = [
     "get_spark",
     "index",
     "ingest",
+    "plan",
     "predict",
     "pretrain",
     "scenes",

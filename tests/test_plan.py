@@ -1,6 +1,9 @@
-"""``plan``'s fits and solver, without Spark: synthetic monotone surfaces with a known optimum."""
+"""``plan``: its fits and solver without Spark (synthetic monotone surfaces with a known optimum),
+and the operation end to end on a tiny table (local[2])."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -183,3 +186,29 @@ def test_plan_from_profiled_design_matches_the_oracle() -> None:
     true_cost = c.workers * c.threads * plan.choice.epochs * true_epoch_time(c)
     assert true_accuracy(c.batch, plan.choice.epochs) >= 0.87 - 0.002
     assert true_cost <= 1.05 * best
+
+
+def test_plan_op_profiles_a_tiny_table_and_chooses(spark, tiny_table, tmp_path):
+    """Two short learning-curve runs on local[2], a fit, a choice, its curves and its reasons."""
+    from sparkvision.api import plan
+    from sparkvision.errors import ParamError
+
+    params = dict(
+        table=tiny_table,
+        max_workers=1,
+        batch_sizes=[8, 16],
+        threads_per_rank=[1],
+        budget=2,
+        curve_epochs=2,
+        epochs=3,
+        fraction=1.0,
+    )
+    s = plan(spark, out=str(tmp_path / "plan"), target_accuracy=0.3, **params)
+    assert s["choice"] is not None and s["choice"]["batch_size"] in (8, 16)
+    assert s["choice"]["accuracy"] >= 0.3 and s["profile_runs"] == 2
+    assert (tmp_path / "plan" / "curves.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "plan" / "plan.json").read_text())["choice"] == s["choice"]
+    reused = [str(tmp_path / "plan" / "runs" / f"w1-t1-b{b}") for b in (8, 16)]
+    with pytest.raises(ParamError, match="not reachable: the best predicted is"):
+        plan(spark, out=str(tmp_path / "again"), target_accuracy=1.0, reuse=reused, **params)
+    assert json.loads((tmp_path / "again" / "plan.json").read_text())["profile_runs"] == 0  # all reused

@@ -47,6 +47,26 @@ def render_evaluate(s: dict[str, Any]) -> None:
     )
 
 
+def render_plan(s: dict[str, Any]) -> None:
+    t = Table(title=f"plan (cost in {s['cost_unit']})")
+    for col in ("", "workers", "threads", "batch", "epochs", "time s", "accuracy", "cost"):
+        t.add_column(col, justify="right")
+    for label, o in [("choice", s["choice"])] + [("runner-up", o) for o in s["runners_up"]]:
+        t.add_row(
+            label,
+            *(
+                str(o[k])
+                for k in ("workers", "threads_per_rank", "batch_size", "epochs", "time_s", "accuracy", "cost")
+            ),
+        )
+    console.print(t)
+    if s["ruled_out"]:
+        console.print("[bold]ruled out[/bold]")
+        for line in s["ruled_out"]:
+            console.print(f"  {line}", highlight=False)
+    render_kv({k: v for k, v in s.items() if k not in ("choice", "runners_up", "ruled_out", "message")})
+
+
 def models(json_out: JsonOut = False) -> None:
     """List the registered models."""
     emit({"models": list_models()}, json_out)
@@ -54,5 +74,6 @@ def models(json_out: JsonOut = False) -> None:
 
 def register(app: typer.Typer) -> None:
     register_op(app, OPERATIONS["train"], render_train)
+    register_op(app, OPERATIONS["plan"], render_plan)
     register_op(app, OPERATIONS["evaluate"], render_evaluate)
     app.command("models")(models)

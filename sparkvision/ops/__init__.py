@@ -16,6 +16,7 @@ from sparkvision.ops import (  # noqa: F401 - each module registers its operatio
     finetune,
     index,
     ingest,
+    plan,
     predict,
     pretrain,
     scenes,

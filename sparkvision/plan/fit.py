@@ -96,7 +96,7 @@ def fit_learning_curve(
         raise ValueError("a learning curve needs at least one epoch")
     if e.size == 1 or np.ptp(e) == 0:
         return LearningCurve(float(y.mean()), 0.0, DEFAULT_ALPHA)
-    if e.size == 2:
+    if np.unique(e).size == 2:
         # y = a - c * e^-alpha is linear in (a, c) once alpha is fixed.
         design = np.stack([np.ones_like(e), -np.power(e, -DEFAULT_ALPHA)], axis=1)
         (a, c), *_ = np.linalg.lstsq(design, y, rcond=None)
@@ -134,7 +134,8 @@ class Measurement:
     threads: int
     batch: int
     epoch_time_s: float  # a full epoch, measured or scaled from a fraction of one
-    curve: tuple[float, ...] = ()  # test accuracy after epochs 1, 2, ... (may be empty)
+    curve: tuple[float, ...] = ()  # test accuracy after each pass 1, 2, ... (may be empty)
+    pass_fraction: float = 1.0  # the fraction of a full epoch each pass of ``curve`` trained on
 
     @property
     def core_seconds(self) -> float:
@@ -214,22 +215,25 @@ class AccuracyModel:
     (runs at the same batch pooled, as synchronous data-parallel training at a fixed global batch
     follows the same trajectory whatever the workers), then, at each epoch count, an isotonic fit
     in log batch whose direction is read from the data at the epoch budget and then held for
-    every epoch count. Non-decreasing in epochs by construction."""
+    every epoch count. Non-decreasing in epochs by construction.
+
+    A run on a fraction f of the training rows counts each of its passes as f epochs (the same
+    number of optimizer steps), so short profile runs on a subset share one learning curve with
+    full-data runs reused from model directories."""
 
     def __init__(self, runs: Iterable[Measurement], max_epochs: int) -> None:
-        curves: dict[int, list[tuple[float, ...]]] = {}
+        points: dict[int, list[tuple[float, float]]] = {}
         for r in runs:
-            if r.curve:
-                curves.setdefault(r.batch, []).append(r.curve)
-        if not curves:
+            for i, acc in enumerate(r.curve, start=1):
+                points.setdefault(r.batch, []).append((i * r.pass_fraction, acc))
+        if not points:
             raise ValueError("no profile run recorded a test accuracy; the accuracy model needs one")
         self.max_epochs = max_epochs
-        self.batches = sorted(curves)
+        self.batches = sorted(points)
         self.curves: dict[int, LearningCurve] = {}
         for b in self.batches:
-            n = min(len(c) for c in curves[b])
-            mean = np.mean([c[:n] for c in curves[b]], axis=0)
-            self.curves[b] = fit_learning_curve(np.arange(1, n + 1), mean)
+            e, y = zip(*sorted(points[b]), strict=True)
+            self.curves[b] = fit_learning_curve(np.array(e), np.array(y))
         lb = np.log2(self.batches)
         final = [float(self.curves[b](max_epochs)) for b in self.batches]
         self.increasing = fit_monotone(lb, final).increasing if len(lb) > 1 else True
