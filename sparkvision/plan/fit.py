@@ -100,8 +100,12 @@ def fit_learning_curve(
         # y = a - c * e^-alpha is linear in (a, c) once alpha is fixed.
         design = np.stack([np.ones_like(e), -np.power(e, -DEFAULT_ALPHA)], axis=1)
         (a, c), *_ = np.linalg.lstsq(design, y, rcond=None)
-        c = max(float(c), 0.0)
-        return LearningCurve(min(float(a) if c > 0 else float(y.max()), 1.0), c, DEFAULT_ALPHA)
+        if c <= 0:  # no rise: no trend is claimed, the level is the mean
+            return LearningCurve(float(y.mean()), 0.0, DEFAULT_ALPHA)
+        if a > 1:  # the asymptote at its bound, c refitted under it
+            x = np.power(e, -DEFAULT_ALPHA)
+            return LearningCurve(1.0, float(np.sum((1 - y) * x) / np.sum(x * x)), DEFAULT_ALPHA)
+        return LearningCurve(float(a), float(c), DEFAULT_ALPHA)
     top = float(y.max())
     start = (min(max(top + 0.02, 0.0), 1.0), min(max(top - float(y.min()), 1e-3) * 2, 2.0), DEFAULT_ALPHA)
     try:
