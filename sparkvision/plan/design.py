@@ -1,14 +1,14 @@
 """Which short runs to profile: a small design over (workers, threads per rank, global batch).
 
-The fits of :mod:`sparkvision.plan.fit` need, for a few batch sizes spread over the allowed range
-(in log scale, ends included), epoch cost at a few worker counts spread the same way (the
-isotonic curve in workers), and one learning curve per batch size (the accuracy model). Thread
-counts other than the smallest are measured at one worker, at the smallest and largest batch
-sizes when the budget allows (their gain depends on the batch), else at the middle one, as the
-cost model treats their effect as a factor per batch size. Only the learning-curve runs need several
-epochs, and they use one worker, the cheapest place to measure a curve whose shape does not
-depend on the worker count at a fixed global batch; the other runs time a single (or a fraction
-of an) epoch. ``budget`` is the number of runs.
+The fits of :mod:`sparkvision.plan.fit` need one learning curve for each of a few batch sizes
+spread over the allowed range (log scale, ends included); epoch cost at a few worker counts
+spread the same way, each at two batch sizes (the largest, and the smallest that divides over
+those workers), since at fixed resources epoch cost is a line in 1/batch; and the other thread
+counts at one worker (smallest and largest batch) and at the largest worker count, as threads
+speed up compute but not the all-reduce. Only the learning-curve runs need several epochs, and
+they use one worker, the cheapest place to measure a curve whose shape does not depend on the
+worker count at a fixed global batch; the other runs time a single (or a fraction of an) epoch.
+``budget`` is the number of runs.
 """
 
 from __future__ import annotations
@@ -51,26 +51,32 @@ def design(
     budget: int,
     curve_epochs: int = 3,
 ) -> list[ProfileRun]:
-    """At most ``budget`` profile runs. Every batch size profiled gets a learning-curve run at one
-    worker; the rest of the budget goes to worker counts (largest first, so the far end of the
-    range is measured), then to the other thread counts at the anchor."""
+    """At most ``budget`` profile runs: a quarter (at least two) learning curves at one worker,
+    the other thread counts, then worker counts (largest first, so the far end of the range is
+    measured) at two batch sizes each."""
     if budget < 2:
         raise ValueError(f"budget {budget} is below 2 (two batch sizes are needed for a direction)")
     threads = sorted(set(threads))
     t0, extra_threads = threads[0], threads[1:]
-    n_batches = min(len(set(batches)), max(2, (budget - 2 * len(extra_threads)) // 3))
-    chosen = spread(batches, n_batches)
-    anchor = chosen[len(chosen) // 2]
+    allowed = sorted(set(batches))
+    n_batches = min(len(allowed), max(2, budget // 4))
+    chosen = spread(allowed, n_batches)
     runs = [ProfileRun(1, t0, b, curve_epochs) for b in chosen]
-    ends = [chosen[0], chosen[-1]] if budget - len(runs) >= 2 * len(extra_threads) + len(chosen) else [anchor]
-    thread_runs = [ProfileRun(1, t, b, 1) for t in extra_threads for b in ends][: max(budget - len(runs), 0)]
+    hi = chosen[-1]
+    levels = [w for w in worker_levels(max_workers) if w > 1 and any(b % w == 0 for b in allowed)]
+
+    def low(w: int) -> int | None:  # the smallest other batch size that divides over w workers
+        return next((b for b in allowed if b % w == 0 and b != hi), None)
+
+    top = next((w for w in reversed(levels) if hi % w == 0), None)
+    spots = [(1, chosen[0]), (1, hi)] + ([(top, hi)] if top is not None else [])
+    thread_runs = [ProfileRun(w, t, b, 1) for t in extra_threads for w, b in spots]
+    thread_runs = thread_runs[: max(budget - len(runs) - 2, 0)]
     room = budget - len(runs) - len(thread_runs)
-    levels = [w for w in worker_levels(max_workers) if w > 1]
-    # Worker counts per batch size; the largest batch sizes (which divide over the most workers)
-    # take what does not split evenly.
-    shares = [room // len(chosen) + (i < room % len(chosen)) for i in range(len(chosen))][::-1]
-    for b, n in zip(chosen, shares, strict=True):
-        fits = [w for w in levels if b % w == 0]
-        picked = fits if n >= len(fits) else fits[-1:] if n == 1 else spread(fits, n)
-        runs.extend(ProfileRun(w, t0, b, 1) for w in picked[: max(n, 0)])
-    return (runs + thread_runs)[:budget]
+    # Worker counts spread in log scale, each at two batch sizes (the line in 1/batch).
+    timing: list[ProfileRun] = []
+    for w in spread(levels, max(room // 2, 1)) if levels and room > 0 else []:
+        timing += [ProfileRun(w, t0, b, 1) for b in (hi, low(w)) if b is not None and b % w == 0]
+    timing.sort(key=lambda r: (-r.workers, r.batch))
+    thread_runs = [r for r in thread_runs if r.workers == 1 or any(q.workers == r.workers for q in timing)]
+    return (runs + timing[:room] + thread_runs)[:budget]

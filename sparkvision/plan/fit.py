@@ -147,17 +147,20 @@ class Measurement:
 
 
 class CostModel:
-    """Core-seconds per epoch over (workers, threads, batch): an isotonic curve in log workers
-    for each profiled batch size at the base thread count, combined across batch sizes by an
-    isotonic fit in 1/batch (direction read from the data), times an isotonic thread factor
-    measured at one worker count for one or more batch sizes. Separability of threads from
-    workers is an assumption: threads change per-rank compute, which scales alike at every
-    worker count; their gain does depend on the batch, hence a factor per profiled batch.
+    """Core-seconds per epoch over (workers, threads, batch), a 2-D monotone fit built from 1-D
+    isotonic ones. At each profiled worker count (base threads), an isotonic fit across batch
+    sizes in 1/batch, direction read from the data; at a given batch, those values across worker
+    counts get an isotonic non-decreasing fit in log workers, interpolated between profiled
+    counts (log core-seconds, linear in log workers) and flat beyond them. Threads per rank are a
+    factor, isotonic in threads, measured at a few (workers, batch) points and interpolated
+    between them: threads speed up a rank's compute but not its all-reduce, so their gain shrinks
+    with the batch per rank and with the workers.
 
-    Between batch sizes, core-seconds are interpolated linearly in 1/batch: an epoch is
-    per-sample work plus per-step costs (launch, data loading, the all-reduce) times N/batch
-    steps, which is affine in 1/batch at fixed resources, so the interpolation is exact for it
-    (log batch overestimated the middle of the range by 10-25% in the simulation)."""
+    Between batch sizes the interpolation is linear in 1/batch because an epoch is per-sample
+    work plus per-step costs (launch, data loading, the all-reduce) times N/batch steps: affine in
+    1/batch at fixed resources, so two batch sizes at a worker count give the whole line (log
+    batch overestimated the middle of the range by 10-25% in the simulation).
+    """
 
     def __init__(self, runs: Iterable[Measurement]) -> None:
         runs = list(runs)
@@ -166,48 +169,49 @@ class CostModel:
         self.base_threads = min(r.threads for r in runs)
         base = [r for r in runs if r.threads == self.base_threads]
         self.batches = sorted({r.batch for r in base})
-        self.by_batch: dict[int, MonotoneCurve] = {}
-        for b in self.batches:
-            pts = [r for r in base if r.batch == b]
-            self.by_batch[b] = fit_monotone(
-                [np.log2(r.workers) for r in pts], [np.log(r.core_seconds) for r in pts], True
-            )
-        # Threads: the ratio to the base thread count where both were measured (same workers and
-        # batch), an isotonic curve in log threads per batch size where it was measured.
-        ratios: dict[int, dict[int, list[float]]] = {}
+        self.levels = sorted({r.workers for r in base})
+        self.by_workers: dict[int, MonotoneCurve] = {}
+        for w in self.levels:
+            pts = [r for r in base if r.workers == w]
+            self.by_workers[w] = fit_monotone([1 / r.batch for r in pts], [r.core_seconds for r in pts])
+        # Threads: log of the ratio to the base thread count where both were measured (same
+        # workers and batch), an isotonic curve in log threads at each such point.
+        ratios: dict[tuple[int, int], dict[int, list[float]]] = {}
         for r in runs:
             same = [q.core_seconds for q in base if q.workers == r.workers and q.batch == r.batch]
             if r.threads != self.base_threads and same:
                 ratio = r.core_seconds / float(np.mean(same))
-                ratios.setdefault(r.batch, {self.base_threads: [1.0]}).setdefault(r.threads, []).append(ratio)
-        self.thread_batches = sorted(ratios)
+                at = ratios.setdefault((r.workers, r.batch), {self.base_threads: [1.0]})
+                at.setdefault(r.threads, []).append(ratio)
         self.thread_factor = {
-            b: fit_monotone(
-                [np.log2(t) for t in sorted(ratios[b])],
-                [np.log(np.mean(ratios[b][t])) for t in sorted(ratios[b])],
-                True,
+            key: fit_monotone(
+                [np.log2(t) for t in sorted(ts)], [np.log(np.mean(ts[t])) for t in sorted(ts)], True
             )
-            for b in self.thread_batches
+            for key, ts in ratios.items()
         }
-        self.across: dict[int, MonotoneCurve] = {}  # per worker count, the fit across batch sizes
+        self.across: dict[int, MonotoneCurve] = {}  # per batch, the fit across worker counts
 
     def core_seconds(self, workers: int, threads: int, batch: int) -> float:
         """Predicted core-seconds of one epoch."""
-        if workers not in self.across:
-            lw = np.log2(workers)
-            per_batch = [float(np.exp(self.by_batch[b](lw))) for b in self.batches]
-            self.across[workers] = fit_monotone([1 / b for b in self.batches], per_batch)
-        core = float(self.across[workers](1 / batch))
-        return core * float(np.exp(self.log_thread_factor(threads, batch)))
+        if batch not in self.across:
+            at = [float(np.log(self.by_workers[w](1 / batch))) for w in self.levels]
+            self.across[batch] = fit_monotone(np.log2(self.levels), at, True)
+        core = float(np.exp(self.across[batch](np.log2(workers))))
+        return core * float(np.exp(self.log_thread_factor(workers, threads, batch)))
 
-    def log_thread_factor(self, threads: int, batch: int) -> float:
-        """Log of core-seconds at ``threads`` over those at the base thread count: interpolated in
-        log batch between the batch sizes where threads were profiled (small batches gain less from
-        threads, their steps being dominated by per-step overhead); 0 where none were."""
-        if threads == self.base_threads or not self.thread_batches:
+    def log_thread_factor(self, workers: int, threads: int, batch: int) -> float:
+        """Log of core-seconds at ``threads`` over those at the base thread count: interpolated
+        in 1/batch at each worker count where threads were profiled, then in log workers; 0
+        where they were not."""
+        if threads == self.base_threads or not self.thread_factor:
             return 0.0
-        at = [float(self.thread_factor[b](np.log2(threads))) for b in self.thread_batches][::-1]
-        return float(np.interp(1 / batch, [1 / b for b in self.thread_batches][::-1], at))
+        ws = sorted({w for w, _ in self.thread_factor})
+        per_w = []
+        for w in ws:
+            bs = sorted((b for v, b in self.thread_factor if v == w), reverse=True)  # ascending 1/b
+            f = [float(self.thread_factor[(w, b)](np.log2(threads))) for b in bs]
+            per_w.append(float(np.interp(1 / batch, [1 / b for b in bs], f)))
+        return float(np.interp(np.log2(workers), np.log2(ws), per_w))
 
     def epoch_time(self, workers: int, threads: int, batch: int) -> float:
         """Predicted wall-clock seconds of one epoch."""
