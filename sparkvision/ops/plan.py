@@ -21,12 +21,12 @@ import statistics
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from sparkvision.data.table import read_meta, read_table
-from sparkvision.fields import BatchSize, Epochs, Workers
+from sparkvision.fields import BatchSize, CommaList, Epochs, Workers
 from sparkvision.ops.base import Cli, Operation, ParamError, Progress, params_model, register
 from sparkvision.ops.fields import overwrite, table_in
 from sparkvision.ops.train import check_model, check_splits
@@ -45,6 +45,12 @@ from sparkvision.plan import (
 from sparkvision.plan.plot import plot_plan
 from sparkvision.train.config import TrainConfig
 from sparkvision.train.engine import train_df
+
+
+def numbers(v: Any) -> Any:
+    """``32,64,128`` on the command line; a list elsewhere."""
+    return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
 
 PlanParams = params_model(
     "PlanParams",
@@ -68,11 +74,11 @@ PlanParams = params_model(
     ),
     max_workers=(Workers, Field(default=2, description="Most DDP ranks to consider.")),
     batch_sizes=(
-        list[BatchSize],
+        Annotated[list[BatchSize], BeforeValidator(numbers)],
         Field(default=[32, 64, 128, 256, 512, 1024], min_length=2, description="Global batch sizes."),
     ),
     threads_per_rank=(
-        list[Annotated[int, Field(ge=1, le=1024)]],
+        Annotated[list[Annotated[int, Field(ge=1, le=1024)]], BeforeValidator(numbers)],
         Field(default=[1], min_length=1, description="Torch threads per rank to consider."),
     ),
     epochs=(Epochs, Field(default=20, description="The most epochs the planned run may take.")),
@@ -86,7 +92,7 @@ PlanParams = params_model(
         Field(default=0.25, description="Share of the train split each profile pass reads."),
     ),
     price=(float | None, Field(default=None, gt=0, description="Price per worker-hour (cost in money).")),
-    reuse=(list[str], Field(default=[], description="Model directories of earlier runs to reuse.")),
+    reuse=(CommaList, Field(default=None, description="Model directories of earlier runs to reuse (a,b,c).")),
     run=(bool, Field(default=False, description="Train with the choice, then report predicted vs measured.")),
 )
 
@@ -155,7 +161,7 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
     sample = df.where(F.col("split") == "train").sample(fraction=p.fraction, seed=0)
     subset = sample.unionByName(df.where(F.col("split") == "test"))
     train_rows = df.where(F.col("split") == "train").count() if p.reuse else 0
-    runs = [recorded(d, p.model, train_rows) for d in p.reuse]
+    runs = [recorded(d, p.model, train_rows) for d in p.reuse or []]
     todo = [r for r in design(p.max_workers, p.threads_per_rank, p.batch_sizes, p.budget, p.curve_epochs)]
     todo = [r for r in todo if not covered(r, runs)]
     profile_core_s = 0.0
@@ -208,7 +214,7 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
         "accuracy_falls_with_batch": not acc.increasing,
         "learning_curve_holdout_error": round(statistics.mean(errors), 4) if errors else None,
         "profile_runs": len(todo),
-        "reused_runs": len(p.reuse),
+        "reused_runs": len(p.reuse or []),
         "profile_core_seconds": round(profile_core_s, 1),
         "curves_png": str(out / "curves.png"),
         "plan_json": str(out / "plan.json"),
