@@ -169,7 +169,7 @@ def test_cli_embed_with_codes(spark, tiny_table, model_dir, tmp_path):
     )
     assert r.exit_code == 0, r.output
     s = json.loads(r.output.strip().splitlines()[-1])
-    assert s["rows"] == 32 and s["code_method"] == "deepbit" and s["bits"] == 32
+    assert s["rows"] == 32 and s["code_method"] == "itq" and s["bits"] == 32
     assert os.path.exists(os.path.join(out, "_hasher", "hasher.safetensors"))
     r = CliRunner().invoke(app, ["index", out, str(tmp_path / "bi"), "--codes", "--json"])
     assert r.exit_code == 0, r.output

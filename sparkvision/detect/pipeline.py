@@ -30,7 +30,7 @@ from sparkvision.detect.inference import ship_detector
 from sparkvision.errors import ParamError
 from sparkvision.inference.modelref import ship_model
 from sparkvision.inference.runtime import configure_workers
-from sparkvision.retrieval.codes import fit_hasher
+from sparkvision.retrieval.codes import DEFAULT_METHOD, fit_hasher
 from sparkvision.retrieval.embed import write_features_meta
 from sparkvision.retrieval.index import FEATURES_HASHER, local_path, vectors_of
 from sparkvision.spark import storage
@@ -103,7 +103,7 @@ def features_table(
     *,
     min_score: float = 0.5,
     bits: int | None = None,
-    code_method: str = "deepbit",
+    code_method: str = DEFAULT_METHOD,
     sample: int = 100_000,
     split: str | None = None,
     batch_size: int = 64,

@@ -10,6 +10,7 @@ from pyspark.sql import SparkSession
 from sparkvision.fields import OptionalSplit
 from sparkvision.ops.base import Operation, Progress, params_model, register
 from sparkvision.ops.fields import inference_batch, overwrite, positional
+from sparkvision.retrieval.codes import DEFAULT_METHOD
 from sparkvision.retrieval.embed import embed_with_codes
 
 EmbedParams = params_model(
@@ -24,7 +25,10 @@ EmbedParams = params_model(
     ),
     code_method=(
         Literal["deepbit", "itq", "lsh"],
-        Field("deepbit", description="deepbit (learned, no labels) | itq | lsh"),
+        Field(
+            DEFAULT_METHOD,
+            description="itq (learned rotation of PCA, no labels) | deepbit (learned, no labels) | lsh",
+        ),
     ),
     sample=(int, Field(100_000, ge=1, description="Embeddings used to fit the codes (driver memory).")),
     split=(OptionalSplit, Field(None, description="Only this split of the table.")),

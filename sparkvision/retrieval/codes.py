@@ -23,6 +23,9 @@ from safetensors.numpy import load_file, save_file
 from torch import nn
 
 METHODS = ("deepbit", "itq", "lsh")
+# ITQ by default: it scored above DeepBit in both our retrieval benchmarks (64 bits, mAP@100 on
+# Fashion-MNIST CNN features 0.909 vs 0.894; crops of scenes, same-class mAP@all 0.556 vs 0.297).
+DEFAULT_METHOD = "itq"
 SUPPORTED_BITS = (32, 64, 128)
 HASHER_WEIGHTS = "hasher.safetensors"
 HASHER_CONFIG = "hasher.json"

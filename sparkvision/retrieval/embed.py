@@ -21,7 +21,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from sparkvision.errors import ParamError
 from sparkvision.inference.embed import embed_table
-from sparkvision.retrieval.codes import Hasher, fit_hasher
+from sparkvision.retrieval.codes import DEFAULT_METHOD, Hasher, fit_hasher
 from sparkvision.retrieval.index import FEATURES_HASHER, FEATURES_META, local_path, vectors_of
 from sparkvision.spark import storage
 from sparkvision.spark.progress import Timer, spark_progress
@@ -77,7 +77,7 @@ def embed_with_codes(
     out: str,
     *,
     bits: int | None = None,
-    method: str = "deepbit",
+    method: str = DEFAULT_METHOD,
     sample: int = 100_000,
     split: str | None = None,
     batch_size: int = 512,
