@@ -88,3 +88,36 @@ def test_a_missing_packer_is_one_clear_error(monkeypatch, tmp_path, module, pack
     with pytest.raises(ParamError, match=r"pip install 'sparkvision\[cluster\]'"):
         getattr(shipenv, packer)(Path(sys.prefix), tmp_path / "x.zip")
     assert not os.path.exists(tmp_path / "x.zip")
+
+
+def test_archives_of_environments_that_are_gone_are_pruned(tmp_path):
+    import fcntl
+    import time
+
+    cache, alive = tmp_path / "envs", tmp_path / "venv"
+    cache.mkdir()
+    alive.mkdir()
+
+    def archive(tag: str, prefix: Path | None, age_days: float = 0) -> Path:
+        a = cache / f"env-{tag}-0123456789abcdef.zip"
+        a.write_bytes(b"zip")
+        if prefix is not None:
+            (cache / f"env-{tag}.prefix").write_text(str(prefix))
+        old = time.time() - age_days * 86400
+        os.utime(a, (old, old))
+        return a
+
+    kept = archive("aaaaaaaa", alive)  # its environment exists
+    gone = archive("bbbbbbbb", tmp_path / "deleted-venv")  # a deleted CI clone's
+    legacy_new = archive("cccccccc", None, age_days=1)  # packed before records: kept a week
+    legacy_old = archive("dddddddd", None, age_days=8)
+    busy = archive("eeeeeeee", tmp_path / "also-deleted")
+    with open(cache / f".{busy.name}.lock", "w") as lock:
+        fcntl.flock(
+            lock, fcntl.LOCK_EX
+        )  # someone is shipping it (flock: per open file, so it counts here too)
+        deleted = shipenv.prune_archives(cache)
+    assert sorted(deleted) == sorted([gone, legacy_old])
+    assert kept.exists() and legacy_new.exists() and busy.exists()
+    assert not gone.exists() and not (cache / "env-bbbbbbbb.prefix").exists()
+    assert (cache / "env-aaaaaaaa.prefix").exists()

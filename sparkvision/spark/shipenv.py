@@ -22,7 +22,8 @@ What this adds to a plain ``venv-pack``/``conda-pack`` call, and why:
   kept under ``$SPARKVISION_CACHE/envs`` (default ``~/.cache/sparkvision/envs``), named by a
   fingerprint: of the Python version and every installed distribution and version for the
   environment, of the files for the source. A later run with the same environment ships the
-  same file.
+  same file. Archives of environments that no longer exist are deleted when another is packed
+  (:func:`prune_archives`): each environment path has its own, several gigabytes each.
 * **An uncompressed zip.** Spark unpacks it on the driver and on every executor of every run, so
   making and unpacking it should be a plain copy: compressing a multi-gigabyte torch environment
   takes minutes and saves little on a cluster's network. Not a ``.tar``: Spark 4 unpacks a plain
@@ -113,12 +114,52 @@ def packed_environment() -> Path:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be packing the same environment
             if not archive.exists():
                 pack(kind, prefix, archive)
+                (out_dir / f"env-{tag}.prefix").write_text(str(prefix.resolve()))
                 for old in out_dir.glob(f"env-{tag}-*.zip"):  # earlier versions of this environment
                     if old != archive:
                         old.unlink(missing_ok=True)
                         (out_dir / f".{old.name}.lock").unlink(missing_ok=True)
+            prune_archives(out_dir)
     say(f"shipping the Python environment {archive} ({archive.stat().st_size / 1e9:.1f} GB) to the executors")
     return archive
+
+
+def prune_archives(out_dir: Path, max_age_s: float = 7 * 86400) -> list[Path]:
+    """Delete the archives of environments that are gone; returns what was deleted.
+
+    Each environment path gets its own multi-gigabyte archive, so a machine that makes throwaway
+    environments (a CI job's fresh clone, a deleted venv) would fill its disk with them. An
+    archive goes when the environment it was packed from (``env-TAG.prefix``) no longer exists, or,
+    for an archive without that record, when it is older than ``max_age_s``; never while another
+    process holds its lock (it may be packing or shipping it).
+    """
+    deleted = []
+    for archive in out_dir.glob("env-*-*.zip"):
+        tag = archive.name.split("-")[1]
+        record = out_dir / f"env-{tag}.prefix"
+        try:
+            gone = (
+                not Path(record.read_text().strip()).exists()
+                if record.exists()
+                else time.time() - archive.stat().st_mtime > max_age_s
+            )
+        except OSError:
+            continue
+        if not gone:
+            continue
+        with open(out_dir / f".{archive.name}.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # in use
+            archive.unlink(missing_ok=True)
+        (out_dir / f".{archive.name}.lock").unlink(missing_ok=True)
+        if not any(out_dir.glob(f"env-{tag}-*.zip")):
+            record.unlink(missing_ok=True)
+        deleted.append(archive)
+    if deleted:
+        say(f"deleted {len(deleted)} archive(s) of environments that no longer exist from {out_dir}")
+    return deleted
 
 
 def make_dir(path: Path) -> None:
