@@ -32,7 +32,7 @@ from torchvision.ops import box_iou
 
 from sparkvision.data.images import RejectError, content_id, open_image
 from sparkvision.detect.boxes import as_boxes, crop_rect, expand_boxes
-from sparkvision.detect.inference import DETECTION_TYPE, detect_batch, worker_detector
+from sparkvision.detect.inference import DETECTION_TYPE, MIN_SCORE, detect_batch, worker_detector
 from sparkvision.inference.modelref import ModelRef
 from sparkvision.inference.runtime import rebatch, run_model, vectors_column, worker_model
 from sparkvision.transforms.preprocess import decode_image, image_pixels, normalize, to_unit
@@ -76,6 +76,14 @@ class CropSpec:
     margin: float = 0.1  # of the box's own width/height, on every side
     all_boxes: bool = False  # every box above min_score, not only the best
     max_side: int | None = None  # crops (in the crops table) shrunk to this longer side; None: as cut
+
+
+def crop_settings(crop: dict[str, Any]) -> tuple[CropSpec, float]:
+    """The crop and score threshold a features table was made with (its ``_retrieval.json``
+    ``crop`` entry), for cropping its queries the same way: always the best box."""
+    return CropSpec(margin=float(crop.get("margin", CropSpec.margin))), float(
+        crop.get("min_score", MIN_SCORE)
+    )
 
 
 def pick_boxes(detections: list[dict[str, Any]], all_boxes: bool) -> list[dict[str, Any]]:
@@ -304,10 +312,8 @@ def features_of_images(
     """The best crop's features of each query image, cropped as a features table's images were
     (``crop`` is its ``_retrieval.json`` entry): the batch pipeline's own body, in this process.
     ``detector``/``embedder`` are :class:`~sparkvision.inference.runtime.ModelBlob`\\ s."""
-    spec = CropSpec(margin=float(crop.get("margin", CropSpec.margin)), all_boxes=False)
-    body = features_batches(
-        InHand(detector), InHand(embedder), spec, float(crop.get("min_score", 0.5)), max(1, len(images)), 1
-    )
+    spec, min_score = crop_settings(crop)
+    body = features_batches(InHand(detector), InHand(embedder), spec, min_score, max(1, len(images)), 1)
     out = pa.Table.from_batches(list(body(iter([image_rows(images)]))))
     errors = out.column("error").to_pylist()
     vecs = out.column("embedding").to_pylist()

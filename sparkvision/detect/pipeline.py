@@ -26,7 +26,7 @@ from sparkvision.detect.crop import (
     crop_batches,
     features_df,
 )
-from sparkvision.detect.inference import ship_detector
+from sparkvision.detect.inference import DETECT_BATCH, MIN_SCORE, ship_detector
 from sparkvision.errors import ParamError
 from sparkvision.inference.modelref import ship_model
 from sparkvision.inference.runtime import configure_workers
@@ -55,9 +55,9 @@ def crop_table(
     out: str,
     spec: CropSpec,
     *,
-    min_score: float = 0.5,
+    min_score: float = MIN_SCORE,
     split: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = DETECT_BATCH,
 ) -> dict[str, Any]:
     """Write the crops of ``table``'s images as an image table ``out`` (PNG, with ``source_content_id``,
     ``box`` and ``fallback``); rows whose image does not decode have no crop and are counted."""
@@ -101,12 +101,12 @@ def features_table(
     out: str,
     spec: CropSpec,
     *,
-    min_score: float = 0.5,
+    min_score: float = MIN_SCORE,
     bits: int | None = None,
     code_method: str = DEFAULT_METHOD,
     sample: int = 100_000,
     split: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = DETECT_BATCH,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Write the crop features of ``table`` to ``out``: a features table that ``index``, ``search``

@@ -9,6 +9,7 @@ from pydantic import Field
 from pyspark.sql import SparkSession
 
 from sparkvision.detect.crop import CropSpec
+from sparkvision.detect.inference import DETECT_BATCH, MIN_SCORE
 from sparkvision.detect.pipeline import crop_table
 from sparkvision.fields import OptionalSplit
 from sparkvision.ops.base import Cli, Operation, Progress, params_model, register
@@ -22,7 +23,10 @@ CROP_FIELDS: dict[str, Any] = {
         Annotated[str, Cli(flags=("--detector",))],
         Field(description="Detector directory (from `sparkvision train-detector`)."),
     ),
-    "min_score": (float, Field(0.5, ge=0, le=1, description="Boxes scoring below this are not cropped.")),
+    "min_score": (
+        float,
+        Field(MIN_SCORE, ge=0, le=1, description="Boxes scoring below this are not cropped."),
+    ),
     "margin": (
         float,
         Field(
@@ -37,7 +41,10 @@ CROP_FIELDS: dict[str, Any] = {
         Field(_DEFAULT.all_boxes, description="Crop every box above --min-score, not only the best one."),
     ),
     "split": (OptionalSplit, Field(None, description="Only this split of the table.")),
-    "batch_size": (int, Field(64, ge=1, le=4096, description="Images per detector call on the executors.")),
+    "batch_size": (
+        int,
+        Field(DETECT_BATCH, ge=1, le=4096, description="Images per detector call on the executors."),
+    ),
 }
 
 CropParams = params_model(

@@ -10,7 +10,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from sparkvision.data.table import read_table
-from sparkvision.detect.inference import detect_df, draw_preview, ship_detector
+from sparkvision.detect.inference import DETECT_BATCH, MIN_SCORE, detect_df, draw_preview, ship_detector
 from sparkvision.errors import ParamError
 from sparkvision.fields import OptionalSplit
 from sparkvision.inference.runtime import configure_workers
@@ -27,7 +27,7 @@ DetectParams = params_model(
     model_dir=positional("Detector directory (from `sparkvision train-detector`).", "MODEL"),
     table=positional("Image (or detection) table.", "TABLE"),
     out=positional("Output detections table (Parquet).", "OUT"),
-    min_score=(float, Field(0.5, ge=0, le=1, description="Keep boxes scoring at least this.")),
+    min_score=(float, Field(MIN_SCORE, ge=0, le=1, description="Keep boxes scoring at least this.")),
     max_detections=(int, Field(10, ge=1, le=1000, description="Most boxes kept per image, best first.")),
     preview=(
         str | None,
@@ -35,7 +35,10 @@ DetectParams = params_model(
     ),
     preview_rows=(int, Field(8, ge=1, le=64, description="Rows in the preview (the table's first).")),
     split=(OptionalSplit, Field(None, description="Only this split (default: every row).")),
-    batch_size=(int, Field(64, ge=1, le=4096, description="Images per detector call on the executors.")),
+    batch_size=(
+        int,
+        Field(DETECT_BATCH, ge=1, le=4096, description="Images per detector call on the executors."),
+    ),
     overwrite=overwrite(),
 )
 

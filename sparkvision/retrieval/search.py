@@ -24,7 +24,7 @@ from pyspark.sql import functions as F
 
 from sparkvision.data.table import is_image_table, read_table
 from sparkvision.detect.crop import SOURCE_COLUMNS as CROP_SOURCE
-from sparkvision.detect.crop import CropSpec, features_df, features_of_images
+from sparkvision.detect.crop import crop_settings, features_df, features_of_images
 from sparkvision.detect.inference import detector_blob, ship_detector
 from sparkvision.errors import ParamError
 from sparkvision.inference.embed import embed_df
@@ -312,12 +312,11 @@ def search_table(
                 "model_dir", "required to embed the image table: the index does not record its model"
             )
         if imeta.get("detector"):  # an index of crops: the queries are cropped the same way
-            crop = imeta.get("crop") or {}
+            spec, min_score = crop_settings(imeta.get("crop") or {})
             queries = features_df(
                 ship_detector(spark, imeta["detector"]), ship_model(spark, model_dir),
                 read_table(spark, table, split).select(*CROP_SOURCE),
-                CropSpec(margin=float(crop.get("margin", CropSpec.margin))),
-                float(crop.get("min_score", 0.5)), batch_size, configure_workers(spark, batch_size),
+                spec, min_score, batch_size, configure_workers(spark, batch_size),
             ).drop("crop", "box", "fallback")  # fmt: skip
         else:
             src = read_table(spark, table, split).select(
