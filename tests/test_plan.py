@@ -159,6 +159,17 @@ def test_design_stays_in_budget_and_covers_the_ranges() -> None:
         design(16, [1], BATCHES, budget=1)
 
 
+def test_max_cores_bounds_candidates_and_profile_runs() -> None:
+    """On a 2-core machine, 2 workers x 2 threads only contend: neither planned nor profiled."""
+    configs = candidates([1, 2], [1, 2], [32, 64, 128], max_cores=2)
+    assert {(c.workers, c.threads) for c in configs} == {(1, 1), (1, 2), (2, 1)}
+    runs = design(2, [1, 2], [32, 64, 128, 256], budget=8, max_cores=2)
+    assert runs and all(r.workers * r.threads <= 2 for r in runs)
+    assert {(r.workers, r.threads) for r in runs} == {(1, 1), (1, 2), (2, 1)}
+    with pytest.raises(ValueError, match="max_cores"):
+        design(2, [4], [32, 64], budget=4, max_cores=2)
+
+
 def test_plan_from_profiled_design_matches_the_oracle() -> None:
     """End to end on the synthetic surfaces: profile the design's points only, fit, solve."""
     runs = [
@@ -203,9 +214,16 @@ def test_plan_op_profiles_a_tiny_table_and_chooses(spark, tiny_table, tmp_path):
         epochs=3,
         fraction=1.0,
     )
-    s = plan(spark, out=str(tmp_path / "plan"), target_accuracy=0.3, **params)
+    s = plan(spark, out=str(tmp_path / "plan"), target_accuracy=0.3, run=True, **params)
     assert s["choice"] is not None and s["choice"]["batch_size"] in (8, 16)
     assert s["choice"]["accuracy"] >= 0.3 and s["profile_runs"] == 2
+    # --run trains the choice on all the rows and sets measured beside predicted
+    m = s["measured"]
+    assert m["predicted"] == s["choice"] and m["time_s"] >= 0 and 0 <= m["accuracy"] <= 1  # 0.1 s rounding
+    assert m["target_met"] == (m["accuracy"] >= 0.3)
+    assert m["cost"] == pytest.approx(m["time_s"], abs=0.06)  # 1 worker x 1 thread: core-s = s (rounded)
+    trained = json.loads((tmp_path / "plan" / "model" / "train_config.json").read_text())
+    assert (trained["batch_size"], trained["epochs"]) == (s["choice"]["batch_size"], s["choice"]["epochs"])
     assert (tmp_path / "plan" / "curves.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "plan" / "plan.json").read_text())["choice"] == s["choice"]
     reused = [str(tmp_path / "plan" / "runs" / f"w1-t1-b{b}") for b in (8, 16)]

@@ -81,6 +81,10 @@ PlanParams = params_model(
         Annotated[list[Annotated[int, Field(ge=1, le=1024)]], BeforeValidator(numbers)],
         Field(default=[1], min_length=1, description="Torch threads per rank to consider."),
     ),
+    max_cores=(
+        Annotated[int, Field(ge=1, le=1_000_000)] | None,
+        Field(default=None, description="Most cores (workers x threads) a configuration may use."),
+    ),
     epochs=(Epochs, Field(default=20, description="The most epochs the planned run may take.")),
     budget=(Annotated[int, Field(ge=2, le=100)], Field(default=6, description="Profile runs at most.")),
     curve_epochs=(
@@ -101,6 +105,8 @@ def check(p: Any) -> None:
     if p.target_accuracy is None:  # None in the model so a missing target is this one line, with an example
         raise ParamError("target_accuracy", "give the test accuracy to reach, e.g. --target-accuracy 0.9")
     check_model(p.model)
+    if p.max_cores is not None and min(p.threads_per_rank) > p.max_cores:
+        raise ParamError("max_cores", f"{p.max_cores} is below every thread count {p.threads_per_rank}")
     if not any(b % w == 0 for b in p.batch_sizes for w in range(1, p.max_workers + 1)):
         raise ParamError("batch_sizes", "no batch size divides evenly over any worker count")
 
@@ -162,7 +168,12 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
     subset = sample.unionByName(df.where(F.col("split") == "test"))
     train_rows = df.where(F.col("split") == "train").count() if p.reuse else 0
     runs = [recorded(d, p.model, train_rows) for d in p.reuse or []]
-    todo = [r for r in design(p.max_workers, p.threads_per_rank, p.batch_sizes, p.budget, p.curve_epochs)]
+    todo = [
+        r
+        for r in design(
+            p.max_workers, p.threads_per_rank, p.batch_sizes, p.budget, p.curve_epochs, p.max_cores
+        )
+    ]
     todo = [r for r in todo if not covered(r, runs)]
     profile_core_s = 0.0
     for i, r in enumerate(todo):
@@ -190,7 +201,7 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
         runs.append(Measurement(r.workers, r.threads, r.batch, pass_s / p.fraction, curve, p.fraction))
     cost, acc = CostModel(runs), AccuracyModel(runs, p.epochs)
     plan = solve(
-        candidates(range(1, p.max_workers + 1), p.threads_per_rank, p.batch_sizes),
+        candidates(range(1, p.max_workers + 1), p.threads_per_rank, p.batch_sizes, p.max_cores),
         lambda c: cost.epoch_time(c.workers, c.threads, c.batch),
         acc.accuracy,
         p.target_accuracy,

@@ -50,13 +50,18 @@ def design(
     batches: Sequence[int],
     budget: int,
     curve_epochs: int = 3,
+    max_cores: int | None = None,
 ) -> list[ProfileRun]:
     """At most ``budget`` profile runs: a quarter (at least two) learning curves at one worker,
     the other thread counts, then worker counts (largest first, so the far end of the range is
-    measured) at two batch sizes each."""
+    measured) at two batch sizes each; none with workers x threads over ``max_cores``."""
     if budget < 2:
         raise ValueError(f"budget {budget} is below 2 (two batch sizes are needed for a direction)")
-    threads = sorted(set(threads))
+    cores = max_cores if max_cores is not None else max_workers * max(threads)
+    threads = sorted(t for t in set(threads) if t <= cores)
+    if not threads:
+        raise ValueError(f"every thread count is over max_cores {max_cores}")
+    max_workers = min(max_workers, cores // threads[0])
     t0, extra_threads = threads[0], threads[1:]
     allowed = sorted(set(batches))
     n_batches = min(len(allowed), max(2, budget // 4))
@@ -70,7 +75,7 @@ def design(
 
     top = next((w for w in reversed(levels) if hi % w == 0), None)
     spots = [(1, chosen[0]), (1, hi)] + ([(top, hi)] if top is not None else [])
-    thread_runs = [ProfileRun(w, t, b, 1) for t in extra_threads for w, b in spots]
+    thread_runs = [ProfileRun(w, t, b, 1) for t in extra_threads for w, b in spots if w * t <= cores]
     thread_runs = thread_runs[: max(budget - len(runs) - 2, 0)]
     room = budget - len(runs) - len(thread_runs)
     # Worker counts spread in log scale, each at two batch sizes (the line in 1/batch).

@@ -52,14 +52,17 @@ def cost_of(config: Config, time_s: float, price: float | None = None) -> float:
     return config.workers * config.threads * time_s
 
 
-def candidates(workers: Iterable[int], threads: Iterable[int], batches: Iterable[int]) -> list[Config]:
-    """Every combination training can run: the global batch divides evenly over the workers."""
+def candidates(
+    workers: Iterable[int], threads: Iterable[int], batches: Iterable[int], max_cores: int | None = None
+) -> list[Config]:
+    """Every combination training can run: the global batch divides evenly over the workers, and
+    workers x threads fit in ``max_cores`` (more threads than cores only contend for them)."""
     return [
         Config(w, t, b)
         for w in sorted(set(workers))
         for t in sorted(set(threads))
         for b in sorted(set(batches))
-        if b >= w and b % w == 0
+        if b >= w and b % w == 0 and (max_cores is None or w * t <= max_cores)
     ]
 
 
