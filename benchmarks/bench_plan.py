@@ -83,13 +83,15 @@ def to_target(history: list[dict[str, Any]], target: float) -> tuple[int | None,
     return None, t
 
 
-def run_grid(spark: Any, table: str, class_names: list[str], epochs: int) -> list[dict[str, Any]]:
-    grid_file = OUT / f"grid-e{epochs}.json"
+def run_grid(
+    spark: Any, table: str, class_names: list[str], epochs: int, batches: list[int]
+) -> list[dict[str, Any]]:
+    grid_file = OUT / f"grid-{Path(table).name}-e{epochs}.json"
     grid = json.loads(grid_file.read_text()) if grid_file.exists() else []
     done = {(g["workers"], g["threads"], g["batch"]) for g in grid}
     df = read_table(spark, table)
     for w, t in RESOURCES:
-        for b in BATCHES:
+        for b in batches:
             if (w, t, b) in done:
                 continue
             cfg = TrainConfig(model="cnn", epochs=epochs, batch_size=b, workers=w, threads_per_rank=t)
@@ -127,13 +129,15 @@ def main() -> None:
     ap.add_argument("--curve-epochs", type=int, default=6)
     ap.add_argument("--fraction", type=float, default=0.5)
     ap.add_argument("--target", default="auto")
+    ap.add_argument("--batch-sizes", default=",".join(map(str, BATCHES)))
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     spark = get_spark(master="local[2]")
     table = subset_table(spark, args.table, args.train_rows, args.test_rows)
     class_names = read_meta(spark, table).class_names
     t0 = time.perf_counter()
-    grid = run_grid(spark, table, class_names, args.epochs)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    grid = run_grid(spark, table, class_names, args.epochs, batches)
     grid_wall = time.perf_counter() - t0
     finals = [g["history"][-1]["test_acc"] for g in grid]
     target = (
@@ -153,7 +157,7 @@ def main() -> None:
         "rule": f"most workers ({most}) at the default batch 128, then the cheapest batch meeting the target there",
         "choice": min(fixed, key=lambda s: s["cost_to_target"]) if fixed else None,
     }
-    default = on_grid(*DEFAULT)
+    default = on_grid(*DEFAULT) if DEFAULT[2] in batches else None
 
     t1 = time.perf_counter()
     p = plan_op(
@@ -167,7 +171,7 @@ def main() -> None:
         max_workers=2,
         max_cores=2,
         threads_per_rank=[1, 2],
-        batch_sizes=BATCHES,
+        batch_sizes=batches,
         budget=args.budget,
         curve_epochs=args.curve_epochs,
         fraction=args.fraction,
@@ -209,6 +213,7 @@ def main() -> None:
         },
         "independent": {**independent, "cost_ratio": ratio_of(independent["choice"])},
         "default": {"config": default, "cost_ratio": ratio_of(default)},
+        "batch_sizes": batches,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "plan.json").write_text(json.dumps(result, indent=1))
