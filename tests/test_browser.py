@@ -148,6 +148,37 @@ def test_training_curves_and_confusion_matrix(page, server, root):  # noqa: F811
     page.screenshot(path=os.path.join(ARTIFACTS, "training.png"), full_page=True)
 
 
+def test_plan_job_shows_the_choice_and_the_curves(page, server, root):  # noqa: F811
+    """A finished plan job's page: its choice and runners-up as a table, measured against predicted,
+    the ruled-out reasons and the fitted curves (the plan itself is tested in test_plan.py)."""
+    from PIL import Image
+
+    out = root / "plans" / "browser"
+    out.mkdir(parents=True)
+    option = {"workers": 2, "threads_per_rank": 1, "batch_size": 256, "epochs": 5, "time_s": 80.0}
+    plan = {
+        "choice": {**option, "accuracy": 0.91, "cost": 160.0},
+        "runners_up": [{**option, "batch_size": 512, "accuracy": 0.905, "cost": 170.0}],
+        "ruled_out": ["workers=1 threads=1 batch=1024: accuracy 0.85 is below the target 0.9"],
+        "cost_unit": "core-seconds",
+        "measured": {"time_s": 83.2, "accuracy": 0.912, "cost": 166.4, "target_met": True},
+    }
+    (out / "plan.json").write_text(json.dumps(plan))
+    Image.new("RGB", (320, 200), "white").save(out / "curves.png")
+    store = server_state["app"].state.sv.store
+    job = store.create("plan", {"table": str(root / "tables" / "tiny"), "out": str(out)}, str(out))
+    store.finish(job.id, "succeeded", progress=100.0, result=plan)
+    page.click("nav button[data-tab=jobs]")
+    page.wait_for_selector(f"#jobs-table tr[data-id='{job.id}']", timeout=10_000)
+    page.click(f"#jobs-table tr[data-id='{job.id}']")
+    page.wait_for_selector("#jd-plan:not([hidden]) table.plan", timeout=10_000)
+    assert page.locator("#jd-plan table.plan tr").count() == 3  # header, choice, one runner-up
+    assert "target met" in page.inner_text("[data-testid=plan-measured]")
+    page.wait_for_function("document.querySelector('[data-testid=plan-curves]').naturalWidth === 320")
+    assert "below the target" in page.text_content("#jd-plan details")  # folded: not in inner_text
+    page.screenshot(path=os.path.join(ARTIFACTS, "plan.png"), full_page=True)
+
+
 def test_detect_page_draws_the_boxes_of_an_upload(page, root, tmp_path):  # noqa: F811
     """Random weights score every box just under 0.5: with min score 0 the cap decides the count."""
     write_tiny_detector(root / "detectors" / "browser")

@@ -830,6 +830,33 @@ def test_training_job_metrics_and_confusion(client, root):
 # ----------------------------------------------------------------------------- tokens
 
 
+def test_plan_job_page_data(client, root):
+    """A plan job's page gets its plan.json and curves.png from the job's out, nothing from a job of
+    another kind, and a 404 naming the job before the plan is written."""
+    from PIL import Image
+
+    store = client.app.state.sv.store
+    out = root / "plans" / "p1"
+    job = store.create("plan", {"out": str(out), "table": str(root / "tables" / "tiny")}, str(out))
+    assert_error(client.get(f"/api/jobs/{job.id}/plan"), 404, "no plan yet")
+    assert_error(client.get(f"/api/jobs/{job.id}/curves.png"), 404, "no curves yet")
+    out.mkdir(parents=True)
+    plan = {
+        "choice": {"workers": 2, "threads_per_rank": 1, "batch_size": 256, "epochs": 5},
+        "ruled_out": ["x"],
+    }
+    (out / "plan.json").write_text(json.dumps(plan))
+    Image.new("RGB", (40, 30), "white").save(out / "curves.png")
+    store.finish(job.id, "succeeded", result=plan)
+    assert client.get(f"/api/jobs/{job.id}/plan").json()["choice"]["batch_size"] == 256
+    r = client.get(f"/api/jobs/{job.id}/curves.png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"
+    other = store.create("train", {"out": str(out), "table": str(root / "tables" / "tiny")}, str(out))
+    store.request_cancel(other.id)  # keep the (runner-less) queue empty
+    assert_error(client.get(f"/api/jobs/{other.id}/plan"), 404, "no plan")
+    assert_error(client.get("/api/jobs/nope/plan"), 404, "no job")
+
+
 def test_non_loopback_needs_token(root, monkeypatch):
     monkeypatch.delenv("SPARKVISION_API_TOKEN", raising=False)
     with pytest.raises(ValueError, match="not loopback"):

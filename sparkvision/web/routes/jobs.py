@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -197,3 +197,33 @@ async def job_metrics(job_id: str, sv: StateDep):
             "split": evaluation.get("split"),
         }
     return {"job": job_id, "kind": job.kind, "history": history, "confusion": confusion}
+
+
+@router.get("/api/jobs/{job_id}/plan")
+async def job_plan(job_id: str, sv: StateDep):
+    """A plan job's ``plan.json``: the choice, the runners-up, why the rest were ruled out, and
+    (with ``--run``) measured against predicted; also written when the target is unreachable."""
+    out = plan_out(sv, job_id)
+    data = browse.read_json(os.path.join(out, "plan.json")) if out else None
+    if data is None:
+        raise ApiError(404, f"job {job_id} has no plan yet", "no_plan")
+    return data
+
+
+@router.get("/api/jobs/{job_id}/curves.png")
+async def job_plan_curves(job_id: str, sv: StateDep):
+    """The fitted monotone curves over the profiled points (``curves.png`` of a plan job)."""
+    out = plan_out(sv, job_id)
+    path = os.path.join(out, "curves.png") if out else ""
+    if not os.path.isfile(path):
+        raise ApiError(404, f"job {job_id} has no curves yet", "no_plan")
+    return FileResponse(path, media_type="image/png")
+
+
+def plan_out(sv: State, job_id: str) -> str | None:
+    """The output directory of a plan job, checked against the data roots again (they may have
+    changed since it ran); None for a job of another kind."""
+    job = job_or_404(sv, job_id)
+    if job.kind != "plan" or not job.params.get("out"):
+        return None
+    return safe_path(job.params["out"], sv.settings.data_roots, what="out")

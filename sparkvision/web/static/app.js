@@ -247,7 +247,26 @@ async function refreshDetail() {
       drawCurves(m.history || []);
       $("#jd-confusion").innerHTML = m.confusion ? confusionTable(m.confusion) : "";
     } else { $("#jd-charts").hidden = true; $("#jd-confusion").innerHTML = ""; }
+    await showPlan(j);
   } catch (err) { showError($("#jd-error"), err); }
+}
+
+// A plan job: the choice, the runners-up, why the rest lost, and the fitted curves (curves.png).
+async function showPlan(j) {
+  const box = $("#jd-plan");
+  if (j.kind !== "plan" || !["succeeded", "failed"].includes(j.state)) { box.hidden = true; box.innerHTML = ""; return; }
+  let p;
+  try { p = await api(`/api/jobs/${encodeURIComponent(j.id)}/plan`); } catch (err) { box.hidden = true; return; }
+  const unit = p.cost_unit === "money" ? "cost" : "core-s";
+  const row = (name, o) => `<tr><th>${esc(name)}</th><td>${o.workers}</td><td>${o.threads_per_rank}</td><td>${o.batch_size}</td><td>${o.epochs}</td><td>${fmt(o.time_s, 1)}</td><td>${fmt(o.accuracy, 4)}</td><td>${fmt(o.cost, 1)}</td></tr>`;
+  const rows = (p.choice ? [row("choice", p.choice)] : []).concat((p.runners_up || []).map((o, i) => row("runner-up " + (i + 1), o)));
+  const m = p.measured;
+  box.innerHTML = `<h4>Plan</h4>` + (p.message ? `<p class="muted">${esc(p.message)}</p>` : "") +
+    `<table class="plan"><tr><th></th><th>workers</th><th>threads</th><th>batch</th><th>epochs</th><th>time (s)</th><th>accuracy</th><th>${unit}</th></tr>${rows.join("")}</table>` +
+    (m ? `<p data-testid="plan-measured">--run measured: ${fmt(m.time_s, 1)} s, accuracy ${fmt(m.accuracy, 4)}, ${unit} ${fmt(m.cost, 1)} (target ${m.target_met ? "met" : "missed"})</p>` : "") +
+    `<img alt="fitted curves" data-testid="plan-curves" src="/api/jobs/${encodeURIComponent(j.id)}/curves.png?t=${Date.now()}">` +
+    `<details><summary>ruled out (${(p.ruled_out || []).length})</summary><ul>${(p.ruled_out || []).map((r) => `<li>${esc(r)}</li>`).join("")}</ul></details>`;
+  box.hidden = false;
 }
 $("#jd-cancel").addEventListener("click", async () => {
   try { await api(`/api/jobs/${selectedJob}/cancel`, {method: "POST"}); refreshJobs(); } catch (err) { showError($("#jd-error"), err); }
