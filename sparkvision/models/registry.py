@@ -148,7 +148,7 @@ def _takes_image_size(factory: Callable[..., ImageModel]) -> bool:
 
 def _load_builtin() -> None:
     # Here, not at the top: cnn and resnet import this module to register themselves (a cycle).
-    from sparkvision.models import cnn, resnet  # noqa: F401 - importing registers them
+    from sparkvision.models import cnn, dbn, resnet  # noqa: F401 - importing registers them
 
 
 def wrap_module(backbone: nn.Module, num_features: int, num_classes: int, in_channels: int) -> ImageModel:
