@@ -19,6 +19,7 @@ from pyspark.sql import functions as F
 
 from sparkvision.data.table import read_meta, read_table
 from sparkvision.models import create_model, model_kwargs_for
+from sparkvision.models.dbn import DBN
 from sparkvision.models.modeldir import ModelSpec
 from sparkvision.spark import distributed as D
 from sparkvision.spark.progress import Timer
@@ -33,6 +34,7 @@ from sparkvision.train.driver import (
     run_metrics,
     save_trained,
 )
+from sparkvision.train.layerwise import pretrain_rank
 from sparkvision.train.optim import param_groups
 from sparkvision.train.rank import RankTraining, check_rows
 from sparkvision.transforms.preprocess import normalize, to_unit
@@ -143,6 +145,9 @@ class SupervisedRank(ClassifierRank):
         model = create_model(self.cfg.model, self.num_classes, self.channels, **self.payload["model_kwargs"])
         return model, param_groups(model, self.cfg.weight_decay)
 
+    def pretrain(self) -> list[dict[str, Any]]:
+        return pretrain_rank(self, self.evals) if isinstance(self.module, DBN) else []
+
 
 def train(spark: SparkSession, table: str, out: str, cfg: TrainConfig | None = None) -> dict[str, Any]:
     """Train ``cfg.model`` on ``table`` and write the model directory ``out``."""
@@ -189,6 +194,7 @@ def train_df(
         "history": history,
         "train_rows": info["train_rows"],
         "eval_rows": info["eval_rows"],
+        "pretrain": info.get("pretrain", []),  # layer-wise pretraining this job ran (none on resume)
         **run_metrics(info, timer, cfg.workers),
     }
     save_trained(

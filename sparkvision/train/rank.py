@@ -117,6 +117,12 @@ class RankTraining:
     def prepare(self) -> None:
         """Anything built after the module is on its device (losses, teachers, view makers)."""
 
+    def pretrain(self) -> list[dict[str, Any]]:
+        """Unsupervised pretraining of the built module before the first epoch (a DBN's layer-wise
+        RBMs), on a fresh start only: a resumed run's checkpoint holds the pretrained weights.
+        Returns its log rows (rank 0's result ``pretrain``)."""
+        return []
+
     def step_loss(self, b: torch.Tensor) -> torch.Tensor:
         """The loss of one step on the epoch rows ``b`` (this rank's indices into ``rows``)."""
         raise NotImplementedError
@@ -185,6 +191,7 @@ class RankTraining:
         )
         self.gen = torch.Generator()
         self.prepare()
+        pretrained = self.pretrain() if self.restored is None else []
         # A reshuffling run (``reshuffle``) is one job per epoch: the driver deals the rows afresh
         # and says where this job stops; the epoch's checkpoint carries the run to the next job.
         stop = min(cfg.epochs, int(self.payload.get("stop_epoch") or cfg.epochs))
@@ -248,6 +255,7 @@ class RankTraining:
                 "files": files,
                 "done": done,
                 "skipped_checkpoints": self.skipped,
+                "pretrain": pretrained,
                 **info,
             },
         )
