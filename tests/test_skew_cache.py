@@ -8,10 +8,12 @@ import random
 from itertools import combinations
 
 import pytest
+from conftest import make_image, write_tiny_model
 from pyspark import StorageLevel
 from pyspark.sql import functions as F
 
 from sparkvision.errors import ParamError
+from sparkvision.inference.predict import predict_df
 from sparkvision.spark.cache import (
     CachePlanner,
     Candidate,
@@ -21,6 +23,7 @@ from sparkvision.spark.cache import (
     storage_budget_bytes,
 )
 from sparkvision.spark.skew import (
+    CONF_MIN_ROWS,
     CONF_REBALANCE,
     CONF_THRESHOLD,
     Settings,
@@ -154,6 +157,29 @@ def test_rebalance_by_key_and_switched_off(spark):
     assert not off.applied and off.df is df
     small = rebalance(spark, df, "test")  # 2,000 rows: below the default minRows
     assert not small.applied and small.df is df
+
+
+def test_predict_rebalances_its_input(spark, tmp_path, caplog):
+    """The hook in batch inference: a skewed image DataFrame is spread over the slots before the
+    model's mapInArrow (checked in the plan; running the model would start torch in the workers,
+    and the rows were shown kept above)."""
+    model = write_tiny_model(tmp_path / "m", ["a", "b"])
+    schema = "content_id string, path string, image binary, split string, label int, label_name string"
+    rows = [(f"id{i:03d}", f"p{i}", make_image(i % 2, seed=i), "test", i % 2, "ab"[i % 2]) for i in range(60)]
+    df = spark.createDataFrame(rows, schema).repartition(1, F.lit(0))
+    spark.conf.set(CONF_MIN_ROWS, "0")
+    try:
+        with caplog.at_level(logging.INFO, logger="sparkvision.spark.skew"):
+            preds = predict_df(spark, model, df, batch_size=8)
+    finally:
+        spark.conf.unset(CONF_MIN_ROWS)
+    assert "predict: rebalanced 1 partitions of 60 rows" in caplog.text
+    plan = preds._jdf.queryExecution().optimizedPlan().toString()
+    assert plan.index("MapInArrow") < plan.index("Repartition 2, true")  # the model reads the dealt rows
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sparkvision.spark.skew"):
+        predict_df(spark, model, df, batch_size=8)  # 60 rows: below the default minRows
+    assert "predict: left 1 partitions" in caplog.text
 
 
 # ----------------------------------------------------------------------------- RC, pure

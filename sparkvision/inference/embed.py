@@ -27,6 +27,7 @@ from sparkvision.inference.runtime import (
 )
 from sparkvision.spark import storage
 from sparkvision.spark.progress import Timer, spark_progress
+from sparkvision.spark.skew import rebalance
 from sparkvision.transforms.preprocess import preprocess_batch
 
 EMBED_SCHEMA = (
@@ -60,6 +61,7 @@ def embed_df(spark: SparkSession, model_dir: str, df: DataFrame, batch_size: int
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model = ship_model(spark, model_dir)
     threads = configure_workers(spark, batch_size)
+    df = rebalance(spark, df, "embed").df  # RP: no task holds the stage up
     return df.mapInArrow(embed_batches(model, batch_size, threads), EMBED_SCHEMA)
 
 

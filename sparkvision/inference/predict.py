@@ -28,6 +28,7 @@ from sparkvision.inference.runtime import (
 )
 from sparkvision.spark import storage
 from sparkvision.spark.progress import Timer, spark_progress
+from sparkvision.spark.skew import rebalance
 from sparkvision.transforms.preprocess import preprocess_batch
 
 PREDICT_SCHEMA = (
@@ -85,6 +86,7 @@ def predict_df(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model = ship_model(spark, model_dir)
     threads = configure_workers(spark, batch_size)
+    df = rebalance(spark, df, "predict").df  # RP: no task holds the stage up
     return df.mapInArrow(predict_batches(model, top_k, batch_size, threads), PREDICT_SCHEMA)
 
 

@@ -267,6 +267,8 @@ def rebalance(
     settings = settings or read_settings(spark)
     if not settings.enabled:
         return Rebalanced(df, None, False, 0, f"{CONF_REBALANCE}=false")
+    if df.isStreaming:  # a stream's partitions are its micro-batches', not known up front
+        return Rebalanced(df, None, False, 0, "a streaming DataFrame")
     n = slots if slots is not None else default_parallelism(spark)
     before = measure_skew(df)
     go, why = decide(before, n, settings.threshold, settings.min_rows)
