@@ -39,15 +39,12 @@ Directory (see :mod:`sparkvision.models.modeldir`)::
 from __future__ import annotations
 
 import inspect
-import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import nn
 from torchvision.models.detection import FasterRCNN, fasterrcnn_mobilenet_v3_large_320_fpn
@@ -65,6 +62,7 @@ from sparkvision.models.modeldir import (
     read_preprocess,
     read_weights,
 )
+from sparkvision.models.weights import read_state_file
 
 TASK = "detection"
 AGNOSTIC_CLASS = "product"
@@ -275,26 +273,6 @@ def load_detector_dir(path: str, param: str = "model_dir") -> LoadedDetector:
     with torch.inference_mode():
         model([torch.zeros(3, *pre.size)])
     return LoadedDetector(model, spec, read_classes(path, param), pre, data)
-
-
-def read_state_file(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors, or from a torch file read with ``weights_only=True`` (plain
-    tensors only: such a file cannot run code); a dict holding ``state_dict``/``model`` is unwrapped."""
-    try:
-        if path.endswith(".safetensors"):
-            return load_file(path)
-        with open(path, "rb") as f:
-            obj = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    except (OSError, SafetensorError, RuntimeError, ValueError, EOFError) as e:  # pickle errors too
-        raise ParamError("weights", f"{path} cannot be read as weights: {one_line(str(e))}") from None
-    except Exception as e:  # noqa: BLE001 - weights_only's unpickler refuses code with its own types
-        raise ParamError("weights", f"{path} is not a plain weights file: {one_line(str(e))}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ParamError("weights", f"{path} holds no state dict of tensors")
-    return obj
 
 
 def start_weights(model: nn.Module, path: str) -> tuple[bytes, int]:

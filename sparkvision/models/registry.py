@@ -16,6 +16,9 @@ import torch
 from torch import nn
 
 _REGISTRY: dict[str, Callable[..., ImageModel]] = {}
+# Families too large to register one by one (timm's ~1,200 models): prefix -> (the factory of a
+# name after the prefix, or None when there is no such model; the family's names).
+_FAMILIES: dict[str, tuple[Callable[[str], Callable[..., ImageModel] | None], Callable[[], list[str]]]] = {}
 
 
 class ImageModel(nn.Module):
@@ -56,6 +59,44 @@ class ImageModel(nn.Module):
         self.head = nn.Linear(d, self.num_classes)
         self.arch = {**self.arch, "neck": list(dims)}
 
+    def backbone_parts(self) -> list[nn.Module]:
+        """Everything but the head and the neck: what ``--freeze backbone`` stops."""
+        return [m for name, m in self.named_children() if name not in ("head", "neck")]
+
+    def stages(self) -> list[nn.Module]:
+        """The backbone's stages in input order (``--freeze N`` freezes the first N): here its
+        top-level parts with parameters."""
+        return [m for m in self.backbone_parts() if any(True for _ in m.parameters())]
+
+    def freeze(self, spec: str | int | None) -> int:
+        """Stop training the backbone (``"backbone"``: all but the head and the neck) or its first
+        ``N`` :meth:`stages`. Frozen layers stay in eval mode too (normalisation statistics
+        fixed), as a frozen pretrained network should. Returns the frozen parameter count."""
+        if spec in (None, "none", 0, "0"):
+            return 0
+        stages = self.backbone_parts() if spec == "backbone" else self.stages()
+        if spec != "backbone":
+            n = int(spec)
+            if n > len(stages):
+                raise ValueError(f"freeze {n} is over the {len(stages)} stages of {type(self).__name__}")
+            stages = stages[:n]
+        for m in stages:
+            m.requires_grad_(False)
+        self._frozen = stages
+        self.train(self.training)
+        return sum(p.numel() for m in stages for p in m.parameters())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in getattr(self, "_frozen", ()):
+            m.eval()
+        return self
+
+    def file_keys(self, key: str) -> list[str]:
+        """Where a tensor of a weights file (``--init-weights``) may go in this model, best first:
+        its own key, or the same under ``backbone.`` (a library network wrapped as the backbone)."""
+        return [key, "backbone." + key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.forward_features(x)
         neck = self._modules.get("neck")  # optional MLP between the features and the head (attach_neck)
@@ -80,23 +121,54 @@ def unregister_model(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
-def list_models() -> list[str]:
+def register_family(
+    prefix: str,
+    factory_of: Callable[[str], Callable[..., ImageModel] | None],
+    names: Callable[[], list[str]],
+) -> None:
+    """Models named ``prefix + NAME``, resolved on use (``factory_of(NAME)``; None: no such model)."""
+    _FAMILIES[prefix] = (factory_of, names)
+
+
+def list_models(families: bool = False) -> list[str]:
+    """The registered names; with ``families``, every name of the prefix families too."""
     _load_builtin()
-    return sorted(_REGISTRY)
+    extra = [n for _, names in _FAMILIES.values() for n in names()] if families else []
+    return sorted(_REGISTRY) + extra
+
+
+def model_families() -> list[str]:
+    _load_builtin()
+    return sorted(_FAMILIES)
+
+
+def factory_of(name: str) -> Callable[..., ImageModel]:
+    """The factory of a registered name or of a family's name; an unknown name is a ValueError
+    that lists the registered models and the families."""
+    _load_builtin()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    for prefix, (resolve, _) in _FAMILIES.items():
+        if name.startswith(prefix):
+            found = resolve(name.removeprefix(prefix))
+            if found is not None:
+                return found
+    families = "".join(f", {p}NAME" for p in sorted(_FAMILIES))
+    raise ValueError(
+        f"unknown model {name!r}; registered models (see `sparkvision models`): "
+        f"{', '.join(sorted(_REGISTRY)[:12])}, ...{families}"
+    )
 
 
 def create_model(
     name: str, num_classes: int = 10, in_channels: int = 1, image_size: int | None = None, **kwargs: Any
 ) -> ImageModel:
     """Build a registered model; ``image_size`` is passed to factories that declare it."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}")
+    factory = factory_of(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
-    factory = _REGISTRY[name]
     if image_size is not None and _takes_image_size(factory):
         kwargs["image_size"] = image_size
     neck = kwargs.pop("neck", None)  # any model: see ImageModel.attach_neck
@@ -115,10 +187,7 @@ def create_model(
 def model_arguments(name: str) -> list[str] | None:
     """The keyword arguments ``name``'s factory takes (``neck`` for any model), or None when it
     takes any (``**kwargs``): so a misspelt model argument is refused before a job starts."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}")
-    factory = _REGISTRY[name]
+    factory = factory_of(name)
     names: set[str] = set()
     for fn in (factory, typing.get_type_hints(factory).get("return")):  # a factory may pass **kw to its class
         if fn is None:
@@ -135,9 +204,8 @@ def model_arguments(name: str) -> list[str] | None:
 def model_kwargs_for(name: str, kwargs: dict[str, Any], image_size: int) -> dict[str, Any]:
     """``kwargs`` plus ``image_size`` when ``name``'s factory declares it: what a training run
     records in its model directory, so the model is rebuilt for the size it was trained at."""
-    _load_builtin()
     kw = dict(kwargs)
-    if name in _REGISTRY and _takes_image_size(_REGISTRY[name]):
+    if _takes_image_size(factory_of(name)):
         kw.setdefault("image_size", image_size)
     return kw
 
@@ -148,7 +216,7 @@ def _takes_image_size(factory: Callable[..., ImageModel]) -> bool:
 
 def _load_builtin() -> None:
     # Here, not at the top: cnn and resnet import this module to register themselves (a cycle).
-    from sparkvision.models import cnn, dbn, resnet  # noqa: F401 - importing registers them
+    from sparkvision.models import cnn, dbn, resnet, zoo  # noqa: F401 - importing registers them
 
 
 def wrap_module(backbone: nn.Module, num_features: int, num_classes: int, in_channels: int) -> ImageModel:

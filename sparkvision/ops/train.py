@@ -108,6 +108,7 @@ OPERATION = register(
         run,
         "Train a classifier data-parallel (DDP on Spark barrier tasks).",
         inputs=("table",),
+        optional_inputs=("init_weights",),
         outputs=("out",),
         result_key="out",
         resumable=True,

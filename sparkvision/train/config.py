@@ -6,9 +6,9 @@ web and Python) takes its options from these fields (:mod:`sparkvision.ops.train
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StringConstraints
 from pydantic.dataclasses import dataclass
 
 from sparkvision.fields import (
@@ -38,6 +38,9 @@ from sparkvision.fields import (
 from sparkvision.train.augment import AugmentConfig, AugmentSpec
 
 Optimizer = Literal["sgd", "adamw"]
+Normalize = Literal["auto", "table", "imagenet"]
+# none | backbone | N (the first N stages of the backbone)
+Freeze = Annotated[str, StringConstraints(pattern=r"^(none|backbone|[0-9]{1,3})$")]
 Schedule = Literal["onecycle", "cosine", "constant"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
@@ -77,6 +80,27 @@ class TrainConfig(Recipe):
     )
     channels: Literal[1, 3] | None = Field(
         default=None, description="1 or 3 input channels (default: from the table)."
+    )
+    init_weights: str | None = Field(
+        default=None,
+        description=(
+            "Weights file to start from: a torchvision/timm state dict (.pth read with weights_only, "
+            "or .safetensors); never downloaded. Unmatched keys are listed; another architecture's file is refused."
+        ),
+    )
+    freeze: Freeze = Field(
+        default="none",
+        description="Train all ('none'), only the head ('backbone'), or all but the first N stages.",
+    )
+    backbone_lr_scale: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Learning rate of the pretrained layers relative to the head's (default 0.1 with --init-weights, else 1).",
+    )
+    normalize: Normalize = Field(
+        default="auto",
+        description="Input normalisation: the table's statistics, or ImageNet's ('auto': ImageNet with --init-weights).",
     )
     train_split: str = Field(default="train", description="Split to train on.")
     eval_split: OptionalSplit = Field(default="test", description="Split scored each epoch ('none' to skip).")

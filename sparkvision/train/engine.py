@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from safetensors.torch import load as st_load
 
 from sparkvision.data.table import read_meta, read_table
+from sparkvision.errors import ParamError
 from sparkvision.models import create_model, model_kwargs_for
 from sparkvision.models.dbn import DBN
 from sparkvision.models.modeldir import ModelSpec
@@ -35,8 +37,8 @@ from sparkvision.train.driver import (
     save_trained,
 )
 from sparkvision.train.layerwise import pretrain_rank
-from sparkvision.train.optim import param_groups
 from sparkvision.train.rank import RankTraining, check_rows
+from sparkvision.train.transfer import backbone_scale, input_stats, start_weights, transfer_groups
 from sparkvision.transforms.preprocess import normalize, to_unit
 
 
@@ -142,11 +144,40 @@ class SupervisedRank(ClassifierRank):
         return train, counts
 
     def build(self) -> tuple[torch.nn.Module, list[dict]]:
-        model = create_model(self.cfg.model, self.num_classes, self.channels, **self.payload["model_kwargs"])
-        return model, param_groups(model, self.cfg.weight_decay)
+        cfg = self.cfg
+        model = create_model(cfg.model, self.num_classes, self.channels, **self.payload["model_kwargs"])
+        start = self.payload.get("start_weights")
+        if start:  # the tensors of --init-weights that fit (checked on the driver: start_weights)
+            model.load_state_dict(st_load(start), strict=False)
+        model.freeze(cfg.freeze)
+        scale = backbone_scale(cfg.backbone_lr_scale, cfg.init_weights)
+        return model, transfer_groups(model, cfg.weight_decay, scale)
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        fixed = input_stats(self.cfg.normalize, self.cfg.init_weights, self.channels)
+        return fixed if fixed is not None else super().stats()
 
     def pretrain(self) -> list[dict[str, Any]]:
         return pretrain_rank(self, self.evals) if isinstance(self.module, DBN) else []
+
+
+def transfer_start(
+    cfg: TrainConfig, num_classes: int, channels: int, model_kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """Payload extras for ``--init-weights`` / ``--freeze``, checked on the driver before any task
+    starts: the tensors of the file that fit (and what did not), and a ``--freeze`` the model has
+    stages for. Empty when neither is given."""
+    if not cfg.init_weights and cfg.freeze == "none":
+        return {}
+    probe = create_model(cfg.model, num_classes, channels, **model_kwargs)
+    try:
+        probe.freeze(cfg.freeze)
+    except ValueError as e:
+        raise ParamError("freeze", str(e)) from None
+    if not cfg.init_weights:
+        return {}
+    blob, summary = start_weights(probe, cfg.init_weights)
+    return {"start_weights": blob, "transfer": summary}
 
 
 def train(spark: SparkSession, table: str, out: str, cfg: TrainConfig | None = None) -> dict[str, Any]:
@@ -175,7 +206,17 @@ def train_df(
     out, ckpt_dir = prepare_out(out, cfg.resume)
     channels, size = infer_image_spec(df, cfg.channels, cfg.image_size)
     model_kwargs = model_kwargs_for(cfg.model, cfg.model_kwargs, size[0])
-    payload = rank_payload(cfg, out, ckpt_dir, channels, size, len(class_names), model_kwargs=model_kwargs)
+    transfer = transfer_start(cfg, len(class_names), channels, model_kwargs)
+    payload = rank_payload(
+        cfg,
+        out,
+        ckpt_dir,
+        channels,
+        size,
+        len(class_names),
+        model_kwargs=model_kwargs,
+        **transfer,
+    )
     info, blobs = launch(
         spark,
         df,
@@ -196,6 +237,7 @@ def train_df(
         "eval_rows": info["eval_rows"],
         "pretrain": info.get("pretrain", []),  # layer-wise pretraining this job ran (none on resume)
         **run_metrics(info, timer, cfg.workers),
+        **({"init_weights": transfer["transfer"]} if transfer else {}),
     }
     save_trained(
         spark,
