@@ -203,7 +203,8 @@ class CachePlanner:
         """Make ``df`` a candidate, read ``reuse`` more times after its first, and plan again;
         returns ``df`` (persisted in place if kept). The size is ``size_bytes``, else ``rows`` x
         ``row_bytes``, else Spark's plan estimate; the cost ``cost_s``, else the size at
-        :data:`SCAN_BYTES_PER_S`."""
+        :data:`SCAN_BYTES_PER_S`. Without a size on Spark Connect, ``df`` is returned uncached
+        and not planned (a warning says so); :meth:`used` and :meth:`release` ignore its name."""
         if name in self._entries:
             raise ValueError(f"{self.label}: {name!r} is offered already")
         if reuse < 0:
@@ -213,8 +214,13 @@ class CachePlanner:
             size = int(rows * row_bytes)
         if size is None:
             size = plan_size(df)
-        if size is None:
-            raise ParamError("size_bytes", f"{name}: give size_bytes, or rows and row_bytes (Spark Connect)")
+        if size is None:  # a Connect client cannot ask the plan: the job runs as without a cache
+            log.warning(
+                "%s: not cached %s: its size is unknown (give size_bytes, or rows and row_bytes)",
+                self.label,
+                name,
+            )
+            return df
         cost = cost_s if cost_s is not None else size / SCAN_BYTES_PER_S
         self._entries[name] = _Entry(df, Candidate(name, reuse, int(size), float(cost)), reuse + 1)
         self._replan()
@@ -222,7 +228,9 @@ class CachePlanner:
 
     def update(self, name: str, cost_s: float) -> None:
         """A better recompute cost for a candidate (a measured computation); plans again."""
-        e = self._entries[name]
+        e = self._entries.get(name)
+        if e is None:
+            return
         e.candidate = replace(e.candidate, cost_s=float(cost_s))
         self._replan()
 
@@ -237,7 +245,9 @@ class CachePlanner:
         """One read of ``name`` is done; after its last one it is released and the room reused.
         Held, every read left comes from the cache; not held, caching it now would save all but
         the next (which fills the cache)."""
-        e = self._entries[name]
+        e = self._entries.get(name)
+        if e is None:
+            return
         e.reads_left -= 1
         e.candidate = replace(e.candidate, reuse=max(e.reads_left - (0 if e.held else 1), 0))
         if e.reads_left <= 0:
@@ -247,7 +257,9 @@ class CachePlanner:
 
     def release(self, name: str, why: str = "released") -> None:
         """Drop ``name`` from the plan (unpersisted if held) and give its room to the others."""
-        e = self._entries.pop(name)
+        e = self._entries.pop(name, None)
+        if e is None:
+            return
         if e.held:
             e.df.unpersist()
             log.info("%s: unpersist %s: %s", self.label, name, why)
