@@ -7,6 +7,7 @@ self-supervised pretraining share one backbone path.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import typing
 from collections.abc import Callable
@@ -153,10 +154,15 @@ def factory_of(name: str) -> Callable[..., ImageModel]:
             found = resolve(name.removeprefix(prefix))
             if found is not None:
                 return found
+    own = sorted(
+        n for n, f in _REGISTRY.items() if "/" not in n and f is not _REGISTRY.get("torchvision/" + n)
+    )
+    near = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
     families = "".join(f", {p}NAME" for p in sorted(_FAMILIES))
     raise ValueError(
-        f"unknown model {name!r}; registered models (see `sparkvision models`): "
-        f"{', '.join(sorted(_REGISTRY)[:12])}, ...{families}"
+        f"unknown model {name!r}; "
+        + (f"did you mean {', '.join(near)}? " if near else "")
+        + f"registered: {', '.join(own)}, every torchvision classifier (see `sparkvision models`){families}"
     )
 
 
