@@ -14,7 +14,7 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast, get_args
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -48,6 +48,20 @@ SUPPORTED_MODES = {
     "YCbCr": 3,
     "HSV": 3,
 }
+
+
+# How a table's rows decode for a model (``TableMeta.pixel_dtype``, ``Preprocess.pixel_dtype``):
+# "uint8" images through :func:`to_8bit`; "float32" feature vectors (mode-F TIFFs written by
+# ``ingest-raster``) as their values, through :func:`float_pixels`.
+PixelDtype = Literal["uint8", "float32"]
+PIXEL_DTYPES: tuple[str, ...] = get_args(PixelDtype)
+
+
+def pixel_dtype(value: str) -> PixelDtype:
+    """``value`` checked as a :data:`PixelDtype` (it comes from JSON files beside tables and models)."""
+    if value not in PIXEL_DTYPES:
+        raise ValueError(f"pixel_dtype {value!r} is not one of {', '.join(PIXEL_DTYPES)}")
+    return cast(PixelDtype, value)
 
 
 @dataclass(frozen=True)
@@ -121,6 +135,15 @@ def to_8bit(img: Image.Image, mode: Literal["L", "RGB"]) -> Image.Image:
             a = np.clip(a, 0, 65535)
         img = Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8), mode="L")
     return img if img.mode == mode else img.convert(mode)
+
+
+def float_pixels(img: Image.Image) -> np.ndarray:
+    """A mode-F image's values as float32 ``(H, W)``, unscaled: the reading of a float table's rows
+    (``pixel_dtype`` "float32"), where :func:`to_8bit` would squeeze real numbers into 0..255.
+    Other modes are ``unsupported_mode``: a float table holds feature vectors, not pictures."""
+    if img.mode != "F":
+        raise RejectError("unsupported_mode", f"mode {img.mode} in a float32 table (its rows are mode F)")
+    return np.asarray(img, dtype=np.float32)
 
 
 def inspect_image(data: bytes, max_pixels: int = MAX_PIXELS_DEFAULT) -> ImageInfo:

@@ -7,6 +7,7 @@ from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 
+from sparkvision.data.images import PixelDtype, pixel_dtype
 from sparkvision.data.schema import IMAGE_SCHEMA, META_FILE, SCHEMA_VERSION
 from sparkvision.spark import storage
 
@@ -16,13 +17,19 @@ class TableMeta:
     class_names: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
     sources: list[str] = field(default_factory=list)
+    # "float32": rows are feature vectors (mode-F TIFFs, e.g. ``ingest-raster``) that decode as
+    # floats; "uint8" (absent from the file): images, decoded to 8 bits (``images.to_8bit``).
+    pixel_dtype: PixelDtype = "uint8"
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "class_names": self.class_names,
             "schema_version": self.schema_version,
             "sources": self.sources,
         }
+        if self.pixel_dtype != "uint8":
+            d["pixel_dtype"] = self.pixel_dtype
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TableMeta:
@@ -30,6 +37,7 @@ class TableMeta:
             class_names=list(d.get("class_names", [])),
             schema_version=int(d.get("schema_version", SCHEMA_VERSION)),
             sources=list(d.get("sources", [])),
+            pixel_dtype=pixel_dtype(d.get("pixel_dtype", "uint8")),
         )
 
 

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
+from sparkvision.data.images import PixelDtype, pixel_dtype
 from sparkvision.errors import ParamError
 from sparkvision.models import ImageModel, create_model
 
@@ -40,10 +41,13 @@ class Preprocess:
     size: tuple[int, int] = (28, 28)
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
+    pixel_dtype: PixelDtype = "uint8"  # "float32": trained on a float table, whose rows decode as floats
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["size"], d["mean"], d["std"] = list(self.size), list(self.mean), list(self.std)
+        if self.pixel_dtype == "uint8":
+            del d["pixel_dtype"]  # as every model directory written before float tables
         return d
 
     @classmethod
@@ -53,6 +57,7 @@ class Preprocess:
             size=(int(d["size"][0]), int(d["size"][1])),
             mean=tuple(float(v) for v in d["mean"]),
             std=tuple(float(v) for v in d["std"]),
+            pixel_dtype=pixel_dtype(d.get("pixel_dtype", "uint8")),
         )
 
 

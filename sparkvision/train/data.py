@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from sparkvision.data.images import RejectError
+from sparkvision.data.images import PixelDtype, RejectError
 from sparkvision.fields import CacheMode
 from sparkvision.spark import distributed as D
 from sparkvision.train.store import (
@@ -102,6 +102,7 @@ def load_shard(
     spill_dir: str | None = None,
     spill_bytes: int = SPILL_BYTES,
     extra_columns: tuple[str, ...] = (),
+    pixel_dtype: PixelDtype = "uint8",
 ) -> tuple[Shard, list[str]]:
     """Keep the ``image``/``label``/``split`` columns in the ``cache`` the shard's size allows,
     and the ``extra_columns`` as they came (``Shard.extra``, the same rows kept).
@@ -118,13 +119,14 @@ def load_shard(
     skips the check). ``memory`` then decodes each image straight into one preallocated tensor,
     releasing the encoded bytes as it goes; a shard that does not fit is a clear error naming
     what to change, not an executor killed by the OOM killer. ``threads`` decode for ``stream``.
+    ``pixel_dtype="float32"`` (a float table) keeps float32 rows instead of uint8.
     """
     c, (h, w) = channels, size
     rows = EncodedRows(spill_dir or roomiest(local_dirs()), None if cache == "memory" else spill_bytes)
     try:
         labels, codes, names, extra = read_columns(batches, rows, extra_columns)
         n = len(rows)
-        need = n * c * h * w
+        need = n * c * h * w * np.dtype(pixel_dtype).itemsize
         if available_bytes == -1:
             available_bytes = available_memory_bytes()
         mode = cache
@@ -135,10 +137,10 @@ def load_shard(
             mode = "memory" if votes[0] == 0 else "stream"  # every rank takes the same choice
         if mode == "memory":
             check_shard_fits(need, available_bytes, n, (c, h, w))
-            images, keep = decode_all(rows, c, (h, w))
+            images, keep = decode_all(rows, c, (h, w), pixel_dtype)
         else:
             keep = np.array([header_ok(rows.read(i)) for i in range(n)], dtype=bool)
-            store = RowStore(rows, BatchDecoder(rows, c, (h, w), threads))
+            store = RowStore(rows, BatchDecoder(rows, c, (h, w), threads, pixel_dtype))
             images = StreamImages(store, np.flatnonzero(keep))
     except BaseException:
         rows.close()
@@ -178,16 +180,19 @@ def read_columns(
     )
 
 
-def decode_all(rows: EncodedRows, channels: int, size: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
+def decode_all(
+    rows: EncodedRows, channels: int, size: tuple[int, int], pixel_dtype: PixelDtype = "uint8"
+) -> tuple[torch.Tensor, np.ndarray]:
     """Decode every row into one preallocated tensor, good rows packed to the front (dropping a
     bad one needs no copy); returns the decoded rows and the mask of the rows kept."""
-    images = torch.empty((len(rows), channels, *size), dtype=torch.uint8)
+    dtype = torch.float32 if pixel_dtype == "float32" else torch.uint8
+    images = torch.empty((len(rows), channels, *size), dtype=dtype)
     out = images.numpy()  # shares memory with ``images``
     keep = np.zeros(len(rows), dtype=bool)
     kept = 0
     for i, data in enumerate(rows.drain()):
         try:
-            out[kept] = decode_image(data, channels, size)
+            out[kept] = decode_image(data, channels, size, pixel_dtype=pixel_dtype)
         except RejectError:
             continue
         keep[i] = True
@@ -291,7 +296,7 @@ def pixel_stats(
     copy of the shard was 8x its size). The memory cache counts every row; the stream cache a
     seeded sample of ``sample`` rows per rank (every row when the shard has no more: the very same
     statistics as the memory cache). Every rank must call it (an all-reduce); the result is the
-    model's preprocessing spec.
+    model's preprocessing spec. Float rows (a float table's feature values) count as they are.
     """
     n = len(images)
     step = max(1, STATS_CHUNK_BYTES // max(1, math.prod(images.shape[1:])))
@@ -304,11 +309,19 @@ def pixel_stats(
             ids = torch.randperm(n, generator=g)[:sample].sort().values  # in order: sequential reads
         chunks = (images[ids[i : i + step]] for i in range(0, len(ids), step))
     counts = torch.zeros(channels, 256, dtype=torch.int64)
+    floats = torch.zeros(2 * channels + 1, dtype=torch.float64)  # a float table's sums, squares, count
     for x in chunks:
+        if x.is_floating_point():  # feature values, not pixels: summed as they are
+            xd = x.double().transpose(0, 1).reshape(channels, -1)
+            floats += torch.cat(
+                [xd.sum(1), (xd * xd).sum(1), torch.tensor([xd.shape[1]], dtype=torch.float64)]
+            )
+            continue
         for c in range(channels):
             counts[c] += torch.bincount(x[:, c].reshape(-1), minlength=256)
     v = torch.arange(256, dtype=torch.float64) / 255
     stats = torch.cat([counts.double() @ v, counts.double() @ (v * v), counts[:1].sum().double().view(1)])
+    stats += floats
     stats = D.all_reduce_sum(stats)
     mean = stats[:channels] / stats[-1]
     std = (stats[channels : 2 * channels] / stats[-1] - mean**2).clamp_min(1e-12).sqrt()

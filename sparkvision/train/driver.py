@@ -356,7 +356,11 @@ def save_trained(
     with torch.device("meta"):
         model = spec.build()
     preprocess = Preprocess(
-        channels=spec.in_channels, size=size, mean=tuple(info["mean"]), std=tuple(info["std"])
+        channels=spec.in_channels,
+        size=size,
+        mean=tuple(info["mean"]),
+        std=tuple(info["std"]),
+        pixel_dtype=info.get("pixel_dtype", "uint8"),  # how the rows decoded (a float table: float32)
     )
     store = driver_store(spark, out)
     for name, obj in model_dir_json(model, spec, class_names, preprocess, metrics, extra).items():

@@ -18,6 +18,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from safetensors.torch import load as st_load
 
+from sparkvision.data.images import PixelDtype
 from sparkvision.data.table import read_meta, read_table
 from sparkvision.errors import ParamError
 from sparkvision.models import create_model, model_kwargs_for
@@ -189,7 +190,7 @@ def train(spark: SparkSession, table: str, out: str, cfg: TrainConfig | None = N
         raise ValueError(f"table {table} has {len(meta.class_names)} classes; training needs at least 2")
     splits = [cfg.train_split] + ([cfg.eval_split] if cfg.eval_split else [])
     df = read_table(spark, table).where(F.col("split").isin(splits))
-    return train_df(spark, df, meta.class_names, out, cfg)
+    return train_df(spark, df, meta.class_names, out, cfg, pixel_dtype=meta.pixel_dtype)
 
 
 def train_df(
@@ -199,9 +200,15 @@ def train_df(
     out: str,
     cfg: TrainConfig,
     repartition: bool = True,
+    pixel_dtype: PixelDtype = "uint8",
 ) -> dict[str, Any]:
-    """Train on an image-table DataFrame (columns image, label, split, height, width, channels)."""
+    """Train on an image-table DataFrame (columns image, label, split, height, width, channels);
+    ``pixel_dtype`` is its table's (``TableMeta.pixel_dtype``: "float32" rows decode as floats)."""
     cfg.validate()
+    if pixel_dtype == "float32" and cfg.augment.to_spec() != "none":
+        raise ParamError(
+            "augment", "a float table's rows are feature vectors, which flips and crops scramble: use 'none'"
+        )
     timer = Timer()
     out, ckpt_dir = prepare_out(out, cfg.resume)
     channels, size = infer_image_spec(df, cfg.channels, cfg.image_size)
@@ -215,6 +222,7 @@ def train_df(
         size,
         len(class_names),
         model_kwargs=model_kwargs,
+        pixel_dtype=pixel_dtype,
         **transfer,
     )
     info, blobs = launch(

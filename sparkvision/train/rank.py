@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch.nn.parallel import DistributedDataParallel
 
+from sparkvision.data.images import pixel_dtype
 from sparkvision.spark import distributed as D
 from sparkvision.train.checkpoint import Restored, load_checkpoint
 from sparkvision.train.data import Shard, epoch_indices, load_shard, pixel_stats, steps_per_epoch, warn_failed
@@ -79,6 +80,7 @@ class RankTraining:
         self.cfg = self.config_class.from_json(payload["cfg"])
         self.channels, self.size = int(payload["channels"]), tuple(payload["size"])
         self.num_classes = int(payload["num_classes"])
+        self.pixel_dtype = pixel_dtype(payload.get("pixel_dtype", "uint8"))  # "float32": a float table
 
     @classmethod
     def main(
@@ -155,7 +157,13 @@ class RankTraining:
         cfg, ctx = self.cfg, self.ctx
         t_load = time.perf_counter()
         shard, splits = load_shard(
-            batches, self.channels, self.size, cfg.cache, ctx.threads, extra_columns=self.extra_columns
+            batches,
+            self.channels,
+            self.size,
+            cfg.cache,
+            ctx.threads,
+            extra_columns=self.extra_columns,
+            pixel_dtype=self.pixel_dtype,
         )
         self.rows, self.counts = self.select(shard, splits)
         del shard, splits
@@ -247,6 +255,7 @@ class RankTraining:
                 "history": self.history,
                 "mean": self.mean_v.tolist(),
                 "std": self.std_v.tolist(),
+                "pixel_dtype": self.pixel_dtype,
                 "load_s": round(load_s, 3),
                 "steps_per_epoch": self.steps,
                 "threads_per_rank": ctx.threads,

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from sparkvision.data.images import RejectError, mode_channels, open_image
+from sparkvision.data.images import PixelDtype, RejectError, mode_channels, open_image
 from sparkvision.spark.filestore import spark_local_dirs
 from sparkvision.transforms.preprocess import decode_image
 
@@ -213,8 +213,16 @@ class BatchDecoder:
     all-zero image; ``failed`` counts them.
     """
 
-    def __init__(self, rows: EncodedRows, channels: int, size: tuple[int, int], threads: int = 1) -> None:
+    def __init__(
+        self,
+        rows: EncodedRows,
+        channels: int,
+        size: tuple[int, int],
+        threads: int = 1,
+        pixel_dtype: PixelDtype = "uint8",  # "float32": a float table's rows, float32 tensors
+    ) -> None:
         self.rows, self.channels, self.size = rows, channels, (int(size[0]), int(size[1]))
+        self.pixel_dtype = pixel_dtype
         self.threads = max(1, int(threads))
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="sparkvision-decode")
         # Requests nobody planned: the caller's thread and these, not queued behind the prefetch.
@@ -223,14 +231,17 @@ class BatchDecoder:
         self._lock = threading.Lock()
 
     def empty(self, n: int) -> torch.Tensor:
-        return torch.empty((n, self.channels, *self.size), dtype=torch.uint8)
+        dtype = torch.float32 if self.pixel_dtype == "float32" else torch.uint8
+        return torch.empty((n, self.channels, *self.size), dtype=dtype)
 
     def decode_into(self, out: np.ndarray, rows: np.ndarray) -> None:
         """Decode ``rows`` (store row numbers) into ``out`` (a uint8 ``(n, C, H, W)`` array)."""
         bad = 0
         for k, r in enumerate(rows.tolist()):
             try:
-                out[k] = decode_image(self.rows.read(r), self.channels, self.size)
+                out[k] = decode_image(
+                    self.rows.read(r), self.channels, self.size, pixel_dtype=self.pixel_dtype
+                )
             except RejectError:
                 out[k] = 0
                 bad += 1

@@ -20,12 +20,24 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from sparkvision.data.images import MAX_PIXELS_DEFAULT, RejectError, mode_channels, open_image, to_8bit
+from sparkvision.data.images import (
+    MAX_PIXELS_DEFAULT,
+    PixelDtype,
+    RejectError,
+    float_pixels,
+    mode_channels,
+    open_image,
+    to_8bit,
+)
 from sparkvision.models.modeldir import Preprocess
 
 
 def decode_image(
-    data: bytes, channels: int, size: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS_DEFAULT
+    data: bytes,
+    channels: int,
+    size: tuple[int, int] | None = None,
+    max_pixels: int = MAX_PIXELS_DEFAULT,
+    pixel_dtype: PixelDtype = "uint8",
 ) -> np.ndarray:
     """Encoded image -> uint8 ``(C, H, W)`` with ``channels`` 1 (grayscale) or 3 (RGB), resized to
     ``size = (H, W)`` when given. Any stored mode (16-bit, float, CMYK, palette...) becomes 8 bits
@@ -34,23 +46,35 @@ def decode_image(
     Raises :class:`sparkvision.data.images.RejectError` (``empty_file``, ``not_an_image``,
     ``too_many_pixels`` from the header, ``unsupported_mode``, ``truncated`` for a body that fails
     to decode), so a batch can write an error row instead of failing.
+
+    ``pixel_dtype="float32"`` (a float table's rows, see :func:`image_pixels`) gives float32.
     """
     img = open_image(data, max_pixels)
     mode_channels(img)  # the modes ingest accepts, no other
     try:
         if size is not None and img.format == "JPEG":
             img.draft("L" if channels == 1 else "RGB", (size[1], size[0]))  # decode at reduced scale
-        return image_pixels(img, channels, size)
+        return image_pixels(img, channels, size, pixel_dtype)
+    except RejectError:
+        raise
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad data
         raise RejectError("truncated", f"{type(e).__name__}: {e}"[:200]) from None
 
 
-def image_pixels(img: Image.Image, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+def image_pixels(
+    img: Image.Image, channels: int, size: tuple[int, int] | None = None, pixel_dtype: PixelDtype = "uint8"
+) -> np.ndarray:
     """A PIL image -> uint8 ``(C, H, W)``: 8 bits, ``channels``, bilinear resize to ``size = (H, W)``.
 
     The decoded half of :func:`decode_image`, for pixels that never were bytes (a crop cut from a
     decoded image is embedded through this, so it sees the same resize as a stored image).
+    ``pixel_dtype="float32"``: a mode-F image's values as float32, unscaled (a float table's
+    feature vectors, :func:`~sparkvision.data.images.float_pixels`), repeated over 3 channels.
     """
+    if pixel_dtype == "float32":
+        if size is not None and img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        return np.repeat(float_pixels(img)[None], channels, axis=0)
     img = to_8bit(img, "L" if channels == 1 else "RGB")
     if size is not None and img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
@@ -59,28 +83,30 @@ def image_pixels(img: Image.Image, channels: int, size: tuple[int, int] | None =
 
 
 def decode_batch(
-    images: Sequence[bytes | None], channels: int, size: tuple[int, int]
+    images: Sequence[bytes | None], channels: int, size: tuple[int, int], pixel_dtype: PixelDtype = "uint8"
 ) -> tuple[torch.Tensor, list[str | None]]:
-    """A batch of encoded images -> uint8 ``(B, C, H, W)`` (channels_last strides) and one error
-    string per row; a row that does not decode is zeros with its ``reason: detail``."""
+    """A batch of encoded images -> uint8 (float32 for ``pixel_dtype="float32"``) ``(B, C, H, W)``
+    (channels_last strides) and one error string per row; a row that does not decode is zeros
+    with its ``reason: detail``."""
     h, w = size
-    out = np.zeros((len(images), h, w, channels), dtype=np.uint8)  # NHWC: channels_last for free
+    out = np.zeros((len(images), h, w, channels), dtype=pixel_dtype)  # NHWC: channels_last for free
     errors: list[str | None] = [None] * len(images)
     for i, data in enumerate(images):
         try:
-            out[i] = decode_image(data or b"", channels, size).transpose(1, 2, 0)
+            out[i] = decode_image(data or b"", channels, size, pixel_dtype=pixel_dtype).transpose(1, 2, 0)
         except RejectError as e:
             errors[i] = f"{e.reason}: {e.detail}" if e.detail else e.reason
     return torch.from_numpy(out).permute(0, 3, 1, 2), errors
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 in [0, 1].
+    """uint8 -> float32 in [0, 1]; float input (a float table's feature values) as it is, copied
+    like uint8 input is (callers may change the result in place).
 
     Divides by 255 rather than using ``TF.to_dtype(scale=True)``, which multiplies by 1/255 and
     can differ in the last bit: existing models were trained on these exact numbers.
     """
-    return x.float().div_(255)
+    return x.to(torch.float32, copy=True) if x.is_floating_point() else x.float().div_(255)
 
 
 def normalize(
@@ -100,5 +126,5 @@ def preprocess_batch(
 ) -> tuple[torch.Tensor, list[str | None]]:
     """Encoded images -> the model's normalised float input ``(B, C, H, W)`` and per-row errors
     (a failed row is a zero image normalised like any other, and its output is discarded)."""
-    x, errors = decode_batch(images, pre.channels, pre.size)
+    x, errors = decode_batch(images, pre.channels, pre.size, pre.pixel_dtype)
     return normalize(to_unit(x), pre.mean, pre.std), errors
