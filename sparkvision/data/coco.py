@@ -15,11 +15,12 @@ The rules, which ``docs/detection.md`` states for users:
   ``x1 = x, y1 = y, x2 = x + width, y2 = y + height``, clipped to the image; one with no area left
   (or not four numbers, or of an unknown category) is dropped and counted, as is every crowd
   region (``iscrowd: 1``: many objects in one outline, which COCO's own evaluation ignores).
-- **Pixels.** Ingest stores each file's bytes as they are and every reader decodes them without
-  applying EXIF orientation, so boxes must be in the file's own pixel grid. An image whose
-  ``width``/``height`` in the JSON differ from the file's (a resized copy, or a tool that
-  annotated the EXIF-rotated view) becomes a ``coco_size_mismatch`` reject rather than a row
-  whose boxes point at the wrong pixels.
+- **Pixels.** Ingest stores each file's bytes as they are; every reader decodes them upright
+  (the EXIF orientation applied, ``images.upright``) and the table records the upright size, so
+  boxes must be in the upright view, as annotation tools show it. An image whose
+  ``width``/``height`` in the JSON differ from the table's (a resized copy, or a tool that
+  annotated the sideways stored grid) becomes a ``coco_size_mismatch`` reject rather than a row
+  whose boxes point at the wrong pixels. (A 180-degree turn keeps the size and is not caught.)
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # The one default pixel limit (ingest, decoding for a model; the web may pass a smaller one).
 # 8k x 8k; a decompression bomb is orders of magnitude bigger. It sits below PIL's own warning
@@ -28,6 +28,11 @@ MAX_PIXELS_DEFAULT = 64_000_000
 
 # Integer gray modes wider than 8 bits, as PIL opens 16-bit PNG/TIFF/PGM and 32-bit TIFF gray.
 WIDE_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+# Modes with transparency, composited on white by :func:`to_8bit`.
+ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+EXIF_ORIENTATION = 0x0112  # the TIFF/EXIF tag
+TRANSPOSED = frozenset({5, 6, 7, 8})  # orientations that swap width and height
 
 # Modes we store; the value is the channel count after :func:`to_8bit` (palette -> RGB, bilevel,
 # 16-bit, 32-bit and float gray -> L, CMYK/YCbCr/HSV -> RGB). Anything else (LAB, ...) is
@@ -109,6 +114,21 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS_DEFAULT) -> Image.Image
     return img
 
 
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1-8; 1 = as stored), 1 when there is none or it is unreadable."""
+    try:
+        value = int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a malformed EXIF block must not reject a readable image
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation says (a phone photo taken sideways stands up), by
+    PIL's ``ImageOps.exif_transpose``; the image itself when no turn is needed (no copy)."""
+    return ImageOps.exif_transpose(img) if orientation(img) != 1 else img
+
+
 def mode_channels(img: Image.Image) -> int:
     """Channels ``img`` has once read as 8 bits; ``unsupported_mode`` if it has no such reading.
 
@@ -126,9 +146,15 @@ def to_8bit(img: Image.Image, mode: Literal["L", "RGB"]) -> Image.Image:
     Here 0..65535 keeps its scale: the high byte (``>> 8``), which is also how PIL reads 16-bit
     RGB(A), so a 16-bit image with values ``v * 257`` gives exactly the pixels of its 8-bit copy
     ``v``. 32-bit ``I`` is read on the same 16-bit scale (PIL's convention for 16-bit data),
-    clipped to it. Float ``F`` keeps PIL's convention, the 0..255 scale of ``L``, clipped. Alpha is
-    dropped, not composited, as ``convert`` always did here.
+    clipped to it. Float ``F`` keeps PIL's convention, the 0..255 scale of ``L``, clipped.
+    Transparency (an alpha channel, or a palette's transparent colour) is composited on white, as
+    a catalogue shows a cut-out product; ``convert`` alone would keep whatever colour the
+    invisible pixels happen to hold. The EXIF orientation is applied first (:func:`upright`).
     """
+    img = upright(img)
+    if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     if img.mode in WIDE_GRAY_MODES:
         a = np.asarray(img)
         if a.dtype.kind == "i":
@@ -162,6 +188,8 @@ def inspect_image(data: bytes, max_pixels: int = MAX_PIXELS_DEFAULT) -> ImageInf
         raise RejectError("truncated", f"{type(e).__name__}: {e}"[:200]) from None
     if width <= 0 or height <= 0:
         raise RejectError("truncated", f"size {width}x{height}")
+    if orientation(img) in TRANSPOSED:  # stored sideways: the table records the upright size
+        width, height = height, width
     return ImageInfo(format=img.format, height=height, width=width, channels=channels)
 
 
