@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--only", default="digits,fashion")
     ap.add_argument("--fashion", default="data/fashion-mnist")
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--fashion-epochs", type=int, default=15)
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     spark = get_spark(master="local[2]")
@@ -118,7 +119,7 @@ def main() -> None:
         results["fashion"] = {
             "model_kwargs": kw,
             "target": 0.897,
-            **run(spark, "fashion", args.fashion, kw, args.epochs, 128, 2e-3),
+            **run(spark, "fashion", args.fashion, kw, args.fashion_epochs, 128, 2e-3),
         }
     RESULTS.mkdir(exist_ok=True)
     old = json.loads((RESULTS / "dbn.json").read_text()) if (RESULTS / "dbn.json").exists() else {}
