@@ -137,7 +137,8 @@ def main() -> None:
         pre, scratch = r["pretrained"], r["no pretraining"]
         met = "met" if pre["test_acc"] >= r["target"] else "missed"
         lines.append(
-            f"| {name} | {r['target']} | **{pre['test_acc']:.4f}** ({met}) | {scratch['test_acc']:.4f} | {pre['wall_s']} s |"
+            f"| {name} | {r['target']} | **{pre['test_acc']:.4f}** ({met}) | {scratch['test_acc']:.4f} "
+            f"| {r.get('epochs', '')} | {pre['wall_s']} s |"
         )
     lines += [
         "",
