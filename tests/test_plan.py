@@ -159,6 +159,23 @@ def test_design_stays_in_budget_and_covers_the_ranges() -> None:
         design(16, [1], BATCHES, budget=1)
 
 
+def test_an_annealed_run_lifts_the_constant_rate_curves_by_its_gain() -> None:
+    """The planned run anneals; a short run of that recipe measures how far above the
+    constant-rate curve it ends, and every prediction carries that gain."""
+    curve = tuple(0.9 - 0.2 * e**-0.5 for e in range(1, 5))
+    plain = AccuracyModel([Measurement(1, 1, 64, 10.0, curve), Measurement(1, 1, 256, 8.0, curve)], 8)
+    annealed = Measurement(1, 1, 128, 9.0, curve[:-1] + (curve[-1] + 0.02,), annealed=True)
+    lifted = AccuracyModel(
+        [Measurement(1, 1, 64, 10.0, curve), Measurement(1, 1, 256, 8.0, curve), annealed], 8
+    )
+    assert plain.anneal_bonus == 0.0 and lifted.anneal_bonus == pytest.approx(0.02, abs=1e-3)
+    for e in (1, 4, 8):
+        assert lifted.accuracy(128, e) == pytest.approx(plain.accuracy(128, e) + 0.02, abs=1e-3)
+    runs = design(2, [1], [32, 64, 128, 256], budget=6, curve_epochs=3)
+    assert sum(r.annealed for r in runs) == 1 and len(runs) <= 6
+    assert not any(r.annealed for r in design(2, [1], [32, 64], budget=3, curve_epochs=3))
+
+
 def test_max_cores_bounds_candidates_and_profile_runs() -> None:
     """On a 2-core machine, 2 workers x 2 threads only contend: neither planned nor profiled."""
     configs = candidates([1, 2], [1, 2], [32, 64, 128], max_cores=2)

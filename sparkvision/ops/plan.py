@@ -143,6 +143,7 @@ def covered(r: ProfileRun, have: list[Measurement]) -> bool:
     return any(
         (m.workers, m.threads, m.batch) == (r.workers, r.threads, r.batch)
         and (r.epochs == 1 or len(m.curve) >= r.epochs)
+        and r.annealed == m.annealed
         for m in have
     )
 
@@ -191,17 +192,25 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
                 batch_size=r.batch,
                 workers=r.workers,
                 threads_per_rank=r.threads,
-                schedule="constant",
+                schedule="onecycle" if r.annealed else "constant",
                 keep_checkpoints=1,
             )
             res = train_df(
-                spark, subset, class_names, str(out / "runs" / f"w{r.workers}-t{r.threads}-b{r.batch}"), cfg
+                spark,
+                subset,
+                class_names,
+                str(
+                    out / "runs" / f"w{r.workers}-t{r.threads}-b{r.batch}{'-annealed' if r.annealed else ''}"
+                ),
+                cfg,
             )
             hist = res["history"]
             pass_s = statistics.median(h["epoch_time_s"] for h in hist)
             profile_core_s += r.workers * r.threads * sum(h["epoch_time_s"] for h in hist)
             curve = tuple(h["test_acc"] for h in hist) if r.epochs > 1 else ()
-            runs.append(Measurement(r.workers, r.threads, r.batch, pass_s / p.fraction, curve, p.fraction))
+            runs.append(
+                Measurement(r.workers, r.threads, r.batch, pass_s / p.fraction, curve, p.fraction, r.annealed)
+            )
     cost, acc = CostModel(runs), AccuracyModel(runs, p.epochs)
     plan = solve(
         candidates(range(1, p.max_workers + 1), p.threads_per_rank, p.batch_sizes, p.max_cores),
@@ -215,7 +224,8 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
     errors = [
         e
         for m in runs
-        if (e := validate_learning_curve([(i + 1) * m.pass_fraction for i in range(len(m.curve))], m.curve))
+        if not m.annealed
+        and (e := validate_learning_curve([(i + 1) * m.pass_fraction for i in range(len(m.curve))], m.curve))
         is not None
     ]
     plot_plan(str(out / "curves.png"), runs, cost, acc, p.max_workers, p.target_accuracy, plan.choice)
@@ -226,6 +236,7 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
         "message": plan.message,
         "cost_unit": "money" if p.price is not None else "core-seconds",
         "accuracy_falls_with_batch": not acc.increasing,
+        "anneal_bonus": round(acc.anneal_bonus, 4),
         "learning_curve_holdout_error": round(statistics.mean(errors), 4) if errors else None,
         "profile_runs": len(todo),
         "reused_runs": len(p.reuse or []),

@@ -25,6 +25,7 @@ class ProfileRun:
     threads: int
     batch: int
     epochs: int  # > 1 only for the runs that record a learning curve
+    annealed: bool = False  # the final recipe's schedule over the run (the anneal gain), not constant
 
 
 def spread(values: Sequence[int], n: int) -> list[int]:
@@ -52,7 +53,8 @@ def design(
     curve_epochs: int = 3,
     max_cores: int | None = None,
 ) -> list[ProfileRun]:
-    """At most ``budget`` profile runs: a quarter (at least two) learning curves at one worker,
+    """At most ``budget`` profile runs: a quarter (at least two) learning curves at one worker and,
+    with a budget of 4 or more, one run of the final recipe beside them (the anneal gain), then
     the other thread counts, then worker counts (largest first, so the far end of the range is
     measured) at two batch sizes each; none with workers x threads over ``max_cores``."""
     if budget < 2:
@@ -67,6 +69,8 @@ def design(
     n_batches = min(len(allowed), max(2, budget // 4))
     chosen = spread(allowed, n_batches)
     runs = [ProfileRun(1, t0, b, curve_epochs) for b in chosen]
+    if budget >= 4 and curve_epochs > 1:  # the anneal gain, at the middle learning-curve batch
+        runs.append(ProfileRun(1, t0, chosen[len(chosen) // 2], curve_epochs, annealed=True))
     hi = chosen[-1]
     levels = [w for w in worker_levels(max_workers) if w > 1 and any(b % w == 0 for b in allowed)]
 
