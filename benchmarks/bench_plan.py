@@ -45,6 +45,7 @@ from pyspark.sql import functions as F  # noqa: E402
 
 from sparkvision.api import plan as plan_op  # noqa: E402
 from sparkvision.data.table import read_meta, read_table, write_meta  # noqa: E402
+from sparkvision.errors import ParamError  # noqa: E402
 from sparkvision.spark.session import get_spark  # noqa: E402
 from sparkvision.train.config import TrainConfig  # noqa: E402
 from sparkvision.train.engine import train_df  # noqa: E402
@@ -103,6 +104,26 @@ def run_grid(
             grid_file.write_text(json.dumps(grid, indent=1))
             print(f"grid w={w} t={t} b={b}: acc {hist[-1]['test_acc']}, {wall:.0f} s", flush=True)
     return grid
+
+
+def run_plan(spark: Any, table: str, target: float, batches: list[int], args: Any) -> dict[str, Any]:
+    return plan_op(
+        spark,
+        table=table,
+        out=str(OUT / "plan"),
+        overwrite=True,
+        model="cnn",
+        target_accuracy=target,
+        epochs=args.epochs,
+        max_workers=2,
+        max_cores=2,
+        threads_per_rank=[1, 2],
+        batch_sizes=batches,
+        budget=args.budget,
+        curve_epochs=args.curve_epochs,
+        fraction=args.fraction,
+        run=True,
+    )
 
 
 def score(g: dict[str, Any], target: float) -> dict[str, Any]:
@@ -176,33 +197,23 @@ def main() -> None:
     default = on_grid(*DEFAULT) if DEFAULT[2] in batches else None
 
     t1 = time.perf_counter()
-    p = (
-        json.loads((OUT / "plan" / "plan.json").read_text())
-        if args.rescore
-        else plan_op(
-            spark,
-            table=table,
-            out=str(OUT / "plan"),
-            overwrite=True,
-            model="cnn",
-            target_accuracy=target,
-            epochs=args.epochs,
-            max_workers=2,
-            max_cores=2,
-            threads_per_rank=[1, 2],
-            batch_sizes=batches,
-            budget=args.budget,
-            curve_epochs=args.curve_epochs,
-            fraction=args.fraction,
-            run=True,
+    try:
+        p = (
+            json.loads((OUT / "plan" / "plan.json").read_text())
+            if args.rescore
+            else run_plan(spark, table, target, batches, args)
         )
-    )
+    except ParamError as e:  # the target predicted unreachable: plan.json is written all the same
+        print(f"plan: {e}", flush=True)
+        p = json.loads((OUT / "plan" / "plan.json").read_text())
     plan_wall = time.perf_counter() - t1
     if args.rescore and (RESULTS / "plan.json").exists():  # the plan's wall time from its run
         plan_wall = json.loads((RESULTS / "plan.json").read_text())["plan"]["wall_s"]
     c = p["choice"]
-    chosen = on_grid(c["workers"], c["threads_per_rank"], c["batch_size"])
-    ratio = chosen["cost_to_target"] / oracle["cost_to_target"] if chosen["cost_to_target"] else None
+    chosen = on_grid(c["workers"], c["threads_per_rank"], c["batch_size"]) if c else None
+    ratio = (
+        chosen["cost_to_target"] / oracle["cost_to_target"] if chosen and chosen["cost_to_target"] else None
+    )
 
     def ratio_of(s: dict[str, Any] | None) -> float | None:
         return round(s["cost_to_target"] / oracle["cost_to_target"], 3) if s and s["cost_to_target"] else None
@@ -224,6 +235,10 @@ def main() -> None:
             "choice": c,
             "on_grid": chosen,
             "cost_ratio": round(ratio, 3) if ratio else None,
+            "message": p.get("message"),
+            "anneal_bonus": p.get("anneal_bonus"),
+            "curve_epochs": args.curve_epochs,
+            "fraction": args.fraction,
             "profile_core_s": p["profile_core_seconds"],
             "profile_share_of_grid": round(p["profile_core_seconds"] / grid_cost, 4),
             "profile_runs": p["profile_runs"],
@@ -278,9 +293,15 @@ def markdown(r: dict[str, Any]) -> str:
         f"**{100 * pl['profile_share_of_grid']:.1f}%** of the grid's {r['grid_total_core_s']} core-s "
         f"(target <= 30%: {'met' if pl['profile_share_of_grid'] <= 0.30 else 'missed'}); wall {pl['wall_s']} s "
         f"with the --run, the grid {r['grid_wall_s']} s.",
-        f"- plan predicted {pl['choice']['epochs']} epochs, {pl['choice']['time_s']} s, accuracy "
-        f"{pl['choice']['accuracy']}, cost {pl['choice']['cost']}; --run measured {meas.get('time_s')} s, "
-        f"accuracy {meas.get('accuracy')}, cost {meas.get('cost')} (target met: {meas.get('target_met')}).",
+        (
+            f"- plan predicted {pl['choice']['epochs']} epochs, {pl['choice']['time_s']} s, accuracy "
+            f"{pl['choice']['accuracy']}, cost {pl['choice']['cost']}; --run measured {meas.get('time_s')} s, "
+            f"accuracy {meas.get('accuracy')}, cost {meas.get('cost')} (target met: {meas.get('target_met')})."
+            if pl["choice"]
+            else f"- plan chose nothing: {pl['message']}."
+        ),
+        f"- profile: learning curves of {pl['curve_epochs']} passes over {pl['fraction']} of the train rows; "
+        f"anneal gain {pl['anneal_bonus']}.",
         f"- learning-curve hold-out error {pl['learning_curve_holdout_error']}; accuracy falls with batch: "
         f"{pl['accuracy_falls_with_batch']}.",
         "",
