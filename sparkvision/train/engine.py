@@ -91,7 +91,8 @@ class ClassifierRank(RankTraining):
     evals: Shard
 
     def prepare(self) -> None:
-        self.augment = BatchAugment(self.cfg.augment)
+        # Not on a float table (no augmentation there): BatchAugment clamps to [0, 1], feature values are not.
+        self.augment = BatchAugment(self.cfg.augment) if self.pixel_dtype == "uint8" else None
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
 
     def step_loss(self, b: torch.Tensor) -> torch.Tensor:
