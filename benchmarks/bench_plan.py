@@ -168,7 +168,6 @@ def main() -> None:
     spark = get_spark(master="local[2]")
     table = subset_table(spark, args.table, args.train_rows, args.test_rows)
     class_names = read_meta(spark, table).class_names
-    t0 = time.perf_counter()
     batches = [int(b) for b in args.batch_sizes.split(",")]
     if args.rescore:
         grid = json.loads((OUT / f"grid-{Path(table).name}-e{args.epochs}.json").read_text())
