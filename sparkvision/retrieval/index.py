@@ -216,7 +216,7 @@ def features_meta(features: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _new_index(choice: IndexChoice, d: int):
+def new_index(choice: IndexChoice, d: int):
     if choice.binary:
         if choice.kind == "binary_flat":
             return faiss.IndexBinaryFlat(d)
@@ -285,7 +285,7 @@ def build_index(
     d = first[0].shape[1] * (8 if binary else 1)
     choice = choose_index(n, d, binary, kind)
     choice.params.update(params or {})
-    index = _new_index(choice, d)
+    index = new_index(choice, d)
 
     if choice.needs_training:
         size = max(train_size, 39 * choice.params["nlist"])
