@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -46,6 +45,9 @@ from sparkvision.retrieval.index import (
     set_search_params,
     vectors_of,
 )
+from sparkvision.retrieval.shard_online import ShardedSearchIndex
+from sparkvision.retrieval.shard_search import is_sharded, sharded_search_df
+from sparkvision.retrieval.shards import Neighbours
 from sparkvision.spark import storage
 from sparkvision.spark.progress import Timer, spark_progress
 from sparkvision.transforms.preprocess import preprocess_batch
@@ -67,14 +69,6 @@ RESULT_ARROW_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
-
-
-@dataclass
-class Neighbours:
-    """``scores`` and ``rows`` are ``(Q, k)``; row -1 means fewer than k results."""
-
-    scores: np.ndarray
-    rows: np.ndarray
 
 
 class SearchIndex:
@@ -164,6 +158,17 @@ class SearchIndex:
         return out
 
 
+AnyIndex = SearchIndex | ShardedSearchIndex  # what open_index returns: the same calls
+
+
+def open_index(directory: str, nprobe: int | None = None) -> AnyIndex:
+    """The index at ``directory`` for search in this process, sharded (memory-mapped shards within
+    a budget, :mod:`~sparkvision.retrieval.shard_online`) or not."""
+    if is_sharded(None, directory):
+        return ShardedSearchIndex(directory, nprobe=nprobe)
+    return SearchIndex(directory, nprobe=nprobe)
+
+
 def embed_images(
     model_dir: str, images: list[bytes], meta: dict[str, Any] | None = None
 ) -> tuple[np.ndarray, list[str | None]]:
@@ -186,7 +191,7 @@ def search_images(
     index_dir: str, paths: list[str], k: int = 10, model_dir: str | None = None, nprobe: int | None = None
 ) -> list[dict[str, Any]]:
     """Nearest neighbours of image files; one entry per file with its hits or its error."""
-    idx = SearchIndex(index_dir, nprobe=nprobe)
+    idx = open_index(index_dir, nprobe=nprobe)
     model_dir = model_dir or idx.model_dir
     if not model_dir:
         raise ParamError("model_dir", "required: the index does not record which model made its features")
@@ -277,6 +282,9 @@ def search_df(
     or a shared/NFS mount on a cluster)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if is_sharded(spark, index_dir):  # one shard per task, merged by Spark (shard_search)
+        res = sharded_search_df(spark, index_dir, queries, k, nprobe, exclude_self)
+        return res.select(*RESULT_ARROW_SCHEMA.names)
     index_dir = os.path.abspath(local_path(index_dir))
     SearchIndex(index_dir)  # fail on the driver, with a clear message, before any task starts
     cols = [c for c in ("content_id", "path", "embedding", "error") if c in queries.columns]
@@ -305,7 +313,7 @@ def search_table(
     """
     timer = Timer()
     if is_image_table(spark, table):
-        imeta = SearchIndex(index_dir).meta
+        imeta = open_index(index_dir).meta
         model_dir = model_dir or imeta.get("model_dir")
         if not model_dir:
             raise ParamError(

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sparkvision.errors import ParamError
 from sparkvision.retrieval.index import features_meta
-from sparkvision.retrieval.search import SearchIndex, embed_images
+from sparkvision.retrieval.search import AnyIndex, embed_images
 from sparkvision.web import browse
 from sparkvision.web.routes.state import StateDep
 from sparkvision.web.security import ApiError, Settings, check_image, safe_path
@@ -25,7 +25,7 @@ def local(uri: str) -> str:
     return uri.removeprefix("file://").removeprefix("file:")
 
 
-def with_thumbs(hits: list[dict[str, Any]], idx: SearchIndex, settings: Settings) -> list[dict[str, Any]]:
+def with_thumbs(hits: list[dict[str, Any]], idx: AnyIndex, settings: Settings) -> list[dict[str, Any]]:
     """``hits`` with a ``thumb`` each: from the index's source image table, else the file inside a data root."""
     images: dict[str, bytes] = {}
     src = features_meta(idx.meta.get("features", "")).get("table") if idx.meta.get("features") else None

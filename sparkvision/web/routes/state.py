@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from sparkvision.retrieval.search import SearchIndex
+from sparkvision.retrieval.search import AnyIndex, open_index
 from sparkvision.web.batching import Classifier, MicroBatcher
 from sparkvision.web.detecting import Detector, directory_stamp
 from sparkvision.web.jobs import JobStore
@@ -32,7 +32,7 @@ class State:
         self.runner = runner
         self.classifiers: dict[str, Classifier] = {}
         self.batchers: dict[str, MicroBatcher] = {}
-        self.index: SearchIndex | None = None
+        self.index: AnyIndex | None = None
         self.index_lock = threading.Lock()
         self.model_lock = threading.Lock()
         self.detectors: dict[str, Detector] = {}
@@ -76,13 +76,13 @@ class State:
             self.detectors[model_dir] = found
             return found
 
-    def search_index(self) -> SearchIndex:
+    def search_index(self) -> AnyIndex:
         """The ``--index`` index, opened on first use (blocking: call in a thread); 503 without one."""
         with self.index_lock:
             if self.index is None:
                 if not self.settings.index_dir:
                     raise ApiError(503, "no index loaded: start the server with --index DIR", "no_index")
-                self.index = SearchIndex(self.settings.index_dir)
+                self.index = open_index(self.settings.index_dir)  # sharded: mapped shards in a budget
             return self.index
 
 
