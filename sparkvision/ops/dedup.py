@@ -11,6 +11,7 @@ from sparkvision.fields import OptionalSplit
 from sparkvision.ops.base import Cli, Operation, Progress, counting, params_model, register
 from sparkvision.ops.fields import inference_batch, overwrite, positional
 from sparkvision.retrieval.dedup import dedup_table
+from sparkvision.retrieval.shards import parse_shards
 
 DedupParams = params_model(
     "DedupParams",
@@ -92,6 +93,13 @@ DedupParams = params_model(
         Field(16, ge=2, le=1000, description=("Neighbours compared per image (groups grow transitively).")),
     ),
     exact_only=(bool, Field(False, description="Only identical bytes (content id).")),
+    shards=(
+        str | None,
+        Field(
+            None,
+            description="Candidate search over N index shards (or 'auto') built and searched on the executors.",
+        ),
+    ),
     split=(OptionalSplit, Field(None, description="Only this split.")),
     overwrite=overwrite(),
     batch_size=inference_batch(),
@@ -116,6 +124,7 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
         strict_threshold=p.strict_threshold,
         verify_size=p.verify_size,
         progress=counting(progress, None),
+        shards=parse_shards(p.shards),
     )
 
 

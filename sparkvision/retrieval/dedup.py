@@ -79,6 +79,8 @@ from sparkvision.retrieval.linking import (
 )
 from sparkvision.retrieval.scoring import score_candidates
 from sparkvision.retrieval.search import SearchIndex
+from sparkvision.retrieval.shard_build import build_sharded_index
+from sparkvision.retrieval.shard_search import read_meta, shard_ids_table, sharded_pairs
 from sparkvision.spark import storage
 from sparkvision.spark.progress import Timer, spark_progress
 
@@ -138,10 +140,23 @@ def resolve_thresholds(
 
 
 def search_candidates(
-    desc_dir: str, index_dir: str, k: int, candidate_threshold: float, progress: Any = None
+    desc_dir: str,
+    index_dir: str,
+    k: int,
+    candidate_threshold: float,
+    progress: Any = None,
+    spark: SparkSession | None = None,
+    shards: int | str | None = None,
 ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Index the descriptors and search every row against them: ``(n, a, b, cosine, index summary)``
-    with each candidate pair ``a < b`` once; rows are those of the index's ``ids.parquet``."""
+    with each candidate pair ``a < b`` once; rows are those of the index's ``ids.parquet`` (with
+    ``shards``: of its shards' id mappings in order, built and searched on the executors)."""
+    if shards is not None and spark is not None:
+        index_summary = build_sharded_index(spark, desc_dir, index_dir, shards=shards, column="descriptor")
+        a, b, cosine = dedupe_pairs(
+            *sharded_pairs(spark, index_dir, desc_dir, "descriptor", k, candidate_threshold)
+        )
+        return index_summary["rows"], a, b, cosine, index_summary
     index_summary = build_index(desc_dir, index_dir, column="descriptor")
     idx = SearchIndex(index_dir)
     n = idx.ntotal
@@ -234,6 +249,7 @@ def dedup_table(
     strict_threshold: float | None = None,
     verify_size: int = PIXEL_SIZE,
     progress: Any = None,
+    shards: int | str | None = None,
 ) -> dict[str, Any]:
     """Find exact and near-duplicate groups in an image table and write them under ``out``.
 
@@ -296,9 +312,12 @@ def dedup_table(
         ids = pq.read_table(desc_dir, columns=id_columns)
     else:
         n, a, b, cosine, index_summary = search_candidates(
-            desc_dir, index_dir, k, candidate_threshold, progress
+            desc_dir, index_dir, k, candidate_threshold, progress, spark, shards
         )
-        ids = pq.read_table(os.path.join(index_dir, "ids.parquet"), columns=id_columns)
+        if shards is not None:  # the shards' id mappings, in the order sharded_pairs numbers rows
+            ids = shard_ids_table(index_dir, id_columns, read_meta(spark, index_dir))
+        else:
+            ids = pq.read_table(os.path.join(index_dir, "ids.parquet"), columns=id_columns)
         times["search_s"] = timer.elapsed - sum(times.values())
         if verify:
             score = np.zeros(0, np.float32)
