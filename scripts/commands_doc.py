@@ -12,11 +12,17 @@ from pathlib import Path
 from sparkvision.cli.operation import cli_meta, flag_of
 from sparkvision.ops import OPERATIONS
 
-CLI_PREFIX = {"fashion-mnist": "datasets fashion-mnist", "scenes": "datasets scenes"}
+CLI_PREFIX = {
+    "fashion-mnist": "datasets fashion-mnist",
+    "scenes": "datasets scenes",
+    "synthetic-landsat": "datasets synthetic-landsat",
+}
 ORDER = (
     "ingest",
     "fashion-mnist",
     "scenes",
+    "ingest-raster",
+    "synthetic-landsat",
     "train",
     "plan",
     "evaluate",

@@ -31,6 +31,8 @@ detect = OPERATIONS["detect"]
 crop = OPERATIONS["crop"]
 features = OPERATIONS["features"]
 plan = OPERATIONS["plan"]
+ingest_raster = OPERATIONS["ingest-raster"]
+synthetic_landsat = OPERATIONS["synthetic-landsat"]
 
 __all__ = [
     "crop",
@@ -45,11 +47,13 @@ __all__ = [
     "get_spark",
     "index",
     "ingest",
+    "ingest_raster",
     "plan",
     "predict",
     "pretrain",
     "scenes",
     "search",
+    "synthetic_landsat",
     "train",
     "train_detector",
 ]

@@ -20,7 +20,11 @@ from sparkvision.web.app import create_app
 from sparkvision.web.kinds import KINDS
 from sparkvision.web.security import Settings
 
-CLI_NAMES = {"fashion-mnist": ("datasets", "fashion-mnist"), "scenes": ("datasets", "scenes")}
+CLI_NAMES = {
+    "fashion-mnist": ("datasets", "fashion-mnist"),
+    "scenes": ("datasets", "scenes"),
+    "synthetic-landsat": ("datasets", "synthetic-landsat"),
+}
 
 
 def required_values(op) -> dict[str, str]:

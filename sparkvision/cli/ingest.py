@@ -50,4 +50,6 @@ def register(app: typer.Typer) -> None:
     register_op(app, OPERATIONS["ingest"], render_ingest)
     register_op(datasets_app, OPERATIONS["fashion-mnist"], render_ingest)
     register_op(datasets_app, OPERATIONS["scenes"], render_scenes)
+    register_op(app, OPERATIONS["ingest-raster"])
+    register_op(datasets_app, OPERATIONS["synthetic-landsat"])
     app.add_typer(datasets_app, name="datasets")

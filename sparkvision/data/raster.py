@@ -66,8 +66,8 @@ class RasterInfo:
 @contextmanager
 def open_tiff(uri: str) -> Iterator[tifffile.TiffFile]:
     """The TIFF at ``uri`` (a path or any URI ``pyarrow.fs`` opens), header read, pixels not."""
-    fs, path = storage.arrow_fs(uri)
     try:
+        fs, path = storage.arrow_fs(uri)
         fh = fs.open_input_file(path)
     except (OSError, ValueError) as e:
         raise RasterError(f"{uri} cannot be opened: {e}") from None

@@ -26,6 +26,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 from sparkvision.data.raster import C2_OFFSET, C2_SCALE
+from sparkvision.errors import ParamError
 from sparkvision.transforms.spectral import SEED_004_INDICES, bands_needed, spectral_indices
 
 FeatureSet = Literal["bands", "indices", "both"]
@@ -88,25 +89,30 @@ class FeatureSpec:
         return self.patch, self.patch * len(self.names)
 
     def check(self) -> None:
-        """Raise ValueError naming what does not fit: unknown feature set, missing bands, bad
-        patch or fractions."""
+        """Raise :class:`ParamError` naming the setting that does not fit: the feature set, an
+        index, a band the indices need, the patch size or the split fractions."""
         if self.features not in FEATURE_SETS:
-            raise ValueError(f"features {self.features!r} is not one of {', '.join(FEATURE_SETS)}")
+            raise ParamError("features", f"{self.features!r} is not one of {', '.join(FEATURE_SETS)}")
         if self.features != "bands":
-            missing = [b for b in bands_needed(self.indices) if b not in self.bands]
+            try:
+                needed = bands_needed(self.indices)
+            except ValueError as e:
+                raise ParamError("indices", str(e)) from None
+            missing = [b for b in needed if b not in self.bands]
             if missing:
-                raise ValueError(
+                raise ParamError(
+                    "bands",
                     f"the indices {', '.join(self.indices)} need the bands {', '.join(missing)}; the raster's "
-                    f"bands are named {', '.join(self.bands)} (name them with --bands)"
+                    f"bands are named {', '.join(self.bands)}",
                 )
         if not self.names:
-            raise ValueError("no features: give at least one index or use --features bands")
+            raise ParamError("indices", "no features: give at least one index or use features 'bands'")
         if self.patch < 1 or self.patch % 2 == 0:
-            raise ValueError(f"patch {self.patch} must be odd (a centre pixel) and at least 1")
+            raise ParamError("patch", f"{self.patch} must be odd (a centre pixel) and at least 1")
         if not (
             0 <= self.test_fraction and 0 <= self.val_fraction and self.test_fraction + self.val_fraction < 1
         ):
-            raise ValueError("test_fraction + val_fraction must be below 1, each at least 0")
+            raise ParamError("test_fraction", "test_fraction + val_fraction must be below 1, each at least 0")
 
 
 def pixel_features(raw: np.ndarray, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:

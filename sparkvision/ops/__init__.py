@@ -16,11 +16,13 @@ from sparkvision.ops import (  # noqa: F401 - each module registers its operatio
     finetune,
     index,
     ingest,
+    ingest_raster,
     plan,
     predict,
     pretrain,
     scenes,
     search,
+    synthetic_landsat,
     train,
     train_detector,
 )
