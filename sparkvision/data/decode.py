@@ -22,6 +22,7 @@ from pyspark.sql.types import (
 from sparkvision.data.idx import parse_idx
 from sparkvision.data.images import RejectError, content_id, encode_png, inspect_image
 from sparkvision.data.schema import IMAGE_SCHEMA
+from sparkvision.spark.taskclock import NullClock, task_clock
 
 ArrowBatches = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 
@@ -62,12 +63,22 @@ def arrow_schema(schema: StructType) -> pa.Schema:
     return pa.schema([pa.field(f.name, mapping[type(f.dataType)], nullable=True) for f in schema.fields])
 
 
-def decode_batches(max_pixels: int) -> ArrowBatches:
-    """mapInArrow body: (path, content, split, label_name) -> DECODED_SCHEMA rows."""
+def decode_batches(max_pixels: int, clock: str | None = None) -> ArrowBatches:
+    """mapInArrow body: (path, content, split, label_name) -> DECODED_SCHEMA rows.
+
+    ``clock``: the file a profile's tasks append their stage times to (:mod:`~sparkvision.spark.taskclock`).
+    """
     out_schema = arrow_schema(DECODED_SCHEMA)
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
+        t = task_clock(clock, "ingest_decode")
+        try:
+            yield from decode_rows(batches, t)
+        finally:
+            t.close()
+
+    def decode_rows(batches: Iterator[pa.RecordBatch], t: NullClock) -> Iterator[pa.RecordBatch]:
+        for batch in t.inputs(batches):
             cols = batch.to_pydict()
             out: dict[str, list] = {f.name: [] for f in DECODED_SCHEMA.fields}
             for path, data, split, label_name in zip(
@@ -111,7 +122,12 @@ def decode_batches(max_pixels: int) -> ArrowBatches:
                 out["reason"].append(reason)
                 out["detail"].append(detail)
                 out["size_bytes"].append(len(data))
-            yield pa.RecordBatch.from_pydict(out, schema=out_schema)
+            t.lap("decode")
+            result = pa.RecordBatch.from_pydict(out, schema=out_schema)
+            t.lap("columns")
+            t.rows(batch.num_rows)
+            yield result
+            t.lap("output")
 
     return run
 

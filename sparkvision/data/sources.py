@@ -37,6 +37,7 @@ from sparkvision.data.table import is_image_table, read_meta, read_table
 from sparkvision.spark import storage
 from sparkvision.spark.compat import default_parallelism
 from sparkvision.spark.session import is_connect
+from sparkvision.spark.taskclock import clock_path
 
 # --------------------------------------------------------------------------- listing
 
@@ -177,7 +178,7 @@ def decode_folder(
     )
     content = layout_columns(content, root, split, labeled)
     decoded = content.select("path", "content", "split", "label_name").mapInArrow(
-        decode_batches(max_pixels), DECODED_SCHEMA
+        decode_batches(max_pixels, clock_path()), DECODED_SCHEMA
     )
     decoded = decoded.persist(StorageLevel.MEMORY_AND_DISK)
     counts = decoded.groupBy("label_name").count().collect()  # decodes everything, fills the cache

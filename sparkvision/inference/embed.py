@@ -28,6 +28,7 @@ from sparkvision.inference.runtime import (
 from sparkvision.spark import storage
 from sparkvision.spark.progress import Timer, spark_progress
 from sparkvision.spark.skew import rebalance
+from sparkvision.spark.taskclock import clock_path, task_clock
 from sparkvision.transforms.preprocess import preprocess_batch
 
 EMBED_SCHEMA = (
@@ -37,20 +38,35 @@ EMBED_SCHEMA = (
 
 
 def embed_batches(
-    model: ModelRef, batch_size: int, threads: int = 1
+    model: ModelRef, batch_size: int, threads: int = 1, clock: str | None = None
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """mapInArrow body: (image, KEEP_COLUMNS) -> EMBED_SCHEMA, with ``threads`` torch threads."""
+    """mapInArrow body: (image, KEEP_COLUMNS) -> EMBED_SCHEMA, with ``threads`` torch threads.
+
+    ``clock``: the file a profile's tasks append their stage times to (:mod:`~sparkvision.spark.taskclock`).
+    """
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        blob = model.value
-        fn, pre = worker_model(blob, "features", threads)
-        for batch in rebatch(batches, batch_size):
-            x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
-            feats = run_model(fn, x).float().numpy()
-            cols = {c: batch.column(c) for c in KEEP_COLUMNS}
-            cols["embedding"] = vectors_column(feats, errors)
-            cols["error"] = pa.array(errors, pa.string())
-            yield pa.RecordBatch.from_pydict(cols)
+        t = task_clock(clock, "embed")
+        try:
+            blob = model.value
+            fn, pre = worker_model(blob, "features", threads)
+            t.lap("model_load")
+            for batch in rebatch(t.inputs(batches), batch_size):
+                t.lap("rebatch")
+                x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
+                t.lap("preprocess")
+                feats = run_model(fn, x).float().numpy()
+                t.lap("model")
+                cols = {c: batch.column(c) for c in KEEP_COLUMNS}
+                cols["embedding"] = vectors_column(feats, errors)
+                cols["error"] = pa.array(errors, pa.string())
+                out = pa.RecordBatch.from_pydict(cols)
+                t.lap("columns")
+                t.rows(batch.num_rows)
+                yield out
+                t.lap("output")
+        finally:
+            t.close()
 
     return run
 
@@ -62,7 +78,7 @@ def embed_df(spark: SparkSession, model_dir: str, df: DataFrame, batch_size: int
     model = ship_model(spark, model_dir)
     threads = configure_workers(spark, batch_size)
     df = rebalance(spark, df, "embed").df  # RP: no task holds the stage up
-    return df.mapInArrow(embed_batches(model, batch_size, threads), EMBED_SCHEMA)
+    return df.mapInArrow(embed_batches(model, batch_size, threads, clock_path()), EMBED_SCHEMA)
 
 
 def embed_table(

@@ -29,6 +29,7 @@ from sparkvision.inference.runtime import (
 from sparkvision.spark import storage
 from sparkvision.spark.progress import Timer, spark_progress
 from sparkvision.spark.skew import rebalance
+from sparkvision.spark.taskclock import clock_path, task_clock
 from sparkvision.transforms.preprocess import preprocess_batch
 
 PREDICT_SCHEMA = (
@@ -37,41 +38,62 @@ PREDICT_SCHEMA = (
 )
 
 
+def predict_columns(
+    batch: pa.RecordBatch, logits: torch.Tensor, errors: list[str | None], top_k: int, names: list[str]
+) -> pa.RecordBatch:
+    """One output batch of PREDICT_SCHEMA: KEEP_COLUMNS passed through, the top ``top_k`` classes
+    (softmax probabilities) of each row, nulls and the error on rows that did not decode."""
+    probs = torch.softmax(logits.float(), dim=1)
+    k = min(top_k, probs.shape[1])
+    top = probs.topk(k, dim=1)
+    p, idx = top.values.numpy(), top.indices.numpy()
+    ok = np.array([e is None for e in errors])
+    pred = [int(i[0]) if good else None for i, good in zip(idx, ok, strict=True)]
+    cols = {c: batch.column(c) for c in KEEP_COLUMNS}
+    cols["pred_label"] = pa.array(pred, pa.int32())
+    cols["pred_name"] = pa.array([names[i] if i is not None and i < len(names) else None for i in pred])
+    cols["confidence"] = pa.array(
+        [float(pp[0]) if good else None for pp, good in zip(p, ok, strict=True)], pa.float32()
+    )
+    cols["topk_labels"] = pa.array(
+        [[int(v) for v in ii] if good else None for ii, good in zip(idx, ok, strict=True)],
+        pa.list_(pa.int32()),
+    )
+    cols["topk_probs"] = pa.array(
+        [[float(v) for v in pp] if good else None for pp, good in zip(p, ok, strict=True)],
+        pa.list_(pa.float32()),
+    )
+    cols["error"] = pa.array(errors, pa.string())
+    return pa.RecordBatch.from_pydict(cols)
+
+
 def predict_batches(
-    model: ModelRef, top_k: int, batch_size: int, threads: int = 1
+    model: ModelRef, top_k: int, batch_size: int, threads: int = 1, clock: str | None = None
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """mapInArrow body: (image, KEEP_COLUMNS) -> PREDICT_SCHEMA, with ``threads`` torch threads."""
+    """mapInArrow body: (image, KEEP_COLUMNS) -> PREDICT_SCHEMA, with ``threads`` torch threads.
+
+    ``clock``: the file a profile's tasks append their stage times to (:mod:`~sparkvision.spark.taskclock`).
+    """
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        blob = model.value
-        fn, pre = worker_model(blob, "logits", threads)
-        names = blob.class_names
-        for batch in rebatch(batches, batch_size):
-            x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
-            probs = torch.softmax(run_model(fn, x).float(), dim=1)
-            k = min(top_k, probs.shape[1])
-            top = probs.topk(k, dim=1)
-            p, idx = top.values.numpy(), top.indices.numpy()
-            ok = np.array([e is None for e in errors])
-            pred = [int(i[0]) if good else None for i, good in zip(idx, ok, strict=True)]
-            cols = {c: batch.column(c) for c in KEEP_COLUMNS}
-            cols["pred_label"] = pa.array(pred, pa.int32())
-            cols["pred_name"] = pa.array(
-                [names[i] if i is not None and i < len(names) else None for i in pred]
-            )
-            cols["confidence"] = pa.array(
-                [float(pp[0]) if good else None for pp, good in zip(p, ok, strict=True)], pa.float32()
-            )
-            cols["topk_labels"] = pa.array(
-                [[int(v) for v in ii] if good else None for ii, good in zip(idx, ok, strict=True)],
-                pa.list_(pa.int32()),
-            )
-            cols["topk_probs"] = pa.array(
-                [[float(v) for v in pp] if good else None for pp, good in zip(p, ok, strict=True)],
-                pa.list_(pa.float32()),
-            )
-            cols["error"] = pa.array(errors, pa.string())
-            yield pa.RecordBatch.from_pydict(cols)
+        t = task_clock(clock, "predict")
+        try:
+            blob = model.value
+            fn, pre = worker_model(blob, "logits", threads)
+            t.lap("model_load")
+            for batch in rebatch(t.inputs(batches), batch_size):
+                t.lap("rebatch")
+                x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
+                t.lap("preprocess")
+                logits = run_model(fn, x)
+                t.lap("model")
+                out = predict_columns(batch, logits, errors, top_k, blob.class_names)
+                t.lap("columns")
+                t.rows(batch.num_rows)
+                yield out
+                t.lap("output")
+        finally:
+            t.close()
 
     return run
 
@@ -87,7 +109,8 @@ def predict_df(
     model = ship_model(spark, model_dir)
     threads = configure_workers(spark, batch_size)
     df = rebalance(spark, df, "predict").df  # RP: no task holds the stage up
-    return df.mapInArrow(predict_batches(model, top_k, batch_size, threads), PREDICT_SCHEMA)
+    body = predict_batches(model, top_k, batch_size, threads, clock_path())
+    return df.mapInArrow(body, PREDICT_SCHEMA)
 
 
 def predict_table(
