@@ -213,7 +213,7 @@ def test_ingest_patches_of_bands_and_indices(spark, scene, tmp_path):
 
 def test_ingest_refuses_what_does_not_fit_in_one_line(spark, scene, tmp_path):
     out = str(tmp_path / "t")
-    with pytest.raises(ParamError, match="names 4 bands.*has 7"):
+    with pytest.raises(ParamError, match="4 names given.*has 7 bands"):
         ingest_raster(spark, scene.raster, scene.labels, out, bands=["red", "green", "blue", "nir"])
     with pytest.raises(ParamError, match="need the bands nir"):
         ingest_raster(spark, scene.raster, scene.labels, out, bands=list("abcdefg"))

@@ -163,16 +163,14 @@ def band_names(count: int, names: Sequence[str] | None) -> list[str]:
     if names:
         names = [n.strip().lower() for n in names]
         if len(names) != count:
-            raise RasterError(
-                f"--bands names {len(names)} bands ({', '.join(names)}); the raster has {count}"
-            )
+            raise RasterError(f"{len(names)} names given ({', '.join(names)}); the raster has {count} bands")
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise RasterError(f"--bands names {', '.join(dup)} more than once")
+            raise RasterError(f"{', '.join(dup)} named more than once")
         return list(names)
     if count > len(LANDSAT8_BANDS):
         raise RasterError(
-            f"the raster has {count} bands, more than Landsat-8's {len(LANDSAT8_BANDS)}: name them with --bands"
+            f"the raster has {count} bands, more than Landsat-8's {len(LANDSAT8_BANDS)}: name them"
         )
     return list(LANDSAT8_BANDS[:count])
 
