@@ -180,9 +180,9 @@ def render(results: dict[str, Any]) -> str:
         if not r:
             continue
         pre, scratch = r["pretrained"], r["no pretraining"]
-        met = "met" if pre["test_acc"] >= r["target"] else "missed"
+        met = ("met" if pre["test_acc"] >= r["target"] else "missed") if r["target"] else "no target"
         lines.append(
-            f"| {name} | {r['target']} | **{pre['test_acc']:.4f}** ({met}) | {scratch['test_acc']:.4f} "
+            f"| {name} | {r['target'] or '-'} | **{pre['test_acc']:.4f}** ({met}) | {scratch['test_acc']:.4f} "
             f"| {r.get('epochs', '')} | {pre['wall_s']} s |"
         )
     if results.get("raster"):
