@@ -6,24 +6,67 @@ The pieces, in the order a pipeline uses them::
                                                       -> dedup_table (kNN candidates -> verify_pairs -> link_pairs)
 """
 
-from sparkvision.retrieval.codes import (
-    DeepBitConfig,
-    DeepBitHead,
-    DeepBitLoss,
-    Hasher,
-    fit_hasher,
-    itq,
-    lsh,
-    pack_bits,
-    train_deepbit,
-    unpack_bits,
-)
-from sparkvision.retrieval.dedup import dedup_table
-from sparkvision.retrieval.embed import add_codes, embed_with_codes
-from sparkvision.retrieval.index import IndexChoice, build_index, choose_index
-from sparkvision.retrieval.linking import keeper, link_pairs, union_find
-from sparkvision.retrieval.search import SearchIndex, search_df, search_images, search_table
-from sparkvision.retrieval.verify import VerifyConfig, verify_pairs
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Loaded on first use, not on import: executors import submodules of this package (a sharded
+# index's search task imports shard_search), and the eager imports pulled torch and the models
+# into every such Python worker (~700 MB of RSS per task for nothing it runs).
+_EXPORTS = {
+    "DeepBitConfig": "codes",
+    "DeepBitHead": "codes",
+    "DeepBitLoss": "codes",
+    "Hasher": "codes",
+    "IndexChoice": "index",
+    "SearchIndex": "search",
+    "VerifyConfig": "verify",
+    "add_codes": "embed",
+    "build_index": "index",
+    "choose_index": "index",
+    "dedup_table": "dedup",
+    "embed_with_codes": "embed",
+    "fit_hasher": "codes",
+    "itq": "codes",
+    "keeper": "linking",
+    "link_pairs": "linking",
+    "lsh": "codes",
+    "pack_bits": "codes",
+    "search_df": "search",
+    "search_images": "search",
+    "search_table": "search",
+    "train_deepbit": "codes",
+    "union_find": "linking",
+    "unpack_bits": "codes",
+    "verify_pairs": "verify",
+}
+
+if TYPE_CHECKING:
+    from sparkvision.retrieval.codes import (
+        DeepBitConfig,
+        DeepBitHead,
+        DeepBitLoss,
+        Hasher,
+        fit_hasher,
+        itq,
+        lsh,
+        pack_bits,
+        train_deepbit,
+        unpack_bits,
+    )
+    from sparkvision.retrieval.dedup import dedup_table
+    from sparkvision.retrieval.embed import add_codes, embed_with_codes
+    from sparkvision.retrieval.index import IndexChoice, build_index, choose_index
+    from sparkvision.retrieval.linking import keeper, link_pairs, union_find
+    from sparkvision.retrieval.search import SearchIndex, search_df, search_images, search_table
+    from sparkvision.retrieval.verify import VerifyConfig, verify_pairs
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sparkvision.retrieval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"sparkvision.retrieval.{module}"), name)
+
 
 __all__ = [
     "DeepBitConfig",

@@ -15,64 +15,18 @@ the driver: they travel to the exact scan's tasks inside its function, as a sear
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from sparkvision.inference.runtime import task_threads
 from sparkvision.retrieval.index import vectors_of
 from sparkvision.retrieval.search import open_index, search_df
-from sparkvision.retrieval.shard_search import merge_topk_df
-from sparkvision.retrieval.shards import merge_topk
+from sparkvision.retrieval.shard_search import EXACT_SCHEMA, exact_task, merge_topk_df
+from sparkvision.retrieval.shards import task_cpus
 from sparkvision.spark import storage
-
-EXACT_SCHEMA = "qid long, id long, score float, content_id string, path string"
-
-
-def exact_task(
-    queries: np.ndarray, k: int, column: str, threads: int
-) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """A flat scan of this task's rows for every query; its running top-k, one row per hit."""
-
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        faiss.omp_set_num_threads(threads)
-        nq = len(queries)
-        best_s = np.full((nq, k), np.nan, np.float32)
-        best_i = np.full((nq, k), -1, np.int64)
-        names: dict[int, tuple[str, str]] = {}
-        seen = 0
-        for batch in batches:
-            t = pa.Table.from_batches([batch])
-            t = t.filter(pa.compute.is_valid(t.column(column)))
-            if not t.num_rows:
-                continue
-            flat = faiss.IndexFlatIP(queries.shape[1])
-            flat.add(np.ascontiguousarray(vectors_of(t, column)))
-            s, i = flat.search(queries, min(k, t.num_rows))
-            best_s, best_i = merge_topk([best_s, s], [best_i, np.where(i >= 0, i + seen, -1)], k)
-            cids, paths = t.column("content_id").to_pylist(), t.column("path").to_pylist()
-            for r in np.unique(best_i[(best_i >= seen)]):
-                names[int(r)] = (cids[r - seen], paths[r - seen])
-            names = {r: names[r] for r in np.unique(best_i[best_i >= 0]).tolist()}
-            seen += t.num_rows
-        qi, j = np.nonzero(best_i >= 0)
-        rows = [names[int(r)] for r in best_i[qi, j]]
-        yield pa.RecordBatch.from_pydict(
-            {
-                "qid": pa.array(qi, pa.int64()),
-                "id": pa.array(best_i[qi, j], pa.int64()),  # this task's row: replaced by a hash
-                "score": pa.array(best_s[qi, j], pa.float32()),
-                "content_id": [c for c, _ in rows],
-                "path": [p for _, p in rows],
-            }
-        )
-
-    return run
 
 
 def check_recall(
@@ -105,7 +59,7 @@ def check_recall(
 
     t0 = time.perf_counter()
     exact = table.select("content_id", "path", column).mapInArrow(
-        exact_task(qvecs, k, column, task_threads(spark)), EXACT_SCHEMA
+        exact_task(qvecs, k, column, task_cpus(spark)), EXACT_SCHEMA
     )
     exact = exact.withColumn("id", F.xxhash64("content_id", "path"))  # ties: the same order everywhere
     truth = merge_topk_df(exact, k, ("qid",), carry=("content_id", "path")).select(

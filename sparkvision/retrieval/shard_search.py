@@ -32,7 +32,6 @@ from pyspark import TaskContext
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from sparkvision.inference.runtime import task_threads
 from sparkvision.retrieval.index import META_FILE, vectors_of
 from sparkvision.retrieval.shards import (
     IDS_DIR,
@@ -40,9 +39,11 @@ from sparkvision.retrieval.shards import (
     ids_file,
     local_file,
     max_rss_mb,
+    merge_topk,
     read_shard,
     shard_file,
     split_ids,
+    task_cpus,
     tune,
 )
 from sparkvision.spark import filestore, storage
@@ -177,7 +178,7 @@ def shard_candidates(
         .select(*QUERY_KEYS, "embedding", "shard")
     )
     return paired.mapInArrow(
-        search_task(uri, meta["choice"]["kind"], k, params, task_threads(spark), meta.get("build_id", "")),
+        search_task(uri, meta["choice"]["kind"], k, params, task_cpus(spark), meta.get("build_id", "")),
         CANDIDATE_SCHEMA,
     )
 
@@ -297,3 +298,47 @@ def sharded_pairs(
     b = id_rows(pairs.column("id").to_numpy(), meta)
     s = pairs.column("score").to_numpy().astype(np.float32)
     return np.minimum(a, b), np.maximum(a, b), s
+
+
+EXACT_SCHEMA = "qid long, id long, score float, content_id string, path string"
+
+
+def exact_task(
+    queries: np.ndarray, k: int, column: str, threads: int
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """A flat scan of this task's rows for every query; its running top-k, one row per hit."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        faiss.omp_set_num_threads(threads)
+        nq = len(queries)
+        best_s = np.full((nq, k), np.nan, np.float32)
+        best_i = np.full((nq, k), -1, np.int64)
+        names: dict[int, tuple[str, str]] = {}
+        seen = 0
+        for batch in batches:
+            t = pa.Table.from_batches([batch])
+            t = t.filter(pa.compute.is_valid(t.column(column)))
+            if not t.num_rows:
+                continue
+            flat = faiss.IndexFlatIP(queries.shape[1])
+            flat.add(np.ascontiguousarray(vectors_of(t, column)))
+            s, i = flat.search(queries, min(k, t.num_rows))
+            best_s, best_i = merge_topk([best_s, s], [best_i, np.where(i >= 0, i + seen, -1)], k)
+            cids, paths = t.column("content_id").to_pylist(), t.column("path").to_pylist()
+            for r in np.unique(best_i[(best_i >= seen)]):
+                names[int(r)] = (cids[r - seen], paths[r - seen])
+            names = {r: names[r] for r in np.unique(best_i[best_i >= 0]).tolist()}
+            seen += t.num_rows
+        qi, j = np.nonzero(best_i >= 0)
+        rows = [names[int(r)] for r in best_i[qi, j]]
+        yield pa.RecordBatch.from_pydict(
+            {
+                "qid": pa.array(qi, pa.int64()),
+                "id": pa.array(best_i[qi, j], pa.int64()),  # this task's row: replaced by a hash
+                "score": pa.array(best_s[qi, j], pa.float32()),
+                "content_id": [c for c, _ in rows],
+                "path": [p for _, p in rows],
+            }
+        )
+
+    return run

@@ -232,6 +232,15 @@ def tune(index: Any, params: dict[str, int]) -> None:
             space.set_index_parameter(index, name, int(params[name]))
 
 
+def task_cpus(spark: Any) -> int:
+    """FAISS threads for one task: ``spark.task.cpus``, read on the driver and passed to the task.
+
+    Not :func:`sparkvision.inference.runtime.task_threads`, which is the same rule: importing it
+    would load torch into every Python worker that runs a shard task.
+    """
+    return max(1, int(str(spark.conf.get("spark.task.cpus", "1"))))
+
+
 def max_rss_mb() -> float:
     """This process's peak RSS (Linux reports kB): what a task reports about itself."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
