@@ -46,8 +46,8 @@ class NullClock:
     def rows(self, n: int) -> None:
         """Nothing: no profile."""
 
-    def inputs(self, batches: Iterable[T]) -> Iterable[T]:
-        return batches
+    def inputs(self, batches: Iterable[T]) -> Iterator[T]:
+        return iter(batches)
 
     def close(self) -> None:
         """Nothing: no profile."""
