@@ -98,11 +98,13 @@ def test_every_stored_mode_is_inspected_and_decoded(img, fmt, channels):
         assert out.shape == (c, 4, 4) and out.dtype == np.uint8
 
 
-def test_float_keeps_pil_scale_and_alpha_is_dropped():
+def test_float_keeps_pil_scale_and_alpha_is_composited_on_white():
     f = Image.fromarray(np.array([[-5.0, 0.4, 128.0, 300.0]], dtype=np.float32))
     np.testing.assert_array_equal(np.asarray(to_8bit(f, "L")), [[0, 0, 128, 255]])
-    rgba = Image.new("RGBA", (2, 2), (10, 20, 30, 0))
-    assert to_8bit(rgba, "RGB").getpixel((0, 0)) == (10, 20, 30)
+    clear = Image.new("RGBA", (2, 2), (10, 20, 30, 0))  # invisible: its hidden colour must not show
+    assert to_8bit(clear, "RGB").getpixel((0, 0)) == (255, 255, 255)
+    half = Image.new("RGBA", (2, 2), (10, 20, 30, 128))
+    assert to_8bit(half, "RGB").getpixel((0, 0)) == pytest.approx((132, 137, 142), abs=1)
 
 
 @pytest.mark.parametrize(
