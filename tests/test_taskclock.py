@@ -24,3 +24,5 @@ def test_task_clock_writes_one_line_per_task_and_nothing_when_off(tmp_path):
     assert line["body"] == "predict" and line["rows"] == 20 and line["batches"] == 2
     assert set(line["stages"]) == {"input", "model", "output"}
     assert sum(line["stages"].values()) == pytest.approx(line["wall_s"], abs=1e-3)
+    assert set(line["cpu_stages"]) == set(line["stages"])
+    assert sum(line["cpu_stages"].values()) == pytest.approx(line["cpu_s"], abs=1e-3)
