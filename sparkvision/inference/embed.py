@@ -35,6 +35,7 @@ EMBED_SCHEMA = (
     "content_id string, path string, split string, label int, label_name string, "
     "embedding array<float>, error string"
 )
+EMBED_COLUMNS = [*KEEP_COLUMNS, "embedding", "error"]
 
 
 def embed_batches(
@@ -57,10 +58,9 @@ def embed_batches(
                 t.lap("preprocess")
                 feats = run_model(fn, x).float().numpy()
                 t.lap("model")
-                cols = {c: batch.column(c) for c in KEEP_COLUMNS}
-                cols["embedding"] = vectors_column(feats, errors)
-                cols["error"] = pa.array(errors, pa.string())
-                out = pa.RecordBatch.from_pydict(cols)
+                cols = [batch.column(c) for c in KEEP_COLUMNS]
+                cols += [vectors_column(feats, errors), pa.array(errors, pa.string())]
+                out = pa.RecordBatch.from_arrays(cols, names=EMBED_COLUMNS)
                 t.lap("columns")
                 t.rows(batch.num_rows)
                 yield out
