@@ -49,6 +49,7 @@ from bench_ingest import generate_folder  # noqa: E402
 from sparkvision.data.images import content_id, inspect_image  # noqa: E402
 from sparkvision.data.ingest import ingest  # noqa: E402
 from sparkvision.inference import predict as predict_module  # noqa: E402
+from sparkvision.inference import runtime  # noqa: E402
 from sparkvision.inference.embed import embed_table  # noqa: E402
 from sparkvision.inference.predict import predict_columns, predict_table  # noqa: E402
 from sparkvision.inference.runtime import KEEP_COLUMNS, optimize_for_cpu_inference, run_model  # noqa: E402
@@ -81,7 +82,7 @@ class SparkRest:
         self.base = f"{spark.sparkContext.uiWebUrl}/api/v1/applications/{spark.sparkContext.applicationId}"
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.base + path, timeout=30) as r:
+        with urllib.request.urlopen(self.base + path, timeout=180) as r:  # the first call starts Jersey
             return json.load(r)
 
     def last_job(self) -> int:
@@ -103,15 +104,43 @@ class SparkRest:
         return st, tasks
 
 
+def tree_cpu_s(root: int) -> Counter[str]:
+    """CPU seconds (user + system) of ``root`` and every process under it, exited ones included
+    (their time is in their parent's), by kind: this driver, the JVM, the Python workers. Unlike
+    wall time it hardly moves when other work shares the machine."""
+    procs: dict[int, tuple[int, int, str]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                text = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            name = text[text.index("(") + 1 : text.rindex(")")]
+            f = text[text.rindex(")") + 2 :].split()  # from field 3 (state) on
+            procs[int(d)] = (int(f[1]), sum(int(x) for x in f[11:15]), name)  # utime stime cutime cstime
+    out: Counter[str] = Counter()
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        _, ticks, name = procs.get(pid, (0, 0, ""))
+        kind = "driver" if pid == root else "JVM" if name == "java" else "Python workers"
+        out[kind] += ticks / os.sysconf("SC_CLK_TCK")
+        todo += [c for c, (ppid, _, _) in procs.items() if ppid == pid]
+    return out
+
+
 def profile_op(spark: Any, rest: SparkRest, name: str, fn: Any, clock_dir: Path) -> dict[str, Any]:
     """Run ``fn`` once with the task clock on; its jobs, stages, tasks and clock lines."""
     clock = clock_dir / f"{name}.jsonl"
     clock.unlink(missing_ok=True)
     os.environ[CLOCK_ENV] = str(clock)
     before, load0 = rest.last_job(), os.getloadavg()[0]
-    t0 = time.perf_counter()
+    t0, start, cpu0 = time.perf_counter(), time.time(), tree_cpu_s(os.getpid())
     summary = fn()
     wall = time.perf_counter() - t0
+    by_kind = tree_cpu_s(os.getpid())
+    by_kind.subtract(cpu0)
+    cpu = sum(by_kind.values())
     os.environ.pop(CLOCK_ENV)
     lines = [json.loads(x) for x in clock.read_text().splitlines()] if clock.exists() else []
     jobs = []
@@ -126,18 +155,38 @@ def profile_op(spark: Any, rest: SparkRest, name: str, fn: Any, clock_dir: Path)
                 continue
             stages.append(stage_summary(st, tasks, [c for c in lines if c["stage_id"] == sid]))
         wall_j = spark_time(j.get("completionTime")) - spark_time(j.get("submissionTime"))
-        jobs.append({"job": j["jobId"], "name": j["name"], "wall_s": round(wall_j, 3), "stages": stages})
+        jobs.append(
+            {
+                "job": j["jobId"],
+                "name": j["name"],
+                "wall_s": round(wall_j, 3),
+                "start_s": round(spark_time(j.get("submissionTime")) - start, 3),  # from the op's start
+                "stages": stages,
+            }
+        )
     rows = summary.get("rows") or summary["rows_written"] + sum(summary["rejects_by_reason"].values())
     return {
         "op": name,
         "wall_s": round(wall, 3),
         "rows": rows,
         "images_per_s": round(rows / wall, 1),
+        "cpu_s": round(cpu, 3),  # all processes of the session: driver, JVM, Python workers
+        "cpu_by_process_s": {k: round(v, 3) for k, v in by_kind.items()},
+        "images_per_cpu_s": round(rows / max(cpu, 1e-9), 1),
+        "python_cpu_s": {k: round(v, 3) for k, v in cpu_stages(lines).items()},
         "load_avg_before": round(load0, 2),
         "load_avg_after": round(os.getloadavg()[0], 2),
         "jobs": jobs,
         "summary": summary,
     }
+
+
+def cpu_stages(clock: list[dict[str, Any]]) -> Counter[str]:
+    """CPU seconds of the clocked bodies per stage, all tasks together."""
+    total: Counter[str] = Counter()
+    for c in clock:
+        total.update(c.get("cpu_stages", {}))
+    return total
 
 
 def stage_summary(
@@ -193,7 +242,7 @@ def breakdown(op: dict[str, Any], slots: int, split: dict[str, dict[str, float]]
             "output": "Python -> Arrow -> JVM -> Parquet or cache (consumer)",
             "rebatch": "rebatch (Arrow concat)",
             "model": "model",
-            "columns": "top-k and output columns",
+            "columns": "output columns (top-k, vectors, Arrow arrays)",
             "model_load": "model load (per task)",
         }
         for k, v in per.items():
@@ -210,13 +259,19 @@ def breakdown(op: dict[str, Any], slots: int, split: dict[str, dict[str, float]]
         used = sum(per.values()) + jvm_only + (s["deserialize_s"] + s["scheduler_delay_s"]) / slots
         parts["idle slots in the stage (uneven tasks, scheduling)"] += max(0.0, s["wall_s"] - used)
         parts["the job's other stages (shuffles, aggregation)"] += max(0.0, j["wall_s"] - s["wall_s"])
-    parts["driver outside jobs (planning, model broadcast, listing)"] += max(0.0, op["wall_s"] - jobs_wall)
+    outside = max(0.0, op["wall_s"] - jobs_wall)
+    first = min((j["start_s"] for j in op["jobs"]), default=op["wall_s"])
+    last = max((j["start_s"] + j["wall_s"] for j in op["jobs"]), default=op["wall_s"])
+    before, after = min(outside, max(0.0, first)), max(0.0, op["wall_s"] - last)
+    parts["driver before the first job (reading meta, model, listing, planning)"] += before
+    parts["driver after the last job (meta, summary)"] += min(after, outside - before)
+    parts["driver between jobs (planning, py4j, job submission)"] += max(0.0, outside - before - after)
     return {k: round(v, 3) for k, v in parts.most_common()}
 
 
 def inference_split(table: str, model_dir: str, n: int = 2048, batch: int = 512) -> dict[str, Any]:
-    """Per-image microseconds of each step on one thread, on the table's first ``n`` rows, through
-    the functions predict's body calls (the libpng path when the body has it)."""
+    """Per-image CPU microseconds of each step on one thread, on the table's first ``n`` rows,
+    through the functions predict's body calls (the libpng path when the body has it)."""
     torch.set_num_threads(1)
     files = sorted(glob.glob(os.path.join(table, "*.parquet")))
     cols = ["image", *KEEP_COLUMNS]
@@ -227,20 +282,20 @@ def inference_split(table: str, model_dir: str, n: int = 2048, batch: int = 512)
     fast = getattr(predict_module, "preprocess_arrow", None)
     timing: Counter[str] = Counter()
     for rb in rows.to_batches(batch):
-        t = time.perf_counter()
+        t = time.process_time()
         if fast is not None:
             x, errors = fast(rb.column("image"), pre)
         else:
             x, errors = preprocess_batch(rb.column("image").to_pylist(), pre)
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         x8 = torch.zeros((rb.num_rows, *pre.size, pre.channels), dtype=torch.uint8).permute(0, 3, 1, 2)
-        t2 = time.perf_counter()
+        t2 = time.process_time()
         normalize(to_unit(x8), pre.mean, pre.std)
-        t3 = time.perf_counter()
-        logits = run_model(fn, x)
-        t4 = time.perf_counter()
+        t3 = time.process_time()
+        logits = getattr(runtime, "run_model_in_calls", run_model)(fn, x)  # what the body calls
+        t4 = time.process_time()
         predict_columns(rb, logits, errors, 3, lm.class_names)
-        t5 = time.perf_counter()
+        t5 = time.process_time()
         timing.update({"preprocess": t1 - t, "normalize": t3 - t2, "model": t4 - t3, "columns": t5 - t4})
     us = {k: round(v / rows.num_rows * 1e6, 2) for k, v in timing.items()}
     decode = max(0.0, us["preprocess"] - us["normalize"])
@@ -256,19 +311,19 @@ def inference_split(table: str, model_dir: str, n: int = 2048, batch: int = 512)
 
 
 def ingest_split(root: Path) -> dict[str, Any]:
-    """Per-file microseconds of reading, checking (full decode) and hashing, one process."""
+    """Per-file CPU microseconds of reading, checking (full decode) and hashing, one process."""
     timing: Counter[str] = Counter()
     n = 0
     for path in sorted(root.rglob("*")):
         if not path.is_file():
             continue
-        t = time.perf_counter()
+        t = time.process_time()
         data = path.read_bytes()
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         inspect_image(data)
-        t2 = time.perf_counter()
+        t2 = time.process_time()
         content_id(data)
-        t3 = time.perf_counter()
+        t3 = time.process_time()
         timing.update({"read": t1 - t, "inspect (full decode)": t2 - t1, "sha256": t3 - t2})
         n += 1
     us = {k: round(v / n * 1e6, 2) for k, v in timing.items()}
@@ -379,15 +434,25 @@ def write_md(res: dict[str, Any]) -> str:
             f"## {name}: {op['rows']:,} rows in {op['wall_s']} s = {op['images_per_s']:,} img/s "
             f"(load {op['load_avg_before']} -> {op['load_avg_after']})",
             "",
+            f"CPU: {op['cpu_s']} s in all the session's processes = {op['images_per_cpu_s']:,} img per CPU-second ("
+            + ", ".join(f"{k} {v}" for k, v in op["cpu_by_process_s"].items())
+            + "); of it in the Python body: "
+            + ", ".join(f"{k} {v}" for k, v in op["python_cpu_s"].items())
+            + f"; the rest {op['cpu_s'] - sum(op['python_cpu_s'].values()):.2f}.",
+            "",
             "| where | s | share |",
             "|---|---:|---:|",
         ]
         for k, v in op["breakdown_s"].items():
             lines.append(f"| {k} | {v:.2f} | {v / op['wall_s']:.0%} |")
-        lines += ["", "| job | wall s | stages: tasks, task s, run s, cpu s |", "|---|---:|---|"]
+        lines += [
+            "",
+            "| job | starts at s | wall s | stages: tasks, task s, run s, cpu s |",
+            "|---|---:|---:|---|",
+        ]
         for j in op["jobs"]:
             st = "; ".join(f"{s['tasks']}, {s['task_s']}, {s['run_s']}, {s['cpu_s']}" for s in j["stages"])
-            lines.append(f"| {j['job']} {j['name'][:60]} | {j['wall_s']} | {st} |")
+            lines.append(f"| {j['job']} {j['name'][:60]} | {j['start_s']} | {j['wall_s']} | {st} |")
         lines.append("")
     for kind, d in res["in_process"].items():
         if d:
@@ -418,6 +483,7 @@ def main() -> None:
     ap.add_argument("--raw", type=Path, default=None, help=argparse.SUPPRESS)  # the py-spy child's output
     args = ap.parse_args()
     os.environ.setdefault("SPARKVISION_PROGRESS", "0")
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # the REST API on loopback, whatever the hostname
     if args.py_spy and args.raw is None:
         exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
         if os.path.exists(exe):
