@@ -20,7 +20,7 @@ from sparkvision.inference.runtime import (
     configure_workers,
     image_source,
     rebatch,
-    run_model_in_calls,
+    run_model,
     summarise_output,
     vectors_column,
     worker_model,
@@ -57,7 +57,7 @@ def embed_batches(
                 t.lap("rebatch")
                 x, errors = preprocess_arrow(batch.column("image"), pre, threads, uint8)
                 t.lap("preprocess")
-                feats = run_model_in_calls(fn, x).float().numpy()
+                feats = run_model(fn, x).float().numpy()
                 t.lap("model")
                 cols = [batch.column(c) for c in KEEP_COLUMNS]
                 cols += [vectors_column(feats, errors), pa.array(errors, pa.string())]

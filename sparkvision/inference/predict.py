@@ -24,7 +24,7 @@ from sparkvision.inference.runtime import (
     image_source,
     rebatch,
     rows_column,
-    run_model_in_calls,
+    run_model,
     summarise_output,
     worker_model,
 )
@@ -98,7 +98,7 @@ def predict_batches(
                 t.lap("rebatch")
                 x, errors = preprocess_arrow(batch.column("image"), pre, threads, uint8)
                 t.lap("preprocess")
-                logits = run_model_in_calls(fn, x)
+                logits = run_model(fn, x)
                 t.lap("model")
                 out = predict_columns(batch, logits, errors, top_k, blob.class_names)
                 t.lap("columns")

@@ -140,29 +140,6 @@ def run_model(fn: ModelFn, x: torch.Tensor) -> torch.Tensor:
         return fn(x)
 
 
-# On a CPU a model call takes at most this many bytes of input: for small images, a 512-row call
-# streams its first activations through main memory, and 64-row calls (28x28 gray: 200 KiB in)
-# ran the same rows 1.5x faster (cnn, one thread). At least 8 rows, a power of two.
-CPU_CALL_BYTES = 256 << 10
-
-
-def cpu_call_rows(x: torch.Tensor) -> int:
-    """Rows per model call on a CPU for input ``x`` (B, C, H, W): :data:`CPU_CALL_BYTES` of it."""
-    per_row = max(1, x[0].numel() * x.element_size()) if len(x) else 1
-    rows = max(8, CPU_CALL_BYTES // per_row)
-    return 1 << (rows.bit_length() - 1)
-
-
-def run_model_in_calls(fn: ModelFn, x: torch.Tensor) -> torch.Tensor:
-    """:func:`run_model` over a batch, in calls of :func:`cpu_call_rows` rows on a CPU (one call
-    on a GPU). A row's result does not depend on its neighbours, but like any change of batch
-    size it may differ from a single call's in the last bits."""
-    n = len(x) if torch.cuda.is_available() else cpu_call_rows(x)
-    if len(x) <= n:
-        return run_model(fn, x)
-    return torch.cat([run_model(fn, x[i : i + n]) for i in range(0, len(x), n)])
-
-
 def rebatch(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:
     """Model-sized batches regardless of how Spark chunked the Arrow stream."""
     pending: list[pa.RecordBatch] = []
