@@ -29,7 +29,7 @@ from sparkvision.spark import storage
 from sparkvision.spark.progress import Timer, spark_progress
 from sparkvision.spark.skew import rebalance
 from sparkvision.spark.taskclock import clock_path, task_clock
-from sparkvision.transforms.fastdecode import preprocess_arrow
+from sparkvision.transforms.preprocess import preprocess_batch
 
 EMBED_SCHEMA = (
     "content_id string, path string, split string, label int, label_name string, "
@@ -51,11 +51,10 @@ def embed_batches(
         try:
             blob = model.value
             fn, pre = worker_model(blob, "features", threads)
-            uint8 = blob.preprocess.get("pixel_dtype", "uint8") == "uint8"  # 8-bit images: libpng may read
             t.lap("model_load")
             for batch in rebatch(t.inputs(batches), batch_size):
                 t.lap("rebatch")
-                x, errors = preprocess_arrow(batch.column("image"), pre, threads, uint8)
+                x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
                 t.lap("preprocess")
                 feats = run_model(fn, x).float().numpy()
                 t.lap("model")
