@@ -21,7 +21,7 @@ from typing import Any, cast
 import numpy as np
 import pyarrow as pa
 import torch
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from safetensors.torch import load as st_load
 
@@ -204,17 +204,12 @@ def image_source(spark: SparkSession, table: str | DataFrame, split: str | None)
     return df.select("image", *KEEP_COLUMNS)
 
 
-def summarise_output(
-    spark: SparkSession, out: str, timer: Timer, kind: str, extra: dict[str, Column] | None = None
-) -> dict[str, Any]:
-    """Rows, error rows and throughput of a written result table, and the ``extra`` aggregates
-    (a caller's accuracy, dimension...) in the same single pass over it: one job, not one each."""
-    aggs = [F.count("*").alias("rows"), F.count("error").alias("errors")]
-    aggs += [col.alias(name) for name, col in (extra or {}).items()]
-    agg = spark.read.parquet(out).agg(*aggs).first()
+def summarise_output(spark: SparkSession, out: str, timer: Timer, kind: str) -> dict[str, Any]:
+    """Rows, error rows and throughput of a written result table."""
+    agg = spark.read.parquet(out).agg(F.count("*").alias("rows"), F.count("error").alias("errors")).first()
     assert agg is not None  # a global aggregate has exactly one row
     elapsed = timer.elapsed
-    summary = {
+    return {
         "output": out,
         "kind": kind,
         "rows": int(agg.rows),
@@ -222,5 +217,3 @@ def summarise_output(
         "elapsed_s": round(elapsed, 3),
         "images_per_s": round(agg.rows / max(elapsed, 1e-9), 1),
     }
-    summary.update({name: agg[name] for name in extra or {}})
-    return summary
