@@ -35,7 +35,6 @@ EMBED_SCHEMA = (
     "content_id string, path string, split string, label int, label_name string, "
     "embedding array<float>, error string"
 )
-EMBED_COLUMNS = [*KEEP_COLUMNS, "embedding", "error"]
 
 
 def embed_batches(
@@ -58,9 +57,10 @@ def embed_batches(
                 t.lap("preprocess")
                 feats = run_model(fn, x).float().numpy()
                 t.lap("model")
-                cols = [batch.column(c) for c in KEEP_COLUMNS]
-                cols += [vectors_column(feats, errors), pa.array(errors, pa.string())]
-                out = pa.RecordBatch.from_arrays(cols, names=EMBED_COLUMNS)
+                cols = {c: batch.column(c) for c in KEEP_COLUMNS}
+                cols["embedding"] = vectors_column(feats, errors)
+                cols["error"] = pa.array(errors, pa.string())
+                out = pa.RecordBatch.from_pydict(cols)
                 t.lap("columns")
                 t.rows(batch.num_rows)
                 yield out

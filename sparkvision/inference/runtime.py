@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -157,29 +158,14 @@ def rebatch(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.RecordB
         yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
 
 
-def error_mask(errors: pa.Array) -> np.ndarray | None:
-    """Rows with an error as a numpy bool mask for ``pa.array(..., mask=)``; None when none has one."""
-    if errors.null_count == len(errors):
-        return None
-    return errors.is_valid().to_numpy(zero_copy_only=False)
-
-
-def rows_column(values: np.ndarray, bad: np.ndarray | None, value_type: pa.DataType) -> pa.Array:
-    """``(B, K)`` values -> an Arrow ``list<value_type>`` column in one piece, null where ``bad``.
-
-    Built from the flat buffer and fixed offsets, with no Python object per row; a null row's
-    offsets still span its K (ignored) values, which Arrow allows.
-    """
-    n, k = values.shape
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1), value_type)
-    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32), pa.int32())
-    return pa.ListArray.from_arrays(offsets, flat, mask=None if bad is None else pa.array(bad))
-
-
 def vectors_column(vectors: np.ndarray, errors: Sequence[str | None]) -> pa.Array:
     """``(B, D)`` float vectors -> an Arrow ``list<float>`` column, null on rows with an error."""
-    bad = error_mask(pa.array(errors, pa.string()))
-    return rows_column(np.asarray(vectors, np.float32), bad, pa.float32())
+    n, d = vectors.shape
+    flat = pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1), pa.float32())
+    col = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * d, d), pa.int32()), flat)
+    if any(e is not None for e in errors):
+        col = pc.if_else(pa.array([e is not None for e in errors]), pa.nulls(n, col.type), col)
+    return col
 
 
 def task_threads(spark: SparkSession) -> int:
