@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
+import torch
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -19,17 +20,14 @@ from sparkvision.inference.runtime import (
     KEEP_COLUMNS,
     configure_workers,
     image_source,
-    rebatch,
-    run_model,
+    model_batches,
     summarise_output,
     vectors_column,
-    worker_model,
 )
 from sparkvision.spark import storage
 from sparkvision.spark.progress import Timer, spark_progress
 from sparkvision.spark.skew import rebalance
-from sparkvision.spark.taskclock import clock_path, task_clock
-from sparkvision.transforms.preprocess import preprocess_batch
+from sparkvision.spark.taskclock import clock_path
 
 EMBED_SCHEMA = (
     "content_id string, path string, split string, label int, label_name string, "
@@ -45,30 +43,13 @@ def embed_batches(
     ``clock``: the file a profile's tasks append their stage times to (:mod:`~sparkvision.spark.taskclock`).
     """
 
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        t = task_clock(clock, "embed")
-        try:
-            blob = model.value
-            fn, pre = worker_model(blob, "features", threads)
-            t.lap("model_load")
-            for batch in rebatch(t.inputs(batches), batch_size):
-                t.lap("rebatch")
-                x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
-                t.lap("preprocess")
-                feats = run_model(fn, x).float().numpy()
-                t.lap("model")
-                cols = {c: batch.column(c) for c in KEEP_COLUMNS}
-                cols["embedding"] = vectors_column(feats, errors)
-                cols["error"] = pa.array(errors, pa.string())
-                out = pa.RecordBatch.from_pydict(cols)
-                t.lap("columns")
-                t.rows(batch.num_rows)
-                yield out
-                t.lap("output")
-        finally:
-            t.close()
+    def columns(batch: pa.RecordBatch, feats: torch.Tensor, errors: list, blob: Any) -> pa.RecordBatch:
+        cols = {c: batch.column(c) for c in KEEP_COLUMNS}
+        cols["embedding"] = vectors_column(feats.float().numpy(), errors)
+        cols["error"] = pa.array(errors, pa.string())
+        return pa.RecordBatch.from_pydict(cols)
 
-    return run
+    return model_batches(model, "features", batch_size, threads, clock, "embed", columns)
 
 
 def embed_df(spark: SparkSession, model_dir: str, df: DataFrame, batch_size: int = 512) -> DataFrame:

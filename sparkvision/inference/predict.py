@@ -21,16 +21,13 @@ from sparkvision.inference.runtime import (
     KEEP_COLUMNS,
     configure_workers,
     image_source,
-    rebatch,
-    run_model,
+    model_batches,
     summarise_output,
-    worker_model,
 )
 from sparkvision.spark import storage
 from sparkvision.spark.progress import Timer, spark_progress
 from sparkvision.spark.skew import rebalance
-from sparkvision.spark.taskclock import clock_path, task_clock
-from sparkvision.transforms.preprocess import preprocess_batch
+from sparkvision.spark.taskclock import clock_path
 
 PREDICT_SCHEMA = (
     "content_id string, path string, split string, label int, label_name string, pred_label int, "
@@ -75,27 +72,10 @@ def predict_batches(
     ``clock``: the file a profile's tasks append their stage times to (:mod:`~sparkvision.spark.taskclock`).
     """
 
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        t = task_clock(clock, "predict")
-        try:
-            blob = model.value
-            fn, pre = worker_model(blob, "logits", threads)
-            t.lap("model_load")
-            for batch in rebatch(t.inputs(batches), batch_size):
-                t.lap("rebatch")
-                x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
-                t.lap("preprocess")
-                logits = run_model(fn, x)
-                t.lap("model")
-                out = predict_columns(batch, logits, errors, top_k, blob.class_names)
-                t.lap("columns")
-                t.rows(batch.num_rows)
-                yield out
-                t.lap("output")
-        finally:
-            t.close()
+    def columns(batch: pa.RecordBatch, logits: torch.Tensor, errors: list, blob: Any) -> pa.RecordBatch:
+        return predict_columns(batch, logits, errors, top_k, blob.class_names)
 
-    return run
+    return model_batches(model, "logits", batch_size, threads, clock, "predict", columns)
 
 
 def predict_df(

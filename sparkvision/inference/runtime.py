@@ -40,6 +40,8 @@ from sparkvision.models.modeldir import (
     read_weights,
 )
 from sparkvision.spark.progress import Timer
+from sparkvision.spark.taskclock import task_clock
+from sparkvision.transforms.preprocess import preprocess_batch
 
 KEEP_COLUMNS = ("content_id", "path", "split", "label", "label_name")
 
@@ -156,6 +158,42 @@ def rebatch(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.RecordB
             n = rest.num_rows
     if n:
         yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+
+
+# What a mapInArrow body adds to a batch from the model's output: (batch, output, per-row errors,
+# the model's blob) -> the output batch.
+Columns = Callable[[pa.RecordBatch, torch.Tensor, list[str | None], ModelBlob], pa.RecordBatch]
+
+
+def model_batches(
+    model: Any, mode: str, batch_size: int, threads: int, clock: str | None, body: str, columns: Columns
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The mapInArrow body every model pass shares (predict, embed): the model built once per
+    worker from ``model.value`` (a :class:`~sparkvision.inference.modelref.ModelRef`), rows
+    rebatched to ``batch_size``, decoded and preprocessed, one model call per batch, then
+    ``columns``; each stage timed on the task clock named ``clock`` (nothing when None)."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        t = task_clock(clock, body)
+        try:
+            blob = model.value
+            fn, pre = worker_model(blob, mode, threads)
+            t.lap("model_load")
+            for batch in rebatch(t.inputs(batches), batch_size):
+                t.lap("rebatch")
+                x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
+                t.lap("preprocess")
+                y = run_model(fn, x)
+                t.lap("model")
+                out = columns(batch, y, errors, blob)
+                t.lap("columns")
+                t.rows(batch.num_rows)
+                yield out
+                t.lap("output")
+        finally:
+            t.close()
+
+    return run
 
 
 def vectors_column(vectors: np.ndarray, errors: Sequence[str | None]) -> pa.Array:

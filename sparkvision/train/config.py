@@ -36,6 +36,7 @@ from sparkvision.fields import (
     Workers,
 )
 from sparkvision.train.augment import AugmentConfig, AugmentSpec
+from sparkvision.train.transfer import DEFAULT_BACKBONE_LR_SCALE
 
 Optimizer = Literal["sgd", "adamw"]
 Normalize = Literal["auto", "table", "imagenet"]
@@ -96,7 +97,7 @@ class TrainConfig(Recipe):
         default=None,
         gt=0,
         le=1,
-        description="Learning rate of the pretrained layers relative to the head's (default 0.1 with --init-weights, else 1).",
+        description=f"Learning rate of the pretrained layers relative to the head's (default {DEFAULT_BACKBONE_LR_SCALE} with --init-weights, else 1).",
     )
     normalize: Normalize = Field(
         default="auto",
