@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sparkvision.data.images import inspect_image
+from sparkvision.data.images import content_id, inspect_image, load_image, shrink
 from sparkvision.transforms.preprocess import decode_image
 
 
@@ -80,7 +80,33 @@ def test_cmyk_and_16_bit_images_are_kept():
     assert decode_image(png16, 1).max() == 40_000 >> 8  # the high byte, not clipped at 255
 
 
-def test_ingest_keeps_them_all_upright(spark, tmp_path):
+def halves(width: int = 300, height: int = 100) -> np.ndarray:
+    """Red left half, blue right half."""
+    a = np.zeros((height, width, 3), np.uint8)
+    a[:, : width // 2] = (255, 0, 0)
+    a[:, width // 2 :] = (0, 0, 255)
+    return a
+
+
+def test_shrink_keeps_the_aspect_the_colours_and_the_encoding_kind():
+    for fmt, kw in (("PNG", {}), ("JPEG", {"quality": 95})):
+        img, info = load_image(encode(Image.fromarray(halves()), fmt, **kw), max_side=60)
+        small = shrink(img, info, 60)
+        assert small is not None
+        data, got = small
+        assert (got.width, got.height, got.format, got.mode) == (60, 20, fmt, "RGB")
+        px = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+        assert px.shape == (20, 60, 3)
+        assert px[:, :25, 0].min() > 200 and px[:, 35:, 2].min() > 200  # red left, blue right
+    img, info = load_image(encode(Image.fromarray(np.full((50, 200), 40_000, np.uint16)), "PNG"))
+    small = shrink(img, info, 60)
+    assert small is not None and (small[1].width, small[1].height, small[1].channels) == (60, 15, 1)
+    assert small[1].mode == "I;16" and np.asarray(Image.open(io.BytesIO(small[0]))).max() == 40_000 >> 8
+    img, info = load_image(encode(Image.fromarray(halves(40, 20)), "PNG"))
+    assert shrink(img, info, 40) is None  # fits: the file is stored as it came
+
+
+def test_ingest_keeps_them_all_upright_with_their_original_mode(spark, tmp_path):
     from sparkvision.api import ingest
 
     src = tmp_path / "photos" / "a"
@@ -90,9 +116,25 @@ def test_ingest_keeps_them_all_upright(spark, tmp_path):
         (src / f"clear-{mode}.png").write_bytes(transparent(mode))
     (src / "cmyk.jpg").write_bytes(encode(Image.new("CMYK", (6, 4), (0, 255, 255, 0)), "JPEG"))
     (src / "deep.png").write_bytes(encode(Image.fromarray(np.full((4, 6), 999, np.uint16)), "PNG"))
+    big = encode(Image.fromarray(halves()), "PNG")
+    (src / "big.png").write_bytes(big)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 300 wide, 100 tall: upright 100 x 300
+    (src / "big-sideways.jpg").write_bytes(encode(Image.fromarray(halves()), "JPEG", exif=exif.tobytes()))
     table = str(tmp_path / "table")
-    res = ingest(spark, source=str(tmp_path / "photos"), table=table)
-    assert res["rows_written"] == 6 and res["rejects_by_reason"] == {}, res
+    res = ingest(spark, source=str(tmp_path / "photos"), table=table, max_side=60)
+    assert res["rows_written"] == 8 and res["rejects_by_reason"] == {}, res
     rows = {r["path"].rsplit("/", 1)[-1]: r for r in pq.read_table(table).to_pylist()}
     assert (rows["sideways.jpg"]["height"], rows["sideways.jpg"]["width"]) == (30, 10)
     assert rows["cmyk.jpg"]["channels"] == 3 and rows["deep.png"]["channels"] == 1
+    modes = {name: r["original_mode"] for name, r in rows.items()}
+    assert modes["cmyk.jpg"] == "CMYK" and modes["deep.png"] == "I;16" and modes["clear-RGBA.png"] == "RGBA"
+    assert modes["clear-P.png"] == "P" and modes["sideways.jpg"] == "RGB"
+    # --max-side 60: the 300x100 photo is stored at 60x20, its content id still the file's
+    assert (rows["big.png"]["width"], rows["big.png"]["height"], rows["big.png"]["format"]) == (60, 20, "PNG")
+    assert Image.open(io.BytesIO(rows["big.png"]["image"])).size == (60, 20)
+    assert rows["big.png"]["content_id"] == content_id(big)
+    turned = rows["big-sideways.jpg"]
+    assert (turned["width"], turned["height"], turned["format"]) == (20, 60, "JPEG")
+    assert Image.open(io.BytesIO(turned["image"])).size == (20, 60)  # stored upright
+    assert rows["sideways.jpg"]["image"] == sideways_jpeg()  # small images untouched

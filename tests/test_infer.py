@@ -47,7 +47,7 @@ def table_with_corrupt_row(spark, tiny_table, tmp_path_factory):
         [("deadbeef", "file:/broken.png", b"\x89PNG\r\n\x1a\n garbage", "PNG", 16, 16, 1, 0, "a", "test")],
         IMAGE_SCHEMA,
     )
-    good.unionByName(bad).write.parquet(path)
+    good.unionByName(bad, allowMissingColumns=True).write.parquet(path)  # old rows: no original_mode
     write_meta(spark, path, TableMeta(class_names=read_meta(spark, tiny_table).class_names))
     return path
 

@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 
 from sparkvision.cli import app
 from sparkvision.data.ingest import ingest
-from sparkvision.data.schema import IMAGE_SCHEMA, REJECT_REASONS
+from sparkvision.data.schema import REJECT_REASONS, TABLE_SCHEMA
 from sparkvision.data.sources import detect_source_kind
-from sparkvision.data.table import read_meta, read_table
+from sparkvision.data.table import read_meta, read_table, write_meta
 
 # --------------------------------------------------------------------------- helpers
 
@@ -164,11 +164,11 @@ def test_labelled_class_folders(spark, tmp_path):
     assert s.rows_by_class == {"bag": 1, "shirt": 3, "shoe": 5}  # class imbalance is reported as is
     assert s.rows_by_split == {"train": 9}
     df = read_table(spark, str(tmp_path / "t"))
-    assert [(f.name, f.dataType) for f in df.schema] == [(f.name, f.dataType) for f in IMAGE_SCHEMA]
+    assert [(f.name, f.dataType) for f in df.schema] == [(f.name, f.dataType) for f in TABLE_SCHEMA]
     names = read_meta(spark, str(tmp_path / "t")).class_names
     for r in df.collect():
         assert names[r.label] == r.label_name == r.path.split("/")[-2]
-        assert (r.height, r.width, r.channels) == (16, 16, 1)
+        assert (r.height, r.width, r.channels, r.original_mode) == (16, 16, 1, "L")
         assert (
             r.image == (root / r.label_name / r.path.rsplit("/", 1)[-1]).read_bytes()
         )  # bytes kept as they came
@@ -306,9 +306,29 @@ def test_table_source_copies_rows_and_class_names(spark, tmp_path):
     assert detect_source_kind(spark, src_table) == "table"
     s = ingest(spark, src_table, str(tmp_path / "copy"))
     assert s.source_kind == "table" and s.rows_written == 3 and s.class_names == ["p", "q"]
-    a = {r.content_id: r.label_name for r in read_table(spark, src_table).collect()}
-    b = {r.content_id: r.label_name for r in read_table(spark, str(tmp_path / "copy")).collect()}
-    assert a == b
+    a = {r.content_id: (r.label_name, r.original_mode) for r in read_table(spark, src_table).collect()}
+    b = {
+        r.content_id: (r.label_name, r.original_mode)
+        for r in read_table(spark, str(tmp_path / "copy")).collect()
+    }
+    assert a == b and {m for _, m in a.values()} == {"L"}
+
+
+def test_a_table_written_before_original_mode_reads_and_appends(spark, tmp_path):
+    """Older tables have no original_mode column: it reads as null, and appending to such a
+    table, or copying it, works."""
+    new, table = str(tmp_path / "new"), str(tmp_path / "old")
+    ingest(spark, str(write_image_folder(tmp_path / "src", {"p": 2})), new)
+    spark.read.parquet(new).drop("original_mode").write.parquet(table)
+    write_meta(spark, table, read_meta(spark, new))
+    assert {r.original_mode for r in read_table(spark, table).collect()} == {None}
+    s = ingest(spark, str(write_image_folder(tmp_path / "more", {"p": 1}, start_seed=50)), table)
+    assert s.rows_written == 1
+    assert sorted(map(str, (r.original_mode for r in read_table(spark, table).collect()))) == [
+        "L",
+        "None",
+        "None",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -318,6 +338,8 @@ def test_table_source_copies_rows_and_class_names(spark, tmp_path):
         ({"max_pixels": 0}, "max_pixels"),
         ({"kind": "zip"}, "kind 'zip'"),
         ({"mode": "merge"}, "mode 'merge'"),
+        ({"max_side": 0}, "max_side"),
+        ({"max_side": -3}, "max_side"),
     ],
 )
 def test_bad_arguments_name_the_parameter(spark, tmp_path, kwargs, message):
@@ -364,6 +386,8 @@ def test_cli_human_summary(spark, tmp_path):
         (["--split", "nonsense"], "--split"),
         (["--max-pixels", "0"], "--max-pixels"),
         (["--kind", "zip"], "--kind"),
+        (["--max-side", "0"], "--max-side"),
+        (["--max-side", "-5"], "--max-side"),
     ],
 )
 def test_cli_bad_parameter_exits_2_naming_it(spark, tmp_path, args, named):
@@ -371,6 +395,8 @@ def test_cli_bad_parameter_exits_2_naming_it(spark, tmp_path, args, named):
     result = runner.invoke(app, ["ingest", str(root), str(tmp_path / "t"), *args], env={"COLUMNS": "200"})
     assert result.exit_code == 2
     assert named in result.output
+    if named == "--max-side":  # the error is one line
+        assert len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_cli_missing_source_exits_2(spark, tmp_path):

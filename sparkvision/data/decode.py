@@ -20,8 +20,8 @@ from pyspark.sql.types import (
 )
 
 from sparkvision.data.idx import parse_idx
-from sparkvision.data.images import RejectError, content_id, encode_png, inspect_image
-from sparkvision.data.schema import IMAGE_SCHEMA
+from sparkvision.data.images import RejectError, content_id, encode_png, load_image, shrink
+from sparkvision.data.schema import TABLE_SCHEMA
 from sparkvision.spark.taskclock import NullClock, task_clock
 
 ArrowBatches = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
@@ -30,7 +30,7 @@ ArrowBatches = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 # Every column is nullable: a rejected row has no content id, bytes or geometry, and Spark trusts
 # a declared non-null column (a null there fails the task with a NullPointerException).
 DECODED_SCHEMA = StructType(
-    [StructField(f.name, f.dataType, True) for f in IMAGE_SCHEMA.fields if f.name != "label"]
+    [StructField(f.name, f.dataType, True) for f in TABLE_SCHEMA.fields if f.name != "label"]
     + [
         StructField("reason", StringType(), True),
         StructField("detail", StringType(), True),
@@ -52,6 +52,10 @@ IDX_RAW_SCHEMA = StructType(
 )
 
 
+# The PIL mode of an IDX record's pixels (uint8, 1-4 channels), as ``Image.fromarray`` reads them.
+IDX_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
 def arrow_schema(schema: StructType) -> pa.Schema:
     """The Arrow schema ``mapInArrow`` must yield for a Spark schema of these column types."""
     mapping = {
@@ -63,10 +67,12 @@ def arrow_schema(schema: StructType) -> pa.Schema:
     return pa.schema([pa.field(f.name, mapping[type(f.dataType)], nullable=True) for f in schema.fields])
 
 
-def decode_batches(max_pixels: int, clock: str | None = None) -> ArrowBatches:
+def decode_batches(max_pixels: int, clock: str | None = None, max_side: int | None = None) -> ArrowBatches:
     """mapInArrow body: (path, content, split, label_name) -> DECODED_SCHEMA rows.
 
     ``clock``: the file a profile's tasks append their stage times to (:mod:`~sparkvision.spark.taskclock`).
+    ``max_side``: images with a longer side are stored downscaled (:func:`~sparkvision.data.images.shrink`);
+    the content id stays the source file's, so the same file is one id at any ``max_side``.
     """
     out_schema = arrow_schema(DECODED_SCHEMA)
 
@@ -94,29 +100,36 @@ def decode_batches(max_pixels: int, clock: str | None = None) -> ArrowBatches:
                     int | None,
                     str | None,
                     str | None,
+                    str | None,
                 ]
                 try:
-                    info = inspect_image(data, max_pixels)
+                    img, info = load_image(data, max_pixels, max_side)
+                    stored = data
+                    small = shrink(img, info, max_side) if max_side is not None else None
+                    if small is not None:
+                        stored, info = small
                     row = (
                         content_id(data),
-                        data,
+                        stored,
                         info.format,
                         info.height,
                         info.width,
                         info.channels,
+                        info.mode,
                         None,
                         None,
                     )
                 except RejectError as e:
-                    row = (None, None, None, None, None, None, e.reason, e.detail)
-                cid, img, fmt, h, w, c, reason, detail = row
+                    row = (None, None, None, None, None, None, None, e.reason, e.detail)
+                cid, img_bytes, fmt, h, w, c, original_mode, reason, detail = row
                 out["content_id"].append(cid)
                 out["path"].append(path)
-                out["image"].append(img)
+                out["image"].append(img_bytes)
                 out["format"].append(fmt)
                 out["height"].append(h)
                 out["width"].append(w)
                 out["channels"].append(c)
+                out["original_mode"].append(original_mode)
                 out["label_name"].append(label_name if split != "unlabeled" else None)
                 out["split"].append(split)
                 out["reason"].append(reason)
@@ -205,6 +218,7 @@ def encode_idx_batches(class_names: list[str]) -> ArrowBatches:
                 out["height"].append(h)
                 out["width"].append(w)
                 out["channels"].append(c)
+                out["original_mode"].append(IDX_MODES.get(c))
                 name: str | None
                 if label is not None and not 0 <= label < len(class_names):
                     name = str(label)

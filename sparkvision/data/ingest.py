@@ -29,7 +29,7 @@ from pyspark.sql import functions as F
 from sparkvision.data.coco import boxes_attached, read_coco
 from sparkvision.data.detection import is_detection_table
 from sparkvision.data.images import MAX_PIXELS_DEFAULT
-from sparkvision.data.schema import IMAGE_SCHEMA, SPLITS
+from sparkvision.data.schema import SPLITS, TABLE_SCHEMA
 from sparkvision.data.sources import (
     decode_folder,
     decode_idx,
@@ -82,13 +82,16 @@ def ingest(
     glob: str | None = None,
     coco: str | None = None,
     on_listed: Callable[[], None] | None = None,
+    max_side: int | None = None,
 ) -> IngestSummary:
     """Ingest ``source`` into the image table ``table`` and write rejects beside it.
 
     ``mode="append"`` adds to an existing table, skipping content already there; ``"overwrite"``
     replaces it. ``coco`` names a COCO JSON file whose boxes the folder's images get (the table
     is then a detection table). ``on_listed`` runs between listing a folder and reading its files
-    (tests remove files there to see them rejected as unreadable).
+    (tests remove files there to see them rejected as unreadable). ``max_side``: a folder's images
+    with a longer side are stored downscaled to it (:func:`~sparkvision.data.images.shrink`); their
+    content id stays that of the file, so re-ingesting a file finds it whatever the size stored.
     """
     if kind not in SOURCE_KINDS:
         raise ValueError(f"kind {kind!r} is not one of {', '.join(SOURCE_KINDS)}")
@@ -98,6 +101,12 @@ def ingest(
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if max_side is not None and max_side <= 0:
+        raise ParamError("max_side", f"must be a positive number of pixels, got {max_side}")
+    if max_side is not None and coco is not None:
+        raise ParamError(
+            "max_side", "the COCO file's boxes are in the images' own pixels; leave max_side out"
+        )
     if not storage.exists(spark, source):
         raise FileNotFoundError(f"source {source} does not exist")
     if coco is not None and class_names:
@@ -109,6 +118,8 @@ def ingest(
         kind = detect_source_kind(spark, source)
     if coco is not None and kind != "folder":
         raise ParamError("coco", f"boxes come with a folder of images; {source} is read as {kind}")
+    if max_side is not None and kind != "folder":
+        raise ParamError("max_side", f"resizes a folder's image files; {source} is read as {kind}")
     summary = IngestSummary(table=table_q, rejects_table=rejects_q, source=source, source_kind=kind)
 
     existing: TableMeta | None = None
@@ -120,7 +131,7 @@ def ingest(
     with spark_progress(spark, f"ingest {kind}"), ExitStack() as cached:
         if kind == "folder":
             decoded, unreadable, names = decode_folder(
-                spark, source, split, labeled and boxes is None, max_pixels, glob, on_listed
+                spark, source, split, labeled and boxes is None, max_pixels, glob, on_listed, max_side
             )
             if boxes is not None:
                 # decode_folder cached the rows; _finish caches them again with their boxes.
@@ -214,7 +225,7 @@ def _finish(
     def label_of(name: Column) -> Column:
         return (label_map[name] if class_names else F.lit(None)).cast("int")
 
-    columns = {c: F.col(c) for c in IMAGE_SCHEMA.fieldNames()}
+    columns = {c: F.col(c) for c in TABLE_SCHEMA.fieldNames()}
     columns["label"] = label_of(F.col("label_name"))
     if "boxes" in decoded.columns:  # a box's label is its class name's index, like the row's
         columns["boxes"] = F.transform("boxes", lambda b: b.withField("label", label_of(b["label_name"])))

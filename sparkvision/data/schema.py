@@ -2,17 +2,23 @@
 
 Schema (one row per image)::
 
-    content_id  string   sha256 of the encoded bytes, hex; stable across re-ingests and copies
+    content_id  string   sha256 of the source file's bytes, hex; stable across re-ingests and copies,
+                         also when ``ingest --max-side`` stored a smaller copy (the id is the file's)
     path        string   where the image came from (a URI, or ``file#index`` for IDX records)
-    image       binary   the encoded bytes exactly as they came (PNG, JPEG, ...)
-    format      string   PIL's name for the encoding (PNG, JPEG, WEBP, ...)
-    height      int
+    image       binary   the encoded bytes exactly as they came (PNG, JPEG, ...), or the downscaled
+                         copy ``ingest --max-side`` made (PNG, or JPEG for JPEG sources)
+    format      string   PIL's name for the stored encoding (PNG, JPEG, WEBP, ...)
+    height      int      the stored image's size, upright (EXIF orientation applied)
     width       int
     channels    int      1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) once decoded to 8 bits: palette -> RGB,
                          bilevel, 16-bit and float gray -> L, CMYK -> RGB (``images.to_8bit``)
     label       int      index into the class names; null when unlabelled
     label_name  string   the class name; null when unlabelled
     split       string   train | test | val | unlabeled
+    original_mode string PIL's mode of the source before any conversion (RGB, L, P, RGBA, CMYK,
+                         I;16, ...); null in tables written before it existed and by operations
+                         that make images (scenes, ingest-raster, crops). Optional: see
+                         :data:`OPTIONAL_FIELDS`.
 
 The class names and table-level facts live in ``_sparkvision.json`` inside the table directory.
 Spark skips files whose names start with ``_``, so the table stays a plain Parquet table that any
@@ -51,6 +57,16 @@ IMAGE_SCHEMA = StructType(
         StructField("split", StringType(), False),
     ]
 )
+
+# Columns added after the first schema: ingest writes them, but tables written before them (and
+# tables other operations write) lack them. Readers go through :data:`TABLE_SCHEMA`, with which
+# Spark reads a missing column as nulls, so a table of any age reads with one schema; code that
+# builds rows from :data:`IMAGE_SCHEMA` alone keeps working.
+OPTIONAL_FIELDS: tuple[StructField, ...] = (StructField("original_mode", StringType(), True),)
+
+# Every column of an image table as ingest writes it and :func:`~sparkvision.data.table.read_table`
+# reads it.
+TABLE_SCHEMA = StructType([*IMAGE_SCHEMA.fields, *OPTIONAL_FIELDS])
 
 REJECT_SCHEMA = StructType(
     [

@@ -32,7 +32,7 @@ from sparkvision.data.decode import (
 from sparkvision.data.globs import glob_matcher
 from sparkvision.data.idx import FASHION_MNIST_CLASSES, looks_like_idx, pair_idx_files
 from sparkvision.data.listing import RejectRow, escape_glob, list_local_folder
-from sparkvision.data.schema import IMAGE_SCHEMA, SPLITS
+from sparkvision.data.schema import SPLITS, TABLE_SCHEMA
 from sparkvision.data.table import is_image_table, read_meta, read_table
 from sparkvision.spark import storage
 from sparkvision.spark.compat import default_parallelism
@@ -157,13 +157,15 @@ def decode_folder(
     max_pixels: int,
     glob: str | None,
     on_listed: Callable[[], None] | None = None,
+    max_side: int | None = None,
 ) -> tuple[DataFrame, DataFrame | None, list[str]]:
     """``(decoded rows, rejects for files not read or None, class names)``.
 
     Every file is read and decoded in one pass; whatever the file index listed but the scan did
     not return is then looked at one by one on the driver (usually nothing): zero bytes, or
     unreadable. Those join the rejects of the walk (:func:`list_source`). ``on_listed`` runs
-    between listing and reading (a test removes files there).
+    between listing and reading (a test removes files there). ``max_side``: larger images are
+    stored downscaled (:func:`~sparkvision.data.decode.decode_batches`).
     """
     root, paths, rejects = list_source(spark, source, glob)
     files = binary_reader(spark, glob).load(paths)
@@ -178,7 +180,7 @@ def decode_folder(
     )
     content = layout_columns(content, root, split, labeled)
     decoded = content.select("path", "content", "split", "label_name").mapInArrow(
-        decode_batches(max_pixels, clock_path()), DECODED_SCHEMA
+        decode_batches(max_pixels, clock_path(), max_side), DECODED_SCHEMA
     )
     decoded = decoded.persist(StorageLevel.MEMORY_AND_DISK)
     counts = decoded.groupBy("label_name").count().collect()  # decodes everything, fills the cache
@@ -294,7 +296,7 @@ def decode_table(spark: SparkSession, source: str) -> tuple[DataFrame, list[str]
     meta = read_meta(spark, source)
     df = read_table(spark, source)
     decoded = df.select(
-        *[c for c in IMAGE_SCHEMA.fieldNames() if c != "label"],
+        *[c for c in TABLE_SCHEMA.fieldNames() if c != "label"],
         F.lit(None).cast("string").alias("reason"),
         F.lit(None).cast("string").alias("detail"),
         F.length("image").cast("long").alias("size_bytes"),

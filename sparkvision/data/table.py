@@ -8,7 +8,7 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 
 from sparkvision.data.images import PixelDtype, pixel_dtype
-from sparkvision.data.schema import IMAGE_SCHEMA, META_FILE, SCHEMA_VERSION
+from sparkvision.data.schema import META_FILE, SCHEMA_VERSION, TABLE_SCHEMA
 from sparkvision.spark import storage
 
 
@@ -63,9 +63,12 @@ def write_meta(spark: SparkSession, table: str, meta: TableMeta) -> None:
 
 
 def read_table(spark: SparkSession, table: str, split: str | None = None) -> DataFrame:
-    """The image table as a DataFrame, optionally one split only (train / test / val / unlabeled)."""
+    """The image table as a DataFrame, optionally one split only (train / test / val / unlabeled).
+
+    Read with :data:`~sparkvision.data.schema.TABLE_SCHEMA`: an optional column a table lacks
+    (written before it existed) reads as nulls."""
     read_meta(spark, table)  # a clear error for a path that is not an image table
-    df = spark.read.schema(IMAGE_SCHEMA).parquet(storage.qualify(table))
+    df = spark.read.schema(TABLE_SCHEMA).parquet(storage.qualify(table))
     if split is not None:
         df = df.where(df.split == split)
     return df

@@ -39,6 +39,15 @@ class IngestParams(Params):
         ge=1,
         description=("Reject images with more pixels (decompression bombs), checked from the header."),
     )
+    max_side: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Store images whose longer side exceeds this many pixels downscaled to it (aspect kept; PNG, or "
+            "JPEG quality 95 for JPEG sources); width/height are the stored size, content_id the file's. "
+            "Default: images are stored as they came. Folder sources only."
+        ),
+    )
     overwrite: bool = Field(
         False,
         description=(
@@ -71,6 +80,7 @@ def run(spark: SparkSession, p: IngestParams, progress: Progress) -> dict[str, A
         rejects=p.rejects,
         glob=p.glob,
         coco=p.coco,
+        max_side=p.max_side,
     ).to_json()
 
 
@@ -79,6 +89,12 @@ def check(p: IngestParams) -> None:
         raise ParamError("coco", f"boxes come with a folder of images, not kind {p.kind}")
     if p.coco is not None and p.class_names:
         raise ParamError("class_names", "the COCO file's categories name the classes; leave class_names out")
+    if p.max_side is not None and p.kind in ("idx", "table"):
+        raise ParamError("max_side", f"resizes a folder's image files, not kind {p.kind}")
+    if p.max_side is not None and p.coco is not None:
+        raise ParamError(
+            "max_side", "the COCO file's boxes are in the images' own pixels; leave max_side out"
+        )
 
 
 def appends_to_image_table(p: Any, out: str, spark: Any) -> bool:
