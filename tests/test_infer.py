@@ -18,7 +18,14 @@ from sparkvision.data.table import TableMeta, read_meta, read_table, write_meta
 from sparkvision.inference.embed import embed_table
 from sparkvision.inference.evaluate import evaluate, metrics_from_confusion
 from sparkvision.inference.predict import predict_batches, predict_df, predict_table
-from sparkvision.inference.runtime import KEEP_COLUMNS, image_source, read_blob
+from sparkvision.inference.runtime import (
+    KEEP_COLUMNS,
+    cpu_call_rows,
+    image_source,
+    read_blob,
+    run_model,
+    run_model_in_calls,
+)
 from sparkvision.train import AugmentConfig, TrainConfig, train
 from sparkvision.transforms.preprocess import preprocess_batch
 from sparkvision.web.batching import Classifier
@@ -132,3 +139,26 @@ def test_torch_threads_travel_inside_the_task_function(spark, model_dir, tiny_ta
         torch.set_num_threads(before)
     assert out.num_rows == 4 and out.column("error").null_count == 4
     assert set(out.column_names) >= set(KEEP_COLUMNS)
+
+
+def test_model_calls_on_a_cpu_take_a_bounded_input_and_give_the_single_calls_numbers():
+    assert cpu_call_rows(torch.zeros(512, 1, 28, 28)) == 64  # 3,136 bytes a row: 83 -> a power of two
+    assert cpu_call_rows(torch.zeros(512, 3, 224, 224)) == 8  # large rows: never under 8
+    assert cpu_call_rows(torch.zeros(0, 1, 28, 28)) >= 8
+    calls: list[int] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return x.flatten(1).sum(1, keepdim=True)
+
+    x = torch.randn(150, 1, 28, 28)
+    y = run_model_in_calls(fn, x)
+    if not torch.cuda.is_available():
+        assert calls == [64, 64, 22]
+    assert torch.allclose(y, x.flatten(1).sum(1, keepdim=True), atol=1e-4)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(3)
+    )
+    net(x[:1])
+    net.eval()
+    assert torch.allclose(run_model_in_calls(net, x), run_model(net, x), atol=1e-5)
