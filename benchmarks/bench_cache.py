@@ -33,15 +33,16 @@ The schedule is known before the job runs, as the seed's is. Policies, same job,
 - ``lru``: a DataFrame-level LRU cache under the same budget as RC: a DataFrame is persisted when
   read (created, or read again after an eviction) and the least recently read ones are
   unpersisted until the held sizes fit (textbook LRU: insert on every miss);
-- ``rc``: ``CachePlanner`` with each input's reuse from the schedule, its size as rows x the
-  in-memory row size, and its recompute cost measured on its first pass (the pass's wall time less
+- ``rc``: ``CachePlanner`` with each input's reuse from the schedule, its size as measured in the
+  cache (the same sizes LRU uses), and its recompute cost measured on its first pass (the pass's wall time less
   the CD-1 arithmetic's share; before that, its parent's cost, a lower bound).
 
 The budget of LRU and RC is the storage memory Spark's block manager reports for the session (the
 unified pool: this job runs no shuffle, sort or aggregation in the JVM, so execution memory takes
 none of it and cache-everything can fill all of it); ``storage_budget`` (the half execution can
 never evict, the planner's default) is printed beside it. The table is sized as a share of that
-pool (``--table-share``, default 0.8: ``x0`` fits alone, ``x0`` and ``x1`` together do not).
+pool (``--table-share``, default 0.8, from a row size measured in the cache: ``x0`` fits alone,
+``x0`` and ``x1`` together do not); the inputs' cached sizes are measured in the untimed warm-up.
 
 Together: the same job on a table whose largest partition holds ``--skew-share`` of the rows (one
 big Parquet file of one row group beside small ones, as ``bench_skew.py`` makes it), with neither
@@ -274,6 +275,37 @@ class Policy:
         pass
 
 
+class Measure(Policy):
+    """Untimed: persist each input and take its size as what Spark's cache holds after its first
+    pass (scaled to all partitions where some did not fit). Spark's columnar cache holds the pixels
+    in about 40% of ``row_bytes`` (measured on Fashion-MNIST), so the formula alone misleads."""
+
+    def __init__(self, spark: SparkSession, partitions: int) -> None:
+        self.spark, self.partitions = spark, partitions
+        self.dfs: list[DataFrame] = []
+        self.start: dict[str, tuple[int, int]] = {}
+        self.sizes: dict[str, int] = {}
+
+    def created(self, name: str, df: DataFrame, reads: int, size: int, cost_s: float | None) -> None:
+        df.persist(LEVEL)
+        self.dfs.append(df)
+
+    def before(self, name: str) -> None:
+        if name not in self.start:  # alone in the cache, so no eviction hides in the difference
+            for df in self.dfs[:-1] if name != "x0" else []:
+                df.unpersist(blocking=True)
+            self.start[name] = cached(self.spark)
+
+    def after(self, name: str, first_cost_s: float | None) -> None:
+        if first_cost_s is not None:
+            (b0, p0), (b1, p1) = self.start[name], cached(self.spark)
+            self.sizes[name] = int((b1 - b0) * self.partitions / max(p1 - p0, 1))
+
+    def close(self) -> None:
+        for df in self.dfs:
+            df.unpersist(blocking=True)
+
+
 class CacheEverything(Policy):
     def __init__(self) -> None:
         self.dfs: list[DataFrame] = []
@@ -374,6 +406,17 @@ def cached(spark: SparkSession) -> tuple[int, int]:
     return sum(int(r.memSize()) for r in info), sum(int(r.numCachedPartitions()) for r in info)
 
 
+def cached_row_bytes(spark: SparkSession, path: str, rows: int = 4000) -> float:
+    """Bytes a table row takes in Spark's cache, measured on ``rows`` rows of the same pixels."""
+    write_table(path, pixels(rows), even_split(rows, 2))
+    df = spark.read.parquet(path).persist(LEVEL)
+    b0, _ = cached(spark)
+    df.count()
+    b1, _ = cached(spark)
+    df.unpersist(blocking=True)
+    return max(b1 - b0, 1) / rows
+
+
 def run_job(
     spark: SparkSession,
     source: Callable[[], DataFrame],
@@ -384,6 +427,7 @@ def run_job(
     lr: float,
     seed: int,
     slots: int,
+    sizes: dict[str, int] | None = None,
 ) -> JobResult:
     """The layer-wise job under ``policy``; the wall time counts everything from reading the
     table to the last pass (RP's measuring job and shuffle too, where ``source`` rebalances)."""
@@ -414,7 +458,8 @@ def run_job(
                 df = inputs[f"x{layer - 1}"].mapInArrow(forward_fn(W.copy(), c.copy()), ROWS_SCHEMA)
             inputs[name] = df
             parent = costs.get(f"x{layer - 1}")
-            policy.created(name, df, reads[name], rows * row_bytes(widths[layer]), parent)
+            size = sizes[name] if sizes else rows * row_bytes(widths[layer])
+            policy.created(name, df, reads[name], size, parent)
         first = name not in costs
         policy.before(name)
         t = time.perf_counter()
@@ -495,7 +540,7 @@ def main() -> None:
     ap.add_argument(
         "--memory-fraction",
         type=float,
-        default=0.15,
+        default=0.06,
         help="spark.memory.fraction: a small pool, so a table a few minutes can train on outgrows it",
     )
     ap.add_argument("--table-share", type=float, default=0.8, help="x0's in-memory size / the storage pool")
@@ -512,7 +557,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.epochs, args.rounds, args.together_rounds = 2, 1, 1
-        args.memory_fraction = 0.02  # a pool of ~14 MiB: the same shape, ~3,500 rows
+        args.memory_fraction = 0.01  # a pool of ~7 MiB: the same shape, ~4,500 rows
     results = args.results or os.path.join(
         HERE, "results", "cache_smoke.json" if args.smoke else "cache.json"
     )
@@ -534,15 +579,16 @@ def main() -> None:
     slots = default_parallelism(spark)
     pool = pool_bytes(spark)
     evictproof = storage_budget(spark)
-    rows = args.rows or int(args.table_share * pool / row_bytes(VISIBLE))
-    x0_bytes = rows * row_bytes(VISIBLE)
+    tmp = tempfile.mkdtemp(prefix="bench-cache-")
+    x0_row = cached_row_bytes(spark, os.path.join(tmp, "calibrate"))
+    rows = args.rows or int(args.table_share * pool / x0_row)
+    x0_bytes = rows * x0_row
     print(
         f"storage: block manager pool {nbytes(pool)} (LRU's and RC's budget), storage_budget "
         f"{nbytes(evictproof)} (the part execution cannot evict); table {rows:,} rows = {nbytes(x0_bytes)} "
-        f"in memory ({x0_bytes / pool:.0%} of the pool); slots {slots}",
+        f"in memory ({x0_row:.0f} B a row cached; {x0_bytes / pool:.0%} of the pool); slots {slots}",
         flush=True,
     )
-    tmp = tempfile.mkdtemp(prefix="bench-cache-")
     x = pixels(rows)
     even, skewed = os.path.join(tmp, "even"), os.path.join(tmp, "skewed")
     write_table(even, x, even_split(rows, args.partitions))
@@ -554,9 +600,13 @@ def main() -> None:
         return lambda: spark.read.parquet(path)
 
     common = {"rows": rows, "epochs": args.epochs, "lr": args.lr, "seed": args.seed, "slots": slots}
-    # untimed: Python workers start, the JVM warms up
-    run_job(spark, read(even), Policy(), **{**common, "epochs": 1})
+    # untimed: Python workers start, the JVM warms up, and each input's cached size is measured
+    measure = Measure(spark, args.partitions)
+    run_job(spark, read(even), measure, **{**common, "epochs": 1})
     clean(spark)
+    sizes = measure.sizes
+    print("cached sizes:", {k: nbytes(v) for k, v in sizes.items()}, flush=True)
+    common["sizes"] = sizes
 
     def make(policy: str) -> Policy:
         return {
@@ -642,6 +692,7 @@ def main() -> None:
         "sizes_estimated_mib": {
             f"x{i}": round(rows * row_bytes(w) / 2**20, 1) for i, w in enumerate((VISIBLE, *HIDDEN[:-1]))
         },
+        "sizes_measured_mib": {k: round(v / 2**20, 1) for k, v in sizes.items()},
         "x0_cached_mib_measured": x0_cached,
         "x0_cached_partitions": f"{x0_parts} of {args.partitions}",
         "x0_mib_from_measured": round(x0_full, 1),
@@ -674,7 +725,7 @@ def main() -> None:
 
 
 def write_md(path: str, res: dict[str, Any]) -> None:
-    sizes = res["sizes_estimated_mib"]
+    sizes = res["sizes_measured_mib"]
     lines = [
         f"# RC benchmark: layer-wise DBN passes over DataFrames ({res['rows']:,} rows, "
         f"{'-'.join(map(str, res['layers']))}, {res['epochs']} epochs a layer)"
@@ -690,7 +741,7 @@ def write_md(path: str, res: dict[str, Any]) -> None:
         "",
         f"Storage: the block manager's pool {res['pool_bytes'] / 2**20:.0f} MiB (LRU's and RC's budget; "
         f"`storage_budget`, the half execution cannot evict: {res['storage_budget_bytes'] / 2**20:.0f} MiB). "
-        f"Layer inputs, estimated in memory: x0 {sizes['x0']} MiB, x1 {sizes['x1']} MiB, x2 {sizes['x2']} "
+        f"Layer inputs as Spark's cache holds them (measured, untimed, before the rounds; the sizes LRU and RC use): x0 {sizes['x0']} MiB, x1 {sizes['x1']} MiB, x2 {sizes['x2']} "
         f"MiB; x0 measured cached: {res['x0_cached_mib_measured']} MiB in {res['x0_cached_partitions']} "
         f"partitions, {res['x0_mib_from_measured']} MiB whole "
         f"({'more' if res['table_over_half_pool'] else 'NOT more'} than half the pool). MEMORY_ONLY for all.",
