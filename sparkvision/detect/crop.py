@@ -228,7 +228,7 @@ def embed_crops(fn: Any, pre: Any, crops: list[Image.Image | None]) -> np.ndarra
     x = torch.zeros(len(crops), pre.channels, h, w, dtype=torch.uint8)
     for i, c in enumerate(crops):
         if c is not None:
-            x[i] = torch.tensor(image_pixels(c, pre.channels, pre.size))  # a copy: PIL arrays are read-only
+            x[i] = torch.tensor(image_pixels(c, pre.channels, pre.size, resize=pre.resize))  # a copy
     return run_model(fn, normalize(to_unit(x), pre.mean, pre.std)).float().numpy()
 
 

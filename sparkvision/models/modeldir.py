@@ -6,7 +6,7 @@
       model.safetensors   weights (safetensors: loading cannot execute code)
       config.json         {"model": name, "model_kwargs": {...}, "num_classes": K, "in_channels": C}
       classes.json        ["T-shirt/top", ...]
-      preprocess.json     {"channels": 1, "size": [28, 28], "mean": [...], "std": [...]}
+      preprocess.json     {"channels": 1, "size": [28, 28], "mean": [...], "std": [...], "resize": "crop"}
       metrics.json        whatever training/evaluation measured
 
 Preprocessing travels with the weights so that batch inference cannot use the wrong transform.
@@ -19,7 +19,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 import torch
 from safetensors import SafetensorError
@@ -35,6 +35,25 @@ REQUIRED_FILES = (WEIGHTS, "config.json", "preprocess.json")
 MAX_REASON_CHARS = 400  # a load error is shown on one line: torch lists every mismatched tensor
 
 
+# How an image of another shape becomes the model's (H, W) input
+# (:func:`sparkvision.transforms.preprocess.fit_size`):
+# "stretch": resized straight to (H, W), the aspect ratio changed (how every model was fed before
+#            the policy existed, so a preprocess.json without it reads as this);
+# "crop":    scaled so that it covers (H, W), then the centre cut out (torchvision's Resize of the
+#            shorter side then CenterCrop, for any H/W ratio); training draws random resized
+#            crops from that centre when augmenting (:class:`sparkvision.train.augment.BatchAugment`).
+# An image already of the target's aspect ratio is treated alike by both.
+Resize = Literal["stretch", "crop"]
+RESIZES: tuple[str, ...] = get_args(Resize)
+
+
+def resize_policy(value: str) -> Resize:
+    """``value`` checked as a :data:`Resize` (it comes from preprocess.json)."""
+    if value not in RESIZES:
+        raise ValueError(f"resize {value!r} is not one of {', '.join(RESIZES)}")
+    return cast(Resize, value)
+
+
 @dataclass
 class Preprocess:
     channels: int = 1
@@ -42,6 +61,10 @@ class Preprocess:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     pixel_dtype: PixelDtype = "uint8"  # "float32": trained on a float table, whose rows decode as floats
+    # "stretch" unless a training run chose otherwise (TrainConfig.resize): what old model
+    # directories mean, and what detectors and self-supervised models (whose boxes and views
+    # assume the whole image) keep.
+    resize: Resize = "stretch"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -58,6 +81,7 @@ class Preprocess:
             mean=tuple(float(v) for v in d["mean"]),
             std=tuple(float(v) for v in d["std"]),
             pixel_dtype=pixel_dtype(d.get("pixel_dtype", "uint8")),
+            resize=resize_policy(d.get("resize", "stretch")),  # written before the policy: stretch
         )
 
 

@@ -35,11 +35,13 @@ from sparkvision.fields import (
     WeightDecay,
     Workers,
 )
-from sparkvision.train.augment import AugmentConfig, AugmentSpec
+from sparkvision.models.modeldir import Resize
+from sparkvision.train.augment import RESIZED_CROP_SCALE, AugmentConfig, AugmentSpec
 from sparkvision.train.transfer import DEFAULT_BACKBONE_LR_SCALE
 
 Optimizer = Literal["sgd", "adamw"]
 Normalize = Literal["auto", "table", "imagenet"]
+ResizeOption = Literal["auto", "crop", "stretch"]
 # none | backbone | N (the first N stages of the backbone)
 Freeze = Annotated[str, StringConstraints(pattern=r"^(none|backbone|[0-9]{1,3})$")]
 Schedule = Literal["onecycle", "cosine", "constant"]
@@ -103,6 +105,16 @@ class TrainConfig(Recipe):
         default="auto",
         description="Input normalisation: the table's statistics, or ImageNet's ('auto': ImageNet with --init-weights).",
     )
+    resize: ResizeOption = Field(
+        default="auto",
+        description=(
+            "How images of another shape meet the model's square: 'crop' (shorter side to the size, centre "
+            "crop; random resized crops of area "
+            f"{RESIZED_CROP_SCALE[0]:g}-{RESIZED_CROP_SCALE[1]:g} in training when augmenting), 'stretch' "
+            "(resized straight, aspect changed), 'auto' (crop with --init-weights, else stretch). Saved in "
+            "preprocess.json: predict, evaluate, embed and the web use it."
+        ),
+    )
     train_split: str = Field(default="train", description="Split to train on.")
     eval_split: OptionalSplit = Field(default="test", description="Split scored each epoch ('none' to skip).")
     resume: bool = Field(
@@ -115,6 +127,24 @@ class TrainConfig(Recipe):
     cache: Cache = CACHE
     checkpoint_every: CheckpointEvery = CHECKPOINT_EVERY
     reshuffle: Reshuffle = RESHUFFLE
+
+    def resize_policy(self) -> Resize:
+        """The resize policy the model directory gets (``preprocess.json``'s ``resize``).
+
+        ``auto``, the default, is "crop" with ``--init-weights`` and "stretch" without. Crop with
+        pretrained weights because that is how torchvision and timm train and evaluate them
+        (random resized crops; shorter side then centre crop), so objects keep the proportions
+        the weights learnt, where stretching a 4:3 photo to a square squeezes every product by a
+        quarter. Stretch from scratch because it keeps every recipe without weights as it was:
+        on square tables (Fashion-MNIST) evaluation is identical either way, but "crop" adds
+        random resized crops to training, a different (for 28x28 digits and garments, heavier)
+        augmentation that would change the models and benchmarks of every existing recipe.
+        Photo tables trained from scratch can ask for ``crop``; long items (dresses, skis) that
+        a centre crop would cut can keep ``stretch`` with pretrained weights.
+        """
+        if self.resize == "auto":
+            return "crop" if self.init_weights else "stretch"
+        return self.resize
 
     def validate(self) -> None:
         """The rules between fields (each field's own bounds are checked on construction)."""

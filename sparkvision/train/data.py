@@ -33,6 +33,7 @@ import torch
 
 from sparkvision.data.images import PixelDtype, RejectError
 from sparkvision.fields import CacheMode
+from sparkvision.models.modeldir import Resize
 from sparkvision.spark import distributed as D
 from sparkvision.train.store import (
     SPILL_BYTES,
@@ -103,6 +104,7 @@ def load_shard(
     spill_bytes: int = SPILL_BYTES,
     extra_columns: tuple[str, ...] = (),
     pixel_dtype: PixelDtype = "uint8",
+    resize: Resize = "stretch",
 ) -> tuple[Shard, list[str]]:
     """Keep the ``image``/``label``/``split`` columns in the ``cache`` the shard's size allows,
     and the ``extra_columns`` as they came (``Shard.extra``, the same rows kept).
@@ -120,6 +122,11 @@ def load_shard(
     releasing the encoded bytes as it goes; a shard that does not fit is a clear error naming
     what to change, not an executor killed by the OOM killer. ``threads`` decode for ``stream``.
     ``pixel_dtype="float32"`` (a float table) keeps float32 rows instead of uint8.
+    ``resize``: how a row of another shape becomes ``size``
+    (:func:`~sparkvision.transforms.preprocess.fit_size`). With "crop" each row is kept as its
+    centre crop at ``size`` (the evaluation view), and training's random resized crops are cut
+    from that (:class:`~sparkvision.train.augment.BatchAugment`): a fixed-size store cannot keep
+    a row's full shorter-side view, whose length varies with its aspect ratio.
     """
     c, (h, w) = channels, size
     rows = EncodedRows(spill_dir or roomiest(local_dirs()), None if cache == "memory" else spill_bytes)
@@ -137,10 +144,10 @@ def load_shard(
             mode = "memory" if votes[0] == 0 else "stream"  # every rank takes the same choice
         if mode == "memory":
             check_shard_fits(need, available_bytes, n, (c, h, w))
-            images, keep = decode_all(rows, c, (h, w), pixel_dtype)
+            images, keep = decode_all(rows, c, (h, w), pixel_dtype, resize)
         else:
             keep = np.array([header_ok(rows.read(i)) for i in range(n)], dtype=bool)
-            store = RowStore(rows, BatchDecoder(rows, c, (h, w), threads, pixel_dtype))
+            store = RowStore(rows, BatchDecoder(rows, c, (h, w), threads, pixel_dtype, resize))
             images = StreamImages(store, np.flatnonzero(keep))
     except BaseException:
         rows.close()
@@ -181,7 +188,11 @@ def read_columns(
 
 
 def decode_all(
-    rows: EncodedRows, channels: int, size: tuple[int, int], pixel_dtype: PixelDtype = "uint8"
+    rows: EncodedRows,
+    channels: int,
+    size: tuple[int, int],
+    pixel_dtype: PixelDtype = "uint8",
+    resize: Resize = "stretch",
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Decode every row into one preallocated tensor, good rows packed to the front (dropping a
     bad one needs no copy); returns the decoded rows and the mask of the rows kept."""
@@ -192,7 +203,7 @@ def decode_all(
     kept = 0
     for i, data in enumerate(rows.drain()):
         try:
-            out[kept] = decode_image(data, channels, size, pixel_dtype=pixel_dtype)
+            out[kept] = decode_image(data, channels, size, pixel_dtype=pixel_dtype, resize=resize)
         except RejectError:
             continue
         keep[i] = True

@@ -31,7 +31,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from sparkvision.errors import JobFailed
-from sparkvision.models.modeldir import WEIGHTS, ModelSpec, Preprocess, model_dir_json
+from sparkvision.models.modeldir import WEIGHTS, ModelSpec, Preprocess, Resize, model_dir_json
 from sparkvision.spark import distributed as D
 from sparkvision.spark.filestore import driver_store, local_path, write_bytes
 from sparkvision.spark.progress import Timer, step_progress
@@ -347,6 +347,7 @@ def save_trained(
     info: dict[str, Any],
     metrics: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    resize: Resize = "stretch",
 ) -> None:
     """Complete the model directory ``out`` around ``weights`` (the file rank 0 uploaded there):
     its config, classes, preprocessing (rank 0's pixel statistics) and metrics. The weights are
@@ -361,6 +362,7 @@ def save_trained(
         mean=tuple(info["mean"]),
         std=tuple(info["std"]),
         pixel_dtype=info.get("pixel_dtype", "uint8"),  # how the rows decoded (a float table: float32)
+        resize=resize,  # how they met the model's size (TrainConfig.resize_policy)
     )
     store = driver_store(spark, out)
     for name, obj in model_dir_json(model, spec, class_names, preprocess, metrics, extra).items():

@@ -92,7 +92,9 @@ class ClassifierRank(RankTraining):
 
     def prepare(self) -> None:
         # Not on a float table (no augmentation there): BatchAugment clamps to [0, 1], feature values are not.
-        self.augment = BatchAugment(self.cfg.augment) if self.pixel_dtype == "uint8" else None
+        # Under the "crop" policy augmenting starts with a random resized crop of the centre crop.
+        crop = self.resize == "crop"
+        self.augment = BatchAugment(self.cfg.augment, crop) if self.pixel_dtype == "uint8" else None
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
 
     def step_loss(self, b: torch.Tensor) -> torch.Tensor:
@@ -224,6 +226,7 @@ def train_df(
         len(class_names),
         model_kwargs=model_kwargs,
         pixel_dtype=pixel_dtype,
+        resize=cfg.resize_policy(),
         **transfer,
     )
     info, blobs = launch(
@@ -257,5 +260,6 @@ def train_df(
         size,
         info,
         metrics,
+        resize=cfg.resize_policy(),
     )
     return {"model_dir": out, **{k: v for k, v in metrics.items() if k != "history"}, "history": history}

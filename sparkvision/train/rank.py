@@ -26,6 +26,7 @@ from safetensors.torch import save as st_save
 from torch.nn.parallel import DistributedDataParallel
 
 from sparkvision.data.images import pixel_dtype
+from sparkvision.models.modeldir import resize_policy
 from sparkvision.spark import distributed as D
 from sparkvision.train.checkpoint import Restored, load_checkpoint
 from sparkvision.train.data import Shard, epoch_indices, load_shard, pixel_stats, steps_per_epoch, warn_failed
@@ -81,6 +82,7 @@ class RankTraining:
         self.channels, self.size = int(payload["channels"]), tuple(payload["size"])
         self.num_classes = int(payload["num_classes"])
         self.pixel_dtype = pixel_dtype(payload.get("pixel_dtype", "uint8"))  # "float32": a float table
+        self.resize = resize_policy(payload.get("resize", "stretch"))  # how rows meet self.size
 
     @classmethod
     def main(
@@ -164,6 +166,7 @@ class RankTraining:
             ctx.threads,
             extra_columns=self.extra_columns,
             pixel_dtype=self.pixel_dtype,
+            resize=self.resize,
         )
         self.rows, self.counts = self.select(shard, splits)
         del shard, splits

@@ -40,6 +40,7 @@ import pyarrow as pa
 import torch
 
 from sparkvision.data.images import PixelDtype, RejectError, mode_channels, open_image
+from sparkvision.models.modeldir import Resize
 from sparkvision.spark.filestore import spark_local_dirs
 from sparkvision.transforms.preprocess import decode_image
 
@@ -220,9 +221,10 @@ class BatchDecoder:
         size: tuple[int, int],
         threads: int = 1,
         pixel_dtype: PixelDtype = "uint8",  # "float32": a float table's rows, float32 tensors
+        resize: Resize = "stretch",  # the model's resize policy (preprocess.fit_size)
     ) -> None:
         self.rows, self.channels, self.size = rows, channels, (int(size[0]), int(size[1]))
-        self.pixel_dtype = pixel_dtype
+        self.pixel_dtype, self.resize = pixel_dtype, resize
         self.threads = max(1, int(threads))
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="sparkvision-decode")
         # Requests nobody planned: the caller's thread and these, not queued behind the prefetch.
@@ -240,7 +242,11 @@ class BatchDecoder:
         for k, r in enumerate(rows.tolist()):
             try:
                 out[k] = decode_image(
-                    self.rows.read(r), self.channels, self.size, pixel_dtype=self.pixel_dtype
+                    self.rows.read(r),
+                    self.channels,
+                    self.size,
+                    pixel_dtype=self.pixel_dtype,
+                    resize=self.resize,
                 )
             except RejectError:
                 out[k] = 0

@@ -3,7 +3,8 @@
 Two steps, because training augments in between (on [0, 1] floats, on the GPU):
 
 1. :func:`decode_image` / :func:`decode_batch`: encoded bytes -> uint8 ``(C, H, W)`` at the model's
-   size and channel count (PIL, with JPEG draft decoding at reduced scale, then a bilinear resize);
+   size and channel count (PIL, with JPEG draft decoding at reduced scale, then a bilinear resize
+   by the model directory's resize policy, :func:`fit_size`: stretched, or centre-cropped);
 2. :func:`to_unit` then :func:`normalize`: uint8 -> [0, 1] -> ``(x - mean) / std`` with the
    model directory's ``preprocess.json`` values, optionally in channels_last memory format.
 
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
 from sparkvision.data.images import (
@@ -29,7 +30,7 @@ from sparkvision.data.images import (
     open_image,
     to_8bit,
 )
-from sparkvision.models.modeldir import Preprocess
+from sparkvision.models.modeldir import Preprocess, Resize
 
 
 def decode_image(
@@ -38,9 +39,10 @@ def decode_image(
     size: tuple[int, int] | None = None,
     max_pixels: int = MAX_PIXELS_DEFAULT,
     pixel_dtype: PixelDtype = "uint8",
+    resize: Resize = "stretch",
 ) -> np.ndarray:
-    """Encoded image -> uint8 ``(C, H, W)`` with ``channels`` 1 (grayscale) or 3 (RGB), resized to
-    ``size = (H, W)`` when given. Any stored mode (16-bit, float, CMYK, palette...) becomes 8 bits
+    """Encoded image -> uint8 ``(C, H, W)`` with ``channels`` 1 (grayscale) or 3 (RGB), brought to
+    ``size = (H, W)`` when given, by the ``resize`` policy (:func:`fit_size`). Any stored mode (16-bit, float, CMYK, palette...) becomes 8 bits
     through :func:`sparkvision.data.images.to_8bit`.
 
     Raises :class:`sparkvision.data.images.RejectError` (``empty_file``, ``not_an_image``,
@@ -53,18 +55,41 @@ def decode_image(
     mode_channels(img)  # the modes ingest accepts, no other
     try:
         if size is not None and img.format == "JPEG":
-            img.draft("L" if channels == 1 else "RGB", (size[1], size[0]))  # decode at reduced scale
-        return image_pixels(img, channels, size, pixel_dtype)
+            # decode at reduced scale, never below size on either side (so also enough for a crop)
+            img.draft("L" if channels == 1 else "RGB", (size[1], size[0]))
+        return image_pixels(img, channels, size, pixel_dtype, resize)
     except RejectError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad data
         raise RejectError("truncated", f"{type(e).__name__}: {e}"[:200]) from None
 
 
+def fit_size(img: Image.Image, size: tuple[int, int], resize: Resize = "stretch") -> Image.Image:
+    """``img`` at ``size = (H, W)`` by the resize policy (bilinear both ways); itself if already so.
+
+    ``"stretch"``: resized straight to (W, H), changing the aspect ratio of any other shape.
+    ``"crop"``: the largest centred box of the target's aspect ratio, resized to (W, H), which is
+    torchvision's ``Resize(shorter side)`` then ``CenterCrop`` (for a non-square target too: the
+    image is scaled to cover it) done by PIL's ``ImageOps.fit`` in one resize of the box, so no
+    pixel outside the crop is ever resampled. An image of the target's aspect ratio is only resized.
+    """
+    h, w = size
+    if img.size == (w, h):
+        return img
+    if resize == "crop":
+        return ImageOps.fit(img, (w, h), Image.Resampling.BILINEAR)
+    return img.resize((w, h), Image.Resampling.BILINEAR)
+
+
 def image_pixels(
-    img: Image.Image, channels: int, size: tuple[int, int] | None = None, pixel_dtype: PixelDtype = "uint8"
+    img: Image.Image,
+    channels: int,
+    size: tuple[int, int] | None = None,
+    pixel_dtype: PixelDtype = "uint8",
+    resize: Resize = "stretch",
 ) -> np.ndarray:
-    """A PIL image -> uint8 ``(C, H, W)``: 8 bits, ``channels``, bilinear resize to ``size = (H, W)``.
+    """A PIL image -> uint8 ``(C, H, W)``: 8 bits, ``channels``, brought to ``size = (H, W)`` by
+    :func:`fit_size` with the ``resize`` policy.
 
     The decoded half of :func:`decode_image`, for pixels that never were bytes (a crop cut from a
     decoded image is embedded through this, so it sees the same resize as a stored image).
@@ -72,18 +97,22 @@ def image_pixels(
     feature vectors, :func:`~sparkvision.data.images.float_pixels`), repeated over 3 channels.
     """
     if pixel_dtype == "float32":
-        if size is not None and img.size != (size[1], size[0]):
-            img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        if size is not None:
+            img = fit_size(img, size, resize)
         return np.repeat(float_pixels(img)[None], channels, axis=0)
     img = to_8bit(img, "L" if channels == 1 else "RGB")
-    if size is not None and img.size != (size[1], size[0]):
-        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    if size is not None:
+        img = fit_size(img, size, resize)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
 def decode_batch(
-    images: Sequence[bytes | None], channels: int, size: tuple[int, int], pixel_dtype: PixelDtype = "uint8"
+    images: Sequence[bytes | None],
+    channels: int,
+    size: tuple[int, int],
+    pixel_dtype: PixelDtype = "uint8",
+    resize: Resize = "stretch",
 ) -> tuple[torch.Tensor, list[str | None]]:
     """A batch of encoded images -> uint8 (float32 for ``pixel_dtype="float32"``) ``(B, C, H, W)``
     (channels_last strides) and one error string per row; a row that does not decode is zeros
@@ -93,7 +122,9 @@ def decode_batch(
     errors: list[str | None] = [None] * len(images)
     for i, data in enumerate(images):
         try:
-            out[i] = decode_image(data or b"", channels, size, pixel_dtype=pixel_dtype).transpose(1, 2, 0)
+            out[i] = decode_image(
+                data or b"", channels, size, pixel_dtype=pixel_dtype, resize=resize
+            ).transpose(1, 2, 0)
         except RejectError as e:
             errors[i] = f"{e.reason}: {e.detail}" if e.detail else e.reason
     return torch.from_numpy(out).permute(0, 3, 1, 2), errors
@@ -125,6 +156,8 @@ def preprocess_batch(
     images: Sequence[bytes | None], pre: Preprocess
 ) -> tuple[torch.Tensor, list[str | None]]:
     """Encoded images -> the model's normalised float input ``(B, C, H, W)`` and per-row errors
-    (a failed row is a zero image normalised like any other, and its output is discarded)."""
-    x, errors = decode_batch(images, pre.channels, pre.size, pre.pixel_dtype)
+    (a failed row is a zero image normalised like any other, and its output is discarded).
+    The one path of predict, embed, evaluate and search: the model directory's ``resize`` policy
+    applies here (the web's per-image classify path calls :func:`decode_image` with it)."""
+    x, errors = decode_batch(images, pre.channels, pre.size, pre.pixel_dtype, pre.resize)
     return normalize(to_unit(x), pre.mean, pre.std), errors

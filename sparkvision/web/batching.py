@@ -48,7 +48,9 @@ class Classifier:
 
         Raises :class:`sparkvision.data.images.RejectError` for bytes that do not decode.
         """
-        return decode_image(data, self.pre.channels, self.pre.size, pixel_dtype=self.pre.pixel_dtype)
+        return decode_image(
+            data, self.pre.channels, self.pre.size, pixel_dtype=self.pre.pixel_dtype, resize=self.pre.resize
+        )
 
     def inputs(self, batch: list[np.ndarray]) -> torch.Tensor:
         """``B`` decoded images, uint8 ``(C, H, W)`` -> the model's normalised ``(B, C, H, W)`` input."""
