@@ -33,6 +33,7 @@ EMBED_SCHEMA = (
     "content_id string, path string, split string, label int, label_name string, "
     "embedding array<float>, error string"
 )
+EMBED_COLUMNS = [*KEEP_COLUMNS, "embedding", "error"]
 
 
 def embed_batches(
@@ -44,10 +45,9 @@ def embed_batches(
     """
 
     def columns(batch: pa.RecordBatch, feats: torch.Tensor, errors: list, blob: Any) -> pa.RecordBatch:
-        cols = {c: batch.column(c) for c in KEEP_COLUMNS}
-        cols["embedding"] = vectors_column(feats.float().numpy(), errors)
-        cols["error"] = pa.array(errors, pa.string())
-        return pa.RecordBatch.from_pydict(cols)
+        cols = [batch.column(c) for c in KEEP_COLUMNS]
+        cols += [vectors_column(feats.float().numpy(), errors), pa.array(errors, pa.string())]
+        return pa.RecordBatch.from_arrays(cols, names=EMBED_COLUMNS)
 
     return model_batches(model, "features", batch_size, threads, clock, "embed", columns)
 
