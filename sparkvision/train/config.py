@@ -108,7 +108,7 @@ class TrainConfig(Recipe):
     resize: ResizeOption = Field(
         default="auto",
         description=(
-            "How images of another shape meet the model's square: 'crop' (shorter side to the size, centre "
+            "How images of another shape meet the model's input size: 'crop' (shorter side to it, centre "
             "crop; random resized crops of area "
             f"{RESIZED_CROP_SCALE[0]:g}-{RESIZED_CROP_SCALE[1]:g} in training when augmenting), 'stretch' "
             "(resized straight, aspect changed), 'auto' (crop with --init-weights, else stretch). Saved in "
