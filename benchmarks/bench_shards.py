@@ -86,12 +86,6 @@ def main() -> None:
     ap.add_argument("--shards", default="auto")
     ap.add_argument("--shard-memory-mb", type=int, default=1024)
     ap.add_argument("--kind", default="auto")
-    ap.add_argument(
-        "--nlist",
-        type=int,
-        default=0,
-        help="IVF lists (default: the index's own rule, 16,384 at 10M: ~45 min of k-means on 2 cores)",
-    )
     ap.add_argument("--nprobes", default="", help="comma-separated; default: the index's, 2x and 4x")
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "shards"))
@@ -131,7 +125,6 @@ def main() -> None:
         index,
         shards=int(args.shards) if args.shards != "auto" else "auto",
         kind=args.kind,
-        params={"nlist": args.nlist, "nprobe": max(1, args.nlist // 128)} if args.nlist else None,
         shard_memory_mb=args.shard_memory_mb,
     )
     print(
