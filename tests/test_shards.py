@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
@@ -12,7 +16,7 @@ from test_dedup import planted_table  # noqa: F401  (the dedup tests' image tabl
 from sparkvision.errors import ParamError
 from sparkvision.ops import OPERATIONS
 from sparkvision.retrieval.dedup import dedup_table
-from sparkvision.retrieval.index import build_index, choose_index
+from sparkvision.retrieval.index import build_index, choose_index, vectors_of
 from sparkvision.retrieval.recall import check_recall
 from sparkvision.retrieval.search import open_index, search_df
 from sparkvision.retrieval.shard_build import build_sharded_index
@@ -25,6 +29,7 @@ from sparkvision.retrieval.shards import (
     global_ids,
     merge_topk,
     parse_shards,
+    shard_file,
     split_ids,
 )
 
@@ -219,6 +224,29 @@ def test_ivf_shards_are_mapped_and_check_reports_recall(spark, features, tmp_pat
     idx = ShardedSearchIndex(ivf)
     idx.search(vectors(2, 7), 3)
     assert all(idx.mapped.values())  # IVF lists mapped with IO_FLAG_MMAP
+
+    # Batch search finds each query's lists once (assign_task) and scans them in every shard
+    # (search_preassigned): the same candidates as searching each shard whole at that nprobe.
+    queries = with_qid(spark.read.parquet(features).where(F.col("content_id") < "c00030"))
+    cands = shard_candidates(spark, ivf, queries, 5, nprobe=2).collect()
+    got = {(r.query_content_id, r.shard, r.id): r.score for r in cands}
+    table = pq.read_table(features).filter(pc.less(pc.field("content_id"), "c00030"))
+    names, x = table.column("content_id").to_pylist(), vectors_of(table, "embedding")
+    want = {}
+    for shard in range(2):
+        index = faiss.read_index(os.path.join(ivf, shard_file(shard)))
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", 2)
+        scores, ids = index.search(np.ascontiguousarray(x), 5)
+        want.update(
+            {
+                (names[q], shard, int(i)): float(sc)
+                for q in range(len(x))
+                for sc, i in zip(scores[q], ids[q], strict=True)
+                if i >= 0
+            }
+        )
+    assert got.keys() == want.keys() and len(got) == 30 * 2 * 5
+    np.testing.assert_allclose([got[key] for key in want], list(want.values()), atol=1e-5)
 
 
 def test_index_operation_shards_and_check(spark, features, tmp_path):

@@ -7,6 +7,13 @@ shard's top-k per query. Spark then merges them: per query, the k best candidate
 score (ties to the smaller id, as :func:`~sparkvision.retrieval.shards.merge_topk`), joined to
 the shards' id mappings for content ids and paths.
 
+IVF shards share one coarse quantizer (:mod:`~sparkvision.retrieval.shards`), so each query's
+``nprobe`` nearest lists are found once, in a pass before the crossing (:func:`assign_task`), and
+every shard task scans those lists with FAISS's ``search_preassigned``. Searching each shard whole
+would repeat the quantizer search in every shard: at 10M vectors in 10 shards of
+``IVF16384,Flat`` that repeated search (16,384 centroids per query) cost more than the list scans
+themselves at nprobe 4-16.
+
 Placing pair ``i`` in partition ``i`` exactly: ``repartition(P, key)`` sends a row to
 ``pmod(murmur3(key), P)``, the hash Spark's ``F.hash`` computes, so for each pair we pick the
 smallest integer key that hashes to it (:func:`pair_keys`, a tiny Spark job over a range). Hash
@@ -36,6 +43,7 @@ from sparkvision.retrieval.index import META_FILE, vectors_of
 from sparkvision.retrieval.shards import (
     IDS_DIR,
     ROW_MASK,
+    TRAINED_FILE,
     ids_file,
     local_file,
     max_rss_mb,
@@ -109,7 +117,14 @@ def search_task(
                 shard = int(shards[0])
                 index, _ = read_shard(local_file(uri, shard_file(shard), build_id), kind)
                 tune(index, params)
-            scores, ids = index.search(np.ascontiguousarray(vectors_of(t, "embedding")), k)
+            x = np.ascontiguousarray(vectors_of(t, "embedding"))
+            if "lists" in t.column_names:  # the coarse lists, found once per query (assign_task)
+                lists = list_matrix(t, "lists", np.int64)
+                ldist = list_matrix(t, "ldist", np.float32)
+                ivf: Any = faiss.extract_index_ivf(index)  # the Python wrapper's (x, k, Iq, Dq)
+                scores, ids = ivf.search_preassigned(x, k, lists, ldist)
+            else:
+                scores, ids = index.search(x, k)
             qi, j = np.nonzero(ids >= 0)  # fewer than k vectors in the shard: -1 rows dropped
             take = pa.array(qi)
             yield pa.RecordBatch.from_pydict(
@@ -123,6 +138,46 @@ def search_task(
                     "task": pa.array(np.full(len(qi), task, np.int32)),
                     "max_rss_mb": pa.array(np.full(len(qi), max_rss_mb())),
                 }
+            )
+
+    return run
+
+
+ASSIGN_FIELDS = "lists array<long>, ldist array<float>"
+
+
+def list_matrix(t: pa.Table, column: str, dtype: type) -> np.ndarray:
+    """A list column of equal-length rows as a C-contiguous ``(rows, width)`` array."""
+    col = t.column(column).combine_chunks()
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    return np.ascontiguousarray(flat.reshape(len(col), -1))
+
+
+def assign_task(
+    uri: str, nprobe: int, threads: int, build_id: str = ""
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """Adds each query's ``nprobe`` nearest coarse lists (``lists``) and their distances
+    (``ldist``), from the trained index every shard copies."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        faiss.omp_set_num_threads(threads)
+        quantizer: Any = None
+        for batch in batches:
+            if not batch.num_rows:
+                continue
+            if quantizer is None:
+                trained, _ = read_shard(local_file(uri, TRAINED_FILE, build_id), "ivf", mmap=False)
+                quantizer = faiss.extract_index_ivf(trained).quantizer
+            x = np.ascontiguousarray(vectors_of(pa.Table.from_batches([batch]), "embedding"))
+            dist, lists = quantizer.search(x, nprobe)
+            off = pa.array(np.arange(0, (len(x) + 1) * nprobe, nprobe), pa.int32())
+            yield pa.RecordBatch.from_arrays(
+                [
+                    *batch.columns,
+                    pa.ListArray.from_arrays(off, pa.array(lists.ravel(), pa.int64())),
+                    pa.ListArray.from_arrays(off, pa.array(dist.ravel(), pa.float32())),
+                ],
+                names=[*batch.schema.names, "lists", "ldist"],
             )
 
     return run
@@ -150,8 +205,12 @@ def shard_candidates(
     nprobe: int | None = None,
     query_rows: int | None = None,
     query_batch_rows: int = DEFAULT_QUERY_BATCH_ROWS,
+    preassign: bool = True,
 ) -> DataFrame:
     """Lazy: each query's top-k in each shard (``CANDIDATE_SCHEMA``), one (shard, batch) per task.
+
+    ``preassign=False`` has every shard task search its shard whole (the quantizer once per shard:
+    kept for benchmarks to measure what the assignment pass saves).
 
     ``queries``: ``qid, query_content_id, query_path, embedding`` (see :func:`with_qid`).
     ``query_rows`` (else counted) sizes the batches.
@@ -166,6 +225,13 @@ def shard_candidates(
         params["nprobe"] = nprobe
     q = queries.where(F.col("embedding").isNotNull()).select(*QUERY_KEYS, "embedding")
     nq = q.count() if query_rows is None else query_rows
+    kind = meta["choice"]["kind"]
+    carry = ["embedding"]
+    if preassign and kind in ("ivf", "ivfpq") and params.get("nprobe"):
+        nprobe_ = min(int(params["nprobe"]), int(meta["choice"]["params"].get("nlist", params["nprobe"])))
+        schema = f"{', '.join(f'{c} {t}' for c, t in q.dtypes)}, {ASSIGN_FIELDS}"
+        q = q.mapInArrow(assign_task(uri, nprobe_, task_cpus(spark), meta.get("build_id", "")), schema)
+        carry += ["lists", "ldist"]
     batches = max(1, math.ceil(nq / max(1, query_batch_rows)))
     parts = nshards * batches
     shard_ids = spark.range(nshards).select(F.col("id").cast("int").alias("shard"))
@@ -175,10 +241,10 @@ def shard_candidates(
         .withColumn("pair", F.col("shard") * batches + F.col("qbatch"))
         .join(F.broadcast(pair_keys(spark, parts)), "pair")
         .repartition(parts, "key")
-        .select(*QUERY_KEYS, "embedding", "shard")
+        .select(*QUERY_KEYS, *carry, "shard")
     )
     return paired.mapInArrow(
-        search_task(uri, meta["choice"]["kind"], k, params, task_cpus(spark), meta.get("build_id", "")),
+        search_task(uri, kind, k, params, task_cpus(spark), meta.get("build_id", "")),
         CANDIDATE_SCHEMA,
     )
 
