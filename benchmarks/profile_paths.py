@@ -279,7 +279,7 @@ def inference_split(table: str, model_dir: str, n: int = 2048, batch: int = 512)
     lm = load_model_dir(model_dir)
     pre = lm.preprocess
     fn = optimize_for_cpu_inference(lm.model, torch.zeros(8, pre.channels, *pre.size))
-    fast = getattr(predict_module, "preprocess_arrow", None)
+    fast = getattr(runtime, "preprocess_arrow", None)  # the body's decoder (fastdecode)
     timing: Counter[str] = Counter()
     for rb in rows.to_batches(batch):
         t = time.process_time()

@@ -1,18 +1,104 @@
 """The batch-inference hot path gives the numbers and rows the reference path gives.
 
-predict_columns against the per-row reading of the same top-k. No Spark: these are the
-executors' pure functions.
+fastdecode.preprocess_arrow against preprocess_batch on every kind of row (the libpng rows and
+all the ones that must go to PIL); predict_columns against the per-row reading of the same
+top-k. No Spark: these are the executors' pure functions.
 """
 
 from __future__ import annotations
+
+import io
+import re
+import struct
+import zlib
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import make_image
+from PIL import Image
 
 from sparkvision.inference.predict import predict_columns
 from sparkvision.inference.runtime import KEEP_COLUMNS, vectors_column
+from sparkvision.models.modeldir import Preprocess
+from sparkvision.transforms.fastdecode import binary_parts, png_decoder_available, png_rows, preprocess_arrow
+from sparkvision.transforms.preprocess import preprocess_batch
+
+
+def same(errors: list[str | None]) -> list[str | None]:
+    """Errors without the object addresses PIL puts in some of them."""
+    return [None if e is None else re.sub(r" at 0x[0-9a-f]+", "", e) for e in errors]
+
+
+def png(arr: np.ndarray, **save: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def with_chunk(data: bytes, kind: bytes, body: bytes, crc_delta: int = 0) -> bytes:
+    """``data`` with a chunk inserted after IHDR (its CRC off by ``crc_delta``)."""
+    crc = (zlib.crc32(kind + body) + crc_delta) & 0xFFFFFFFF
+    return data[:33] + struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc) + data[33:]
+
+
+def mixed_rows(size: int) -> list[bytes | None]:
+    """Every kind of row a model may meet: the PNGs libpng takes and all the others."""
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (size, size), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: PIL turns it upright
+    good = png(gray)
+    return [
+        good,
+        png(rng.integers(0, 256, (size, size), dtype=np.uint8), optimize=True),
+        with_chunk(good, b"gAMA", struct.pack(">I", 45455)),
+        png(gray, transparency=0),  # gray + tRNS
+        png(rgb),  # colour type 2 for a gray model: PIL's luma
+        png(gray[: size // 2]),  # another size: resized
+        make_image(1, size, "P"),  # palette
+        make_image(2, size, "LA"),
+        make_image(3, size, "RGB", fmt="JPEG"),
+        png(gray.astype(np.uint16) * 257),  # 16-bit
+        good[:60],  # header fine, body cut: truncated
+        good[:8] + b"\x00" * 30,  # a signature and nothing else
+        b"",
+        None,
+        b"not an image at all, but long enough to have a header",
+        png(gray, exif=exif.tobytes()),  # an EXIF orientation
+        with_chunk(good, b"gAMA", struct.pack(">I", 45455), crc_delta=1),  # a damaged chunk
+        with_chunk(good, b"gAMA", b"\x00\x01"),  # a chunk of the wrong length
+        png(rgb),
+    ]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_preprocess_arrow_is_preprocess_batch(channels, threads):
+    size = 12
+    rows = mixed_rows(size) * 3
+    pre = Preprocess(channels, (size, size), (0.3,) * channels, (0.4,) * channels)
+    arrow = pa.array(rows, pa.binary())
+    x, errors = preprocess_arrow(arrow.slice(1), pre, threads=threads)  # a slice: offsets not at 0
+    ref, ref_errors = preprocess_batch(rows[1:], pre)
+    assert same(errors) == same(ref_errors)
+    assert torch.equal(x, ref)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    floats = Preprocess(channels, (size, size), (0.3,) * channels, (0.4,) * channels, pixel_dtype="float32")
+    x2, errors2 = preprocess_arrow(arrow, floats)  # a float table's model: every row through PIL
+    ref2, ref_errors2 = preprocess_batch(rows, floats)
+    assert torch.equal(x2, ref2) and same(errors2) == same(ref_errors2)
+
+
+@pytest.mark.skipif(not png_decoder_available(), reason="torchvision without image ops")
+def test_only_8bit_pngs_of_the_size_and_colour_type_take_libpng():
+    rows = mixed_rows(12)
+    offsets, data, valid = binary_parts(pa.array(rows, pa.binary()))
+    assert png_rows(offsets, data, valid, 1, (12, 12)).tolist() == [0, 1, 2, 3, 10, 15, 16, 17]
+    assert png_rows(offsets, data, valid, 3, (12, 12)).tolist() == [4, 18]
+    assert png_rows(offsets, data, valid, 1, (6, 12)).tolist() == [5]
 
 
 def keep_columns(n: int) -> pa.RecordBatch:

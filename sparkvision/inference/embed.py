@@ -78,7 +78,5 @@ def embed_table(
     emb = embed_df(spark, model_dir, image_source(spark, table, split), batch_size)
     with spark_progress(spark, "embed"):
         emb.write.mode(mode).parquet(out_q)
-    summary = summarise_output(spark, out_q, timer, "embed")
-    first = spark.read.parquet(out_q).where("embedding is not null").select(F.size("embedding")).first()
-    summary["dim"] = int(first[0]) if first else None
-    return summary
+    dim = F.max(F.when(F.col("embedding").isNotNull(), F.size("embedding")))
+    return summarise_output(spark, out_q, timer, "embed", {"dim": dim})

@@ -6,7 +6,8 @@ its safetensors bytes (:class:`ModelBlob`: no shared file system needed, no pick
 built once per Python worker process (:func:`worker_model`), then frozen with TorchScript (conv+BN
 folded, channels_last), which is what makes a small CNN run 2-3x faster than eager PyTorch on a
 CPU. The input transform is
-:mod:`sparkvision.transforms.preprocess`, the same one training and the web server use.
+:mod:`sparkvision.transforms.preprocess`, the same one training and the web server use (with
+libpng for the PNGs where that gives the same pixels: :mod:`sparkvision.transforms.fastdecode`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, cast
 import numpy as np
 import pyarrow as pa
 import torch
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from safetensors.torch import load as st_load
 
@@ -41,7 +42,7 @@ from sparkvision.models.modeldir import (
 )
 from sparkvision.spark.progress import Timer
 from sparkvision.spark.taskclock import task_clock
-from sparkvision.transforms.preprocess import preprocess_batch
+from sparkvision.transforms.fastdecode import preprocess_arrow
 
 KEEP_COLUMNS = ("content_id", "path", "split", "label", "label_name")
 
@@ -206,7 +207,7 @@ def model_batches(
             t.lap("model_load")
             for batch in rebatch(t.inputs(batches), batch_size):
                 t.lap("rebatch")
-                x, errors = preprocess_batch(batch.column("image").to_pylist(), pre)
+                x, errors = preprocess_arrow(batch.column("image"), pre, threads)
                 t.lap("preprocess")
                 y = run_model_in_calls(fn, x)
                 t.lap("model")
@@ -269,12 +270,17 @@ def image_source(spark: SparkSession, table: str | DataFrame, split: str | None)
     return df.select("image", *KEEP_COLUMNS)
 
 
-def summarise_output(spark: SparkSession, out: str, timer: Timer, kind: str) -> dict[str, Any]:
-    """Rows, error rows and throughput of a written result table."""
-    agg = spark.read.parquet(out).agg(F.count("*").alias("rows"), F.count("error").alias("errors")).first()
+def summarise_output(
+    spark: SparkSession, out: str, timer: Timer, kind: str, extra: dict[str, Column] | None = None
+) -> dict[str, Any]:
+    """Rows, error rows and throughput of a written result table, and the ``extra`` aggregates
+    (a caller's accuracy, dimension...) in the same single pass over it: one job, not one each."""
+    aggs = [F.count("*").alias("rows"), F.count("error").alias("errors")]
+    aggs += [col.alias(name) for name, col in (extra or {}).items()]
+    agg = spark.read.parquet(out).agg(*aggs).first()
     assert agg is not None  # a global aggregate has exactly one row
     elapsed = timer.elapsed
-    return {
+    summary = {
         "output": out,
         "kind": kind,
         "rows": int(agg.rows),
@@ -282,3 +288,5 @@ def summarise_output(spark: SparkSession, out: str, timer: Timer, kind: str) -> 
         "elapsed_s": round(elapsed, 3),
         "images_per_s": round(agg.rows / max(elapsed, 1e-9), 1),
     }
+    summary.update({name: agg[name] for name in extra or {}})
+    return summary
