@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from sparkvision.data.images import RejectError
+from sparkvision.detect.config import CropSpec
 from sparkvision.detect.crop import (
-    CropSpec,
     crop_pixels,
     crops_of,
     encode_png,

@@ -17,7 +17,6 @@ from rich.table import Table
 
 from sparkvision.data.images import RejectError
 from sparkvision.errors import JobFailed
-from sparkvision.spark.distributed import spark_failure
 from sparkvision.spark.session import get_spark, parse_conf
 
 console = Console()
@@ -114,5 +113,7 @@ def guarded(fn: Callable[[], dict[str, Any]], as_json: bool) -> dict[str, Any]:
         fail(str(msg), as_json)
         raise  # unreachable; fail() raises
     except (PySparkException, Py4JJavaError) as e:  # a Spark job failed: its reason, not its stack
+        from sparkvision.spark.distributed import spark_failure  # torch: only once something failed
+
         fail(str(spark_failure(e)), as_json)
         raise

@@ -6,12 +6,10 @@ import dataclasses
 from typing import Annotated, Any
 
 import typer
-import uvicorn
 
 from sparkvision.cli.common import Conf, Master, Remote, ShipEnv, err_console, fail
 from sparkvision.errors import ParamError
 from sparkvision.spark.session import parse_conf
-from sparkvision.web.app import create_app
 from sparkvision.web.security import Settings
 
 # Every default is Settings' own: the flags below only name and document them.
@@ -74,6 +72,12 @@ def serve(
     ship_env: ShipEnv = False,
 ) -> None:
     """Serve the web pages and the REST API (OpenAPI at /docs) with a background job runner."""
+    # Imported here: the application (FastAPI, SQLAlchemy, the model runtime) is not needed to start
+    # any other command.
+    import uvicorn
+
+    from sparkvision.web.app import create_app
+
     try:
         settings = Settings(
             host=host,

@@ -24,8 +24,6 @@ from typing import Any
 
 import numpy as np
 import tifffile
-from scipy.ndimage import gaussian_filter
-from scipy.spatial import cKDTree
 
 from sparkvision.data.raster import C2_OFFSET, C2_SCALE, GDAL_NODATA_TAG, LANDSAT8_BANDS
 
@@ -93,6 +91,10 @@ def synthetic_scene(
     ``region_spread``: relative sd of a region's signature around its class's; ``unlabelled``:
     share of regions without a label.
     """
+    # scipy only here: reading rasters (and every command's start) does without it.
+    from scipy.ndimage import gaussian_filter
+    from scipy.spatial import cKDTree
+
     rng = np.random.default_rng(seed)
     n = max(len(CLASS_NAMES), round(height * width / region_px))
     seeds = rng.uniform((0, 0), (height, width), size=(n, 2))

@@ -7,6 +7,8 @@ workers, checkpoints, cache) mean what they mean in :class:`~sparkvision.train.c
 
 from __future__ import annotations
 
+from dataclasses import dataclass as plain_dataclass
+
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
@@ -31,6 +33,19 @@ from sparkvision.fields import (
     Workers,
 )
 from sparkvision.train.config import RECIPE, Optimizer, Schedule
+
+MIN_SCORE = 0.5  # boxes scoring less are dropped: detect, crop, features and search queries
+DETECT_BATCH = 64  # images per detector call on the executors
+
+
+@plain_dataclass(frozen=True)
+class CropSpec:
+    """How boxes become crops; saved in the features table's ``_retrieval.json`` so a query image
+    is cropped the same way."""
+
+    margin: float = 0.1  # of the box's own width/height, on every side
+    all_boxes: bool = False  # every box above min_score, not only the best
+    max_side: int | None = None  # crops (in the crops table) shrunk to this longer side; None: as cut
 
 
 @dataclass(config=RECIPE)

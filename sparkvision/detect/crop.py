@@ -32,7 +32,8 @@ from torchvision.ops import box_iou
 
 from sparkvision.data.images import RejectError, content_id, open_image
 from sparkvision.detect.boxes import as_boxes, crop_rect, expand_boxes
-from sparkvision.detect.inference import DETECTION_TYPE, MIN_SCORE, detect_batch, worker_detector
+from sparkvision.detect.config import MIN_SCORE, CropSpec
+from sparkvision.detect.inference import DETECTION_TYPE, detect_batch, worker_detector
 from sparkvision.inference.modelref import ModelRef
 from sparkvision.inference.runtime import rebatch, run_model, vectors_column, worker_model
 from sparkvision.transforms.preprocess import decode_image, image_pixels, normalize, to_unit
@@ -66,16 +67,6 @@ FEATURES_SCHEMA = (
     "content_id string, path string, split string, label int, label_name string, embedding array<float>, "
     f"error string, crop int, box {BOX_DDL}, fallback boolean"
 )
-
-
-@dataclass(frozen=True)
-class CropSpec:
-    """How boxes become crops; saved in the features table's ``_retrieval.json`` so a query image
-    is cropped the same way."""
-
-    margin: float = 0.1  # of the box's own width/height, on every side
-    all_boxes: bool = False  # every box above min_score, not only the best
-    max_side: int | None = None  # crops (in the crops table) shrunk to this longer side; None: as cut
 
 
 def crop_settings(crop: dict[str, Any]) -> tuple[CropSpec, float]:

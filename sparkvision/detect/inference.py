@@ -50,8 +50,6 @@ DETECTION_TYPE = pa.list_(
     )
 )
 NMS_IOU = 0.5
-MIN_SCORE = 0.5  # boxes scoring less are dropped: detect, crop, features and search queries
-DETECT_BATCH = 64  # images per detector call on the executors
 
 # One detector per Python worker process (Spark reuses workers across tasks), by weights digest.
 _DETECTORS: dict[str, tuple[torch.nn.Module, Preprocess]] = {}

@@ -19,14 +19,14 @@ from pyspark.sql import functions as F
 
 from sparkvision.data.detection import is_detection_table, read_detection_table
 from sparkvision.data.table import read_meta, read_table, write_meta
+from sparkvision.detect.config import DETECT_BATCH, MIN_SCORE, CropSpec
 from sparkvision.detect.crop import (
     CROPS_SCHEMA,
     SOURCE_COLUMNS,
-    CropSpec,
     crop_batches,
     features_df,
 )
-from sparkvision.detect.inference import DETECT_BATCH, MIN_SCORE, ship_detector
+from sparkvision.detect.inference import ship_detector
 from sparkvision.errors import ParamError
 from sparkvision.inference.modelref import ship_model
 from sparkvision.inference.runtime import configure_workers

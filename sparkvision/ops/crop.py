@@ -8,9 +8,7 @@ from typing import Annotated, Any
 from pydantic import Field
 from pyspark.sql import SparkSession
 
-from sparkvision.detect.crop import CropSpec
-from sparkvision.detect.inference import DETECT_BATCH, MIN_SCORE
-from sparkvision.detect.pipeline import crop_table
+from sparkvision.detect.config import DETECT_BATCH, MIN_SCORE, CropSpec
 from sparkvision.fields import OptionalSplit
 from sparkvision.ops.base import Cli, Operation, Progress, params_model, register
 from sparkvision.ops.fields import overwrite, positional
@@ -67,6 +65,8 @@ def crop_spec(p: Any) -> CropSpec:
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.detect.pipeline import crop_table
+
     return crop_table(
         spark, p.detector, p.table, p.out, crop_spec(p), min_score=p.min_score, split=p.split,
         batch_size=p.batch_size,

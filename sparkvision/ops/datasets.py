@@ -7,7 +7,6 @@ from typing import Any
 from pydantic import Field
 from pyspark.sql import SparkSession
 
-from sparkvision.data.datasets import fashion_mnist_dir, ingest_fashion_mnist
 from sparkvision.ops.base import Operation, Progress, params_model, register
 from sparkvision.ops.fields import overwrite, positional
 
@@ -24,10 +23,14 @@ FashionMnistParams = params_model(
 
 
 def check(p: Any) -> None:
+    from sparkvision.data.datasets import fashion_mnist_dir
+
     fashion_mnist_dir(p.source)  # says how to get the data before a JVM starts
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.data.datasets import fashion_mnist_dir, ingest_fashion_mnist
+
     return ingest_fashion_mnist(spark, p.dest, fashion_mnist_dir(p.source)).to_json()
 
 

@@ -10,8 +10,6 @@ from pyspark.sql import SparkSession
 from sparkvision.fields import OptionalSplit
 from sparkvision.ops.base import Cli, Operation, Progress, counting, params_model, register
 from sparkvision.ops.fields import inference_batch, overwrite, positional
-from sparkvision.retrieval.dedup import dedup_table
-from sparkvision.retrieval.shards import parse_shards
 
 DedupParams = params_model(
     "DedupParams",
@@ -107,6 +105,9 @@ DedupParams = params_model(
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.retrieval.dedup import dedup_table
+    from sparkvision.retrieval.shards import parse_shards
+
     return dedup_table(
         spark,
         p.table,

@@ -10,10 +10,9 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from sparkvision.data.table import read_table
-from sparkvision.detect.inference import DETECT_BATCH, MIN_SCORE, detect_df, draw_preview, ship_detector
+from sparkvision.detect.config import DETECT_BATCH, MIN_SCORE
 from sparkvision.errors import ParamError
 from sparkvision.fields import OptionalSplit
-from sparkvision.inference.runtime import configure_workers
 from sparkvision.ops.base import Operation, Progress, params_model, register
 from sparkvision.ops.fields import overwrite, positional
 from sparkvision.ops.paths import local_path
@@ -55,6 +54,9 @@ def check(p: Any) -> None:
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.detect.inference import detect_df, draw_preview, ship_detector
+    from sparkvision.inference.runtime import configure_workers
+
     timer = Timer()
     model = ship_detector(spark, p.model_dir)
     threads = configure_workers(spark, p.batch_size)

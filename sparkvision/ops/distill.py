@@ -18,7 +18,6 @@ from sparkvision.ops.fields import model_dir_out, overwrite, table_in
 from sparkvision.ops.paths import when_resuming
 from sparkvision.ops.train import check_model, check_splits
 from sparkvision.ssl.config import FinetuneConfig
-from sparkvision.ssl.finetune import finetune
 
 RECIPE = {"batch_size": 256, "epochs": 10, "label_smoothing": 0.0, "encoder_lr_scale": 1.0}
 # FixMatch, linear evaluation and the projector neck are fine-tuning's, not distillation's.
@@ -73,6 +72,8 @@ def check(p: Any) -> None:
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.ssl.finetune import finetune
+
     check_splits(spark, p.table, unlabeled_split=p.unlabeled_split, eval_split=p.eval_split)
     progress.check_cancelled()
     return finetune(spark, p.table, p.out, encoder=p.encoder, cfg=config(p), eval_every=1, teacher=p.teacher)

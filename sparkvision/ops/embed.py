@@ -11,7 +11,6 @@ from sparkvision.fields import OptionalSplit
 from sparkvision.ops.base import Operation, Progress, params_model, register
 from sparkvision.ops.fields import inference_batch, overwrite, positional
 from sparkvision.retrieval.codes import DEFAULT_METHOD
-from sparkvision.retrieval.embed import embed_with_codes
 
 EmbedParams = params_model(
     "EmbedParams",
@@ -38,6 +37,8 @@ EmbedParams = params_model(
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.retrieval.embed import embed_with_codes
+
     return embed_with_codes(
         spark,
         p.model_dir,

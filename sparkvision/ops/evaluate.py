@@ -11,7 +11,6 @@ from pyspark.sql import functions as F
 from sparkvision.data.table import read_table
 from sparkvision.errors import ParamError
 from sparkvision.fields import OptionalSplit
-from sparkvision.inference.evaluate import evaluate
 from sparkvision.ops.base import Operation, Progress, params_model, register
 from sparkvision.ops.fields import inference_batch, positional
 
@@ -33,6 +32,8 @@ EvaluateParams = params_model(
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.inference.evaluate import evaluate
+
     split = None if p.split == "all" else p.split
     if read_table(spark, p.table, split).where(F.col("label").isNotNull()).limit(1).count() == 0:
         # Scoring nothing would replace the model's evaluation with an empty one.

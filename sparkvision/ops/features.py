@@ -8,7 +8,6 @@ from typing import Annotated, Any
 from pydantic import Field
 from pyspark.sql import SparkSession
 
-from sparkvision.detect.pipeline import features_table
 from sparkvision.ops.base import Cli, Operation, Progress, params_model, register
 from sparkvision.ops.crop import CROP_FIELDS, crop_spec
 from sparkvision.ops.embed import EmbedParams
@@ -35,6 +34,8 @@ FeaturesParams = params_model(
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.detect.pipeline import features_table
+
     return features_table(
         spark, p.detector, p.embedder, p.table, p.out, crop_spec(p), min_score=p.min_score,
         bits=p.bits, code_method=p.code_method, sample=p.sample, split=p.split, batch_size=p.batch_size,

@@ -21,7 +21,6 @@ from sparkvision.ops.fields import model_dir_out, overwrite, table_in
 from sparkvision.ops.paths import when_resuming
 from sparkvision.ops.train import check_model, check_splits
 from sparkvision.ssl.config import FinetuneConfig
-from sparkvision.ssl.finetune import finetune
 
 FinetuneParams = params_model(
     "FinetuneParams",
@@ -59,6 +58,8 @@ def check(p: Any) -> None:
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.ssl.finetune import finetune
+
     check_splits(spark, p.table, train_split=p.train_split, eval_split=p.eval_split)
     progress.check_cancelled()
     return finetune(spark, p.table, p.out, encoder=p.encoder, cfg=config(p), eval_every=p.eval_every)

@@ -9,10 +9,7 @@ from pyspark.sql import SparkSession
 
 from sparkvision.ops.base import Cli, Operation, ParamError, Progress, counting, params_model, register
 from sparkvision.ops.fields import overwrite, positional
-from sparkvision.retrieval.index import build_index, count_rows
-from sparkvision.retrieval.recall import check_recall
-from sparkvision.retrieval.shard_build import build_sharded_index
-from sparkvision.retrieval.shards import DEFAULT_SHARD_MEMORY_MB, parse_shards
+from sparkvision.retrieval.shards import DEFAULT_SHARD_MEMORY_MB
 
 IndexParams = params_model(
     "IndexParams",
@@ -61,6 +58,8 @@ IndexParams = params_model(
 
 
 def check(p: Any) -> None:
+    from sparkvision.retrieval.shards import parse_shards
+
     parse_shards(p.shards)
     if p.shards is not None and (p.codes or p.kind.startswith("binary")):
         raise ParamError("shards", "sharded indexes hold float features; index binary codes without shards")
@@ -69,6 +68,11 @@ def check(p: Any) -> None:
 
 
 def run(spark: SparkSession | None, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.retrieval.index import build_index, count_rows
+    from sparkvision.retrieval.recall import check_recall
+    from sparkvision.retrieval.shard_build import build_sharded_index
+    from sparkvision.retrieval.shards import parse_shards
+
     params: dict[str, int] = {}
     if p.nprobe is not None:
         params["nprobe"] = p.nprobe

@@ -7,7 +7,6 @@ from typing import Annotated, Any
 from pydantic import Field
 from pyspark.sql import SparkSession
 
-from sparkvision.data.raster_ingest import ingest_raster
 from sparkvision.data.raster_rows import FeatureSet
 from sparkvision.fields import CommaList
 from sparkvision.ops.base import Cli, Operation, ParamError, Params, Progress, register
@@ -80,6 +79,8 @@ def check(p: Any) -> None:
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.data.raster_ingest import ingest_raster
+
     return ingest_raster(
         spark,
         p.raster,

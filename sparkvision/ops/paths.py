@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from typing import Any
 
 from sparkvision.errors import ParamError
-from sparkvision.inference.runtime import read_blob
 from sparkvision.spark import storage
 
 
@@ -68,6 +67,8 @@ def check_inputs_exist(op: Any, p: Any) -> None:
 def check_models(op: Any, p: Any) -> None:
     """Each model directory given loads (read once per process, on this side): a corrupt or
     misfitting model is one line naming the parameter, before a job is queued or Spark starts."""
+    from sparkvision.inference.runtime import read_blob
+
     for name in op.models:
         value = getattr(p, name, None)
         if isinstance(value, str) and local_path(value) is not None:

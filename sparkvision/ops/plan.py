@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BeforeValidator, Field
 from pyspark.sql import SparkSession
@@ -30,22 +30,11 @@ from sparkvision.fields import BatchSize, CommaList, Epochs, Workers
 from sparkvision.ops.base import Cli, Operation, ParamError, Progress, params_model, register
 from sparkvision.ops.fields import overwrite, table_in
 from sparkvision.ops.train import check_model, check_splits
-from sparkvision.plan import (
-    AccuracyModel,
-    Config,
-    CostModel,
-    Measurement,
-    Option,
-    ProfileRun,
-    candidates,
-    design,
-    solve,
-    validate_learning_curve,
-)
-from sparkvision.plan.plot import plot_plan
 from sparkvision.spark.cache import CachePlanner
 from sparkvision.train.config import TrainConfig
-from sparkvision.train.engine import train_df
+
+if TYPE_CHECKING:
+    from sparkvision.plan import Measurement, Option, ProfileRun
 
 
 def numbers(v: Any) -> Any:
@@ -115,6 +104,8 @@ def check(p: Any) -> None:
 def recorded(model_dir: str, model: str, train_rows: int) -> Measurement:
     """A finished training run as a profile measurement: its median epoch time and its curve,
     scaled by the share of the ``train_rows`` it trained on (a profile run's subset, or all)."""
+    from sparkvision.plan import Measurement
+
     d = Path(model_dir)
     try:
         cfg = json.loads((d / "train_config.json").read_text())
@@ -161,6 +152,19 @@ def option_json(o: Option) -> dict[str, Any]:
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.plan import (
+        AccuracyModel,
+        Config,
+        CostModel,
+        Measurement,
+        candidates,
+        design,
+        solve,
+        validate_learning_curve,
+    )
+    from sparkvision.plan.plot import plot_plan
+    from sparkvision.train.engine import train_df
+
     check_splits(spark, p.table, train_split="train", eval_split="test")
     out = Path(p.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,6 +263,8 @@ def measure(
 ) -> dict[str, Any]:
     """Train the choice on the full data with the default recipe; the measured time, accuracy
     and cost beside the predicted ones."""
+    from sparkvision.train.engine import train_df
+
     c = choice.config
     cfg = TrainConfig(
         model=p.model, epochs=choice.epochs, batch_size=c.batch, workers=c.workers, threads_per_rank=c.threads

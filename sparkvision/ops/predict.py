@@ -10,7 +10,6 @@ from pydantic import Field
 from pyspark.sql import SparkSession
 
 from sparkvision.fields import OptionalSplit
-from sparkvision.inference.predict import predict_table
 from sparkvision.ops.base import Cli, Operation, Progress, params_model, register
 from sparkvision.ops.fields import inference_batch, overwrite, positional
 
@@ -41,6 +40,8 @@ def write_source_note(out: str, table: str) -> None:
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.inference.predict import predict_table
+
     out = predict_table(
         spark, p.model_dir, p.table, p.out, top_k=p.top_k, batch_size=p.batch_size, split=p.split
     )

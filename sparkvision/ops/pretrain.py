@@ -17,7 +17,6 @@ from sparkvision.ops.fields import model_dir_out, overwrite, table_in
 from sparkvision.ops.paths import when_resuming
 from sparkvision.ops.train import check_model
 from sparkvision.ssl.presets import PRESET_FIELDS, PRESETS, PretrainConfig, resolve
-from sparkvision.ssl.pretrain import pretrain
 
 # A field some preset sets defaults to None here, "the preset's value"; the rest keep the recipe's default.
 _fields = config_fields(PretrainConfig, optional=PRESET_FIELDS, exclude=("pool_split",))
@@ -60,6 +59,8 @@ def default_pool(spark: SparkSession, table: str) -> str:
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.ssl.pretrain import pretrain
+
     given = overrides(p)
     given.setdefault("pool_split", default_pool(spark, p.table))
     return pretrain(spark, p.table, p.out, preset=p.preset, **given)

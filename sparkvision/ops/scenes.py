@@ -7,7 +7,6 @@ from typing import Any, Literal
 from pydantic import Field
 from pyspark.sql import SparkSession
 
-from sparkvision.detect.scene_table import make_scenes
 from sparkvision.errors import ParamError
 from sparkvision.fields import OptionalSplit
 from sparkvision.ops.base import Operation, Progress, params_model, register
@@ -57,6 +56,8 @@ def check(p: Any) -> None:
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.detect.scene_table import make_scenes
+
     try:
         return make_scenes(
             spark,

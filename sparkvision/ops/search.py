@@ -10,7 +10,6 @@ from pyspark.sql import SparkSession
 from sparkvision.fields import OptionalSplit
 from sparkvision.ops.base import Cli, Operation, ParamError, Progress, params_model, register
 from sparkvision.ops.fields import inference_batch, overwrite, positional
-from sparkvision.retrieval.search import search_images, search_table
 
 SearchParams = params_model(
     "SearchParams",
@@ -52,6 +51,8 @@ def check(p: Any) -> None:
 
 
 def run(spark: SparkSession | None, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.retrieval.search import search_images, search_table
+
     if p.table is not None:
         assert spark is not None  # spark_when: batch mode is given a session
         return search_table(

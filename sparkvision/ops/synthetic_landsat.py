@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field
 
-from sparkvision.data.landsat import CLASS_NAMES, write_scene
+from sparkvision.data.landsat import CLASS_NAMES
 from sparkvision.ops.base import Operation, ParamError, Progress, params_model, register
 from sparkvision.ops.fields import overwrite, positional
 from sparkvision.ops.paths import local_path
@@ -42,6 +42,8 @@ def check(p: Any) -> None:
 
 
 def run(spark: Any, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.data.landsat import write_scene
+
     return write_scene(
         local_path(p.out) or p.out,
         p.height,

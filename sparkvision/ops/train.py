@@ -23,7 +23,6 @@ from sparkvision.ops.base import (
 from sparkvision.ops.fields import model_dir_out, overwrite, table_in
 from sparkvision.ops.paths import when_resuming
 from sparkvision.train.config import TrainConfig
-from sparkvision.train.engine import train
 
 TrainParams = params_model(
     "TrainParams",
@@ -96,6 +95,8 @@ def check(p: Any) -> None:
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.train.engine import train
+
     check_splits(spark, p.table, train_split=p.train_split, eval_split=p.eval_split)
     progress.check_cancelled()
     return train(spark, p.table, p.out, config(p))

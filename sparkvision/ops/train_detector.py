@@ -8,8 +8,6 @@ from pyspark.sql import SparkSession
 
 from sparkvision.data.detection import is_detection_table
 from sparkvision.detect.config import DetectorConfig
-from sparkvision.detect.train import train_detector
-from sparkvision.models.detector import create_detector, detector_arguments, list_detectors
 from sparkvision.ops.base import (
     Operation,
     ParamError,
@@ -44,6 +42,8 @@ def config(p: Any) -> DetectorConfig:
 
 def check(p: Any) -> None:
     """The detector is registered and takes every argument given, before Spark starts."""
+    from sparkvision.models.detector import create_detector, detector_arguments, list_detectors
+
     if p.model not in list_detectors():
         raise ParamError(
             "model", f"{p.model!r} is not a registered detector; choose from {', '.join(list_detectors())}"
@@ -62,6 +62,8 @@ def check(p: Any) -> None:
 
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
+    from sparkvision.detect.train import train_detector
+
     if not is_detection_table(spark, p.table):
         raise ParamError(
             "table", f"{p.table} has no boxes; make a detection table with `sparkvision datasets scenes`"

@@ -1,11 +1,52 @@
-"""Self-supervised pretraining (improved SimCLR, SimSiam, SimCLR) and few-label fine-tuning."""
+"""Self-supervised pretraining (improved SimCLR, SimSiam, SimCLR) and few-label fine-tuning.
 
-from sparkvision.ssl.heads import BottleneckPredictor, ImprovedPredictor, ProjectionMLP, SimCLRProjectionHead
-from sparkvision.ssl.losses import DistillationLoss, NegativeCosineSimilarity, NTXentLoss
-from sparkvision.ssl.methods import METHODS, build_method
-from sparkvision.ssl.presets import PRESETS, PretrainConfig, resolve
-from sparkvision.ssl.sampling import sample_label_fraction, stratified_sample
-from sparkvision.ssl.views import RandomView, TwoViews, ViewConfig
+Names load on first use (see :mod:`sparkvision.train`): the command line needs only the
+configuration modules, not the training code behind them.
+"""
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "BottleneckPredictor": "heads",
+    "ImprovedPredictor": "heads",
+    "ProjectionMLP": "heads",
+    "SimCLRProjectionHead": "heads",
+    "DistillationLoss": "losses",
+    "NegativeCosineSimilarity": "losses",
+    "NTXentLoss": "losses",
+    "METHODS": "methods",
+    "build_method": "methods",
+    "PRESETS": "presets",
+    "PretrainConfig": "presets",
+    "resolve": "presets",
+    "sample_label_fraction": "sampling",
+    "stratified_sample": "sampling",
+    "RandomView": "views",
+    "TwoViews": "views",
+    "ViewConfig": "views",
+}
+
+if TYPE_CHECKING:
+    from sparkvision.ssl.heads import (
+        BottleneckPredictor,
+        ImprovedPredictor,
+        ProjectionMLP,
+        SimCLRProjectionHead,
+    )
+    from sparkvision.ssl.losses import DistillationLoss, NegativeCosineSimilarity, NTXentLoss
+    from sparkvision.ssl.methods import METHODS, build_method
+    from sparkvision.ssl.presets import PRESETS, PretrainConfig, resolve
+    from sparkvision.ssl.sampling import sample_label_fraction, stratified_sample
+    from sparkvision.ssl.views import RandomView, TwoViews, ViewConfig
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sparkvision.ssl' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"sparkvision.ssl.{module}"), name)
+
 
 __all__ = [
     "METHODS",
