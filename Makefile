@@ -1,5 +1,5 @@
 # The two commands the README opens with. Each does its own set-up (scripts/setup.sh) first.
-.PHONY: demo test setup bench lint
+.PHONY: demo test test-all setup bench lint
 
 setup:
 	@scripts/setup.sh
@@ -9,6 +9,10 @@ demo: setup
 
 test: setup
 	.venv/bin/pytest -q
+
+# Everything, the `slow` tests too (the real --ship-env round trip): what to run before a release.
+test-all: setup
+	.venv/bin/pytest -q -m "slow or not slow"
 
 bench: setup
 	.venv/bin/python benchmarks/bench_ingest.py

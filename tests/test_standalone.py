@@ -156,7 +156,10 @@ def test_without_ship_env_a_bare_executor_python_fails_in_one_line(standalone_cl
 
 
 # Packing, then Spark copying and unpacking the archive on the driver and on the executor, moves
-# about 35 GB on disk for this 5.8 GB CUDA torch environment: 2 minutes on a quiet machine.
+# about 35 GB on disk for this 5.8 GB CUDA torch environment: 2 minutes on a quiet machine, 5 in a
+# loaded CI run, a quarter of CI's budget for one test. So it is `slow`: `make test-all` runs it,
+# `make test` (CI) does not; tests/test_ship_env.py checks what the archive holds in seconds.
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ship_env_runs_executors_on_the_packed_environment(standalone_cluster):
     """The driver asks for the bare Python, and --ship-env's archives override it: the tasks run
