@@ -154,10 +154,11 @@ def job_db_url(request, tmp_path):
 # (--no-loadscope-reorder: xdist would otherwise order files by their number of tests.)
 SLOW_FILES = (
     "test_standalone.py",
-    "test_recovery.py",
-    "test_connect.py",
     "test_outputs.py",
+    "test_detect_train.py",
     "test_ingest_cluster.py",
+    "test_connect.py",
+    "test_recovery.py",
 )
 
 

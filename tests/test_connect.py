@@ -39,6 +39,8 @@ def run_cli(*args: str, timeout: int = 300) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+# slow (make test-all, not CI's make test): see the README's "Tests" paragraph.
+@pytest.mark.slow
 def test_ingest_train_evaluate_predict_embed_over_connect(connect_server, tmp_path):
     remote = ("--remote", connect_server.url)
     images = tmp_path / "images"

@@ -88,6 +88,8 @@ def calm(standalone_cluster, table, tmp_path_factory) -> tuple[dict, Path]:
     return summary, out
 
 
+# slow (make test-all, not CI's make test): see the README's "Tests" paragraph.
+@pytest.mark.slow
 def test_training_survives_a_killed_executor(standalone_cluster, table, calm, tmp_path):
     cluster = standalone_cluster
     calm_summary = calm[0]
@@ -125,6 +127,8 @@ def test_training_survives_a_killed_executor(standalone_cluster, table, calm, tm
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
 
 
+# slow (make test-all, not CI's make test): see the README's "Tests" paragraph.
+@pytest.mark.slow
 def test_exhausted_restarts_are_one_line(standalone_cluster, table, tmp_path):
     """With --max-restarts 0 a killed executor ends the run with one line saying how to resume."""
     cluster = standalone_cluster

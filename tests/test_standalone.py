@@ -142,6 +142,8 @@ def run_bare(args: list[str], timeout: int) -> subprocess.CompletedProcess:
     )
 
 
+# slow (make test-all, not CI's make test): see the README's "Tests" paragraph.
+@pytest.mark.slow
 def test_without_ship_env_a_bare_executor_python_fails_in_one_line(standalone_cluster, tmp_path):
     src = write_image_folder(tmp_path / "images", {"a": 2, "b": 2})
     master = ["--master", standalone_cluster.master_url]
