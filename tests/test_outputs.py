@@ -6,7 +6,7 @@
   temporary file left behind) is skipped and the previous checkpoint loads;
 * a run resumed from a mid-epoch checkpoint ends with the same weights and history as the
   undisturbed run;
-* through the CLI, ``--out`` on a scheme only Hadoop's client knows (``svtest://``: Hadoop's
+* ``train``'s ``out`` on a scheme only Hadoop's client knows (``svtest://``: Hadoop's
   ``ViewFileSystemOverloadScheme`` over a local directory) receives checkpoints, metrics,
   TensorBoard events and the model directory, with ``spark.driver.maxResultSize`` below the
   weights' size (so they cannot have come back in the collected row), and ``evaluate`` (through
@@ -32,7 +32,6 @@ from sparkvision.spark.sink import OutputSink, SinkError, SinkStore
 from sparkvision.train import AugmentConfig, TrainConfig, train
 from sparkvision.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
-CLI = [sys.executable, "-m", "sparkvision.cli"]
 TIMING = ("images_per_s", "epoch_time_s")
 
 
@@ -184,13 +183,6 @@ def test_resuming_mid_epoch_matches_the_undisturbed_run(spark, tiny_table, tmp_p
 
 
 # ----------------------------------------------------------------------------- a Hadoop-only URI
-def run_cli(*args: str, timeout: int = 400) -> dict:
-    env = {**os.environ, "SPARKVISION_PROGRESS": "0"}
-    p = subprocess.run([*CLI, *args, "--json"], capture_output=True, text=True, timeout=timeout, env=env)
-    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-2000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
 def test_outputs_reach_a_scheme_only_hadoop_knows(tiny_table, tmp_path):
     root = tmp_path / "root"
     root.mkdir()
@@ -205,28 +197,19 @@ def test_outputs_reach_a_scheme_only_hadoop_knows(tiny_table, tmp_path):
     ]
     with pytest.raises((ValueError, OSError)):
         pafs.FileSystem.from_uri("svtest://box/m")  # nothing but Hadoop's client can reach it
-    s = run_cli(
-        "train",
-        "--table",
-        tiny_table,
-        "--out",
-        "svtest://box/m",
-        "--epochs",
-        "2",
-        "--workers",
-        "2",
-        "--batch-size",
-        "16",
-        "--checkpoint-every",
-        "3",
-        "--augment",
-        "none",
-        "--model-kwargs",
-        '{"widths": [8, 16], "hidden": 1024, "dropout": 0.0}',  # 1.1 MB of weights
-        "--conf",
-        "spark.driver.maxResultSize=1m",  # below the weights: they cannot come back in a row
-        *spark_opts,
+    # train, then evaluate (it reads the model as predict does, inference.modelref, and writes its
+    # reports there) and distill (the model as its teacher and the student's starting weights), in
+    # one Python API process: one cold driver JVM, not two (CI's time; the CLI is a thin layer over
+    # the same operations, and its own output paths run in every CLI test).
+    conf = dict(spark_opts[i + 1].split("=", 1) for i in range(2, len(spark_opts), 2))
+    p = subprocess.run(
+        [sys.executable, "-c", TRAIN_EVAL_DISTILL, json.dumps(conf), tiny_table],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
+    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-2000:]
+    s, e, d = json.loads(p.stdout.strip().splitlines()[-1])
     assert s["model_dir"] == "svtest://box/m" and s["epochs"] == 2
     m = root / "m"
     assert (m / "model.safetensors").stat().st_size > 2**20
@@ -239,18 +222,6 @@ def test_outputs_reach_a_scheme_only_hadoop_knows(tiny_table, tmp_path):
         assert (m / name).exists(), name
     assert json.loads((m / "progress.json").read_text())["epoch"] == 2
 
-    # evaluate reads the model as predict does (inference.modelref) and writes its reports there;
-    # distill reads it as its teacher and as the student's starting weights. Both in one Python API
-    # process (one JVM, not two; the CLI's own path ran above).
-    conf = dict(spark_opts[i + 1].split("=", 1) for i in range(2, len(spark_opts), 2))
-    p = subprocess.run(
-        [sys.executable, "-c", EVAL_DISTILL, json.dumps(conf), tiny_table],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-2000:]
-    e, d = json.loads(p.stdout.strip().splitlines()[-1])
     assert e["rows"] == 32 and 0 <= e["accuracy"] <= 1
     assert json.loads((m / "evaluation.json").read_text())["rows"] == 32
     assert (m / "confusion_matrix.png").stat().st_size > 0
@@ -258,16 +229,21 @@ def test_outputs_reach_a_scheme_only_hadoop_knows(tiny_table, tmp_path):
     assert (root / "d" / "model.safetensors").stat().st_size > 2**20
 
 
-EVAL_DISTILL = """
+TRAIN_EVAL_DISTILL = """
 import json, sys
 from sparkvision import api
 
 conf, table = json.loads(sys.argv[1]), sys.argv[2]
-spark = api.get_spark("local[2]", conf)
+# 1.1 MB of weights against a 1 MB maxResultSize: the weights cannot come back to the driver in a row.
+spark = api.get_spark("local[2]", {**conf, "spark.driver.maxResultSize": "1m"})
+t = api.train(
+    spark, table=table, out="svtest://box/m", epochs=2, workers=2, batch_size=16, checkpoint_every=3,
+    augment="none", model_kwargs={"widths": [8, 16], "hidden": 1024, "dropout": 0.0},
+)
 e = api.evaluate(spark, model_dir="svtest://box/m", table=table)
 d = api.distill(
     spark, teacher="svtest://box/m", encoder="svtest://box/m", table=table, out="svtest://box/d",
     unlabeled_split="train", epochs=1, augment="none",
 )
-print(json.dumps([e, d], default=str))
+print(json.dumps([t, e, d], default=str))
 """

@@ -165,12 +165,15 @@ def test_exhausted_restarts_are_one_line(standalone_cluster, table, tmp_path):
     cluster.wait_no_executors()
 
 
-def test_predict_rerun_after_a_killed_driver_writes_each_row_once(table, tmp_path):
+def test_predict_rerun_after_a_killed_driver_writes_each_row_once(spark, table, tmp_path):
     """A predict whose driver dies mid-write leaves nothing where the user looks; the re-run writes
     each row once. Its driver runs ``local[2]``: what is tested is the driver's staged output and
     commit (ops/paths.py), the same on any master, and a standalone application's two executor
     JVMs cost this test two thirds of its time (CI's budget); the executor-loss tests above keep
-    the cluster."""
+    the cluster. The killed predict is a CLI process; the re-run goes through the Python API on
+    the test session's own Spark session (the same operation; a second cold driver cost ~40 s)."""
+    from sparkvision import api
+
     model = write_tiny_model(tmp_path / "m", ["a", "b", "c", "d"])
     out = tmp_path / "pred"
     local = ("--master", "local[2]")
@@ -184,6 +187,6 @@ def test_predict_rerun_after_a_killed_driver_writes_each_row_once(table, tmp_pat
     p.wait()
     assert not out.exists()  # nothing half-written where the user looks
 
-    summary, _ = finish(cli("predict", model, table, str(out), *local))
+    summary = api.predict(spark, model_dir=model, table=table, out=str(out))
     ids = ds.dataset(str(out), format="parquet").to_table(columns=["path"]).column("path").to_pylist()
     assert len(ids) == len(set(ids)) == 900 == summary["rows"]
