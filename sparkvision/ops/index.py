@@ -9,7 +9,7 @@ from pyspark.sql import SparkSession
 
 from sparkvision.ops.base import Cli, Operation, ParamError, Progress, counting, params_model, register
 from sparkvision.ops.fields import overwrite, positional
-from sparkvision.retrieval.shards import DEFAULT_SHARD_MEMORY_MB
+from sparkvision.retrieval.shards import DEFAULT_SHARD_MEMORY_MB, parse_shards
 
 IndexParams = params_model(
     "IndexParams",
@@ -58,8 +58,6 @@ IndexParams = params_model(
 
 
 def check(p: Any) -> None:
-    from sparkvision.retrieval.shards import parse_shards
-
     parse_shards(p.shards)
     if p.shards is not None and (p.codes or p.kind.startswith("binary")):
         raise ParamError("shards", "sharded indexes hold float features; index binary codes without shards")
@@ -71,7 +69,6 @@ def run(spark: SparkSession | None, p: Any, progress: Progress) -> dict[str, Any
     from sparkvision.retrieval.index import build_index, count_rows
     from sparkvision.retrieval.recall import check_recall
     from sparkvision.retrieval.shard_build import build_sharded_index
-    from sparkvision.retrieval.shards import parse_shards
 
     params: dict[str, int] = {}
     if p.nprobe is not None:
