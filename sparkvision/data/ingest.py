@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 
 from sparkvision.data.coco import boxes_attached, read_coco
@@ -31,9 +31,11 @@ from sparkvision.data.detection import is_detection_table
 from sparkvision.data.images import MAX_PIXELS_DEFAULT
 from sparkvision.data.schema import SPLITS, TABLE_SCHEMA
 from sparkvision.data.sources import (
+    DecodedStats,
     decode_folder,
     decode_idx,
     decode_table,
+    decoded_stats,
     detect_source_kind,
     qualified_root,
 )
@@ -128,12 +130,14 @@ def ingest(
         check_boxes_agree(spark, table, coco is not None)
     boxes = read_coco(spark, coco) if coco is not None else None  # before any image is read
 
+    stats: DecodedStats | None = None  # the decoded rows' counts, where the decoding job made them
     with spark_progress(spark, f"ingest {kind}"), ExitStack() as cached:
         if kind == "folder":
-            decoded, unreadable, names = decode_folder(
+            decoded, unreadable, names, stats = decode_folder(
                 spark, source, split, labeled and boxes is None, max_pixels, glob, on_listed, max_side
             )
             if boxes is not None:
+                stats = None  # attaching boxes rejects rows: counted again
                 # decode_folder cached the rows; _finish caches them again with their boxes.
                 cached.callback(decoded.unpersist)
                 root = qualified_root(spark, source)
@@ -147,7 +151,7 @@ def ingest(
             unreadable = None
         names = list(class_names) if class_names else names
         all_names = merge_class_names(existing.class_names if existing else [], names)
-        _finish(spark, summary, decoded, unreadable, all_names, existing is not None, mode)
+        _finish(spark, summary, decoded, unreadable, all_names, existing is not None, mode, stats)
 
     sources = (existing.sources if existing else []) + [source]
     write_meta(spark, table, TableMeta(class_names=all_names, sources=sources))
@@ -181,44 +185,30 @@ def _finish(
     class_names: list[str],
     table_exists: bool,
     mode: str,
+    stats: DecodedStats | None = None,
 ) -> None:
     """Deduplicate, assign label indices, write rows and rejects, and fill in the summary.
 
-    Duplicates are found on (content_id, path) alone, so image bytes are never shuffled; only the
-    (usually short) list of paths to drop is joined back.
+    ``stats`` are the decoded rows' counts when the caller has them (:func:`decoded_stats`).
+    Rows are ranked by content id (a shuffle and a sort) only when they hold a duplicate, or when
+    appending, where each first copy is looked up in the table; duplicates are found on
+    (content_id, path) alone, so image bytes are never shuffled, and only the (usually short)
+    list of paths to drop is joined back. The counts of the summary come from ``stats``, the
+    drops and the unreadable files, so no job runs only to count.
     """
     decoded = decoded.persist(StorageLevel.MEMORY_AND_DISK)
-    stats = decoded.groupBy("split", "label_name", "reason").count().collect()  # fills the cache
+    stats = stats or decoded_stats(decoded)  # fills the cache
     good = decoded.where(F.col("reason").isNull())
-    meta = good.select("content_id", "path", "size_bytes", "split", "label_name")
-    w = Window.partitionBy("content_id").orderBy("path")
-    ranked = meta.withColumn("_rank", F.row_number().over(w)).withColumn("_first", F.first("path").over(w))
-    drops = ranked.where(F.col("_rank") > 1).select(
-        "path",
-        F.lit("duplicate").alias("reason"),
-        F.concat(F.lit("same content as "), F.col("_first")).alias("detail"),
-        "size_bytes",
-        "split",
-        "label_name",
-    )
-    if table_exists and mode == "append":
-        existing_ids = spark.read.parquet(summary.table).select("content_id")
-        of_table = (
-            ranked.where(F.col("_rank") == 1)
-            .join(existing_ids, "content_id", "left_semi")
-            .select(
-                "path",
-                F.lit("duplicate").alias("reason"),
-                F.lit("content already in the table").alias("detail"),
-                "size_bytes",
-                "split",
-                "label_name",
-            )
-        )
-        drops = drops.unionByName(of_table)
-    drops = drops.persist(StorageLevel.MEMORY_AND_DISK)
-    drop_counts = drops.groupBy("split", "label_name", "detail").count().collect()
-    keep = good.join(F.broadcast(drops.select("path")), "path", "left_anti") if drop_counts else good
+    appending = table_exists and mode == "append"
+    drops: DataFrame | None = None
+    drop_counts: list[Row] = []
+    if stats.duplicates or appending:
+        drops = _drops(spark, summary.table, good, stats.duplicates, appending)
+        drops = drops.persist(StorageLevel.MEMORY_AND_DISK)
+        drop_counts = drops.groupBy("split", "label_name", "detail").count().collect()
+    keep = good
+    if drops is not None and drop_counts:
+        keep = good.join(F.broadcast(drops.select("path")), "path", "left_anti")
 
     label_map = F.create_map(*[x for i, n in enumerate(class_names) for x in (F.lit(n), F.lit(i))])
 
@@ -236,21 +226,30 @@ def _finish(
     reject_parts = [
         decoded.where(F.col("reason").isNotNull()).select("path", "reason", "detail", "size_bytes")
     ]
-    reject_parts.append(drops.select("path", "reason", "detail", "size_bytes"))
+    reject_counts: dict[str, int] = {}
+    for _split, _name, reason, n in stats.counts:
+        if reason is not None:
+            reject_counts[reason] = reject_counts.get(reason, 0) + n
+    if drops is not None:
+        reject_parts.append(drops.select("path", "reason", "detail", "size_bytes"))
+        if drop_counts:
+            reject_counts["duplicate"] = reject_counts.get("duplicate", 0) + sum(
+                r["count"] for r in drop_counts
+            )
     if unreadable is not None:
         reject_parts.append(unreadable)
+        for r in unreadable.groupBy("reason").count().collect():  # rows made on the driver: a few
+            reject_counts[r.reason] = reject_counts.get(r.reason, 0) + r["count"]
     rejects = reject_parts[0]
     for part in reject_parts[1:]:
         rejects = rejects.unionByName(part)
     stamp = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     rejects = rejects.withColumn("source", F.lit(summary.source)).withColumn("ingested_at", F.lit(stamp))
-    rejects = rejects.persist(StorageLevel.MEMORY_AND_DISK)
-    reject_counts = {r.reason: r["count"] for r in rejects.groupBy("reason").count().collect()}
     if reject_counts or not storage.exists(spark, summary.rejects_table):
         rejects.coalesce(1).write.mode("append").parquet(summary.rejects_table)
     rows.write.mode(mode).parquet(summary.table)
-    rejects.unpersist()
-    drops.unpersist()
+    if drops is not None:
+        drops.unpersist()
     decoded.unpersist()
 
     by_split: dict[str, int] = {}
@@ -261,9 +260,9 @@ def _finish(
         key = name if name is not None else "(unlabeled)"
         by_class[key] = by_class.get(key, 0) + n
 
-    for r in stats:
-        if r.reason is None:
-            add(r.split, r.label_name, r["count"])
+    for split_, name, reason, n in stats.counts:
+        if reason is None:
+            add(split_, name, n)
     for r in drop_counts:
         add(r.split, r.label_name, -r["count"])
         if r.detail == "content already in the table":
@@ -274,3 +273,37 @@ def _finish(
     summary.rows_by_class = {k: v for k, v in sorted(by_class.items()) if v}
     summary.rows_written = sum(by_split.values())
     summary.rejects_by_reason = dict(sorted(reject_counts.items()))
+
+
+def _drops(spark: SparkSession, table: str, good: DataFrame, in_source: bool, appending: bool) -> DataFrame:
+    """Rows not to write: later copies of content seen in this source (``in_source``: the first
+    by path is kept) and, when ``appending``, content already in ``table``."""
+    columns = ["path", "reason", "detail", "size_bytes", "split", "label_name"]
+    meta = good.select("content_id", "path", "size_bytes", "split", "label_name")
+    parts = []
+    if in_source:
+        w = Window.partitionBy("content_id").orderBy("path")
+        meta = meta.withColumn("_rank", F.row_number().over(w)).withColumn("_first", F.first("path").over(w))
+        parts.append(
+            meta.where(F.col("_rank") > 1).select(
+                *columns[:1],
+                F.lit("duplicate").alias("reason"),
+                F.concat(F.lit("same content as "), F.col("_first")).alias("detail"),
+                *columns[3:],
+            )
+        )
+        meta = meta.where(F.col("_rank") == 1)
+    if appending:
+        existing_ids = spark.read.parquet(table).select("content_id")
+        parts.append(
+            meta.join(existing_ids, "content_id", "left_semi").select(
+                *columns[:1],
+                F.lit("duplicate").alias("reason"),
+                F.lit("content already in the table").alias("detail"),
+                *columns[3:],
+            )
+        )
+    drops = parts[0]
+    for part in parts[1:]:
+        drops = drops.unionByName(part)
+    return drops

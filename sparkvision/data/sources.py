@@ -15,6 +15,7 @@ import math
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote
 
@@ -126,6 +127,46 @@ def read_partitions(slots: int, n_files: int, total_bytes: int) -> int:
     return max(2 * slots, math.ceil(total_bytes / (64 << 20)), math.ceil(n_files / 4096))
 
 
+# --------------------------------------------------------------------------- counts
+
+
+@dataclass(frozen=True)
+class DecodedStats:
+    """What ingest needs to know of its decoded rows before writing them: the rows per
+    ``(split, label_name, reason)`` and whether two good rows share a content id."""
+
+    counts: list[tuple[str, str | None, str | None, int]]
+    duplicates: bool
+
+    @property
+    def rows(self) -> int:
+        return sum(c[3] for c in self.counts)
+
+    @property
+    def label_names(self) -> list[str]:
+        return sorted({c[1] for c in self.counts if c[1] is not None})
+
+
+def decoded_stats(decoded: DataFrame) -> DecodedStats:
+    """:class:`DecodedStats` in one aggregation job (which also fills ``decoded``'s cache).
+
+    Two grouping sets: the counts per ``(split, label_name, reason)``, and the whole table, whose
+    distinct content ids among good rows, fewer than the good rows, say a duplicate exists. Only
+    then does ingest rank rows by content id (a shuffle and a sort); usually it need not.
+    """
+    keys = ["split", "label_name", "reason"]
+    good_id = F.when(F.col("reason").isNull(), F.col("content_id"))
+    rows = (
+        decoded.groupingSets([keys, []], *keys)
+        .agg(F.count("*").alias("n"), F.count_distinct(good_id).alias("ids"), F.grouping_id().alias("gid"))
+        .collect()  # one row per split, class and reason: counts, not data
+    )
+    detail = [r for r in rows if r.gid == 0]
+    ids = sum(r.ids for r in rows if r.gid != 0)
+    good = sum(r.n for r in detail if r.reason is None)
+    return DecodedStats([(r.split, r.label_name, r.reason, int(r.n)) for r in detail], ids < good)
+
+
 # --------------------------------------------------------------------------- folders
 
 
@@ -158,14 +199,15 @@ def decode_folder(
     glob: str | None,
     on_listed: Callable[[], None] | None = None,
     max_side: int | None = None,
-) -> tuple[DataFrame, DataFrame | None, list[str]]:
-    """``(decoded rows, rejects for files not read or None, class names)``.
+) -> tuple[DataFrame, DataFrame | None, list[str], DecodedStats]:
+    """``(decoded rows, rejects for files not read or None, class names, their counts)``.
 
-    Every file is read and decoded in one pass; whatever the file index listed but the scan did
-    not return is then looked at one by one on the driver (usually nothing): zero bytes, or
-    unreadable. Those join the rejects of the walk (:func:`list_source`). ``on_listed`` runs
-    between listing and reading (a test removes files there). ``max_side``: larger images are
-    stored downscaled (:func:`~sparkvision.data.decode.decode_batches`).
+    Every file is read and decoded in one pass, the job that counts them (:func:`decoded_stats`);
+    whatever the file index listed but the scan did not return is then looked at one by one on
+    the driver (usually nothing): zero bytes, or unreadable. Those join the rejects of the walk
+    (:func:`list_source`). ``on_listed`` runs between listing and reading (a test removes files
+    there). ``max_side``: larger images are stored downscaled
+    (:func:`~sparkvision.data.decode.decode_batches`).
     """
     root, paths, rejects = list_source(spark, source, glob)
     files = binary_reader(spark, glob).load(paths)
@@ -183,15 +225,15 @@ def decode_folder(
         decode_batches(max_pixels, clock_path(), max_side), DECODED_SCHEMA
     )
     decoded = decoded.persist(StorageLevel.MEMORY_AND_DISK)
-    counts = decoded.groupBy("label_name").count().collect()  # decodes everything, fills the cache
-    names = sorted(r.label_name for r in counts if r.label_name is not None)
-    rejects += missing_files(spark, indexed, sum(r["count"] for r in counts), decoded)
+    stats = decoded_stats(decoded)  # decodes everything, fills the cache
+    rejects += missing_files(spark, indexed, stats.rows, decoded)
     if not rejects:
-        return decoded, None, names
+        return decoded, None, stats.label_names, stats
     return (
         decoded,
         spark.createDataFrame(rejects, "path string, reason string, detail string, size_bytes long"),
-        names,
+        stats.label_names,
+        stats,
     )
 
 
