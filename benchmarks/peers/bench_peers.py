@@ -142,16 +142,17 @@ def write_md(res: dict[str, Any]) -> str:
         "",
         f"`benchmarks/peers/bench_peers.py`, {res['created']}, {res['cores']} cores, {res['rows']} table rows, "
         f"{res['files']} files for ingest, {res['n_rounds']} alternating rounds; each contender in its own "
-        "process, the engine's start not timed. Load average (1 min) before -> after each figure.",
+        "process, the engine's start not timed. Load average (1 min) before -> after each figure; "
+        "`run` is when the row's run started (a run of some tasks keeps the others' rows).",
         "",
     ]
     lines += [f"- {s}" for s in res["skipped"]]
-    lines += ["", "| round | task | contender | img/s | s | load |", "|---:|---|---|---:|---:|---|"]
+    lines += ["", "| run | round | task | contender | img/s | s | load |", "|---|---:|---|---|---:|---:|---|"]
     for r in res["rounds"]:
         fig = f"{r['images_per_s']:,}" if "images_per_s" in r else f"failed: {r.get('error', '')[:80]}"
         secs = r.get("seconds", "")
         lines.append(
-            f"| {r['round']} | {r['task']} | {r['contender']} | {fig} | {secs} | {r['load_before']} -> {r['load_after']} |"
+            f"| {r.get('run', '')} | {r['round']} | {r['task']} | {r['contender']} | {fig} | {secs} | {r['load_before']} -> {r['load_after']} |"
         )
     for task, s in res["summary"].items():
         lines += [
@@ -221,8 +222,18 @@ def main() -> None:
         n_rows = pq.ParquetDataset(table).read(columns=["content_id"]).num_rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    created = time.strftime("%Y-%m-%d %H:%M")
+    for row in rows:
+        row["run"] = created
+    # A run of some tasks (--tasks) keeps the other tasks' rows from the last results file, so
+    # that predict/embed and ingest can be measured in separate quiet windows; each row says
+    # which run it came from.
+    old_file = args.results / "peers.json"
+    if old_file.exists() and set(tasks) != set(CONTENDERS):
+        kept = [r for r in json.loads(old_file.read_text())["rounds"] if r["task"] not in tasks]
+        rows = kept + rows
     res = {
-        "created": time.strftime("%Y-%m-%d %H:%M"),
+        "created": created,
         "cores": os.cpu_count(),
         "rows": n_rows,
         "files": args.files,
