@@ -6,8 +6,9 @@ The pieces, in the order a pipeline uses them::
                                                       -> dedup_table (kNN candidates -> verify_pairs -> link_pairs)
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from sparkvision.lazy import lazy_exports
 
 # Loaded on first use, not on import: executors import submodules of this package (a sharded
 # index's search task imports shard_search), and the eager imports pulled torch and the models
@@ -60,12 +61,7 @@ if TYPE_CHECKING:
     from sparkvision.retrieval.search import SearchIndex, search_df, search_images, search_table
     from sparkvision.retrieval.verify import VerifyConfig, verify_pairs
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sparkvision.retrieval' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"sparkvision.retrieval.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [

@@ -4,8 +4,9 @@ Names load on first use (see :mod:`sparkvision.train`): the command line needs o
 configuration modules, not the training code behind them.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from sparkvision.lazy import lazy_exports
 
 _EXPORTS = {
     "BottleneckPredictor": "heads",
@@ -40,12 +41,7 @@ if TYPE_CHECKING:
     from sparkvision.ssl.sampling import sample_label_fraction, stratified_sample
     from sparkvision.ssl.views import RandomView, TwoViews, ViewConfig
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sparkvision.ssl' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"sparkvision.ssl.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [

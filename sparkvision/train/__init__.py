@@ -5,8 +5,9 @@ from :mod:`sparkvision.train.config` alone, and importing the package eagerly pu
 (and with it torchvision, FAISS, matplotlib...) into every ``sparkvision`` start.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from sparkvision.lazy import lazy_exports
 
 _EXPORTS = {
     "AugmentConfig": "augment",
@@ -22,12 +23,7 @@ if TYPE_CHECKING:
     from sparkvision.train.config import TrainConfig
     from sparkvision.train.engine import train, train_df
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sparkvision.train' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"sparkvision.train.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = ["AugmentConfig", "BatchAugment", "TrainConfig", "parse_augment", "train", "train_df"]
