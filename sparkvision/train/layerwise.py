@@ -287,9 +287,9 @@ def plan_layer_inputs(
     extra read depends on the plan itself: the plan starts from every next input held and is made
     again with the reuses it implies until a plan repeats; the plan seen that saves most wins.
     With one epoch a layer only that extra read is left, and the last input (read once) never
-    saves anything alone, so nothing is held. The planner adds up the sizes of
-    all inputs it keeps, as if all were held at once, though at most two (an input and the one
-    derived from it) are: under a tight budget it may keep fewer than it could, never more.
+    saves anything alone, so nothing is held. The planner adds up the sizes of all inputs it
+    keeps, as if all were held at once, though at most two (an input and the one derived from it)
+    are: under a tight budget it may keep fewer than it could, never more.
     ``costs[L]`` is one pass computing input ``L`` from the pixels (:func:`pass_costs`)."""
     layers = range(1, len(dbn.stack))
     epochs = dbn.pretrain_epochs
