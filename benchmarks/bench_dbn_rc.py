@@ -15,8 +15,9 @@ alone: the two modes differ by the layers' forward passes, a share that load on 
 blurs.
 
     .venv/bin/python benchmarks/bench_dbn_rc.py [--rows 6000] [--epochs 4] [--hidden 500,500,500]
+        [--rounds 2] [--name dbn_rc]
 
-Results: benchmarks/results/dbn_rc.json and dbn_rc.md (``--smoke``: dbn_rc_smoke.*).
+Results: benchmarks/results/NAME.json and NAME.md (dbn_rc.*; ``--smoke``: dbn_rc_smoke.*).
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="1,000 rows, 2 epochs, one round: dbn_rc_smoke.*")
+    ap.add_argument("--name", default="dbn_rc", help="the results' file names: NAME.json and NAME.md")
     args = ap.parse_args()
     if args.smoke:
         args.rows, args.epochs, args.rounds = 1000, 2, 1
@@ -190,7 +192,7 @@ def main() -> None:
             "auto_plan": [r for r in runs if r["mode"] == "auto"][-1]["cache"],
         },
     }
-    name = "dbn_rc_smoke" if args.smoke else "dbn_rc"
+    name = "dbn_rc_smoke" if args.smoke else args.name
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown(result))
