@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 
 import numpy as np
@@ -17,7 +18,16 @@ from sparkvision import api
 from sparkvision.errors import ParamError
 from sparkvision.models import create_model
 from sparkvision.models.dbn import DBN, RBM
-from sparkvision.train.layerwise import MOMENTUM, PRETRAIN_FILE, cd_step, pretrain_dbn, rbm_optimizer
+from sparkvision.train.data import epoch_indices
+from sparkvision.train.layerwise import (
+    MOMENTUM,
+    PRETRAIN_FILE,
+    Rows,
+    cd_step,
+    plan_layer_inputs,
+    pretrain_dbn,
+    rbm_optimizer,
+)
 
 # A tiny RBM with fixed parameters: 3 visible, 2 hidden units.
 W = [[0.5, -1.0, 0.25], [1.5, 0.3, -0.7]]
@@ -214,7 +224,11 @@ def test_layerwise_pretraining_reduces_each_layers_reconstruction_error():
     seen: list[int] = []
     log = pretrain_dbn(
         dbn,
-        lambda n: x[torch.randperm(256, generator=torch.Generator().manual_seed(n))].split(32),
+        Rows(
+            256,
+            lambda n: torch.randperm(256, generator=torch.Generator().manual_seed(n)).view(-1, 32),
+            x.__getitem__,
+        ),
         torch.Generator().manual_seed(0),
         lambda: [x[:128]],
         lambda: [x[128:]],
@@ -227,6 +241,97 @@ def test_layerwise_pretraining_reduces_each_layers_reconstruction_error():
         assert errors[-1] < 0.5 * errors[0], errors
     assert all(isinstance(r["free_energy_gap"], float) for r in log)
     assert not torch.equal(first_w, dbn.stack[0].W)
+
+
+def rc_run(
+    cache_layers: str, budget_bytes: int | None = None, epochs: int = 3
+) -> tuple[DBN, list[dict], list[int]]:
+    """A tiny 3-layer DBN pretrained on 150 rows (batches of 20 over 8 steps: an epoch reads some
+    rows twice), with every call to ``rows.plan`` counted."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 1, 4, 4).repeat(30, 1, 1, 1) + 0.2 * torch.randn(150, 1, 4, 4)
+    dbn = DBN(
+        2, 1, 4, hidden=[12, 10, 6], pretrain_epochs=epochs, pretrain_lr=0.05, cache_layers=cache_layers
+    )
+    planned: list[int] = []
+
+    def order(n: int) -> torch.Tensor:
+        return epoch_indices(150, 8, 20, 7, -1 - n, 0)
+
+    rows = Rows(150, order, x.__getitem__, lambda idx: planned.append(len(idx)))
+    log = pretrain_dbn(
+        dbn,
+        rows,
+        torch.Generator().manual_seed(3),
+        lambda: [x[:64]],
+        lambda: [x[64:]],
+        budget_bytes=budget_bytes,
+    )
+    return dbn, log, planned
+
+
+def test_held_layer_inputs_give_the_same_weights_as_recomputing_them(caplog):
+    with caplog.at_level(logging.INFO, logger="sparkvision.train.layerwise"):
+        held, held_log, held_planned = rc_run("all")
+    recomputed, log, planned = rc_run("none")
+    for a, b in zip(held.state_dict().values(), recomputed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert [r["input"] for r in held_log] == ["pixels"] * 3 + ["held"] * 6
+    assert [r["input"] for r in log] == ["pixels"] * 3 + ["recomputed"] * 6
+    for a, b in zip(held_log, log, strict=True):
+        assert a["recon_error"] == pytest.approx(b["recon_error"], rel=1e-4, abs=1e-6)
+    # The pixels are read along the batch plan only where no held input serves the epoch.
+    assert held_planned == [8] * 3 and planned == [8] * 9
+    # Layer 2's input is read 3 epochs + once to derive layer 3's: reuse 3; layer 3's: 2.
+    assert [(r["layer"], r["cache"]["held"], r["cache"]["reuse"]) for r in held_log if "cache" in r] == [
+        (2, True, 3),
+        (3, True, 2),
+    ]
+    assert held_log[3]["cache"]["mib"] == pytest.approx(150 * 12 * 4 / 2**20, abs=1e-3)
+    text = caplog.text
+    assert "hold layer 2's input: weight 3 reuse" in text and "hold layer 3's input: weight 2 reuse" in text
+    assert "released layer 2's input" in text and "released layer 3's input" in text
+
+
+def test_layer_inputs_too_large_for_the_budget_are_recomputed_and_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="sparkvision.train.layerwise"):
+        dbn, log, planned = rc_run("auto", budget_bytes=1000)  # layer inputs: 7,200 and 6,000 bytes
+    assert [r["input"] for r in log] == ["pixels"] * 3 + ["recomputed"] * 6 and planned == [8] * 9
+    assert all(
+        not r["cache"]["held"] and "larger than the budget" in r["cache"]["why"] for r in log if "cache" in r
+    )
+    assert "recompute layer 2's input" in caplog.text and "holding" not in caplog.text
+    for layer in (1, 2, 3):  # still trained
+        errors = [r["recon_error"] for r in log if r["layer"] == layer]
+        assert errors[-1] < errors[0], errors
+    reference, _, _ = rc_run("none")
+    for a, b in zip(dbn.state_dict().values(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # the very same computation
+
+
+def test_auto_holds_what_fits_and_derives_the_next_input_from_a_held_one():
+    _, log, planned = rc_run("auto", budget_bytes=10_000)  # room for one of 7,200 and 6,000 bytes
+    cache = {r["layer"]: r["cache"] for r in log if "cache" in r}
+    # One fits: layer 2's input alone saves 2 re-reads x its cost (the read and 1 layer's forward),
+    # layer 3's alone 2 x its (the read and 2 layers): layer 3's saves more. (Layer 2's reuse says
+    # what holding it would save beside the plan: 3, layer 3's input derived from it.)
+    assert not cache[2]["held"] and cache[3]["held"], cache
+    assert cache[2]["reuse"] == 3 and "saves more" in cache[2]["why"]
+    assert [r["input"] for r in log] == ["pixels"] * 3 + ["recomputed"] * 3 + ["held"] * 3
+    assert planned == [8] * 6
+    _, log, _ = rc_run("auto", budget_bytes=None)  # no limit: both, layer 3's derived from layer 2's
+    assert [r["input"] for r in log] == ["pixels"] * 3 + ["held"] * 6
+    _, log, _ = rc_run("auto", budget_bytes=None, epochs=1)  # one epoch: no input is read twice
+    assert [r["input"] for r in log] == ["pixels", "recomputed", "recomputed"]
+    assert "saves nothing" in log[2]["cache"]["why"]
+
+
+def test_layer_input_plan_follows_the_reuse_rule():
+    dbn = DBN(2, 1, 4, hidden=[8, 8, 8, 8], pretrain_epochs=4)
+    d = plan_layer_inputs(dbn, 1000, [0.0, 1.0, 2.0, 3.0], None)
+    assert [(x.layer, x.held, x.reuse) for x in d.values()] == [(2, True, 4), (3, True, 4), (4, True, 3)]
+    d = plan_layer_inputs(dbn, 1000, [0.0, 1.0, 2.0, 3.0], 0)
+    assert not any(x.held for x in d.values()) and all(x.reuse == 3 for x in d.values())
 
 
 def test_dbn_model_arguments_and_errors():
@@ -245,6 +350,7 @@ def test_dbn_model_arguments_and_errors():
         ({"visible": "poisson"}, "visible must be one of"),
         ({"cd_k": 0}, "cd_k must be"),
         ({"pretrain_epochs": -1}, "pretrain_epochs must be"),
+        ({"cache_layers": "some"}, "cache_layers must be one of"),
     ):
         with pytest.raises(ParamError, match=match) as e:
             api.train.check(
@@ -273,6 +379,9 @@ def test_dbn_trains_on_spark_resumes_without_pretraining_then_evaluates_predicts
         (2, 2),
         (2, 3),
     ]
+    # Layer 2's input (32 rows x 64 units a rank) held in rank memory, read 3 times, planned by RC.
+    assert [r["input"] for r in first["pretrain"]] == ["pixels"] * 3 + ["held"] * 3
+    assert first["pretrain"][3]["cache"]["held"] and first["pretrain"][3]["cache"]["reuse"] == 2
     log = (tmp_path / "dbn" / PRETRAIN_FILE).read_text()
     assert [json.loads(x) for x in log.splitlines()] == first["pretrain"]
     # Resumed: the checkpoint holds the pretrained weights, so no pretraining again.

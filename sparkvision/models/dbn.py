@@ -27,6 +27,9 @@ from sparkvision.models.registry import ImageModel, register_model
 
 Visible = Literal["bernoulli", "gaussian"]
 VISIBLE_KINDS: tuple[str, ...] = ("auto", "bernoulli", "gaussian")
+# Which layer inputs pretraining holds in rank memory instead of recomputing them every batch
+# (:mod:`sparkvision.train.layerwise`): as RC's planner chooses under the budget, none, or all.
+CACHE_LAYERS: tuple[str, ...] = ("auto", "none", "all")
 INIT_STD = 0.01  # Hinton 2010, section 8: small random weights N(0, 0.01^2), zero biases
 
 
@@ -163,7 +166,8 @@ class DBN(ImageModel):
     ``visible`` is the first RBM's visible kind; every higher RBM has Bernoulli visibles (the
     probabilities of the layer below). ``auto`` is ``gaussian``: the engine feeds the model inputs
     standardised by the table's per-channel mean and std. The pretraining settings
-    (``pretrain_epochs`` per layer, ``cd_k``, ``pretrain_lr``) are read by
+    (``pretrain_epochs`` per layer, ``cd_k``, ``pretrain_lr``, and ``cache_layers``: which layer
+    inputs to hold in rank memory rather than recompute every batch) are read by
     :mod:`sparkvision.train.layerwise`; 0 pretraining epochs is plain backprop from random weights.
     """
 
@@ -177,6 +181,7 @@ class DBN(ImageModel):
         pretrain_epochs: int = 1,
         cd_k: int = 1,
         pretrain_lr: float = 0.01,
+        cache_layers: str = "auto",
     ) -> None:
         super().__init__()
         widths = list(hidden)
@@ -190,9 +195,12 @@ class DBN(ImageModel):
             raise ValueError(f"cd_k must be an integer >= 1, got {cd_k!r}")
         if not pretrain_lr > 0:
             raise ValueError(f"pretrain_lr must be > 0, got {pretrain_lr!r}")
+        if cache_layers not in CACHE_LAYERS:
+            raise ValueError(f"cache_layers must be one of {', '.join(CACHE_LAYERS)}, got {cache_layers!r}")
         first: Visible = "bernoulli" if visible == "bernoulli" else "gaussian"
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
         self.pretrain_epochs, self.cd_k, self.pretrain_lr = pretrain_epochs, cd_k, float(pretrain_lr)
+        self.cache_layers = cache_layers
         sizes = [in_channels * image_size * image_size, *widths]
         self.rbms = nn.ModuleList(
             RBM(a, b, first if i == 0 else "bernoulli") for i, (a, b) in enumerate(itertools.pairwise(sizes))

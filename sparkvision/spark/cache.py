@@ -2,8 +2,9 @@
 
 Spark's cache is what the job asks for: ``persist`` marks a DataFrame, and when storage memory
 runs out the block manager drops the least recently used blocks, whatever they would cost to
-compute again. A multi-pass job knows better: a DBN re-reads each layer's input every epoch, a
-planner's profile runs re-read one sample. :class:`CachePlanner` takes the DataFrames a job will
+compute again. A multi-pass job knows better: a DBN pretrained as Spark passes re-reads each
+layer's input every epoch (``benchmarks/bench_cache.py``), a planner's profile runs re-read one
+sample. :class:`CachePlanner` takes the DataFrames a job will
 reuse, each with how often it will be read again (``reuse``), its size and what one computation
 costs, and keeps the set worth most under the storage budget::
 
@@ -17,6 +18,13 @@ it no longer keeps, logging each decision; a DataFrame whose reads are done is r
 (:meth:`CachePlanner.used`), making room for the rest. This is the policy of MRD (ICPP 2018) and
 LRC (INFOCOM 2017) — reuse counts from the job's own plan rather than recency — at the level of
 DataFrames rather than Spark's blocks.
+
+The same rule serves sparkvision's own DBN at the rank level: its layer-wise pretraining runs in
+the training ranks from the shards they hold, never re-reading a DataFrame, and what it re-reads
+every epoch is each layer's input derived from the pixels through the RBMs below.
+:mod:`sparkvision.train.layerwise` offers :func:`plan_cache` those inputs (reuse from its epochs,
+size in rank memory, cost of one pass from the pixels) under a share of the rank's memory, holds
+what it keeps as tensors and releases each after its last read.
 
 Sizes: given in bytes, or rows x average row bytes, or else Spark's plan statistics (classic
 sessions only: a Spark Connect client has no JVM to ask). Costs: given in seconds (a measured
