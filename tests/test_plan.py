@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sparkvision.plan import (
+    EXTRAPOLATION_LIMIT,
     AccuracyModel,
     Config,
     CostModel,
@@ -111,6 +112,22 @@ def test_accuracy_model_extrapolates_and_is_monotone() -> None:
     assert np.all(np.diff(finals) <= 0)
     for b in (32, 128, 512):
         assert model.accuracy(b, EPOCHS) == pytest.approx(true_accuracy(b, EPOCHS), abs=0.005)
+
+
+def test_extrapolation_is_measured_against_the_shorter_neighbouring_curve() -> None:
+    # batch 32: 4 passes of a quarter epoch (1 epoch of curve); batch 512: 4 full epochs
+    runs = [
+        Measurement(1, 1, 32, 1.0, (0.6, 0.7, 0.75, 0.78), pass_fraction=0.25),
+        Measurement(1, 1, 512, 1.0, (0.5, 0.6, 0.65, 0.68)),
+        Measurement(1, 1, 512, 1.0, (0.7,), annealed=True),  # an annealed run sets no horizon
+    ]
+    model = AccuracyModel(runs, 20)
+    assert model.horizons == {32: 1.0, 512: 4.0}
+    assert model.extrapolation(512, 6) == pytest.approx(1.5)
+    assert model.extrapolation(32, 6) == pytest.approx(6.0)
+    assert model.extrapolation(128, 3) == pytest.approx(3.0)  # between them: the shorter curve
+    assert model.extrapolation(2048, 8) == pytest.approx(2.0)  # beyond them: the nearest
+    assert model.extrapolation(512, 8) <= EXTRAPOLATION_LIMIT < model.extrapolation(32, 3)
 
 
 def test_solver_finds_the_optimum_of_known_surfaces() -> None:
@@ -234,6 +251,8 @@ def test_plan_op_profiles_a_tiny_table_and_chooses(spark, tiny_table, tmp_path):
     s = plan(spark, out=str(tmp_path / "plan"), target_accuracy=0.3, run=True, **params)
     assert s["choice"] is not None and s["choice"]["batch_size"] in (8, 16)
     assert s["choice"]["accuracy"] >= 0.3 and s["profile_runs"] == 2
+    # curves of 2 full passes: a choice of at most 3 epochs reaches 1.5x their horizon, no warning
+    assert s["extrapolation"] == pytest.approx(s["choice"]["epochs"] / 2, abs=0.05) and "warning" not in s
     # --run trains the choice on all the rows and sets measured beside predicted
     m = s["measured"]
     assert m["predicted"] == s["choice"] and m["time_s"] >= 0 and 0 <= m["accuracy"] <= 1  # 0.1 s rounding

@@ -153,6 +153,7 @@ def option_json(o: Option) -> dict[str, Any]:
 
 def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
     from sparkvision.plan import (
+        EXTRAPOLATION_LIMIT,
         AccuracyModel,
         Config,
         CostModel,
@@ -242,12 +243,23 @@ def run(spark: SparkSession, p: Any, progress: Progress) -> dict[str, Any]:
         "accuracy_falls_with_batch": not acc.increasing,
         "anneal_bonus": round(acc.anneal_bonus, 4),
         "learning_curve_holdout_error": round(statistics.mean(errors), 4) if errors else None,
+        "extrapolation": None,
         "profile_runs": len(todo),
         "reused_runs": len(p.reuse or []),
         "profile_core_seconds": round(profile_core_s, 1),
         "curves_png": str(out / "curves.png"),
         "plan_json": str(out / "plan.json"),
     }
+    if plan.choice is not None:
+        c = plan.choice
+        reach = acc.extrapolation(c.config.batch, c.epochs)
+        summary["extrapolation"] = round(reach, 1)
+        if reach > EXTRAPOLATION_LIMIT:
+            summary["warning"] = (
+                f"the choice's accuracy is extrapolated {reach:.1f}x beyond the profiled learning "
+                f"curves (limit {EXTRAPOLATION_LIMIT:g}x): confirm it with --run, or profile longer "
+                "curves with a larger --curve-epochs"
+            )
     (out / "plan.json").write_text(json.dumps(summary, indent=1))
     if plan.choice is None:
         raise ParamError("target_accuracy", f"{plan.message} (see {out / 'curves.png'})")

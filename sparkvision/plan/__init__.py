@@ -4,6 +4,7 @@ target in time (seed 000's method; see :mod:`sparkvision.plan.fit`)."""
 
 from sparkvision.plan.design import ProfileRun, design
 from sparkvision.plan.fit import (
+    EXTRAPOLATION_LIMIT,
     AccuracyModel,
     CostModel,
     LearningCurve,
@@ -16,6 +17,7 @@ from sparkvision.plan.fit import (
 from sparkvision.plan.solve import Config, Option, Plan, candidates, solve
 
 __all__ = [
+    "EXTRAPOLATION_LIMIT",
     "AccuracyModel",
     "Config",
     "CostModel",
