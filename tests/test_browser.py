@@ -161,6 +161,8 @@ def test_plan_job_shows_the_choice_and_the_curves(page, server, root):  # noqa: 
         "runners_up": [{**option, "batch_size": 512, "accuracy": 0.905, "cost": 170.0}],
         "ruled_out": ["workers=1 threads=1 batch=1024: accuracy 0.85 is below the target 0.9"],
         "cost_unit": "core-seconds",
+        "extrapolation": 5.3,
+        "warning": "the choice's accuracy is extrapolated 5.3x beyond the profiled learning curves",
         "measured": {"time_s": 83.2, "accuracy": 0.912, "cost": 166.4, "target_met": True},
     }
     (out / "plan.json").write_text(json.dumps(plan))
@@ -174,6 +176,7 @@ def test_plan_job_shows_the_choice_and_the_curves(page, server, root):  # noqa: 
     page.wait_for_selector("#jd-plan:not([hidden]) table.plan", timeout=10_000)
     assert page.locator("#jd-plan table.plan tr").count() == 3  # header, choice, one runner-up
     assert "target met" in page.inner_text("[data-testid=plan-measured]")
+    assert "extrapolated 5.3x" in page.inner_text("[data-testid=plan-warning]")
     page.wait_for_function("document.querySelector('[data-testid=plan-curves]').naturalWidth === 320")
     assert "below the target" in page.text_content("#jd-plan details")  # folded: not in inner_text
     page.screenshot(path=os.path.join(ARTIFACTS, "plan.png"), full_page=True)

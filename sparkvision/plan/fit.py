@@ -300,7 +300,8 @@ class AccuracyModel:
         ``epochs`` over the shorter horizon of the profiled batch sizes it is interpolated
         between (the nearest one outside their range). Above :data:`EXTRAPOLATION_LIMIT` the
         prediction rests on the power law more than on measurements."""
-        below = [b for b in self.batches if b <= batch]
-        above = [b for b in self.batches if b >= batch]
-        near = {below[-1]} if below and below[-1] == batch else set(below[-1:] + above[:1])
+        if batch in self.horizons:
+            near = [batch]
+        else:
+            near = [b for b in self.batches if b < batch][-1:] + [b for b in self.batches if b > batch][:1]
         return float(epochs / min(self.horizons[b] for b in near))

@@ -262,6 +262,7 @@ async function showPlan(j) {
   const rows = (p.choice ? [row("choice", p.choice)] : []).concat((p.runners_up || []).map((o, i) => row("runner-up " + (i + 1), o)));
   const m = p.measured;
   box.innerHTML = `<h4>Plan</h4>` + (p.message ? `<p class="muted">${esc(p.message)}</p>` : "") +
+    (p.warning ? `<p data-testid="plan-warning"><strong>warning:</strong> ${esc(p.warning)}</p>` : "") +
     `<table class="plan"><tr><th></th><th>workers</th><th>threads</th><th>batch</th><th>epochs</th><th>time (s)</th><th>accuracy</th><th>${unit}</th></tr>${rows.join("")}</table>` +
     (m ? `<p data-testid="plan-measured">--run measured: ${fmt(m.time_s, 1)} s, accuracy ${fmt(m.accuracy, 4)}, ${unit} ${fmt(m.cost, 1)} (target ${m.target_met ? "met" : "missed"})</p>` : "") +
     `<img alt="fitted curves" data-testid="plan-curves" src="/api/jobs/${encodeURIComponent(j.id)}/curves.png?t=${Date.now()}">` +
