@@ -18,7 +18,8 @@ def _none_word(v: Any) -> Any:
     return None if isinstance(v, str) and v.strip().lower() in ("none", "") else v
 
 
-def _json_object(v: Any) -> Any:
+def json_object(v: Any) -> Any:
+    """A dict, or its JSON text (as a command line gives it); None is {}."""
     if isinstance(v, str):
         try:
             v = json.loads(v) if v.strip() else {}
@@ -56,7 +57,7 @@ def _comma_list(v: Any) -> Any:
 OptionalSplit = Annotated[str | None, BeforeValidator(_none_word)]
 """A split name, or None for "all rows" / "skip"; the word ``none`` means None."""
 
-JsonObject = Annotated[dict[str, Any], BeforeValidator(_json_object)]
+JsonObject = Annotated[dict[str, Any], BeforeValidator(json_object)]
 """Free-form keyword arguments (e.g. a model's): a dict, or its JSON text on the command line."""
 
 ImageSize = Annotated[

@@ -128,6 +128,11 @@ SMALL_GRAY_VIEWS = ViewConfig(
     crop_scale=(0.3, 1.0), brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0, grayscale=0.0
 )
 
+# Views of catalogue items as `features` will show them (sparkvision.ssl.paste): most cut to the
+# object's box with a random margin (the detector's box is never exact), half on synthetic clutter,
+# so that an item's crop from a busy scene and its clean picture become one instance.
+ITEM_VIEWS = replace(SMALL_GRAY_VIEWS, object_crop=0.9, object_margin=(0.0, 0.25), clutter=0.5)
+
 PRESETS: dict[str, PretrainConfig] = {
     # The paper's setting: ResNet-18, SGD, base LR 0.01 cosine, momentum 0.9, batch 1024, 100 epochs.
     "paper": PretrainConfig(),
@@ -157,6 +162,25 @@ PRESETS: dict[str, PretrainConfig] = {
         proj_hidden=1024,
         proj_layers=3,
         views=SMALL_GRAY_VIEWS,
+    ),
+    # An instance-level embedder for detect -> crop -> embed (`features`): cpu-small's schedule on
+    # ITEM_VIEWS, with SimCLR's contrastive loss at temperature 0.1. Same-item retrieval needs
+    # features that tell items apart, which a classifier's do not; the non-contrastive
+    # improved-simclr (no negatives) and t=0.5 gave 21% of scene crops their item first, SimCLR
+    # at t=0.1 83% (3 epochs each, docs/ssl.md).
+    "cpu-items": PretrainConfig(
+        method="simclr",
+        temperature=0.1,
+        model="cnn",
+        epochs=5,
+        batch_size=256,
+        base_lr=0.05,
+        weight_decay=5e-4,
+        warmup_epochs=1,
+        proj_dim=128,
+        proj_hidden=1024,
+        proj_layers=2,
+        views=ITEM_VIEWS,
     ),
 }
 

@@ -12,15 +12,18 @@ RandomApply(ColorJitter(b, c, s, h), p) and RandomGrayscale(p).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import BeforeValidator
 from torch import nn
 
-from sparkvision.fields import check_known
+from sparkvision.fields import check_known, json_object
 from sparkvision.train.augment import adjust_hue, gray3
+
+if TYPE_CHECKING:  # imported when a view pastes: the CLI's start loads no torchvision
+    from sparkvision.ssl.paste import ClutterBank
 
 
 @dataclass
@@ -34,9 +37,13 @@ class ViewConfig:
     saturation: float = 0.4  # RGB only
     hue: float = 0.1  # RGB only: shift in [-hue, hue] turns of the colour circle (SimCLR / SimSiam's 0.1)
     grayscale: float = 0.2  # probability (RGB only; a grayscale image is already gray)
+    # Views as detect -> crop shows an item (sparkvision.ssl.paste): off by default.
+    object_crop: float = 0.0  # probability that the crop window is the object's box, grown by a margin
+    object_margin: tuple[float, float] = (0.0, 0.3)  # per-side margin range, shares of the box's side
+    clutter: float = 0.0  # probability that the background is replaced by synthetic clutter
 
     def validate(self) -> None:
-        for name in ("hflip", "jitter_p", "grayscale"):
+        for name in ("hflip", "jitter_p", "grayscale", "object_crop", "clutter"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"views {name} must be a probability in [0, 1], got {v}")
@@ -48,25 +55,32 @@ class ViewConfig:
         for name in ("brightness", "contrast", "saturation"):
             if getattr(self, name) < 0:
                 raise ValueError(f"views {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.object_margin[0] <= self.object_margin[1] <= 1:
+            raise ValueError(
+                f"views object_margin must satisfy 0 <= min <= max <= 1, got {self.object_margin}"
+            )
         if not 0 <= self.hue <= 0.5:
             raise ValueError(f"views hue must be in [0, 0.5], got {self.hue}")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["crop_scale"], d["crop_ratio"] = list(self.crop_scale), list(self.crop_ratio)
+        for k in ("crop_scale", "crop_ratio", "object_margin"):
+            d[k] = list(getattr(self, k))
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ViewConfig:
         check_known(cls, d, "views")
         d = dict(d)
-        for k in ("crop_scale", "crop_ratio"):
+        for k in ("crop_scale", "crop_ratio", "object_margin"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
 
 
 def _views(v: Any) -> Any:
+    if isinstance(v, str):  # the command line's --views '{"clutter": 0.5}'
+        v = json_object(v)
     if isinstance(v, dict):
         ViewConfig.from_json(v)  # names unknown fields
     return v  # pydantic builds the dataclass from a dict, checking each field's type
@@ -83,6 +97,7 @@ class RandomView(nn.Module):
         super().__init__()
         self.cfg = cfg or ViewConfig()
         self.cfg.validate()
+        self.bank: ClutterBank | None = None  # made on first use, from the view's generator
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         cfg = self.cfg
@@ -101,6 +116,18 @@ class RandomView(nn.Module):
         sh = torch.sqrt(area / ratio).clamp(max=1.0)
         cx = (rand(b) * 2 - 1) * (1 - sw)  # crop centre in [-1, 1], crop stays inside the image
         cy = (rand(b) * 2 - 1) * (1 - sh)
+        mask = None
+        if cfg.object_crop > 0 or cfg.clutter > 0:
+            from sparkvision.ssl import paste
+
+            mask = paste.object_masks(x)
+        if mask is not None and cfg.object_crop > 0:
+            ocx, ocy, osw, osh = paste.box_windows(
+                paste.mask_boxes(mask), (h, w), cfg.object_margin, rand(b, 4)
+            )
+            on_box = rand(b) < cfg.object_crop
+            cx, cy = torch.where(on_box, ocx, cx), torch.where(on_box, ocy, cy)
+            sw, sh = torch.where(on_box, osw, sw), torch.where(on_box, osh, sh)
         flip = torch.where(rand(b) < cfg.hflip, -1.0, 1.0)
         zero = torch.zeros_like(sw)
         theta = torch.stack([torch.stack([sw * flip, zero, cx], 1), torch.stack([zero, sh, cy], 1)], 1).to(
@@ -108,6 +135,17 @@ class RandomView(nn.Module):
         )  # (B, 2, 3)
         grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if mask is not None and cfg.clutter > 0:
+            # Outside the object (the image's background, and past its edges) the scene shows.
+            inside = F.grid_sample(
+                mask.to(x.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
+            if self.bank is None:
+                self.bank = paste.ClutterBank(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+            ground = self.bank.windows(b, c, (h, w), rand, dev).to(x.dtype)
+            noise = torch.randn(x.shape, generator=generator).to(dev, x.dtype) * rand(b)[:, None, None, None]
+            pasted = (x * inside + ground * (1 - inside) + noise * paste.SENSOR_NOISE).clamp(0, 1)
+            x = torch.where((rand(b) < cfg.clutter)[:, None, None, None], pasted, x)
 
         # Colour jitter, applied to a sample with probability jitter_p (factor 1 otherwise).
         on = (rand(b) < cfg.jitter_p).to(x.dtype)[:, None, None, None]
