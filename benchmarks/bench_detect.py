@@ -115,6 +115,14 @@ def main() -> None:
         "--items-encoder", default=None,
         help="a cpu-items encoder pretrained on the train split already (skips the pretraining)",
     )  # fmt: skip
+    ap.add_argument(
+        "--catalogue-min-score", type=float, default=None,
+        help="features' --min-score for the clean catalogue (default: features' own)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--catalogue-only", action="store_true",
+        help="only run the catalogue through features -> index -> search again, then score (from --work)",
+    )  # fmt: skip
     ap.add_argument("--results", default=os.path.join(HERE, "results", "detect.json"))
     ap.add_argument(
         "--rescore", action="store_true",
@@ -123,10 +131,12 @@ def main() -> None:
     args = ap.parse_args()
     w = os.path.abspath(args.work)
     spark = get_spark("local[2]")
-    if args.rescore:
+    if args.rescore or args.catalogue_only:
         with open(args.results) as f:
             res = json.load(f)
         res["rescored"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        if args.catalogue_only:
+            catalogue(spark, args, w, res)
         return score_retrieval(spark, args, w, res)
     shutil.rmtree(w, ignore_errors=True)
     os.makedirs(w)
@@ -283,6 +293,13 @@ def main() -> None:
         out=f"{w}/feats_ssl_items",
     )
 
+    catalogue(spark, args, w, res)
+    with open(args.results, "w") as f:  # what --rescore starts from, should the scoring fail
+        json.dump(res, f, indent=2)
+    score_retrieval(spark, args, w, res)
+
+
+def catalogue(spark, args, w: str, res: dict) -> None:
     # 6. The catalogue through the same pipeline, as a user runs it: `features` over the clean
     #    test items (the detector's box and margin, so gallery and queries are framed alike),
     #    `index` (which records the detector), and batch `search` of the query scenes (cropped
@@ -295,22 +312,29 @@ def main() -> None:
         table=args.table,
         split="test",
         out=f"{w}/gallery_crops_ssl_items",
+        overwrite=True,
+        **({"min_score": args.catalogue_min_score} if args.catalogue_min_score is not None else {}),
     )
-    api.index(spark, features=f"{w}/gallery_crops_ssl_items", out=f"{w}/index_ssl_items", kind="flat")
+    api.index(
+        spark,
+        features=f"{w}/gallery_crops_ssl_items",
+        out=f"{w}/index_ssl_items",
+        kind="flat",
+        overwrite=True,
+    )
     t_search = time.perf_counter()
     api.search(
-        spark, index=f"{w}/index_ssl_items", table=f"{w}/query_scenes", out=f"{w}/hits_ssl_items", k=10
-    )
+        spark, index=f"{w}/index_ssl_items", table=f"{w}/query_scenes", out=f"{w}/hits_ssl_items", k=10,
+        overwrite=True,
+    )  # fmt: skip
     res["catalogue_features"] = {
         "rows": gf["rows"],
+        "min_score": args.catalogue_min_score,
         "fallbacks": gf["fallbacks"],
         "features_img_s": round(gf["rows"] / (t_search - t), 1),
         "search_s": round(time.perf_counter() - t_search, 1),
     }
     print("catalogue through features", res["catalogue_features"], flush=True)
-    with open(args.results, "w") as f:  # what --rescore starts from, should the scoring fail
-        json.dump(res, f, indent=2)
-    score_retrieval(spark, args, w, res)
 
 
 def score_retrieval(spark, args, w: str, res: dict) -> None:

@@ -222,3 +222,30 @@ def test_features_then_index_then_a_scene_query_finds_its_own_crop(spark, square
     assert hit["error"] is None
     top = hit["neighbours"][0]
     assert top["content_id"] == query_id and top["score"] > 0.999  # the query was cropped as the table was
+
+
+def test_search_crops_scene_queries_against_an_index_of_whole_images(spark, squares, detector, tmp_path):
+    """A catalogue indexed whole (`embed`, no detector recorded) searched with scenes: `--detector`
+    cuts each query's product out first, on the driver and in batch mode."""
+    table, _ = squares
+    model_dir, _ = detector
+    embedder = write_tiny_model(tmp_path / "embedder", ["a", "b"])
+    crops, feats, idx = str(tmp_path / "crops"), str(tmp_path / "feats"), str(tmp_path / "idx")
+    api.crop(spark, detector=model_dir, table=table, out=crops, split="test")
+    api.embed(spark, model_dir=embedder, table=crops, out=feats)
+    api.index(spark, features=feats, out=idx, kind="flat")
+    row = next(r for r in spark.read.parquet(crops).collect() if not r.fallback)
+    scene = spark.read.parquet(table).where(f"content_id = '{row.source_content_id}'").first().image
+    query = tmp_path / "scene.png"
+    query.write_bytes(scene)
+    [hit] = api.search(spark, index=idx, images=[str(query)], k=1, detector=model_dir)["results"]
+    assert hit["error"] is None
+    top = hit["neighbours"][0]
+    assert (
+        top["content_id"] == row.content_id and top["score"] > 0.999
+    )  # the query's crop is the indexed crop
+    api.search(
+        spark, index=idx, table=table, split="test", out=str(tmp_path / "hits"), k=1, detector=model_dir
+    )
+    hits = {r.query_content_id: r.content_id for r in spark.read.parquet(str(tmp_path / "hits")).collect()}
+    assert hits[row.source_content_id] == row.content_id

@@ -38,6 +38,16 @@ SearchParams = params_model(
         Field(None, ge=1, description="IVF lists searched per query (overrides the index's)."),
     ),
     exclude_self=(bool, Field(False, description="Batch mode: drop a query's own row.")),
+    detector=(
+        str | None,
+        Field(
+            None,
+            description=(
+                "Detector model directory: crop each query image to its best box before embedding it "
+                "(default: the index's, when `features` built it), e.g. scenes against a catalogue indexed whole."
+            ),
+        ),
+    ),
     overwrite=overwrite(),
     batch_size=inference_batch(),
 )
@@ -66,11 +76,12 @@ def run(spark: SparkSession | None, p: Any, progress: Progress) -> dict[str, Any
             nprobe=p.nprobe,
             exclude_self=p.exclude_self,
             batch_size=p.batch_size,
+            detector=p.detector,
         )
     return {
         "index": p.index,
         "k": p.k,
-        "results": search_images(p.index, list(p.images), p.k, p.model_dir, p.nprobe),
+        "results": search_images(p.index, list(p.images), p.k, p.model_dir, p.nprobe, p.detector),
     }
 
 
@@ -82,7 +93,7 @@ OPERATION = register(
         run,
         "Nearest neighbours of image files or of every row of a table.",
         inputs=("index",),
-        optional_inputs=("table", "model_dir"),
+        optional_inputs=("table", "model_dir", "detector"),
         outputs=("out",),
         staged_outputs=("out",),
         models=("model_dir",),

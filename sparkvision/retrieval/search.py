@@ -187,8 +187,24 @@ def embed_images(
     return run_model(fn, x).float().numpy(), errors
 
 
+def query_meta(meta: dict[str, Any], detector: str | None) -> dict[str, Any]:
+    """The index's ``meta`` with ``detector`` to crop queries by, when one is given.
+
+    An index of crops (built from ``features``) names its detector already; a catalogue of clean
+    product pictures is better indexed whole (``embed``: a detector trained on busy scenes frames
+    a plain picture differently from a scene's crop) and searched with scenes, whose product must
+    still be cut out first. The crop settings stay the index's, else ``crop``'s defaults.
+    """
+    return {**meta, "detector": detector} if detector else meta
+
+
 def search_images(
-    index_dir: str, paths: list[str], k: int = 10, model_dir: str | None = None, nprobe: int | None = None
+    index_dir: str,
+    paths: list[str],
+    k: int = 10,
+    model_dir: str | None = None,
+    nprobe: int | None = None,
+    detector: str | None = None,
 ) -> list[dict[str, Any]]:
     """Nearest neighbours of image files; one entry per file with its hits or its error."""
     idx = open_index(index_dir, nprobe=nprobe)
@@ -201,7 +217,7 @@ def search_images(
             raise FileNotFoundError(f"query image {p} does not exist")
         with open(p, "rb") as f:
             images.append(f.read())
-    feats, errors = embed_images(model_dir, images, idx.meta)
+    feats, errors = embed_images(model_dir, images, query_meta(idx.meta, detector))
     hits = idx.results(idx.search(feats, k))
     return [
         {"query": p, "error": e, "neighbours": [] if e else h}
@@ -305,6 +321,7 @@ def search_table(
     nprobe: int | None = None,
     exclude_self: bool = False,
     batch_size: int = 512,
+    detector: str | None = None,
 ) -> dict[str, Any]:
     """Search every row of ``table`` and write one Parquet row per (query, neighbour).
 
@@ -313,7 +330,7 @@ def search_table(
     """
     timer = Timer()
     if is_image_table(spark, table):
-        imeta = open_index(index_dir).meta
+        imeta = query_meta(open_index(index_dir).meta, detector)
         model_dir = model_dir or imeta.get("model_dir")
         if not model_dir:
             raise ParamError(
