@@ -14,6 +14,7 @@ import os
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -239,3 +240,46 @@ def test_a_train_detector_job_runs_and_its_detector_serves(spark, root, squares,
         assert [h["epoch"] for h in history] == [1]
         r = detect(c, make_image(0, size=64, mode="RGB"), model="detectors/trained", min_score=0)
         assert r.status_code == 200 and r.json()["width"] == 64, r.text
+
+
+def test_search_takes_a_detector_checked_like_detects_model(root):
+    """`/api/search?detector=` crops the upload as `search --detector` does (the same library call
+    gives the same answer), and the directory is checked inside the data roots like a model."""
+    from sparkvision.retrieval.index import build_index
+    from sparkvision.retrieval.search import SearchIndex, embed_images, query_meta
+
+    images = pq.read_table(str(root / "tables" / "tiny")).to_pylist()
+    model = str(root / "models" / "cnn")
+    feats, _ = embed_images(model, [r["image"] for r in images])
+    features = root / "search_features"
+    os.makedirs(features, exist_ok=True)
+    pq.write_table(
+        pa.table(
+            {
+                "content_id": [r["content_id"] for r in images],
+                "path": [r["path"] for r in images],
+                "label_name": [r["label_name"] for r in images],
+                "embedding": pa.array([list(map(float, f)) for f in feats], pa.list_(pa.float32())),
+            }
+        ),
+        str(features / "part-0.parquet"),
+    )
+    with open(features / "_retrieval.json", "w") as f:
+        json.dump({"model_dir": model}, f)
+    build_index(str(features), str(root / "search_index"))
+    settings = settings_for(root, model_dir=None, index_dir=str(root / "search_index"))
+    query = noise_png(SIDE, SIDE, seed=3)
+    det = str(root / "detectors" / "tiny")
+    idx = SearchIndex(str(root / "search_index"))
+    want, _ = embed_images(model, [query], query_meta(idx.meta, det))
+    [expected] = idx.results(idx.search(want, 3))
+    with TestClient(create_app(settings)) as c:
+        r = c.post("/api/search?k=3&detector=detectors/tiny", files=[("file", ("q.png", query, "image/png"))])
+        assert r.status_code == 200, r.text
+        got = r.json()["neighbours"]
+        assert [h["content_id"] for h in got] == [h["content_id"] for h in expected]
+        assert [h["score"] for h in got] == pytest.approx([h["score"] for h in expected], abs=1e-4)
+        bad = c.post("/api/search?detector=models/cnn", files=[("file", ("q.png", query, "image/png"))])
+        assert_error(bad, 422, "detector 'models/cnn' is not a detector")  # names the parameter
+        outside = c.post("/api/search?detector=/etc", files=[("file", ("q.png", query, "image/png"))])
+        assert 400 <= outside.status_code < 500

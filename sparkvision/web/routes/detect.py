@@ -39,15 +39,16 @@ class DetectQuery(BaseModel):
     max_detections: Annotated[int, DetectParams.model_fields["max_detections"]]
 
 
-def detector_dir(model: str, settings: Settings) -> str:
-    """``?model=`` resolved inside the data roots: a detector's directory, else a 4xx naming why."""
-    path = safe_path(model, settings.data_roots, must_exist=True, what="model")
+def detector_dir(model: str, settings: Settings, param: str = "model") -> str:
+    """``?model=`` (or ``param``) resolved inside the data roots: a detector's directory, else a
+    4xx naming why."""
+    path = safe_path(model, settings.data_roots, must_exist=True, what=param)
     if not browse.is_model_dir(path):
-        raise ApiError(404, f"model {model!r} is not a sparkvision model directory", "not_a_model")
+        raise ApiError(404, f"{param} {model!r} is not a sparkvision model directory", "not_a_model")
     if not is_detector_dir(path):
         raise ApiError(
             422,
-            f"model {model!r} is not a detector (a classifier? use /api/classify); "
+            f"{param} {model!r} is not a detector (a classifier? use /api/classify); "
             "detectors come from train-detector",
             "not_a_detector",
         )

@@ -11,8 +11,9 @@ from starlette.concurrency import run_in_threadpool
 
 from sparkvision.errors import ParamError
 from sparkvision.retrieval.index import features_meta
-from sparkvision.retrieval.search import AnyIndex, embed_images
+from sparkvision.retrieval.search import AnyIndex, embed_images, query_meta
 from sparkvision.web import browse
+from sparkvision.web.routes.detect import detector_dir
 from sparkvision.web.routes.state import StateDep
 from sparkvision.web.security import ApiError, Settings, check_image, safe_path
 from sparkvision.web.uploads import UPLOAD_OPENAPI, read_uploads
@@ -48,11 +49,21 @@ def with_thumbs(hits: list[dict[str, Any]], idx: AnyIndex, settings: Settings) -
 
 @router.post("/api/search", openapi_extra=UPLOAD_OPENAPI)
 async def search(
-    request: Request, sv: StateDep, k: int = Query(8, ge=1, le=200, description="Neighbours to return.")
+    request: Request,
+    sv: StateDep,
+    k: int = Query(8, ge=1, le=200, description="Neighbours to return."),
+    detector: str | None = Query(
+        None,
+        description=(
+            "Detector directory inside a data root: crop the image to its best box first "
+            "(default: the index's, when `features` built it)."
+        ),
+    ),
 ):
     """An uploaded image (multipart field ``file`` or a raw body) -> its k most similar images."""
     t0 = time.perf_counter()
     settings = sv.settings
+    det = None if detector is None else await run_in_threadpool(detector_dir, detector, settings, "detector")
     idx = await run_in_threadpool(sv.search_index)
     files = await read_uploads(request, settings, ("file", "files"), MAX_FILES)
     name, data = files[0]
@@ -63,7 +74,9 @@ async def search(
 
     def run() -> list[dict[str, Any]]:
         try:
-            feats, errors = embed_images(model_dir, [data], idx.meta)  # crops first for a crop index
+            feats, errors = embed_images(
+                model_dir, [data], query_meta(idx.meta, det)
+            )  # crops first for a crop index
         except (ParamError, FileNotFoundError) as e:  # the server's index names a model that cannot load
             raise ApiError(
                 503, f"the index's model {e.message if isinstance(e, ParamError) else e}", "bad_model"
