@@ -260,14 +260,7 @@ def main() -> None:
     print("embedder on crops", res["embedder_crops"], flush=True)
 
     os.rename(f"{w}/gallery", f"{w}/gallery_cnn")
-    api.embed(spark, model_dir=f"{w}/cnn_crops", table=args.table, out=f"{w}/gallery_cnn_crops", split="test")
-    api.features(
-        spark,
-        detector=f"{w}/detector",
-        embedder=f"{w}/cnn_crops",
-        table=f"{w}/query_scenes",
-        out=f"{w}/feats_crops",
-    )
+    gallery_and_queries(spark, args, w, "cnn_crops", "feats_crops")
     # 5. An instance-level encoder: self-supervised on the train items (labels ignored), its views
     #    showing each item as `features` will (the cpu-items preset).
     t = time.perf_counter()
@@ -284,19 +277,24 @@ def main() -> None:
             "wall_s": round(time.perf_counter() - t, 1),
         }  # fmt: skip
     print("embedder for items", res["embedder_items"], flush=True)
-    api.embed(spark, model_dir=f"{w}/ssl_items", table=args.table, out=f"{w}/gallery_ssl_items", split="test")
-    api.features(
-        spark,
-        detector=f"{w}/detector",
-        embedder=f"{w}/ssl_items",
-        table=f"{w}/query_scenes",
-        out=f"{w}/feats_ssl_items",
-    )
+    gallery_and_queries(spark, args, w, "ssl_items", "feats_ssl_items")
 
     catalogue(spark, args, w, res)
     with open(args.results, "w") as f:  # what --rescore starts from, should the scoring fail
         json.dump(res, f, indent=2)
     score_retrieval(spark, args, w, res)
+
+
+def gallery_and_queries(spark, args, w: str, model: str, feats: str) -> None:
+    """The clean test items embedded whole by ``model``, and the query scenes through `features`."""
+    api.embed(spark, model_dir=f"{w}/{model}", table=args.table, out=f"{w}/gallery_{model}", split="test")
+    api.features(
+        spark,
+        detector=f"{w}/detector",
+        embedder=f"{w}/{model}",
+        table=f"{w}/query_scenes",
+        out=f"{w}/{feats}",
+    )
 
 
 def catalogue(spark, args, w: str, res: dict) -> None:
@@ -372,39 +370,33 @@ def score_retrieval(spark, args, w: str, res: dict) -> None:
         crop, cids = queries(feats)
         assert ids == cids
         q_item, q_label = np.array([item_of[i] for i in ids]), np.array([label_of[i] for i in ids])
+
+        def scored(order: np.ndarray) -> dict[str, float]:
+            return map_all(order, q_item, q_label, g_item, g_label)
+
         out = {
-            "whole scene, float": map_all(rank_float(whole, g), q_item, q_label, g_item, g_label),
-            "crop, float": map_all(rank_float(crop, g), q_item, q_label, g_item, g_label),
+            "whole scene, float": scored(rank_float(whole, g)),
+            "crop, float": scored(rank_float(crop, g)),
         }
         for method, name in (("itq", "ITQ"), ("deepbit", "DeepBit")):  # learned on the gallery, no labels
             hasher = fit_hasher(method, g, 64, seed=0)
-            out[f"crop, {name}-64 codes"] = map_all(
-                rank_hamming(hasher.encode(crop), hasher.encode(g), shuffle), q_item, q_label, g_item, g_label
+            out[f"crop, {name}-64 codes"] = scored(
+                rank_hamming(hasher.encode(crop), hasher.encode(g), shuffle)
             )
         q_px = gray28([crop_of[i] for i in ids])
         g_px = gray28([px_of[i] for i in g_item])
         pixel_lsh = lsh(g_px.shape[1], 64, mean=g_px.mean(0), seed=0)
-        out["crop, LSH-64 on pixels"] = map_all(
-            rank_hamming(pixel_lsh.encode(q_px), pixel_lsh.encode(g_px), shuffle),
-            q_item,
-            q_label,
-            g_item,
-            g_label,
+        out["crop, LSH-64 on pixels"] = scored(
+            rank_hamming(pixel_lsh.encode(q_px), pixel_lsh.encode(g_px), shuffle)
         )
         if os.path.exists(f"{w}/gallery_crops_{model}"):  # the catalogue cropped as the queries are
             gc = read(f"{w}/gallery_crops_{model}", ["content_id", "embedding"]).sort_by("content_id")
             assert gc.column("content_id").to_pylist() == list(g_item)
             gcv = vectors_of(gc, "embedding")
-            out["crop, float; catalogue cropped too"] = map_all(
-                rank_float(crop, gcv), q_item, q_label, g_item, g_label
-            )
+            out["crop, float; catalogue cropped too"] = scored(rank_float(crop, gcv))
             hasher = fit_hasher("itq", gcv, 64, seed=0)
-            out["crop, ITQ-64 codes; catalogue cropped too"] = map_all(
-                rank_hamming(hasher.encode(crop), hasher.encode(gcv), shuffle),
-                q_item,
-                q_label,
-                g_item,
-                g_label,
+            out["crop, ITQ-64 codes; catalogue cropped too"] = scored(
+                rank_hamming(hasher.encode(crop), hasher.encode(gcv), shuffle)
             )
         if os.path.exists(f"{w}/hits_{model}"):  # what `search --table` itself returned (top 10)
             hits = read(f"{w}/hits_{model}", ["query_content_id", "rank", "content_id"]).to_pylist()

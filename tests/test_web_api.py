@@ -91,10 +91,18 @@ def root(tmp_path_factory):
     ]
     os.makedirs(root / "tables" / "preds")
     pq.write_table(pa.Table.from_pylist(preds), str(root / "tables" / "preds" / "part-0.parquet"))
-    # Features and an index, built with the library (no Spark needed for this size).
-    images = pq.read_table(str(root / "tables" / "tiny")).to_pylist()
-    feats, _ = embed_images(str(root / "models" / "cnn"), [r["image"] for r in images])
-    os.makedirs(root / "features")
+    write_index(root / "models" / "cnn", root / "tables" / "tiny", root / "features", root / "index")
+    write_image_folder(root / "folder", {"a": 3, "b": 3})
+    (root / "outside_target").mkdir()
+    return root
+
+
+def write_index(model, table, features, index) -> None:
+    """Features of an image table and their index, built with the library (no Spark needed for
+    this size); the features record the model and the table (thumbnails come from it)."""
+    images = pq.read_table(str(table)).to_pylist()
+    feats, _ = embed_images(str(model), [r["image"] for r in images])
+    os.makedirs(features)
     pq.write_table(
         pa.table(
             {
@@ -104,14 +112,11 @@ def root(tmp_path_factory):
                 "embedding": pa.array([list(map(float, f)) for f in feats], pa.list_(pa.float32())),
             }
         ),
-        str(root / "features" / "part-0.parquet"),
+        os.path.join(features, "part-0.parquet"),
     )
-    with open(root / "features" / "_retrieval.json", "w") as f:
-        json.dump({"model_dir": str(root / "models" / "cnn"), "table": str(root / "tables" / "tiny")}, f)
-    build_index(str(root / "features"), str(root / "index"))
-    write_image_folder(root / "folder", {"a": 3, "b": 3})
-    (root / "outside_target").mkdir()
-    return root
+    with open(os.path.join(features, "_retrieval.json"), "w") as f:
+        json.dump({"model_dir": str(model), "table": str(table)}, f)
+    build_index(str(features), str(index))
 
 
 def settings_for(root, **kw) -> Settings:

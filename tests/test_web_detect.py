@@ -14,7 +14,6 @@ import os
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -23,7 +22,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import save_file
 from test_detect_train import write_squares
-from test_web_api import assert_error, settings_for, wait_for, write_image_table
+from test_web_api import assert_error, settings_for, wait_for, write_image_table, write_index
 
 from sparkvision.models.detector import DetectorSpec, detector_json
 from sparkvision.models.modeldir import Preprocess, state_dict_for_save
@@ -245,28 +244,10 @@ def test_a_train_detector_job_runs_and_its_detector_serves(spark, root, squares,
 def test_search_takes_a_detector_checked_like_detects_model(root):
     """`/api/search?detector=` crops the upload as `search --detector` does (the same library call
     gives the same answer), and the directory is checked inside the data roots like a model."""
-    from sparkvision.retrieval.index import build_index
     from sparkvision.retrieval.search import SearchIndex, embed_images, query_meta
 
-    images = pq.read_table(str(root / "tables" / "tiny")).to_pylist()
     model = str(root / "models" / "cnn")
-    feats, _ = embed_images(model, [r["image"] for r in images])
-    features = root / "search_features"
-    os.makedirs(features, exist_ok=True)
-    pq.write_table(
-        pa.table(
-            {
-                "content_id": [r["content_id"] for r in images],
-                "path": [r["path"] for r in images],
-                "label_name": [r["label_name"] for r in images],
-                "embedding": pa.array([list(map(float, f)) for f in feats], pa.list_(pa.float32())),
-            }
-        ),
-        str(features / "part-0.parquet"),
-    )
-    with open(features / "_retrieval.json", "w") as f:
-        json.dump({"model_dir": model}, f)
-    build_index(str(features), str(root / "search_index"))
+    write_index(model, root / "tables" / "tiny", root / "search_features", root / "search_index")
     settings = settings_for(root, model_dir=None, index_dir=str(root / "search_index"))
     query = noise_png(SIDE, SIDE, seed=3)
     det = str(root / "detectors" / "tiny")
