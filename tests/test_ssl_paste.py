@@ -110,3 +110,14 @@ def test_views_from_the_command_line_json():
     assert p.views.hflip == ViewConfig().hflip  # a field left out: ViewConfig's default
     with pytest.raises(Exception, match="object_crops"):
         api.pretrain.params(table="t", out="o", views='{"object_crops": 1}')
+
+
+def test_two_views_share_the_masks_and_draw_as_two_single_views():
+    from sparkvision.ssl.views import TwoViews
+
+    cfg = ViewConfig(object_crop=0.5, clutter=0.5)
+    x = item().repeat(4, 3, 1, 1)
+    a1, a2 = TwoViews(cfg)(x, torch.Generator().manual_seed(7))
+    view, g = RandomView(cfg), torch.Generator().manual_seed(7)
+    b1, b2 = view(x, g), view(x, g)  # each computing the masks itself
+    assert torch.equal(a1, b1) and torch.equal(a2, b2)

@@ -44,7 +44,6 @@ def object_masks(x: torch.Tensor) -> torch.Tensor:
     An image whose border is not mostly one colour, or with nothing distinct from it, is all
     object (its mask is all True), as ``datasets scenes`` then pastes it whole.
     """
-    b, _, h, w = x.shape
     border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)  # (B, C, P)
     bg = border.median(dim=2).values  # (B, C)
     thr = MASK_THRESHOLD / 255

@@ -99,7 +99,18 @@ class RandomView(nn.Module):
         self.cfg.validate()
         self.bank: ClutterBank | None = None  # made on first use, from the view's generator
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def masks(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The objects' masks ``(B, 1, H, W)`` when the recipe crops to or pastes them, else None:
+        they depend on the images only, so both views of a batch share one computation."""
+        if self.cfg.object_crop > 0 or self.cfg.clutter > 0:
+            from sparkvision.ssl import paste
+
+            return paste.object_masks(x)
+        return None
+
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         cfg = self.cfg
         b, c, h, w = x.shape
         dev = x.device
@@ -116,11 +127,10 @@ class RandomView(nn.Module):
         sh = torch.sqrt(area / ratio).clamp(max=1.0)
         cx = (rand(b) * 2 - 1) * (1 - sw)  # crop centre in [-1, 1], crop stays inside the image
         cy = (rand(b) * 2 - 1) * (1 - sh)
-        mask = None
-        if cfg.object_crop > 0 or cfg.clutter > 0:
+        if mask is None:
+            mask = self.masks(x)
+        if mask is not None:
             from sparkvision.ssl import paste
-
-            mask = paste.object_masks(x)
         if mask is not None and cfg.object_crop > 0:
             ocx, ocy, osw, osh = paste.box_windows(
                 paste.mask_boxes(mask), (h, w), cfg.object_margin, rand(b, 4)
@@ -181,4 +191,5 @@ class TwoViews(nn.Module):
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.view(x, generator), self.view(x, generator)
+        mask = self.view.masks(x)
+        return self.view(x, generator, mask), self.view(x, generator, mask)

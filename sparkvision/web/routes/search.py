@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from sparkvision.errors import ParamError
+from sparkvision.ops.search import SearchParams
 from sparkvision.retrieval.index import features_meta
 from sparkvision.retrieval.search import AnyIndex, embed_images, query_meta
 from sparkvision.web import browse
@@ -52,13 +53,7 @@ async def search(
     request: Request,
     sv: StateDep,
     k: int = Query(8, ge=1, le=200, description="Neighbours to return."),
-    detector: str | None = Query(
-        None,
-        description=(
-            "Detector directory inside a data root: crop the image to its best box first "
-            "(default: the index's, when `features` built it)."
-        ),
-    ),
+    detector: str | None = Query(None, description=SearchParams.model_fields["detector"].description),
 ):
     """An uploaded image (multipart field ``file`` or a raw body) -> its k most similar images."""
     t0 = time.perf_counter()
@@ -74,9 +69,8 @@ async def search(
 
     def run() -> list[dict[str, Any]]:
         try:
-            feats, errors = embed_images(
-                model_dir, [data], query_meta(idx.meta, det)
-            )  # crops first for a crop index
+            # cropped first with the given detector, or the index's for an index of crops
+            feats, errors = embed_images(model_dir, [data], query_meta(idx.meta, det))
         except (ParamError, FileNotFoundError) as e:  # the server's index names a model that cannot load
             raise ApiError(
                 503, f"the index's model {e.message if isinstance(e, ParamError) else e}", "bad_model"
